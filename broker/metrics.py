@@ -1,0 +1,59 @@
+"""Prometheus metrics (DESIGN §9), registered on a registry the app is handed.
+
+Labels are bounded: route labels are catalog templates (or `unmatched`), never a raw
+path, a tenant id or a key.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """Every metric the broker exports, on one registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.proxy_requests = Counter(
+            "broker_proxy_requests",
+            "Requests answered by the proxy listener.",
+            ["method", "route", "code"],
+            registry=r,
+        )
+        self.proxy_denials = Counter(
+            "broker_proxy_denials",
+            "Requests the proxy refused, by error code.",
+            ["reason"],
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "broker_upstream_duration_seconds",
+            "Time from forwarding a request to Pleo until its response headers arrived.",
+            ["route"],
+            buckets=UPSTREAM_BUCKETS,
+            registry=r,
+        )
+        self.tenants = Gauge(
+            "broker_tenants", "Tenants known to this broker, by state.", ["state"], registry=r
+        )
+        self.tenant_transitions = Counter(
+            "broker_tenant_transitions",
+            "Tenant state changes.",
+            ["to_state", "reason"],
+            registry=r,
+        )
+        self.activations = Counter(
+            "broker_activations",
+            "Key activations and rotations, by result (ok or the error code).",
+            ["result"],
+            registry=r,
+        )
+        self.store_operations = Counter(
+            "broker_store_operations",
+            "Secret store operations, by backend, operation and result.",
+            ["backend", "op", "result"],
+            registry=r,
+        )

@@ -1,0 +1,157 @@
+"""Settings: the only module that reads the environment.
+
+Every setting is `BROKER_<NAME>` in the environment, a `.env` file, or a file named
+`broker_<name>` in the secrets directory (`BROKER_SECRETS_DIR`, default `/run/secrets`
+when it exists). A bad value stops start-up with one line naming the setting.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_SECRETS_DIR = Path("/run/secrets")
+
+
+class ConfigError(Exception):
+    """A setting is missing or wrong; the message is one line for the operator."""
+
+
+class Settings(BaseSettings):
+    """The broker's configuration (DESIGN §7)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BROKER_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+    )
+
+    pleo_base_url: str = "https://external.pleo.io"
+    proxy_host: str = "127.0.0.1"
+    proxy_port: int = Field(8080, ge=0, le=65535)
+    admin_host: str = "127.0.0.1"
+    admin_port: int = Field(8081, ge=0, le=65535)
+    admin_token: SecretStr | None = None
+    tenant_header: str = "X-Broker-Tenant"
+    required_scopes: Annotated[tuple[str, ...], NoDecode] = ()
+    catalog_path: Path | None = None
+
+    store: Literal["local", "vault"] = "local"
+    store_path: Path = Path("./broker-data")
+    master_key: SecretStr | None = None
+
+    vault_addr: str | None = None
+    vault_auth: Literal["token", "approle", "kubernetes"] = "token"
+    vault_token: SecretStr | None = None
+    vault_role_id: str | None = None
+    vault_secret_id: SecretStr | None = None
+    vault_k8s_role: str | None = None
+    vault_k8s_mount: str = "kubernetes"
+    vault_approle_mount: str = "approle"
+    vault_k8s_token_path: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    vault_mount: str = "secret"
+    vault_prefix: str = "pleo-broker"
+    vault_cacert: Path | None = None
+    vault_namespace: str | None = None
+    vault_timeout: float = Field(5.0, gt=0)
+    vault_threads: int = Field(8, ge=1, le=64)
+
+    cache_ttl: float = Field(10.0, gt=0)
+    upstream_connect_timeout: float = Field(5.0, gt=0)
+    upstream_timeout: float = Field(30.0, gt=0)
+    max_inspected_body: int = Field(1_048_576, ge=1024)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+
+    @field_validator("required_scopes", mode="before")
+    @classmethod
+    def _split_scopes(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.replace(" ", ",").split(",") if part.strip())
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("pleo_base_url", "vault_addr")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("tenant_header")
+    @classmethod
+    def _header_name(cls, value: str) -> str:
+        if not value or not all(c.isalnum() or c == "-" for c in value):
+            raise ValueError("must be a header name of letters, digits and '-'")
+        return value
+
+    @field_validator("master_key")
+    @classmethod
+    def _master_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            try:
+                raw = base64.b64decode(value.get_secret_value(), validate=True)
+            except (binascii.Error, ValueError):
+                raise ValueError("must be base64") from None
+            if len(raw) != 32:
+                raise ValueError("must decode to exactly 32 bytes")
+        return value
+
+    @model_validator(mode="after")
+    def _vault_complete(self) -> Settings:
+        if self.store != "vault":
+            return self
+        if not self.vault_addr:
+            raise ValueError("BROKER_VAULT_ADDR is required when BROKER_STORE=vault")
+        needed = {
+            "token": ("vault_token",),
+            "approle": ("vault_role_id", "vault_secret_id"),
+            "kubernetes": ("vault_k8s_role",),
+        }[self.vault_auth]
+        for name in needed:
+            if getattr(self, name) is None:
+                raise ValueError(
+                    f"BROKER_{name.upper()} is required when BROKER_VAULT_AUTH={self.vault_auth}"
+                )
+        return self
+
+    def master_key_bytes(self) -> bytes | None:
+        """The decoded master key, if one was configured."""
+        if self.master_key is None:
+            return None
+        return base64.b64decode(self.master_key.get_secret_value())
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment; raise ConfigError with one line on a bad value."""
+    secrets_dir = os.environ.get("BROKER_SECRETS_DIR")
+    if secrets_dir is None and DEFAULT_SECRETS_DIR.is_dir():
+        secrets_dir = str(DEFAULT_SECRETS_DIR)
+    try:
+        return Settings(_secrets_dir=secrets_dir, **overrides)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming the first bad setting and what is wrong, never its value."""
+    first = exc.errors(include_input=False, include_url=False)[0]
+    location = [str(part) for part in first["loc"]]
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if location:
+        return f"configuration error: BROKER_{location[0].upper()}: {message}"
+    return f"configuration error: {message}"
