@@ -26,6 +26,7 @@
     │   └── UpstreamTimeout          504 upstream_timeout
     ├── StoreUnavailable             503 store_unavailable
     ├── StoreConflict                409 store_conflict (a concurrent write won; retry)
+    ├── StoreIntegrityError          500 store_integrity (wrong master key or tampered record)
     └── RequestInvalid               400 request_invalid (a malformed admin request body)
 
 `to_body()` is the one place an error becomes the JSON body
@@ -228,3 +229,9 @@ class StoreConflict(BrokerError):
     status = 409
     code = "store_conflict"
     default_message = "The tenant was changed at the same moment by another request; retry."
+
+
+class StoreIntegrityError(BrokerError):
+    status = 500
+    code = "store_integrity"
+    default_message = "A stored key could not be decrypted: wrong master key or tampered record."

@@ -75,7 +75,9 @@ class Settings(BaseSettings):
     @classmethod
     def _split_scopes(cls, value: object) -> object:
         if isinstance(value, str):
-            return tuple(part.strip() for part in value.replace(" ", ",").split(",") if part.strip())
+            return tuple(
+                part.strip() for part in value.replace(" ", ",").split(",") if part.strip()
+            )
         return value
 
     @field_validator("log_level", mode="before")
@@ -139,10 +141,14 @@ class Settings(BaseSettings):
 def load_settings(**overrides: object) -> Settings:
     """Read settings from the environment; raise ConfigError with one line on a bad value."""
     secrets_dir = os.environ.get("BROKER_SECRETS_DIR")
-    if secrets_dir is None and DEFAULT_SECRETS_DIR.is_dir():
-        secrets_dir = str(DEFAULT_SECRETS_DIR)
+    if secrets_dir is None:
+        secrets_dir = str(DEFAULT_SECRETS_DIR) if DEFAULT_SECRETS_DIR.is_dir() else None
+    elif not Path(secrets_dir).is_dir():
+        raise ConfigError(
+            f"configuration error: BROKER_SECRETS_DIR: {secrets_dir} is not a directory"
+        )
     try:
-        return Settings(_secrets_dir=secrets_dir, **overrides)  # type: ignore[call-arg]
+        return Settings(_secrets_dir=secrets_dir, **overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc)) from None
 

@@ -1,0 +1,317 @@
+"""The `broker` command (DESIGN §6)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from broker import __version__
+from broker.settings import ConfigError, Settings, load_settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `broker` console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="broker", description="Pleo Key Broker: holds Pleo Integrated API Keys per tenant."
+    )
+    parser.add_argument("--version", action="version", version=f"broker {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the proxy and admin listeners")
+    serve.set_defaults(run=_serve)
+
+    sandbox = commands.add_parser("sandbox", help="run the local Pleo sandbox")
+    sandbox.add_argument("--host", default="127.0.0.1")
+    sandbox.add_argument("--port", type=int, default=8090)
+    sandbox.set_defaults(run=_sandbox)
+
+    demo = commands.add_parser("demo", help="walk through a tenant's lifecycle against the sandbox")
+    demo.add_argument("--keep-running", action="store_true", help="leave everything running")
+    demo.set_defaults(run=_demo)
+
+    catalog = commands.add_parser("catalog", help="print the route → scope inventory")
+    catalog.add_argument("--file", type=Path, help="a catalog file to print instead")
+    catalog.set_defaults(run=_catalog)
+
+    tenants = commands.add_parser("tenants", help="manage tenants through the admin API")
+    tenants.add_argument("--admin-url", help="admin API base URL (default: from settings)")
+    verbs = tenants.add_subparsers(dest="verb", required=True, metavar="VERB")
+    listing = verbs.add_parser("list", help="list tenants")
+    listing.add_argument("--state", choices=["pending", "active", "broken"])
+    listing.set_defaults(run=_tenants_list)
+    for verb, helptext, run in (
+        ("show", "show one tenant", _tenants_show),
+        ("check", "re-validate a tenant's key with Pleo now", _tenants_check),
+        ("disconnect", "forget a tenant and destroy its key", _tenants_disconnect),
+    ):
+        sub = verbs.add_parser(verb, help=helptext)
+        sub.add_argument("tenant")
+        sub.set_defaults(run=run)
+    connect = verbs.add_parser(
+        "connect", help="activate or rotate a tenant's key (read from a prompt, file or stdin)"
+    )
+    connect.add_argument("tenant")
+    connect.add_argument("--key-file", type=Path, help="read the key from this file")
+    connect.add_argument(
+        "--allow-company-change",
+        action="store_true",
+        help="accept a key of a different Pleo company than the tenant's",
+    )
+    connect.set_defaults(run=_tenants_connect)
+    migrate = verbs.add_parser("migrate", help="copy every tenant from one store to another")
+    migrate.add_argument("--from", dest="source", choices=["local", "vault"], required=True)
+    migrate.add_argument("--to", dest="target", choices=["local", "vault"], required=True)
+    migrate.set_defaults(run=_tenants_migrate)
+    return parser
+
+
+# -- serving ------------------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from broker.events import configure_logging, emit
+    from broker.server import serve
+
+    settings = load_settings()
+    if settings.admin_token is None or not settings.admin_token.get_secret_value():
+        raise ConfigError(
+            "configuration error: BROKER_ADMIN_TOKEN: required;"
+            " the admin API never starts without one"
+        )
+    configure_logging(settings.log_level, settings.log_format)
+
+    def started(proxy_port: int, admin_port: int) -> None:
+        emit(
+            "broker.started",
+            proxy=f"{settings.proxy_host}:{proxy_port}",
+            admin=f"{settings.admin_host}:{admin_port}",
+            store=settings.store,
+            version=__version__,
+        )
+
+    try:
+        _run(serve(settings, started=started))
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _sandbox(args: argparse.Namespace) -> int:
+    from broker.sandbox import run
+
+    print(f"Pleo sandbox on http://{args.host}:{args.port} (control API under /_sandbox/)")
+    run(args.host, args.port)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from broker.demo import run_demo
+
+    return int(_run(run_demo(keep_running=args.keep_running)))
+
+
+def _catalog(args: argparse.Namespace) -> int:
+    from broker.catalog import CatalogError, format_table, load_catalog
+
+    path = args.file
+    if path is None:
+        path = load_settings().catalog_path
+    try:
+        print(format_table(load_catalog(path)))
+    except CatalogError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run(coro: Any) -> Any:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency via uvicorn[standard]
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+# -- tenants (through the admin API) ------------------------------------------------------
+
+
+class AdminClient:
+    """A small synchronous client of the admin API for the command line."""
+
+    def __init__(self, settings: Settings, admin_url: str | None) -> None:
+        if settings.admin_token is None:
+            raise ConfigError(
+                "configuration error: BROKER_ADMIN_TOKEN: required to call the admin API"
+            )
+        host = settings.admin_host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        self.base_url = (admin_url or f"http://{host}:{settings.admin_port}").rstrip("/")
+        self._client = httpx.Client(
+            base_url=self.base_url,
+            headers={"Authorization": f"Bearer {settings.admin_token.get_secret_value()}"},
+            timeout=30.0,
+            trust_env=False,
+        )
+
+    def call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return self._client.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise SystemExit(
+                f"error: cannot reach the broker's admin API at {self.base_url}"
+                f" ({type(exc).__name__})."
+                " Is `broker serve` running, and is BROKER_ADMIN_PORT right?"
+            ) from None
+
+
+def _client(args: argparse.Namespace) -> AdminClient:
+    return AdminClient(load_settings(), args.admin_url)
+
+
+def _fail(response: httpx.Response) -> int:
+    try:
+        error = response.json()["error"]
+        print(f"error: {error['message']} ({error['code']})", file=sys.stderr)
+        if error.get("missing_scopes"):
+            print("missing scopes: " + ", ".join(error["missing_scopes"]), file=sys.stderr)
+    except (ValueError, KeyError, TypeError):
+        print(f"error: the admin API answered HTTP {response.status_code}", file=sys.stderr)
+    return 1
+
+
+def _tenants_list(args: argparse.Namespace) -> int:
+    params = {"state": args.state} if args.state else None
+    response = _client(args).call("GET", "/v1/tenants", params=params)
+    if response.status_code != 200:
+        return _fail(response)
+    print(format_tenants(response.json()["tenants"]))
+    return 0
+
+
+def _tenants_show(args: argparse.Namespace) -> int:
+    response = _client(args).call("GET", f"/v1/tenants/{args.tenant}")
+    if response.status_code != 200:
+        return _fail(response)
+    print(format_tenant(response.json()))
+    return 0
+
+
+def _tenants_check(args: argparse.Namespace) -> int:
+    response = _client(args).call("POST", f"/v1/tenants/{args.tenant}/check")
+    if response.status_code != 200:
+        return _fail(response)
+    print(format_tenant(response.json()))
+    return 0
+
+
+def _tenants_disconnect(args: argparse.Namespace) -> int:
+    response = _client(args).call("DELETE", f"/v1/tenants/{args.tenant}")
+    if response.status_code != 204:
+        return _fail(response)
+    print(f"Disconnected {args.tenant}; its key was destroyed.")
+    return 0
+
+
+def _tenants_connect(args: argparse.Namespace) -> int:
+    key = _read_key(args.key_file)
+    if not key:
+        print("error: no key given", file=sys.stderr)
+        return 2
+    body = {"api_key": key, "allow_company_change": args.allow_company_change}
+    response = _client(args).call("PUT", f"/v1/tenants/{args.tenant}/key", json=body)
+    if response.status_code != 200:
+        return _fail(response)
+    view = response.json()
+    print(
+        f"Connected {view['tenant']} to Pleo company {view['company_id']} (key {view['key_hint']})."
+    )
+    print(format_tenant(view))
+    return 0
+
+
+def _read_key(key_file: Path | None) -> str:
+    """The key from a file, standard input, or a hidden prompt — never from an argument."""
+    if key_file is not None:
+        try:
+            return key_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise SystemExit(f"error: cannot read {key_file}: {exc.strerror}") from None
+    if not sys.stdin.isatty():
+        return sys.stdin.readline().strip()
+    return getpass.getpass("Pleo API key (input hidden): ").strip()
+
+
+def _tenants_migrate(args: argparse.Namespace) -> int:
+    from broker.stores.factory import open_store
+    from broker.stores.migrate import migrate
+
+    if args.source == args.target:
+        print("error: --from and --to name the same store", file=sys.stderr)
+        return 2
+    source = open_store(load_settings(store=args.source))
+    target = open_store(load_settings(store=args.target))
+
+    async def run() -> Any:
+        try:
+            return await migrate(source, target)
+        finally:
+            await source.close()
+            await target.close()
+
+    report = asyncio.run(run())
+    print(
+        f"Migrated {args.source} → {args.target}: {report.copied} copied,"
+        f" {report.updated} updated, {report.unchanged} unchanged."
+    )
+    return 0
+
+
+# -- formatting ---------------------------------------------------------------------------
+
+COLUMNS = ("tenant", "state", "company_id", "key_hint", "reason", "updated_at")
+
+
+def format_tenants(views: list[dict[str, Any]]) -> str:
+    """Tenant views as an aligned table."""
+    if not views:
+        return "No tenants."
+    rows = [[str(view.get(col) or "-") for col in COLUMNS] for view in views]
+    header = [col.upper() for col in COLUMNS]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(COLUMNS))]
+    lines = [
+        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip()
+        for row in [header, *rows]
+    ]
+    return "\n".join(lines)
+
+
+def format_tenant(view: dict[str, Any]) -> str:
+    """One tenant view as aligned `name: value` lines."""
+    width = max(len(name) for name in view)
+    lines = []
+    for name, value in view.items():
+        if isinstance(value, list):
+            value = ", ".join(value) if value else "-"
+        lines.append(f"{name.ljust(width)}  {value if value not in (None, '') else '-'}")
+    return "\n".join(lines)

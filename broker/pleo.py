@@ -1,0 +1,128 @@
+"""The Pleo client of the control plane: key introspection over httpx.
+
+    PleoError
+    ├── PleoKeyRejected       Pleo answered 401/403: the key itself is not accepted
+    ├── PleoUnreachable       connection failure, timeout or 5xx: try again later
+    └── PleoUnexpectedAnswer  any other answer, or a body that is not an introspection
+
+The data plane does not use this module: it forwards with aiohttp (see proxy.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from dataclasses import dataclass
+
+import httpx
+
+from broker.records import ApiKey
+
+COMPANY_URN = re.compile(
+    r"urn:pleo:company:([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})"
+)
+
+
+class PleoError(Exception):
+    """Introspection did not produce an answer about the key."""
+
+
+class PleoKeyRejected(PleoError):
+    def __init__(self, status: int) -> None:
+        super().__init__(f"Pleo rejected the key (HTTP {status})")
+        self.status = status
+
+
+class PleoUnreachable(PleoError):
+    pass
+
+
+class PleoUnexpectedAnswer(PleoError):
+    pass
+
+
+def basic_auth(key: ApiKey) -> str:
+    """The Authorization header value Pleo expects: the key as user name, empty password."""
+    return "Basic " + base64.b64encode(key.reveal().encode() + b":").decode("ascii")
+
+
+@dataclass(frozen=True, slots=True)
+class Introspection:
+    """What Pleo says about a key."""
+
+    auth_method: str
+    subject_urn: str
+    scopes: frozenset[str]
+    client_id: str | None = None
+    application_name: str | None = None
+
+    @property
+    def company_id(self) -> str | None:
+        """The company UUID of a company-scoped key (lower case), else None."""
+        match = COMPANY_URN.fullmatch(self.subject_urn)
+        return match.group(1).lower() if match else None
+
+
+class PleoClient:
+    """Calls Pleo's control-plane endpoints with one pooled httpx client."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        connect_timeout: float = 5.0,
+        timeout: float = 15.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._client = httpx.AsyncClient(
+            base_url=base_url,
+            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            follow_redirects=False,
+            trust_env=False,
+            transport=transport,
+            headers={"Accept": "application/json", "User-Agent": "pleo-key-broker"},
+        )
+
+    async def introspect(self, key: ApiKey) -> Introspection:
+        """`GET /v1/introspect` with `key`; raises a PleoError subclass when there is no answer."""
+        try:
+            response = await self._client.get(
+                "/v1/introspect", headers={"Authorization": basic_auth(key)}
+            )
+        except httpx.TimeoutException as exc:
+            raise PleoUnreachable("Pleo did not answer in time") from exc
+        except httpx.TransportError as exc:
+            raise PleoUnreachable(f"Pleo could not be reached ({type(exc).__name__})") from exc
+        if response.status_code in (401, 403):
+            raise PleoKeyRejected(response.status_code)
+        if response.status_code >= 500 or response.status_code == 429:
+            raise PleoUnreachable(f"Pleo answered HTTP {response.status_code}")
+        if response.status_code != 200:
+            raise PleoUnexpectedAnswer(f"Pleo answered HTTP {response.status_code}")
+        return _parse_introspection(response)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def _parse_introspection(response: httpx.Response) -> Introspection:
+    try:
+        data = response.json()["data"]
+        auth_method = data["authMethod"]
+        subject = data.get("subjectURN") or ""
+        scope = data.get("scope") or ""
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PleoUnexpectedAnswer("Pleo's introspection answer was not understood") from exc
+    if not isinstance(auth_method, str) or not isinstance(subject, str):
+        raise PleoUnexpectedAnswer("Pleo's introspection answer was not understood")
+    if not isinstance(scope, str):
+        raise PleoUnexpectedAnswer("Pleo's introspection scope was not a string")
+    client_id = data.get("clientId")
+    app = data.get("applicationName")
+    return Introspection(
+        auth_method=auth_method,
+        subject_urn=subject,
+        scopes=frozenset(scope.split()),
+        client_id=client_id if isinstance(client_id, str) else None,
+        application_name=app if isinstance(app, str) else None,
+    )

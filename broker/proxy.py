@@ -1,0 +1,394 @@
+"""The data plane (DESIGN §2, §4): a plain ASGI app that forwards tenant-tagged requests to Pleo.
+
+Per request: pick the tenant from its header, refuse what the policy refuses, inject the
+tenant's key, forward with one pooled aiohttp session, stream the answer back. Pleo's 401
+breaks the tenant at once; a 403 triggers one re-introspection per tenant at a time.
+
+Kept deliberately free of Starlette routing and Request objects: this is the hot path
+(PERFORMANCE.md). Header names arrive lower-cased from the ASGI server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from broker import errors
+from broker.events import emit
+from broker.pleo import basic_auth
+from broker.policy import Decision, check_body, decide
+from broker.records import TenantRecord, TenantState, valid_tenant_id
+from broker.runtime import Broker
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+REQUEST_DROP = HOP_BY_HOP | {b"host", b"authorization", b"cookie", b"x-request-id", b"expect"}
+RESPONSE_DROP = HOP_BY_HOP | {b"set-cookie", b"x-request-id", b"date", b"server"}
+STREAM_WATCH_THRESHOLD = 64 * 1024
+CHUNK = 64 * 1024
+UNMATCHED = "unmatched"
+JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+class ProxyApp:
+    """The proxy listener's ASGI application."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.tenants = broker.tenants
+        self.catalog = broker.catalog
+        self.metrics = broker.metrics
+        settings = broker.settings
+        self.base_url = settings.pleo_base_url
+        self.tenant_header = settings.tenant_header.lower().encode("latin-1")
+        self.tenant_lookalike = self.tenant_header.replace(b"-", b"_")
+        self.max_body = settings.max_inspected_body
+        self.timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=settings.upstream_connect_timeout,
+            sock_connect=settings.upstream_connect_timeout,
+            sock_read=settings.upstream_timeout,
+        )
+        self.session: aiohttp.ClientSession | None = None
+        self._requests_total = self.metrics.proxy_requests
+        self._counters: dict[tuple[str, str, int], Any] = {}
+        self._durations: dict[str, Any] = {}
+
+    # -- lifespan ------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self.session is None:
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=256, ttl_dns_cache=300)
+            self.session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=self.timeout,
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+                trust_env=False,
+            )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self.open()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # -- requests ------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        method: str = scope["method"]
+        request_id, tenant = self._read_headers(scope["headers"])
+        route = UNMATCHED
+        try:
+            if isinstance(tenant, errors.BrokerError):
+                raise tenant
+            record = self._active_record(tenant)
+            decision = decide(
+                self.catalog,
+                method,
+                scope.get("raw_path") or scope["path"].encode(),
+                scope["query_string"],
+                company_id=record.company_id or "",
+                scopes=record.scopes,
+            )
+            route = decision.route.template
+            status = await self._forward(scope, receive, send, record, decision, request_id)
+        except errors.BrokerError as exc:
+            status = exc.status
+            await self._refuse(send, exc, request_id, tenant)
+        self._count(method, route, status)
+
+    def _read_headers(self, headers: list[tuple[bytes, bytes]]) -> tuple[bytes, Any]:
+        """The request id to use and the tenant id (or the error the tenant header earns)."""
+        request_id = b""
+        tenant: Any = None
+        for name, value in headers:
+            if name == self.tenant_header:
+                if tenant is not None:
+                    tenant = errors.TenantInvalid("Give the tenant header only once.")
+                else:
+                    tenant = value
+            elif name == b"x-request-id":
+                request_id = value
+            elif name == self.tenant_lookalike:
+                tenant = errors.TenantInvalid(
+                    "The tenant header must be spelled with dashes, not underscores."
+                )
+                break
+        if not request_id or len(request_id) > 128 or not request_id.isascii():
+            request_id = uuid.uuid4().hex.encode()
+        if tenant is None:
+            return request_id, errors.TenantMissing(
+                f"Name the tenant in the {self.broker.settings.tenant_header} header."
+            )
+        if isinstance(tenant, bytes):
+            text = tenant.decode("latin-1")
+            if not valid_tenant_id(text):
+                return request_id, errors.TenantInvalid(tenant=text[:80])
+            return request_id, text
+        return request_id, tenant
+
+    def _active_record(self, tenant: str) -> TenantRecord:
+        record = self.tenants.get(tenant)
+        if record is None:
+            if not self.tenants.loaded:
+                raise errors.StoreUnavailable(
+                    "No tenant records could be loaded from the key store yet.", tenant=tenant
+                )
+            raise errors.TenantUnknown(tenant=tenant)
+        if record.state is not TenantState.ACTIVE:
+            raise _not_active(record)
+        return record
+
+    async def _forward(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        record: TenantRecord,
+        decision: Decision,
+        request_id: bytes,
+    ) -> int:
+        assert record.api_key is not None
+        headers = self._upstream_headers(scope["headers"], record, request_id)
+        body: Any = None
+        if decision.inspect_body:
+            raw = await _read_bounded(receive, self.max_body, headers)
+            body = check_body(decision.route, raw, company_id=record.company_id or "")
+            headers["Content-Length"] = str(len(body))
+        elif _has_body(scope["headers"]):
+            body = _stream_request(receive)
+        if self.session is None:
+            await self.open()
+        assert self.session is not None
+        target = self.base_url + decision.path
+        if decision.query_string:
+            target += "?" + decision.query_string.decode("latin-1")
+        started = time.perf_counter()
+        try:
+            response = await self.session.request(
+                scope["method"],
+                URL(target, encoded=True),
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+            )
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise errors.UpstreamTimeout(tenant=record.tenant) from exc
+        except aiohttp.ClientError as exc:
+            raise errors.UpstreamUnreachable(tenant=record.tenant) from exc
+        self._observe(decision.route.template, time.perf_counter() - started)
+        try:
+            if response.status == 401:
+                response.release()
+                broken = await self.tenants.key_rejected(record)
+                raise _not_active(broken)
+            buffered = None
+            if response.status == 403:
+                buffered = await response.read()
+                checked = await self._recheck(record)
+                if checked.state is not TenantState.ACTIVE:
+                    raise _not_active(checked)
+            await self._relay(response, send, receive, request_id, buffered)
+            return response.status
+        finally:
+            response.close()
+
+    async def _recheck(self, record: TenantRecord) -> TenantRecord:
+        try:
+            return await self.tenants.recheck_after_forbidden(record.tenant)
+        except errors.BrokerError as exc:
+            emit("tenant.check_failed", level=logging.WARNING, tenant=record.tenant, code=exc.code)
+            return record
+
+    def _upstream_headers(
+        self, headers: list[tuple[bytes, bytes]], record: TenantRecord, request_id: bytes
+    ) -> dict[str, str]:
+        named_in_connection: set[bytes] = set()
+        for name, value in headers:
+            if name == b"connection":
+                named_in_connection.update(t.strip().lower() for t in value.split(b","))
+        out: dict[str, str] = {}
+        tenant_header = self.tenant_header
+        for name, value in headers:
+            if name in REQUEST_DROP or name == tenant_header or name in named_in_connection:
+                continue
+            key = name.decode("latin-1")
+            if key in out:  # repeated header: join as HTTP allows
+                out[key] += ", " + value.decode("latin-1")
+            else:
+                out[key] = value.decode("latin-1")
+        assert record.api_key is not None
+        out["Authorization"] = basic_auth(record.api_key)
+        out["X-Request-Id"] = request_id.decode("latin-1")
+        return out
+
+    async def _relay(
+        self,
+        response: aiohttp.ClientResponse,
+        send: Send,
+        receive: Receive,
+        request_id: bytes,
+        buffered: bytes | None = None,
+    ) -> None:
+        headers = [
+            (name, value)
+            for name, value in response.raw_headers
+            if name.lower() not in RESPONSE_DROP
+        ]
+        headers.append((b"x-request-id", request_id))
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        if buffered is not None:
+            await send({"type": "http.response.body", "body": buffered})
+            return
+        length = response.content_length
+        if length is not None and length <= STREAM_WATCH_THRESHOLD:
+            await send({"type": "http.response.body", "body": await response.read()})
+            return
+        # A long answer: stop reading from Pleo as soon as the caller goes away.
+        gone = asyncio.ensure_future(receive())
+        try:
+            async for chunk in response.content.iter_chunked(CHUNK):
+                if gone.done():
+                    return
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            gone.cancel()
+
+    async def _refuse(
+        self, send: Send, exc: errors.BrokerError, request_id: bytes, tenant: Any
+    ) -> None:
+        if exc.tenant is None and isinstance(tenant, str):
+            exc.tenant = tenant
+        self._deny(exc)
+        body = json.dumps(exc.to_body()).encode()
+        headers = [*JSON_HEADERS, (b"x-request-id", request_id)]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    # -- metrics (children cached: labels() is too slow for every request) ---------------
+
+    def _count(self, method: str, route: str, status: int) -> None:
+        key = (method, route, status)
+        child = self._counters.get(key)
+        if child is None:
+            if method not in _KNOWN_METHODS:
+                method = "OTHER"
+            child = self._counters[key] = self._requests_total.labels(
+                method=method, route=route, code=str(status)
+            )
+        child.inc()
+
+    def _observe(self, route: str, seconds: float) -> None:
+        child = self._durations.get(route)
+        if child is None:
+            child = self._durations[route] = self.metrics.upstream_duration.labels(route=route)
+        child.observe(seconds)
+
+    def _deny(self, exc: errors.BrokerError) -> None:
+        self.metrics.proxy_denials.labels(reason=exc.code).inc()
+        level = logging.WARNING if exc.status >= 500 else logging.INFO
+        emit("proxy.refused", level=level, code=exc.code, tenant=exc.tenant, status=exc.status)
+
+
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def _not_active(record: TenantRecord) -> errors.TenantNotActive:
+    message = record.message or "This tenant has not been connected with a working key yet."
+    return errors.TenantNotActive(
+        message,
+        tenant=record.tenant,
+        state=record.state.value,
+        reason=record.reason.value if record.reason is not None else None,
+        since=record.view()["updated_at"],
+    )
+
+
+def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
+            return True
+    return False
+
+
+async def _read_bounded(receive: Receive, limit: int, headers: dict[str, str]) -> bytes:
+    declared = headers.pop("content-length", None)
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise errors.BodyTooLarge(
+            f"The JSON body is {declared} bytes; the broker inspects at most {limit}.", limit=limit
+        )
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise errors.BodyInvalid("The caller went away before sending the whole body.")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise errors.BodyTooLarge(
+                f"The JSON body is over the {limit} bytes the broker inspects.", limit=limit
+            )
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _stream_request(receive: Receive) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        chunk = message.get("body", b"")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
+
+
+def create_proxy_app(broker: Broker) -> ProxyApp:
+    """The proxy listener's ASGI app over an opened broker."""
+    return ProxyApp(broker)

@@ -1,0 +1,68 @@
+"""The broker's long-lived parts, opened together and closed together.
+
+`open_broker` is the one lifespan of the process: both listeners share what it yields.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+
+from broker.catalog import Catalog, load_catalog
+from broker.metrics import Metrics
+from broker.pleo import PleoClient
+from broker.settings import Settings
+from broker.stores import SecretStore
+from broker.stores.factory import open_store
+from broker.stores.instrumented import InstrumentedStore
+from broker.tenants import TenantService
+
+
+@dataclass(frozen=True)
+class Broker:
+    """Everything a listener needs, handed down instead of kept in globals."""
+
+    settings: Settings
+    metrics: Metrics
+    catalog: Catalog
+    tenants: TenantService
+    pleo: PleoClient
+
+
+@contextlib.asynccontextmanager
+async def open_broker(
+    settings: Settings,
+    *,
+    store: SecretStore | None = None,
+    metrics: Metrics | None = None,
+    pleo_transport: httpx.AsyncBaseTransport | None = None,
+) -> AsyncIterator[Broker]:
+    """Open the store, the Pleo client and the tenant service; close them on exit."""
+    metrics = metrics if metrics is not None else Metrics()
+    catalog = load_catalog(settings.catalog_path)
+    raw_store = store if store is not None else open_store(settings)
+    pleo = PleoClient(
+        settings.pleo_base_url,
+        connect_timeout=settings.upstream_connect_timeout,
+        timeout=settings.upstream_timeout,
+        transport=pleo_transport,
+    )
+    tenants = TenantService(
+        InstrumentedStore(raw_store, metrics),
+        pleo,
+        metrics,
+        required_scopes=settings.required_scopes,
+        cache_ttl=settings.cache_ttl,
+    )
+    try:
+        await tenants.start()
+        yield Broker(
+            settings=settings, metrics=metrics, catalog=catalog, tenants=tenants, pleo=pleo
+        )
+    finally:
+        await tenants.stop()
+        await pleo.aclose()
+        await raw_store.close()

@@ -1,0 +1,49 @@
+"""A SecretStore wrapper that counts every operation in `broker_store_operations_total`."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from broker.errors import StoreConflict
+from broker.metrics import Metrics
+from broker.records import TenantRecord
+from broker.stores import SecretStore
+
+T = TypeVar("T")
+
+
+class InstrumentedStore:
+    """Counts operations by backend, op and result (`ok`, `conflict` or `error`)."""
+
+    def __init__(self, inner: SecretStore, metrics: Metrics) -> None:
+        self.inner = inner
+        self.backend = inner.backend
+        self._counter = metrics.store_operations
+
+    async def _count(self, op: str, call: Awaitable[T]) -> T:
+        try:
+            result = await call
+        except StoreConflict:
+            self._counter.labels(backend=self.backend, op=op, result="conflict").inc()
+            raise
+        except Exception:
+            self._counter.labels(backend=self.backend, op=op, result="error").inc()
+            raise
+        self._counter.labels(backend=self.backend, op=op, result="ok").inc()
+        return result
+
+    async def get(self, tenant: str) -> TenantRecord | None:
+        return await self._count("get", self.inner.get(tenant))
+
+    async def list(self) -> list[TenantRecord]:
+        return await self._count("list", self.inner.list())
+
+    async def put(self, record: TenantRecord) -> TenantRecord:
+        return await self._count("put", self.inner.put(record))
+
+    async def delete(self, tenant: str) -> bool:
+        return await self._count("delete", self.inner.delete(tenant))
+
+    async def close(self) -> None:
+        await self.inner.close()

@@ -1,0 +1,451 @@
+"""The tenant service: activation, rotation, checks and state changes (DESIGN §3).
+
+Records are served from memory (`get`) so that the proxy never waits on the store; the
+store is the source of truth and is re-read in the background every `cache_ttl` seconds,
+which is how a change made by another replica reaches this one. Changes made here are
+written to the store first (compare-and-set) and then to memory, so they are seen at once
+in this process.
+
+Invariants kept here:
+- a failed validation never replaces a working key (an active tenant stays on its old key);
+- a brand-new tenant whose first key fails is kept `pending` with the message, without a key;
+- one re-introspection per tenant at a time (single flight), however many requests ask.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from broker import errors
+from broker.events import emit
+from broker.metrics import Metrics
+from broker.pleo import (
+    Introspection,
+    PleoClient,
+    PleoKeyRejected,
+    PleoUnexpectedAnswer,
+    PleoUnreachable,
+)
+from broker.records import (
+    ApiKey,
+    BrokenReason,
+    TenantRecord,
+    TenantState,
+    utcnow,
+    valid_tenant_id,
+)
+from broker.stores import SecretStore
+
+API_KEY_AUTH = "API_KEY"
+
+
+class TenantService:
+    """Owns every tenant's lifecycle and the in-memory view the proxy reads."""
+
+    def __init__(
+        self,
+        store: SecretStore,
+        pleo: PleoClient,
+        metrics: Metrics,
+        *,
+        required_scopes: Iterable[str] = (),
+        cache_ttl: float = 10.0,
+    ) -> None:
+        self.store = store
+        self.pleo = pleo
+        self.metrics = metrics
+        self.required_scopes = tuple(required_scopes)
+        self.cache_ttl = cache_ttl
+        self._records: dict[str, TenantRecord] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._checks: dict[str, asyncio.Future[TenantRecord]] = {}
+        self._touched: set[str] = set()
+        self._refresher: asyncio.Task[None] | None = None
+        self.loaded = False
+        self.store_problem: str | None = None
+
+    # -- reading -------------------------------------------------------------------------
+
+    def get(self, tenant: str) -> TenantRecord | None:
+        """The tenant's record from memory (the proxy's hot path)."""
+        return self._records.get(tenant)
+
+    def all(self, state: TenantState | None = None) -> list[TenantRecord]:
+        """Every known tenant, sorted by id, optionally only those in `state`."""
+        records = sorted(self._records.values(), key=lambda r: r.tenant)
+        return [r for r in records if state is None or r.state is state]
+
+    async def fetch(self, tenant: str) -> TenantRecord:
+        """The tenant's record, fresh from the store when it answers, else from memory."""
+        _require_valid(tenant)
+        try:
+            record = await self.store.get(tenant)
+        except errors.StoreUnavailable:
+            record = self._records.get(tenant)
+            if record is None and not self.loaded:
+                raise
+        else:
+            self._remember(tenant, record)
+        if record is None:
+            raise errors.TenantUnknown(tenant=tenant)
+        return record
+
+    # -- background refresh --------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load every record once (best effort) and start the background refresh."""
+        await self.refresh()
+        self._refresher = asyncio.create_task(self._refresh_forever(), name="tenant-refresh")
+
+    async def stop(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+            self._refresher = None
+
+    async def refresh(self) -> bool:
+        """Re-read every record from the store; False (and `store_problem` set) if it failed."""
+        self._touched.clear()
+        try:
+            listed = await self.store.list()
+        except errors.StoreUnavailable as exc:
+            if self.store_problem != exc.message:
+                emit("store.unavailable", level=logging.WARNING, reason=exc.message)
+            self.store_problem = exc.message
+            return False
+        fresh = {record.tenant: record for record in listed}
+        for tenant in self._touched:  # changed here while the list was being read: keep ours
+            mine = self._records.get(tenant)
+            if mine is None:
+                fresh.pop(tenant, None)
+            elif tenant not in fresh or fresh[tenant].version <= mine.version:
+                fresh[tenant] = mine
+        self._records = fresh
+        if self.store_problem is not None:
+            emit("store.recovered")
+        self.store_problem = None
+        self.loaded = True
+        self._update_gauge()
+        return True
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            # While the store is down, retry sooner than the TTL so recovery is quick.
+            await asyncio.sleep(
+                self.cache_ttl if self.store_problem is None else min(self.cache_ttl, 1.0)
+            )
+            try:
+                await self.refresh()
+            except Exception:  # the refresh loop must survive anything a store raises
+                logging.getLogger(__name__).exception("tenant refresh failed")
+
+    # -- activation and rotation ---------------------------------------------------------
+
+    async def activate(
+        self, tenant: str, api_key: ApiKey, *, allow_company_change: bool = False
+    ) -> TenantRecord:
+        """Validate `api_key` with Pleo and make it the tenant's key (DESIGN §3, steps 1–6)."""
+        _require_valid(tenant)
+        async with self._lock(tenant):
+            try:
+                record = await self._activate(tenant, api_key, allow_company_change)
+            except errors.BrokerError as exc:
+                self.metrics.activations.labels(result=exc.code).inc()
+                emit(
+                    "tenant.activation_failed",
+                    level=logging.WARNING,
+                    tenant=tenant,
+                    code=exc.code,
+                    message=exc.message,
+                )
+                raise
+        self.metrics.activations.labels(result="ok").inc()
+        return record
+
+    async def _activate(
+        self, tenant: str, api_key: ApiKey, allow_company_change: bool
+    ) -> TenantRecord:
+        current = await self.store.get(tenant)
+        try:
+            info = await self._introspect(api_key)
+            company_id = self._validate(tenant, info, current, allow_company_change)
+        except errors.ActivationError as exc:
+            await self._remember_failure(tenant, current, exc)
+            raise
+        now = utcnow()
+        record = TenantRecord(
+            tenant=tenant,
+            state=TenantState.ACTIVE,
+            api_key=api_key,
+            company_id=company_id,
+            scopes=info.scopes,
+            activated_at=now,
+            updated_at=now,
+            last_checked_at=now,
+            version=current.version if current is not None else 0,
+        )
+        stored = await self._write(record)
+        fields: dict[str, Any] = {"tenant": tenant, "company_id": company_id}
+        if current is not None and current.api_key is not None:
+            emit("tenant.key_rotated", previous_state=current.state.value, **fields)
+            if current.company_id != company_id:
+                emit("tenant.company_changed", previous_company_id=current.company_id, **fields)
+        else:
+            emit("tenant.activated", **fields)
+        if current is None or current.state is not TenantState.ACTIVE:
+            self._transition(TenantState.ACTIVE, "activated")
+        else:
+            self._transition(TenantState.ACTIVE, "rotated")
+        return stored
+
+    async def _introspect(self, api_key: ApiKey) -> Introspection:
+        try:
+            return await self.pleo.introspect(api_key)
+        except PleoKeyRejected:
+            raise errors.KeyInvalid() from None
+        except PleoUnreachable as exc:
+            raise errors.PleoUnavailable() from exc
+        except PleoUnexpectedAnswer as exc:
+            raise errors.PleoUnavailable(
+                "Pleo gave an answer the broker did not understand while checking the key."
+                " Try again in a few minutes; if it persists, contact support."
+            ) from exc
+
+    def _validate(
+        self,
+        tenant: str,
+        info: Introspection,
+        current: TenantRecord | None,
+        allow_company_change: bool,
+    ) -> str:
+        if info.auth_method != API_KEY_AUTH:
+            raise errors.KeyNotApiKey(auth_method=info.auth_method)
+        company_id = info.company_id
+        if company_id is None:
+            raise errors.KeyNotCompanyScoped()
+        missing = self.missing_scopes(info.scopes)
+        if missing:
+            raise errors.ScopesMissing(
+                "This key lacks permissions the integration needs: "
+                + ", ".join(missing)
+                + ". Reinstall the integration in Pleo granting them, then paste the new key.",
+                missing_scopes=list(missing),
+            )
+        bound = current.company_id if current is not None else None
+        if bound is not None and bound != company_id and not allow_company_change:
+            raise errors.CompanyChanged(company_id=bound, key_company_id=company_id)
+        for other in self._records.values():
+            if other.tenant != tenant and other.company_id == company_id:
+                raise errors.CompanyInUse(company_id=company_id, other_tenant=other.tenant)
+        return company_id
+
+    async def _remember_failure(
+        self, tenant: str, current: TenantRecord | None, exc: errors.ActivationError
+    ) -> None:
+        """Keep a brand-new (or still pending) tenant as `pending` with the reason."""
+        if current is not None and current.state is not TenantState.PENDING:
+            return
+        now = utcnow()
+        missing = tuple(exc.details.get("missing_scopes", ()))
+        pending = TenantRecord(
+            tenant=tenant,
+            state=TenantState.PENDING,
+            api_key=None,
+            message=exc.message,
+            missing_scopes=missing,
+            updated_at=now,
+            last_checked_at=now,
+            version=current.version if current is not None else 0,
+        )
+        with contextlib.suppress(errors.StoreConflict, errors.StoreUnavailable):
+            await self._write(pending)
+            if current is None:
+                self._transition(TenantState.PENDING, exc.code)
+
+    # -- checks and failure detection ----------------------------------------------------
+
+    async def check(self, tenant: str) -> TenantRecord:
+        """Re-introspect the tenant's key now and apply what Pleo says (POST …/check)."""
+        _require_valid(tenant)
+        return await self._single_flight(tenant, lambda: self._check(tenant))
+
+    async def recheck_after_forbidden(self, tenant: str) -> TenantRecord:
+        """Pleo answered 403 for this tenant: find out whether the key or its rights changed."""
+        return await self._single_flight(tenant, lambda: self._check(tenant))
+
+    async def key_rejected(self, record: TenantRecord) -> TenantRecord:
+        """Pleo answered 401 to a call made with `record`'s key: the tenant is broken at once."""
+        async with self._lock(record.tenant):
+            current = self._records.get(record.tenant)
+            if current is None or current.api_key != record.api_key:
+                return current or record  # rotated or removed meanwhile: not this key's fault
+            if current.state is TenantState.BROKEN:
+                return current
+            return await self._break(current, BrokenReason.KEY_REJECTED)
+
+    async def _check(self, tenant: str) -> TenantRecord:
+        async with self._lock(tenant):
+            record = await self.fetch(tenant)
+            if record.api_key is None:
+                return record  # pending: there is no key to check
+            now = utcnow()
+            try:
+                info = await self.pleo.introspect(record.api_key)
+            except PleoKeyRejected:
+                return await self._break(record, BrokenReason.KEY_REJECTED)
+            except (PleoUnreachable, PleoUnexpectedAnswer) as exc:
+                raise errors.PleoUnavailable(
+                    "Pleo could not be reached to check the key. Try again in a few minutes.",
+                    tenant=tenant,
+                ) from exc
+            if info.auth_method != API_KEY_AUTH or info.company_id != record.company_id:
+                return await self._break(
+                    record, BrokenReason.COMPANY_CHANGED, company_id_now=info.company_id
+                )
+            missing = self.missing_scopes(info.scopes)
+            if missing:
+                return await self._break(
+                    record, BrokenReason.PERMISSION_LOST, scopes=info.scopes, missing=missing
+                )
+            recovered = record.state is TenantState.BROKEN
+            updated = await self._write(
+                record.evolve(
+                    state=TenantState.ACTIVE,
+                    scopes=info.scopes,
+                    missing_scopes=(),
+                    reason=None,
+                    message=None,
+                    updated_at=now
+                    if recovered or info.scopes != record.scopes
+                    else record.updated_at,
+                    last_checked_at=now,
+                )
+            )
+            if recovered:
+                emit("tenant.recovered", tenant=tenant, company_id=record.company_id)
+                self._transition(TenantState.ACTIVE, "recovered")
+            return updated
+
+    async def _break(
+        self,
+        record: TenantRecord,
+        reason: BrokenReason,
+        *,
+        scopes: frozenset[str] | None = None,
+        missing: tuple[str, ...] = (),
+        company_id_now: str | None = None,
+    ) -> TenantRecord:
+        now = utcnow()
+        already = record.state is TenantState.BROKEN and record.reason is reason
+        updated = await self._write(
+            record.evolve(
+                state=TenantState.BROKEN,
+                reason=reason,
+                message=BROKEN_MESSAGES[reason],
+                scopes=scopes if scopes is not None else record.scopes,
+                missing_scopes=missing,
+                updated_at=record.updated_at if already else now,
+                last_checked_at=now,
+            )
+        )
+        if not already:
+            fields: dict[str, Any] = {"tenant": record.tenant, "reason": reason.value}
+            if company_id_now is not None:
+                fields["key_company_id"] = company_id_now
+            emit("tenant.broken", level=logging.WARNING, company_id=record.company_id, **fields)
+            self._transition(TenantState.BROKEN, reason.value)
+        return updated
+
+    # -- disconnect ----------------------------------------------------------------------
+
+    async def disconnect(self, tenant: str) -> None:
+        """Forget the tenant and destroy its key material."""
+        _require_valid(tenant)
+        async with self._lock(tenant):
+            existed = await self.store.delete(tenant)
+            known = self._records.pop(tenant, None) is not None
+            self._touched.add(tenant)
+            if not existed and not known:
+                raise errors.TenantUnknown(tenant=tenant)
+            emit("tenant.disconnected", tenant=tenant)
+            self._update_gauge()
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def missing_scopes(self, granted: frozenset[str]) -> tuple[str, ...]:
+        return tuple(scope for scope in self.required_scopes if scope not in granted)
+
+    def _lock(self, tenant: str) -> asyncio.Lock:
+        lock = self._locks.get(tenant)
+        if lock is None:
+            lock = self._locks[tenant] = asyncio.Lock()
+        return lock
+
+    async def _single_flight(
+        self, tenant: str, work: Callable[[], Awaitable[TenantRecord]]
+    ) -> TenantRecord:
+        running = self._checks.get(tenant)
+        if running is not None:
+            return await asyncio.shield(running)
+        future: asyncio.Future[TenantRecord] = asyncio.get_running_loop().create_future()
+        self._checks[tenant] = future
+        try:
+            result = await work()
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: waiters re-raise it themselves
+            raise
+        else:
+            future.set_result(result)
+            return result
+        finally:
+            del self._checks[tenant]
+
+    async def _write(self, record: TenantRecord) -> TenantRecord:
+        stored = await self.store.put(record)
+        self._remember(record.tenant, stored)
+        return stored
+
+    def _remember(self, tenant: str, record: TenantRecord | None) -> None:
+        self._touched.add(tenant)
+        if record is None:
+            self._records.pop(tenant, None)
+        else:
+            self._records[tenant] = record
+        self._update_gauge()
+
+    def _transition(self, to_state: TenantState, reason: str) -> None:
+        self.metrics.tenant_transitions.labels(to_state=to_state.value, reason=reason).inc()
+
+    def _update_gauge(self) -> None:
+        counts = dict.fromkeys(TenantState, 0)
+        for record in self._records.values():
+            counts[record.state] += 1
+        for state, count in counts.items():
+            self.metrics.tenants.labels(state=state.value).set(count)
+
+
+BROKEN_MESSAGES = {
+    BrokenReason.KEY_REJECTED: (
+        "Pleo no longer accepts this tenant's key (it was revoked, rotated or expired)."
+        " Ask the customer for the new key from Pleo → Settings → Integrations and reconnect."
+    ),
+    BrokenReason.PERMISSION_LOST: (
+        "This tenant's key lost permissions the integration needs. Ask the customer to grant"
+        " them again in Pleo (or reinstall the integration) and reconnect with the new key."
+    ),
+    BrokenReason.COMPANY_CHANGED: (
+        "This tenant's key now belongs to a different Pleo company. Reconnect with a key"
+        " from the tenant's own company."
+    ),
+}
+
+
+def _require_valid(tenant: str) -> None:
+    if not valid_tenant_id(tenant):
+        raise errors.TenantInvalid(tenant=tenant[:80])

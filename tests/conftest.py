@@ -1,0 +1,67 @@
+"""Fixtures that start real things: the Pleo sandbox and the broker, on 127.0.0.1."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from servers import (
+    RunningBroker,
+    RunningSandbox,
+    broker_settings,
+    start_broker,
+    start_sandbox,
+)
+
+REQUIRED_SCOPES = ("export-jobs:read", "export-jobs:write")
+
+
+@pytest.fixture
+def sandbox() -> Iterator[RunningSandbox]:
+    running = start_sandbox()
+    try:
+        yield running
+    finally:
+        running.thread.stop()
+
+
+@pytest.fixture
+def make_broker(
+    sandbox: RunningSandbox, tmp_path: Path
+) -> Iterator[Callable[..., RunningBroker]]:
+    started: list[RunningBroker] = []
+
+    def make(**overrides: Any) -> RunningBroker:
+        overrides.setdefault("required_scopes", REQUIRED_SCOPES)
+        store = overrides.pop("store", None)
+        path = overrides.pop("store_path", tmp_path / f"store-{len(started)}")
+        settings = broker_settings(sandbox.url, path, **overrides)
+        running = start_broker(settings, store=store)
+        started.append(running)
+        return running
+
+    try:
+        yield make
+    finally:
+        for running in started:
+            running.thread.stop()
+
+
+@pytest.fixture
+def broker(make_broker: Callable[..., RunningBroker]) -> RunningBroker:
+    return make_broker()
+
+
+@pytest.fixture
+def admin(broker: RunningBroker) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=broker.admin_url, headers=broker.auth, trust_env=False) as client:
+        yield client
+
+
+@pytest.fixture
+def proxy(broker: RunningBroker) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=broker.proxy_url, trust_env=False, timeout=10) as client:
+        yield client

@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+import base64
+import secrets
+
+import httpx
+import pytest
+import respx
+
+from broker.pleo import (
+    PleoClient,
+    PleoKeyRejected,
+    PleoUnexpectedAnswer,
+    PleoUnreachable,
+    basic_auth,
+)
+from broker.records import ApiKey
+
+BASE = "https://pleo.test"
+COMPANY = "7b2c1a52-7b9f-4c1e-9a65-3f0d2b8c75ab"
+
+
+def _key() -> ApiKey:
+    return ApiKey("pik_" + secrets.token_hex(16))
+
+
+def _introspection(**overrides: object) -> dict[str, object]:
+    data: dict[str, object] = {
+        "authMethod": "API_KEY",
+        "clientId": "client-1",
+        "scope": "export-jobs:read export-jobs:write",
+        "applicationName": "Acme ERP",
+        "subjectURN": f"urn:pleo:company:{COMPANY.upper()}",
+    }
+    data.update(overrides)
+    return {"data": data}
+
+
+def test_basic_auth_is_key_as_user_with_empty_password() -> None:
+    key = ApiKey("abc")
+    assert basic_auth(key) == "Basic " + base64.b64encode(b"abc:").decode()
+
+
+@respx.mock
+async def test_introspect_sends_basic_auth_and_parses_the_answer() -> None:
+    key = _key()
+    route = respx.get(f"{BASE}/v1/introspect").respond(200, json=_introspection())
+    client = PleoClient(BASE)
+    try:
+        info = await client.introspect(key)
+    finally:
+        await client.aclose()
+    sent = route.calls.last.request
+    assert sent.headers["authorization"] == basic_auth(key)
+    assert info.auth_method == "API_KEY"
+    assert info.company_id == COMPANY  # lower-cased
+    assert info.scopes == frozenset({"export-jobs:read", "export-jobs:write"})
+    assert info.application_name == "Acme ERP"
+
+
+@pytest.mark.parametrize("status", [401, 403])
+@respx.mock
+async def test_rejected_key(status: int) -> None:
+    respx.get(f"{BASE}/v1/introspect").respond(status, json={"type": "UNAUTHORIZED"})
+    client = PleoClient(BASE)
+    with pytest.raises(PleoKeyRejected) as caught:
+        await client.introspect(_key())
+    await client.aclose()
+    assert caught.value.status == status
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        httpx.Response(500),
+        httpx.Response(503),
+        httpx.Response(429, headers={"Retry-After": "3"}),
+        httpx.ConnectError("refused"),
+        httpx.ReadTimeout("slow"),
+    ],
+)
+@respx.mock
+async def test_unavailable(answer: httpx.Response | Exception) -> None:
+    route = respx.get(f"{BASE}/v1/introspect")
+    if isinstance(answer, Exception):
+        route.side_effect = answer
+    else:
+        route.return_value = answer
+    client = PleoClient(BASE)
+    with pytest.raises(PleoUnreachable):
+        await client.introspect(_key())
+    await client.aclose()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        httpx.Response(404, json={"type": "NOT_FOUND"}),
+        httpx.Response(302, headers={"Location": "https://elsewhere.test/"}),
+        httpx.Response(200, text="<html>maintenance</html>"),
+        httpx.Response(200, json={"data": {"scope": "x"}}),
+        httpx.Response(200, json={"data": {"authMethod": "API_KEY", "scope": 7}}),
+        httpx.Response(200, json=["not", "an", "object"]),
+    ],
+)
+@respx.mock
+async def test_unexpected_answers(answer: httpx.Response) -> None:
+    respx.get(f"{BASE}/v1/introspect").return_value = answer
+    client = PleoClient(BASE)
+    with pytest.raises(PleoUnexpectedAnswer):
+        await client.introspect(_key())
+    await client.aclose()
+
+
+@respx.mock
+async def test_organisation_subject_has_no_company() -> None:
+    urn = f"urn:pleo:organisation:{COMPANY}"
+    respx.get(f"{BASE}/v1/introspect").respond(200, json=_introspection(subjectURN=urn))
+    client = PleoClient(BASE)
+    info = await client.introspect(_key())
+    await client.aclose()
+    assert info.company_id is None
+
+
+@respx.mock
+async def test_errors_never_carry_the_key() -> None:
+    key = _key()
+    respx.get(f"{BASE}/v1/introspect").side_effect = httpx.ConnectError("refused")
+    client = PleoClient(BASE)
+    with pytest.raises(PleoUnreachable) as caught:
+        await client.introspect(key)
+    await client.aclose()
+    assert key.reveal() not in str(caught.value) + repr(caught.value)
+    assert key.reveal() not in repr(key) + str(key)

@@ -1,0 +1,135 @@
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from broker.settings import ConfigError, load_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in list(os.environ):
+        if name.startswith("BROKER_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    (tmp_path / "no-secrets").mkdir()
+    monkeypatch.setenv("BROKER_SECRETS_DIR", str(tmp_path / "no-secrets"))
+
+
+def test_defaults_match_the_design() -> None:
+    settings = load_settings()
+    assert settings.pleo_base_url == "https://external.pleo.io"
+    assert (settings.proxy_host, settings.proxy_port) == ("127.0.0.1", 8080)
+    assert (settings.admin_host, settings.admin_port) == ("127.0.0.1", 8081)
+    assert settings.tenant_header == "X-Broker-Tenant"
+    assert settings.store == "local"
+    assert settings.store_path == Path("./broker-data")
+    assert settings.vault_mount == "secret"
+    assert settings.vault_prefix == "pleo-broker"
+
+
+def test_required_scopes_are_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BROKER_REQUIRED_SCOPES", "export-jobs:read, export-jobs:write,,")
+    assert load_settings().required_scopes == ("export-jobs:read", "export-jobs:write")
+
+
+def test_env_file_and_secrets_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    Path(".env").write_text("BROKER_ADMIN_PORT=9001\n")
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    (secrets_dir / "broker_admin_token").write_text("from-a-secret-file")
+    monkeypatch.setenv("BROKER_SECRETS_DIR", str(secrets_dir))
+    settings = load_settings()
+    assert settings.admin_port == 9001
+    assert settings.admin_token is not None
+    assert settings.admin_token.get_secret_value() == "from-a-secret-file"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("BROKER_PROXY_PORT", "eighty", "BROKER_PROXY_PORT"),
+        ("BROKER_ADMIN_PORT", "70000", "BROKER_ADMIN_PORT"),
+        ("BROKER_STORE", "postgres", "BROKER_STORE"),
+        ("BROKER_PLEO_BASE_URL", "external.pleo.io", "must start with http"),
+        ("BROKER_MASTER_KEY", "not base64!", "must be base64"),
+        ("BROKER_MASTER_KEY", base64.b64encode(b"short").decode(), "exactly 32 bytes"),
+        ("BROKER_TENANT_HEADER", "X Broker", "BROKER_TENANT_HEADER"),
+        ("BROKER_CACHE_TTL", "-1", "BROKER_CACHE_TTL"),
+        ("BROKER_LOG_LEVEL", "loud", "BROKER_LOG_LEVEL"),
+    ],
+)
+def test_bad_setting_is_one_line_naming_it(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, says: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert "\n" not in message
+    assert name in message
+    assert says in message
+
+
+def test_vault_store_needs_its_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BROKER_STORE", "vault")
+    with pytest.raises(ConfigError, match="BROKER_VAULT_ADDR is required"):
+        load_settings()
+    monkeypatch.setenv("BROKER_VAULT_ADDR", "http://127.0.0.1:8200")
+    monkeypatch.setenv("BROKER_VAULT_AUTH", "approle")
+    with pytest.raises(ConfigError, match="BROKER_VAULT_ROLE_ID is required"):
+        load_settings()
+
+
+def test_missing_secrets_dir_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("BROKER_SECRETS_DIR", str(tmp_path / "absent"))
+    with pytest.raises(ConfigError, match="BROKER_SECRETS_DIR"):
+        load_settings()
+
+
+def test_secret_values_are_not_in_the_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = base64.b64encode(b"x" * 31).decode()
+    monkeypatch.setenv("BROKER_MASTER_KEY", secret)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert secret not in str(caught.value)
+
+
+def test_serve_stops_with_one_line_on_bad_config(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    env.update(BROKER_PROXY_PORT="eighty", BROKER_SECRETS_DIR=str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", "serve"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "BROKER_PROXY_PORT" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_refuses_to_start_without_admin_token(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    env["BROKER_SECRETS_DIR"] = str(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", "serve"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "BROKER_ADMIN_TOKEN" in result.stderr
+    assert "Traceback" not in result.stderr
