@@ -15,7 +15,6 @@ from typing import Any
 
 LOGGER_NAME = "broker"
 _logger = logging.getLogger(LOGGER_NAME)
-_RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
 
 
 class JsonFormatter(logging.Formatter):
@@ -27,9 +26,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "event": getattr(record, "event", None) or record.getMessage(),
         }
-        for name, value in vars(record).items():
-            if name not in _RESERVED and name != "event":
-                line[name] = value
+        line.update(getattr(record, "fields", {}))
         if record.exc_info and record.exc_info[0] is not None:
             line["error_type"] = record.exc_info[0].__name__
         return json.dumps(line, default=str, ensure_ascii=False)
@@ -42,9 +39,7 @@ class TextFormatter(logging.Formatter):
         ts = datetime.fromtimestamp(record.created, UTC).strftime("%H:%M:%S")
         event = getattr(record, "event", None) or record.getMessage()
         fields = " ".join(
-            f"{name}={value}"
-            for name, value in vars(record).items()
-            if name not in _RESERVED and name != "event"
+            f"{name}={value}" for name, value in getattr(record, "fields", {}).items()
         )
         return f"{ts} {record.levelname.lower():7} {event} {fields}".rstrip()
 
@@ -61,4 +56,4 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
 def emit(event: str, *, level: int = logging.INFO, **fields: Any) -> None:
     """Log one event with its fields (never pass a key)."""
     if _logger.isEnabledFor(level):
-        _logger.log(level, event, extra={"event": event, **fields})
+        _logger.log(level, event, extra={"event": event, "fields": fields})

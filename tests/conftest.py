@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
+from openbao_server import *  # noqa: F403
 from servers import (
     RunningBroker,
     RunningSandbox,

@@ -1,0 +1,51 @@
+# syntax=docker/dockerfile:1
+# Pleo Key Broker. Two stages: a builder that installs the pinned dependencies and the broker
+# into a virtualenv, and a slim runtime that gets only that virtualenv (no compilers, no pip cache).
+# The runtime runs as a numeric non-root user and works with a read-only root filesystem:
+# it writes only to /data (the local store) and /tmp (mount a tmpfs or emptyDir there).
+# Pin the base by digest in production: --build-arg PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:…
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS builder
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/broker
+WORKDIR /src
+COPY requirements.lock ./
+# --no-deps: the lock is the complete closure, so nothing unpinned can slip in.
+RUN /opt/broker/bin/pip install --no-deps --only-binary=:all: -r requirements.lock
+COPY pyproject.toml README.md ./
+COPY broker ./broker
+RUN /opt/broker/bin/pip install --no-deps . \
+    && /opt/broker/bin/python -m compileall -q /opt/broker
+
+FROM ${PYTHON_IMAGE} AS runtime
+LABEL org.opencontainers.image.title="pleo-key-broker" \
+      org.opencontainers.image.description="Credential-broker sidecar for Pleo Integrated API Keys" \
+      org.opencontainers.image.licenses="MIT"
+RUN groupadd --system --gid 10001 broker \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home \
+       --home-dir /nonexistent --shell /usr/sbin/nologin broker \
+    && mkdir -p /data \
+    && chown 10001:10001 /data \
+    && chmod 0700 /data
+COPY --from=builder /opt/broker /opt/broker
+# The admin listener (health, readiness, metrics, token-protected admin API) listens on every
+# interface; the proxy stays on loopback unless BROKER_PROXY_HOST says otherwise, because anyone
+# who can reach it can spend any tenant's key.
+ENV PATH=/opt/broker/bin:${PATH} \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    BROKER_STORE_PATH=/data \
+    BROKER_ADMIN_HOST=0.0.0.0 \
+    BROKER_ADMIN_PORT=8081 \
+    BROKER_PROXY_HOST=127.0.0.1 \
+    BROKER_PROXY_PORT=8080
+WORKDIR /data
+VOLUME ["/data"]
+EXPOSE 8080 8081
+USER 10001:10001
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('BROKER_ADMIN_PORT', '8081') + '/healthz', timeout=4)"]
+ENTRYPOINT ["broker"]
+CMD ["serve"]

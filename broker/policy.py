@@ -1,0 +1,226 @@
+"""The proxy policy: pure functions deciding allow, deny or rewrite (DESIGN §4).
+
+In order:
+
+1. The request target must be a canonical origin-form path: it starts with `/`, has no `//`,
+   no `.` or `..` segment, no backslash, no control or non-ASCII byte, no character outside
+   RFC 3986 path characters, only well-formed percent escapes, and none that decodes to `.`,
+   `/`, `\\` or a control character. `CONNECT` and `TRACE` are refused. The decoded path must
+   match a catalog route that accepts API keys (not `bearer_only`).
+2. The route's scope, if it has one, must be granted to the tenant.
+3. Every company id must be the tenant's (UUIDs compared case-insensitively): the path parameter,
+   every query parameter named like `company_id` / `companyId` (any case, `_` or `-`), and a
+   top-level `companyId` of an inspected JSON body. An `organization_id` in the query is refused.
+   Where the route takes a company id in the query or body and the caller left it out, the
+   broker fills in the tenant's.
+
+Query parameters are split on `&` and `;` for checking, so a server that treats `;` as a
+separator cannot be handed a company id the broker did not see. The forwarded path and query
+stay byte-identical to the caller's except for a filled-in company id.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, NoReturn
+from urllib.parse import quote, unquote, unquote_to_bytes
+
+from broker.catalog import Catalog, Route
+from broker.errors import BodyInvalid, CompanyMismatch, RouteNotAllowed, ScopeNotGranted
+
+REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+# RFC 3986 `pchar` plus `/`: unreserved, sub-delims, ':', '@', and '%' for escapes.
+_PATH_BYTES = frozenset(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@/%"
+)
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+_REFUSED_ESCAPES = frozenset({ord("."), ord("/"), ord("\\"), 0x7F, *range(0x20)})
+_COMPANY_NAMES = frozenset({"companyid"})
+_ORGANIZATION_NAMES = frozenset({"organizationid", "organisationid"})
+_NOT_CANONICAL = "The request target is not a canonical Pleo path"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to forward: the route, the path as received, and the query to send."""
+
+    route: Route
+    path: str
+    query_string: bytes
+    inspect_body: bool
+
+
+def decide(
+    catalog: Catalog,
+    method: str,
+    raw_path: bytes,
+    query_string: bytes,
+    *,
+    company_id: str,
+    scopes: frozenset[str],
+) -> Decision:
+    """Allow, rewrite or refuse one request; raises a PolicyDenied error to refuse."""
+    if method in REFUSED_METHODS:
+        raise RouteNotAllowed(f"The broker does not forward {method} requests.")
+    path = _canonical_path(raw_path)
+    found = catalog.match(method, path)
+    if found is None:
+        raise RouteNotAllowed(
+            f"{method} {_shorten(path)} is not a Pleo route the broker forwards"
+            " (see `broker catalog`)."
+        )
+    route = found.route
+    if route.bearer_only:
+        raise RouteNotAllowed(
+            f"{method} {route.template} accepts only OAuth bearer tokens;"
+            " the broker holds API keys."
+        )
+    if route.scope is not None and route.scope not in scopes:
+        raise ScopeNotGranted(
+            f"{method} {route.template} needs the scope {route.scope!r},"
+            " which this tenant's key was not granted.",
+            required_scope=route.scope,
+        )
+    tenant_company = company_id.lower()
+    path_param = route.path_company
+    if path_param is not None and found.params[path_param].lower() != tenant_company:
+        raise CompanyMismatch(
+            f"The path names company {found.params[path_param]!r}"
+            f" but this tenant is connected to company {company_id!r}."
+        )
+    query_string = _checked_query(route, query_string, company_id)
+    return Decision(
+        route=route,
+        path=raw_path.decode("ascii"),
+        query_string=query_string,
+        inspect_body=route.body_company is not None and method in BODY_METHODS,
+    )
+
+
+def check_body(route: Route, body: bytes, *, company_id: str) -> bytes:
+    """The JSON body to forward: checked, with the company id filled in where it is missing."""
+    try:
+        document = json.loads(
+            body.decode("utf-8"),
+            object_pairs_hook=_object_without_duplicates,
+            parse_constant=_refuse_constant,
+        )
+    except (ValueError, RecursionError) as exc:
+        raise BodyInvalid(f"The request body is not valid JSON: {_reason(exc)}.") from None
+    if not isinstance(document, dict):
+        return body
+    present = False
+    for key, value in document.items():
+        normalised = _normalise(key)
+        if normalised in _ORGANIZATION_NAMES:
+            raise CompanyMismatch(
+                f"The body names an organisation ({key!r}); the broker keeps requests"
+                " inside this tenant's company."
+            )
+        if normalised in _COMPANY_NAMES:
+            present = True
+            if not isinstance(value, str) or value.lower() != company_id.lower():
+                raise CompanyMismatch(
+                    f"The body names company {_shorten(json.dumps(value))} in {key!r}"
+                    f" but this tenant is connected to company {company_id!r}."
+                )
+    field = route.body_company
+    if present or field is None:
+        return body
+    # Insert the field as the object's first member: every other byte stays as sent.
+    brace = body.index(b"{") + 1
+    member = json.dumps({field.name: company_id}, separators=(",", ":"))[1:-1].encode()
+    return body[:brace] + member + (b"," if document else b"") + body[brace:]
+
+
+def _canonical_path(raw_path: bytes) -> str:
+    """The percent-decoded path, or RouteNotAllowed if the target is not canonical."""
+    if not raw_path.startswith(b"/"):
+        form = "an absolute URL" if b"://" in raw_path else "not an origin-form path"
+        raise RouteNotAllowed(f"{_NOT_CANONICAL}: it is {form}; send only the path.")
+    if b"//" in raw_path:
+        raise RouteNotAllowed(f"{_NOT_CANONICAL}: it contains '//'.")
+    if not _PATH_BYTES.issuperset(raw_path):
+        raise RouteNotAllowed(
+            f"{_NOT_CANONICAL}: it contains a character that must be percent-encoded,"
+            " a backslash or a control character."
+        )
+    for segment in raw_path.split(b"/"):
+        if segment in (b".", b".."):
+            raise RouteNotAllowed(f"{_NOT_CANONICAL}: it contains a '.' or '..' segment.")
+    position = raw_path.find(b"%")
+    while position != -1:
+        escape = raw_path[position + 1 : position + 3]
+        if len(escape) != 2 or not _HEX.issuperset(escape):
+            raise RouteNotAllowed(f"{_NOT_CANONICAL}: it contains a malformed percent escape.")
+        if int(escape, 16) in _REFUSED_ESCAPES:
+            raise RouteNotAllowed(
+                f"{_NOT_CANONICAL}: it percent-encodes a dot, a slash, a backslash"
+                " or a control character."
+            )
+        position = raw_path.find(b"%", position + 3)
+    try:
+        return unquote_to_bytes(raw_path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise RouteNotAllowed(f"{_NOT_CANONICAL}: it does not decode to UTF-8.") from None
+
+
+def _checked_query(route: Route, query_string: bytes, company_id: str) -> bytes:
+    """The query to forward: every company id checked, the route's one filled in if absent."""
+    names: set[str] = set()
+    if query_string:
+        tenant_company = company_id.lower()
+        for part in query_string.replace(b";", b"&").split(b"&"):
+            raw_name, _, raw_value = part.partition(b"=")
+            name = unquote(raw_name.replace(b"+", b" ").decode("latin-1"), errors="replace")
+            normalised = _normalise(name)
+            if normalised in _ORGANIZATION_NAMES:
+                raise CompanyMismatch(
+                    f"The query names an organisation ({name!r}); the broker keeps requests"
+                    " inside this tenant's company."
+                )
+            if normalised in _COMPANY_NAMES:
+                value = unquote(raw_value.replace(b"+", b" ").decode("latin-1"), errors="replace")
+                if value.lower() != tenant_company:
+                    raise CompanyMismatch(
+                        f"The query names company {_shorten(value)!r} in {name!r}"
+                        f" but this tenant is connected to company {company_id!r}."
+                    )
+            names.add(name)
+    field = route.query_company
+    if field is None or any(f.name in names for f in route.company if f.location == "query"):
+        return query_string
+    addition = f"{quote(field.name, safe='')}={quote(company_id, safe='')}".encode("ascii")
+    if not query_string or query_string.endswith(b"&"):
+        return query_string + addition
+    return query_string + b"&" + addition
+
+
+def _normalise(name: str) -> str:
+    return name.lower().replace("_", "").replace("-", "")
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        raise ValueError("an object names the same key twice")
+    return document
+
+
+def _refuse_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "it is nested too deeply"
+    if isinstance(exc, UnicodeDecodeError):
+        return "it is not UTF-8"
+    return str(exc)
+
+
+def _shorten(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"

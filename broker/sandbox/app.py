@@ -1,0 +1,129 @@
+"""A local stand-in for Pleo's External API, true to the OpenAPI specs in `tests/openapi/`.
+
+Pleo surface (HTTP Basic, the key as user name and an empty password), route → scope:
+
+    GET  /v1/introspect, /v1/installations/me               (none)
+    GET  /v1/companies/{companyId}                          companies:read
+    GET  /v2/employees[?companyId&email&code]               users:read
+    GET  /v2/employees/{employeeId}                         users:read
+    GET  /v3/export-jobs[?statuses], /v3/export-jobs/{id}   export-jobs:read
+    POST /v3/export-jobs, /v3/export-job-events             export-jobs:write
+    GET  /v3/export-jobs/{jobId}/items                      export-jobs:read
+    PUT  /v3/export-jobs/{jobId}/items  (≤ 100 items)       export-jobs:write
+    GET  /v3/export-items?job_id=                           export-items:read
+    POST /v1/vendors, /v1/vendors/{id}:archive              vendors:write
+    PUT  /v1/vendors/{id}                                   vendors:write
+    GET  /v1/vendors/{id}, POST /v1/vendors:search          vendors:read
+    POST /v0/tax-codes                                      tax-codes:write
+    GET  /v0/tax-codes/{id}, POST /v0/tax-codes:search      tax-codes:read
+    POST /v0/tag-groups                                     tag-groups:write
+    GET  /v0/tag-groups, /v0/tag-groups/{groupId}           tag-groups:read
+
+Lists are cursor-paginated (`before` | `after` | `offset`, `limit`, `sorting_keys`,
+`sorting_order`); errors are `{"type", "message"}`; 401 for a missing, malformed, unknown or
+revoked key; 403 for a missing scope, a foreign company or `organization_id`; 404 elsewhere.
+
+Control API (JSON, no Pleo auth — bind to 127.0.0.1):
+
+    GET    /_sandbox/health            → 200 {"status": "ok"}
+    POST   /_sandbox/keys {"company_id"?, "scopes"?, "auth_method"?, "subject_urn"?}
+                                       → 201 {"key_id", "api_key", "company_id", "scopes"}
+    POST   /_sandbox/keys/{key_id}/revoke
+                                       → 204 (the key gets 401 from now on)
+    PUT    /_sandbox/keys/{key_id}/scopes {"scopes": [...]}
+                                       → 200 {"key_id", "company_id", "scopes"}
+    POST   /_sandbox/faults {"path_prefix": "/v3/", "kind": "latency"|"status"|"drop",
+                             "latency_ms"?, "status"? (429|500|502|503|504),
+                             "retry_after"?, "times"? (default: until cleared)}
+                                       → 201 the fault
+    DELETE /_sandbox/faults            → 204
+    GET    /_sandbox/requests          → 200 {"requests": [{"method", "path", "query",
+                                         "headers", "authorization_count",
+                                         "authorization_matched", "key_id"}, ...]}
+                                         (Authorization is only counted and matched)
+    DELETE /_sandbox/requests          → 204
+
+Latency faults add up; of the matching status/drop faults the first answers. A "drop"
+fault closes the connection without an answer; 429 faults carry `Retry-After`.
+"""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Mount, Route
+from starlette.types import Receive, Scope, Send
+
+from broker.sandbox import exports, resources
+from broker.sandbox.api import SERVER_SEND, PleoApi, PleoRoute
+from broker.sandbox.control import CONTROL_ROUTES
+from broker.sandbox.envelopes import PleoError
+from broker.sandbox.state import SandboxKey, SandboxState
+
+__all__ = ["PLEO_ROUTES", "SandboxApp", "SandboxKey", "SandboxState", "create_app", "run"]
+
+PLEO_ROUTES: tuple[PleoRoute, ...] = (
+    PleoRoute("GET", "/v1/introspect", None, resources.introspect),
+    PleoRoute("GET", "/v1/installations/me", None, resources.installation),
+    PleoRoute("GET", "/v1/companies/{companyId}", "companies:read", resources.company),
+    PleoRoute("GET", "/v2/employees", "users:read", resources.employees),
+    PleoRoute("GET", "/v2/employees/{employeeId}", "users:read", resources.employee),
+    PleoRoute("GET", "/v3/export-jobs", "export-jobs:read", exports.list_jobs),
+    PleoRoute("POST", "/v3/export-jobs", "export-jobs:write", exports.create_job),
+    PleoRoute("GET", "/v3/export-jobs/{jobId}", "export-jobs:read", exports.get_job),
+    PleoRoute("POST", "/v3/export-job-events", "export-jobs:write", exports.job_event),
+    PleoRoute("GET", "/v3/export-jobs/{jobId}/items", "export-jobs:read", exports.get_items),
+    PleoRoute("PUT", "/v3/export-jobs/{jobId}/items", "export-jobs:write", exports.update_items),
+    PleoRoute("GET", "/v3/export-items", "export-items:read", exports.export_items),
+    PleoRoute("POST", "/v1/vendors", "vendors:write", resources.create_vendor),
+    PleoRoute("GET", "/v1/vendors/{id}", "vendors:read", resources.get_vendor),
+    PleoRoute("PUT", "/v1/vendors/{id}", "vendors:write", resources.update_vendor),
+    PleoRoute("POST", "/v1/vendors/{id}:archive", "vendors:write", resources.archive_vendor),
+    PleoRoute("POST", "/v1/vendors:search", "vendors:read", resources.search_vendors),
+    PleoRoute("POST", "/v0/tax-codes", "tax-codes:write", resources.create_tax_code),
+    PleoRoute("GET", "/v0/tax-codes/{taxCodeId}", "tax-codes:read", resources.get_tax_code),
+    PleoRoute("POST", "/v0/tax-codes:search", "tax-codes:read", resources.search_tax_codes),
+    PleoRoute("GET", "/v0/tag-groups", "tag-groups:read", resources.list_tag_groups),
+    PleoRoute("POST", "/v0/tag-groups", "tag-groups:write", resources.create_tag_group),
+    PleoRoute("GET", "/v0/tag-groups/{groupId}", "tag-groups:read", resources.get_tag_group),
+)
+
+
+class SandboxApp(Starlette):
+    """A Starlette app that keeps the server's own `send` in the scope (see `api._drop`)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[SERVER_SEND] = send
+        await super().__call__(scope, receive, send)
+
+
+async def _pleo_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, PleoError):
+        return exc.response()
+    assert isinstance(exc, HTTPException)
+    return PleoError(
+        exc.status_code, "NOT_FOUND" if exc.status_code == 404 else "ERROR", exc.detail
+    ).response()
+
+
+def create_app(state: SandboxState | None = None) -> Starlette:
+    """The sandbox app; `app.state.sandbox` is its `SandboxState`."""
+    state = state or SandboxState()
+    app = SandboxApp(
+        routes=[
+            Mount("/_sandbox", routes=CONTROL_ROUTES),
+            Route("/{path:path}", PleoApi(state, PLEO_ROUTES)),
+        ],
+        exception_handlers={PleoError: _pleo_error, HTTPException: _pleo_error},
+    )
+    app.state.sandbox = state
+    return app
+
+
+def run(host: str, port: int) -> None:
+    """Serve the sandbox with uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(), host=host, port=port, log_level="warning", access_log=False)

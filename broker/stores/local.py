@@ -1,0 +1,333 @@
+"""The embedded store (`BROKER_STORE=local`): SQLite in the store directory, keys sealed.
+
+Files: `<path>/tenants.db` (with its `-wal` and `-shm` files) and, unless a master key is
+given, `<path>/master.key`. Metadata lives in clear columns; a key only ever as an
+AES-256-GCM ciphertext bound to its tenant, so no key byte is on disk in clear.
+
+Several processes may share one database: every write is a single compare-and-set statement
+(`INSERT` that fails on an existing row, `UPDATE … WHERE version = ?`) and SQLite's locks
+order them (WAL, busy_timeout). Replaced and deleted ciphertexts are overwritten in place
+(`secure_delete`), and the WAL is checkpointed and truncated after each write, so old key
+material does not linger in either file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import json
+import os
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from broker.errors import StoreConflict, StoreIntegrityError, StoreUnavailable
+from broker.records import ApiKey, BrokenReason, TenantRecord, TenantState, valid_tenant_id
+from broker.settings import ConfigError
+from broker.stores.crypto import (
+    KEY_FILE_NAME,
+    Sealer,
+    UnsealError,
+    load_or_create_master_key,
+    tenant_context,
+)
+
+T = TypeVar("T")
+
+DB_FILE_NAME = "tenants.db"
+
+_KEY_CHECK_PLAINTEXT = b"pleo-key-broker master key check"
+_KEY_CHECK_CONTEXT = b"pleo-key-broker/key-check/v1"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tenants (
+    tenant          TEXT PRIMARY KEY NOT NULL,
+    version         INTEGER NOT NULL,
+    state           TEXT NOT NULL,
+    company_id      TEXT,
+    scopes          TEXT NOT NULL,
+    missing_scopes  TEXT NOT NULL,
+    reason          TEXT,
+    message         TEXT,
+    activated_at    TEXT,
+    updated_at      TEXT NOT NULL,
+    last_checked_at TEXT,
+    sealed_key      BLOB
+);
+CREATE TABLE IF NOT EXISTS meta (
+    name  TEXT PRIMARY KEY NOT NULL,
+    value BLOB NOT NULL
+);
+"""
+
+_INSERT = (
+    "INSERT INTO tenants (tenant, version, state, company_id, scopes, missing_scopes, reason,"
+    " message, activated_at, updated_at, last_checked_at, sealed_key)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SELECT_ONE = (
+    "SELECT tenant, version, state, company_id, scopes, missing_scopes, reason, message,"
+    " activated_at, updated_at, last_checked_at, sealed_key FROM tenants WHERE tenant = ?"
+)
+_SELECT_ALL = (
+    "SELECT tenant, version, state, company_id, scopes, missing_scopes, reason, message,"
+    " activated_at, updated_at, last_checked_at, sealed_key FROM tenants ORDER BY tenant"
+)
+_UPDATE = (
+    "UPDATE tenants SET version = ?, state = ?, company_id = ?, scopes = ?, missing_scopes = ?,"
+    " reason = ?, message = ?, activated_at = ?, updated_at = ?, last_checked_at = ?,"
+    " sealed_key = ? WHERE tenant = ? AND version = ?"
+)
+
+
+class LocalStore:
+    """Tenant records in an SQLite file, keys encrypted with AES-256-GCM."""
+
+    backend = "local"
+
+    def __init__(
+        self, path: Path, master_key: bytes | None = None, *, busy_timeout: float = 5.0
+    ) -> None:
+        self.path = Path(path)
+        self.db_path = self.path / DB_FILE_NAME
+        self._busy_timeout = busy_timeout
+        self._closed = False
+        try:
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreUnavailable(f"Cannot create the store directory {self.path}: {exc}") from exc
+        self._sealer = Sealer(master_key if master_key is not None else self._key_from_file())
+        # sqlite3 calls block, so none runs on the event loop. One dedicated thread owns the one
+        # connection: a connection must not be used from two threads at once, keeping it open
+        # spares re-opening and re-running the pragmas per call, and this process's writes are
+        # serialised before they reach SQLite, so the busy timeout only has to cover other
+        # processes sharing the file.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="broker-local-store")
+        try:
+            self._conn = self._executor.submit(self._connect).result()
+        except BaseException:
+            self._executor.shutdown(wait=True)
+            raise
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.path)!r})"
+
+    async def get(self, tenant: str) -> TenantRecord | None:
+        """The tenant's record, or None."""
+        return await self._run(lambda conn: self._get(conn, tenant))
+
+    async def list(self) -> builtins.list[TenantRecord]:
+        """Every tenant's record, ordered by tenant id."""
+        return await self._run(self._list)
+
+    async def put(self, record: TenantRecord) -> TenantRecord:
+        """Compare-and-set write; returns the stored record with its new version."""
+        if not valid_tenant_id(record.tenant):
+            raise ValueError("not a valid tenant id")
+        if record.version < 0:
+            raise ValueError("a record version is never negative")
+        return await self._run(lambda conn: self._put(conn, record))
+
+    async def delete(self, tenant: str) -> bool:
+        """Delete the tenant and overwrite its key material; False if there was none."""
+        return await self._run(lambda conn: self._delete(conn, tenant))
+
+    async def close(self) -> None:
+        """Close the connection and stop the worker thread; later calls fail."""
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._conn.close)
+        finally:
+            # The close job has run, so the worker is idle and exits at once.
+            self._executor.shutdown(wait=True)
+
+    async def _run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closed:
+            raise StoreUnavailable("The local store is closed.")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._guarded, operation)
+
+    def _guarded(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            return operation(self._conn)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(
+                f"The local store {self.db_path} failed ({type(exc).__name__}: {exc})."
+            ) from exc
+
+    # Everything below runs on the worker thread.
+
+    def _key_from_file(self) -> bytes:
+        key_file = self.path / KEY_FILE_NAME
+        if not key_file.exists() and self.db_path.exists() and self.db_path.stat().st_size > 0:
+            raise ConfigError(
+                f"master key file {key_file} is missing but {self.db_path} exists;"
+                " restore the key file or set BROKER_MASTER_KEY to the key the store was made with"
+            )
+        try:
+            return load_or_create_master_key(self.path)
+        except OSError as exc:
+            raise ConfigError(f"cannot read or create master key file {key_file}: {exc}") from exc
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            # Create the file private before SQLite does (its -wal and -shm files copy the mode).
+            os.close(os.open(self.db_path, os.O_RDWR | os.O_CREAT, 0o600))
+            conn = sqlite3.connect(self.db_path, timeout=self._busy_timeout, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreUnavailable(f"Cannot open the local store {self.db_path}: {exc}") from exc
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode != "wal":
+                raise StoreUnavailable(f"{self.db_path} cannot use WAL mode (got {mode!r}).")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA secure_delete = ON")
+            conn.executescript(_SCHEMA)
+            self._check_master_key(conn)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise StoreUnavailable(f"Cannot open the local store {self.db_path}: {exc}") from exc
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _check_master_key(self, conn: sqlite3.Connection) -> None:
+        """Refuse at start-up, not at the first read, a master key the store was not made with."""
+        check = self._sealer.seal(_KEY_CHECK_PLAINTEXT, _KEY_CHECK_CONTEXT)
+        conn.execute("INSERT OR IGNORE INTO meta (name, value) VALUES ('key_check', ?)", (check,))
+        row = conn.execute("SELECT value FROM meta WHERE name = 'key_check'").fetchone()
+        try:
+            self._sealer.open(bytes(row[0]), _KEY_CHECK_CONTEXT)
+        except (UnsealError, TypeError) as exc:
+            raise StoreIntegrityError(
+                f"The master key does not open {self.db_path}: wrong master key or tampered"
+                " record. Use the key this store was created with (BROKER_MASTER_KEY or"
+                f" {self.path / KEY_FILE_NAME})."
+            ) from exc
+
+    def _get(self, conn: sqlite3.Connection, tenant: str) -> TenantRecord | None:
+        row = conn.execute(_SELECT_ONE, (tenant,)).fetchone()
+        return self._record(row) if row is not None else None
+
+    def _list(self, conn: sqlite3.Connection) -> builtins.list[TenantRecord]:
+        rows = conn.execute(_SELECT_ALL).fetchall()
+        return [self._record(row) for row in rows]
+
+    def _put(self, conn: sqlite3.Connection, record: TenantRecord) -> TenantRecord:
+        sealed = (
+            self._sealer.seal(record.api_key.reveal().encode(), tenant_context(record.tenant))
+            if record.api_key is not None
+            else None
+        )
+        fields = (
+            record.state.value,
+            record.company_id,
+            json.dumps(sorted(record.scopes)),
+            json.dumps(list(record.missing_scopes)),
+            record.reason.value if record.reason is not None else None,
+            record.message,
+            _timestamp(record.activated_at),
+            record.updated_at.isoformat(),
+            _timestamp(record.last_checked_at),
+            sealed,
+        )
+        new_version = record.version + 1
+        if record.version == 0:
+            try:
+                conn.execute(_INSERT, (record.tenant, new_version, *fields))
+            except sqlite3.IntegrityError as exc:
+                raise StoreConflict(
+                    f"Tenant {record.tenant!r} already exists; read it again and retry.",
+                    tenant=record.tenant,
+                ) from exc
+        else:
+            cursor = conn.execute(_UPDATE, (new_version, *fields, record.tenant, record.version))
+            if cursor.rowcount != 1:
+                raise StoreConflict(
+                    f"Tenant {record.tenant!r} changed or was removed since version"
+                    f" {record.version} was read; read it again and retry.",
+                    tenant=record.tenant,
+                )
+        self._purge_wal(conn)
+        return record.evolve(version=new_version)
+
+    def _delete(self, conn: sqlite3.Connection, tenant: str) -> bool:
+        deleted = conn.execute("DELETE FROM tenants WHERE tenant = ?", (tenant,)).rowcount == 1
+        if deleted:
+            self._purge_wal(conn)
+        return deleted
+
+    def _purge_wal(self, conn: sqlite3.Connection) -> None:
+        # Old page images (with the previous ciphertext) stay in the WAL until it is reset.
+        # If another process is reading, the truncation waits for a later write; that is
+        # acceptable because what lingers is ciphertext, never a key in clear.
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+    def _record(self, row: tuple[Any, ...]) -> TenantRecord:
+        (
+            tenant,
+            version,
+            state,
+            company_id,
+            scopes,
+            missing_scopes,
+            reason,
+            message,
+            activated_at,
+            updated_at,
+            last_checked_at,
+            sealed,
+        ) = row
+        api_key = self._unseal_key(tenant, sealed) if sealed is not None else None
+        try:
+            return TenantRecord(
+                tenant=tenant,
+                version=int(version),
+                state=TenantState(state),
+                api_key=api_key,
+                company_id=company_id,
+                scopes=frozenset(json.loads(scopes)),
+                missing_scopes=tuple(json.loads(missing_scopes)),
+                reason=BrokenReason(reason) if reason is not None else None,
+                message=message,
+                activated_at=_parse_timestamp(activated_at),
+                updated_at=datetime.fromisoformat(updated_at),
+                last_checked_at=_parse_timestamp(last_checked_at),
+            )
+        except (ValueError, TypeError) as exc:
+            raise _unreadable(tenant) from exc
+
+    def _unseal_key(self, tenant: str, sealed: bytes) -> ApiKey:
+        try:
+            plaintext = self._sealer.open(bytes(sealed), tenant_context(tenant))
+        except UnsealError as exc:
+            raise _unreadable(tenant) from exc
+        try:
+            return ApiKey(plaintext.decode())
+        except UnicodeDecodeError:
+            # Not chained: the decode error would carry the decrypted bytes.
+            raise _unreadable(tenant) from None
+
+
+def _unreadable(tenant: str) -> StoreIntegrityError:
+    return StoreIntegrityError(
+        f"The stored record of tenant {tenant!r} cannot be read: wrong master key or tampered"
+        " record. Restore the right master key, or disconnect and reconnect the tenant.",
+        tenant=tenant,
+    )
+
+
+def _timestamp(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+def _parse_timestamp(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text) if text is not None else None

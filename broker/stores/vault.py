@@ -1,0 +1,286 @@
+"""The Vault/OpenBao store: one KV v2 secret per tenant, compare-and-set on its version.
+
+A tenant lives at `<mount>/data/<prefix>/tenants/<tenant>`; the record's `version` is the KV v2
+version of that secret, and every write carries `cas=<version read>` (0: must not exist), so
+Vault itself refuses a stale write. KV v2 keeps old versions: after a write that replaced the
+key (a rotation) every older version is destroyed, and `delete` destroys all versions and the
+metadata, so an old key cannot be read back from history. Destruction runs only after the new
+write succeeded; if it fails the write stands, a `store.destroy_failed` event is logged and the
+next write of that tenant destroys again.
+
+hvac is synchronous: every call runs in a bounded thread pool, one call per thread slot,
+each bounded by `vault_timeout` (also the HTTP timeout). Transport errors, timeouts, a sealed
+Vault and 5xx answers become `StoreUnavailable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from functools import partial
+from typing import Any, TypeVar
+
+import hvac
+import hvac.exceptions
+import requests
+
+from broker.errors import StoreConflict, StoreUnavailable
+from broker.events import emit
+from broker.records import ApiKey, BrokenReason, TenantRecord, TenantState, valid_tenant_id
+from broker.settings import Settings
+from broker.stores.vault_auth import TokenKeeper, build_client
+
+T = TypeVar("T")
+
+_SERVER_TROUBLE = (
+    hvac.exceptions.InternalServerError,
+    hvac.exceptions.BadGateway,
+    hvac.exceptions.UnexpectedError,
+    hvac.exceptions.VaultNotInitialized,
+)
+
+
+class VaultStore:
+    """Tenant records in HashiCorp Vault or OpenBao (KV v2)."""
+
+    backend = "vault"
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        client: hvac.Client | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._client = client if client is not None else build_client(settings)
+        self._kv = self._client.secrets.kv.v2
+        self._mount = settings.vault_mount.strip("/")
+        self._base = f"{settings.vault_prefix.strip('/')}/tenants"
+        self._timeout = settings.vault_timeout
+        self._pool = ThreadPoolExecutor(settings.vault_threads, thread_name_prefix="vault-store")
+        self._slots = asyncio.Semaphore(settings.vault_threads)
+        self._keeper = TokenKeeper(self._client, settings, self._run, clock=clock)
+        self._undestroyed: set[str] = set()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> VaultStore:
+        """A store for the `vault_*` settings (nothing is contacted until the first call)."""
+        return cls(settings)
+
+    async def get(self, tenant: str) -> TenantRecord | None:
+        if not valid_tenant_id(tenant):
+            return None
+        found = await self._call(lambda: self._read(tenant, None))
+        return None if found is None else _decode(tenant, *found)
+
+    async def list(self) -> list[TenantRecord]:
+        names = await self._call(self._list_names)
+        failure: Exception | None = None
+        try:
+            # A TaskGroup, not gather: the first failure cancels the reads still queued.
+            async with asyncio.TaskGroup() as group:
+                reads = [group.create_task(self.get(name)) for name in names]
+        except ExceptionGroup as failed:
+            failure = failed.exceptions[0]
+        if failure is not None:
+            raise failure
+        return [record for task in reads if (record := task.result()) is not None]
+
+    async def put(self, record: TenantRecord) -> TenantRecord:
+        tenant = record.tenant
+        if not valid_tenant_id(tenant):
+            raise ValueError("not a valid tenant id")
+        rotated = False
+        if record.version > 0:
+            prior = await self._call(lambda: self._read(tenant, record.version))
+            rotated = prior is None or not _same_key(prior[0].get("api_key"), record.api_key)
+        version = await self._call(lambda: self._write(record))
+        if rotated or tenant in self._undestroyed:
+            await self._destroy_history(tenant, below=version)
+        return record.evolve(version=version)
+
+    async def delete(self, tenant: str) -> bool:
+        if not valid_tenant_id(tenant):
+            return False
+        versions = await self._call(lambda: self._live_versions(tenant, below=None))
+        if versions is None:
+            return False
+        if versions:
+            await self._call(partial(self._destroy, tenant, versions))
+        await self._call(
+            lambda: self._kv.delete_metadata_and_all_versions(
+                path=self._path(tenant), mount_point=self._mount
+            )
+        )
+        self._undestroyed.discard(tenant)
+        return True
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
+        self._client.adapter.close()
+
+    async def _destroy_history(self, tenant: str, *, below: int) -> None:
+        try:
+            versions = await self._call(lambda: self._live_versions(tenant, below=below))
+            if versions:
+                await self._call(partial(self._destroy, tenant, versions))
+        except StoreUnavailable as exc:
+            self._undestroyed.add(tenant)
+            emit(
+                "store.destroy_failed",
+                level=logging.WARNING,
+                tenant=tenant,
+                backend=self.backend,
+                error=exc.message,
+            )
+        else:
+            self._undestroyed.discard(tenant)
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        """Run one Vault call with a valid token; after a 403, log in again and retry once."""
+        await self._keeper.ensure()
+        generation = self._keeper.generation
+        try:
+            try:
+                return await self._run(fn)
+            except hvac.exceptions.Forbidden:
+                await self._keeper.relogin(generation)
+            return await self._run(fn)
+        except hvac.exceptions.Forbidden as exc:
+            raise StoreUnavailable(
+                "Vault denied the broker access; check the broker's Vault policy and prefix."
+            ) from exc
+        except hvac.exceptions.VaultError as exc:
+            raise StoreUnavailable("Vault rejected the broker's request.") from exc
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        """Run `fn` in the pool within the timeout; translate transport and server failures."""
+        async with self._slots:
+            future = asyncio.get_running_loop().run_in_executor(self._pool, fn)
+            try:
+                return await asyncio.wait_for(future, self._timeout)
+            except TimeoutError as exc:
+                raise StoreUnavailable(
+                    f"Vault did not answer within {self._timeout:g} seconds."
+                ) from exc
+            except requests.RequestException as exc:
+                raise StoreUnavailable("Vault could not be reached.") from exc
+            except hvac.exceptions.VaultDown as exc:
+                raise StoreUnavailable("Vault is sealed or down (503).") from exc
+            except hvac.exceptions.RateLimitExceeded as exc:
+                raise StoreUnavailable("Vault is rate-limiting the broker (429).") from exc
+            except _SERVER_TROUBLE as exc:
+                raise StoreUnavailable("Vault answered with a server error.") from exc
+
+    def _path(self, tenant: str) -> str:
+        return f"{self._base}/{tenant}"
+
+    def _read(self, tenant: str, version: int | None) -> tuple[dict[str, Any], int] | None:
+        try:
+            response = self._kv.read_secret_version(
+                path=self._path(tenant),
+                version=version,
+                mount_point=self._mount,
+                raise_on_deleted_version=True,
+            )
+        except hvac.exceptions.InvalidPath:
+            return None
+        data = response["data"]
+        return data["data"], int(data["metadata"]["version"])
+
+    def _write(self, record: TenantRecord) -> int:
+        try:
+            response = self._kv.create_or_update_secret(
+                path=self._path(record.tenant),
+                secret=_encode(record),
+                cas=record.version,
+                mount_point=self._mount,
+            )
+        except hvac.exceptions.InvalidRequest as exc:
+            if "check-and-set" in str(exc):
+                raise StoreConflict(tenant=record.tenant) from None
+            raise
+        return int(response["data"]["version"])
+
+    def _list_names(self) -> tuple[str, ...]:
+        try:
+            response = self._kv.list_secrets(path=self._base, mount_point=self._mount)
+        except hvac.exceptions.InvalidPath:
+            return ()
+        keys: Iterable[str] = response["data"]["keys"]
+        return tuple(key for key in keys if valid_tenant_id(key))
+
+    def _live_versions(self, tenant: str, *, below: int | None) -> tuple[int, ...] | None:
+        try:
+            response = self._kv.read_secret_metadata(
+                path=self._path(tenant), mount_point=self._mount
+            )
+        except hvac.exceptions.InvalidPath:
+            return None
+        versions: dict[str, dict[str, Any]] = response["data"]["versions"]
+        return tuple(
+            sorted(
+                int(number)
+                for number, meta in versions.items()
+                if not meta.get("destroyed") and (below is None or int(number) < below)
+            )
+        )
+
+    def _destroy(self, tenant: str, versions: tuple[int, ...]) -> None:
+        self._kv.destroy_secret_versions(
+            path=self._path(tenant), versions=list(versions), mount_point=self._mount
+        )
+
+
+def _same_key(stored: object, key: ApiKey | None) -> bool:
+    if key is None or not isinstance(stored, str):
+        return key is None and stored is None
+    return hmac.compare_digest(stored.encode(), key.reveal().encode())
+
+
+def _encode(record: TenantRecord) -> dict[str, Any]:
+    return {
+        "tenant": record.tenant,
+        "state": record.state.value,
+        "api_key": record.api_key.reveal() if record.api_key is not None else None,
+        "company_id": record.company_id,
+        "scopes": sorted(record.scopes),
+        "missing_scopes": list(record.missing_scopes),
+        "reason": record.reason.value if record.reason is not None else None,
+        "message": record.message,
+        "activated_at": _iso(record.activated_at),
+        "updated_at": _iso(record.updated_at),
+        "last_checked_at": _iso(record.last_checked_at),
+    }
+
+
+def _decode(tenant: str, data: dict[str, Any], version: int) -> TenantRecord:
+    key = data.get("api_key")
+    reason = data.get("reason")
+    return TenantRecord(
+        tenant=tenant,
+        state=TenantState(data["state"]),
+        api_key=ApiKey(key) if isinstance(key, str) else None,
+        company_id=data.get("company_id"),
+        scopes=frozenset(data.get("scopes") or ()),
+        missing_scopes=tuple(data.get("missing_scopes") or ()),
+        reason=BrokenReason(reason) if reason else None,
+        message=data.get("message"),
+        activated_at=_parse(data.get("activated_at")),
+        updated_at=datetime.fromisoformat(data["updated_at"]),
+        last_checked_at=_parse(data.get("last_checked_at")),
+        version=version,
+    )
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+def _parse(text: object) -> datetime | None:
+    return datetime.fromisoformat(text) if isinstance(text, str) else None

@@ -1,0 +1,35 @@
+# Vault/OpenBao policy for the Pleo Key Broker (BROKER_STORE=vault).
+# Written for BROKER_VAULT_MOUNT=secret (a KV v2 engine) and BROKER_VAULT_PREFIX=pleo-broker;
+# replace "secret/" and "pleo-broker/" if you change them. It grants nothing outside the prefix.
+
+# Read, create and update a tenant's record (writes are check-and-set; reads may name a version).
+path "secret/data/pleo-broker/tenants/*" {
+  capabilities = ["create", "read", "update"]
+}
+
+# List the tenants (LIST secret/metadata/pleo-broker/tenants/).
+path "secret/metadata/pleo-broker/tenants/" {
+  capabilities = ["list"]
+}
+
+# Read a tenant's version list (which versions still hold key material) and, on disconnect,
+# delete its metadata together with every version.
+path "secret/metadata/pleo-broker/tenants/*" {
+  capabilities = ["read", "delete"]
+}
+
+# Destroy old versions after a key rotation and on disconnect, so no old key stays readable.
+path "secret/destroy/pleo-broker/tenants/*" {
+  capabilities = ["update"]
+}
+
+# The broker's own token: look it up (token auth learns its TTL) and renew it before it expires.
+# Vault's "default" policy grants these too; they are repeated so the broker also works with
+# token_no_default_policy=true.
+path "auth/token/lookup-self" {
+  capabilities = ["read"]
+}
+
+path "auth/token/renew-self" {
+  capabilities = ["update"]
+}

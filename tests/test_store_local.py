@@ -1,0 +1,385 @@
+"""The embedded store: what is on disk, the master key, and sharing one file."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import secrets
+import sqlite3
+import stat
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from broker.errors import StoreConflict, StoreIntegrityError, StoreUnavailable
+from broker.records import ApiKey, TenantRecord, TenantState
+from broker.settings import ConfigError, load_settings
+from broker.stores.factory import open_store
+from broker.stores.local import LocalStore
+
+
+@pytest.fixture
+def store_dir(tmp_path: Path) -> Path:
+    return tmp_path / "broker-data"
+
+
+@pytest.fixture
+async def store(store_dir: Path) -> AsyncIterator[LocalStore]:
+    opened = LocalStore(store_dir, master_key=os.urandom(32))
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+def new_key() -> ApiKey:
+    return ApiKey(f"pls_{secrets.token_hex(20)}_{secrets.token_hex(12)}")
+
+
+def record(tenant: str, api_key: ApiKey | None = None) -> TenantRecord:
+    return TenantRecord(
+        tenant=tenant,
+        state=TenantState.ACTIVE,
+        api_key=api_key if api_key is not None else new_key(),
+        company_id="7b2c1e34-5a6f-4d8e-9b0a-1c2d3e4f5a6b",
+        scopes=frozenset({"export-jobs:read"}),
+    )
+
+
+def files_holding(directory: Path, needle: bytes) -> list[str]:
+    """Names of the files in `directory` whose bytes contain `needle` (never the bytes)."""
+    return sorted(p.name for p in directory.iterdir() if p.is_file() and needle in p.read_bytes())
+
+
+def sealed_key_of(directory: Path, tenant: str) -> bytes:
+    with sqlite3.connect(directory / "tenants.db") as conn:
+        row = conn.execute("SELECT sealed_key FROM tenants WHERE tenant = ?", (tenant,)).fetchone()
+    conn.close()
+    return bytes(row[0])
+
+
+async def test_no_key_is_on_disk_in_clear(store: LocalStore, store_dir: Path) -> None:
+    keys = [new_key() for _ in range(5)]
+    stored = [await store.put(record(f"tenant-{n}", key)) for n, key in enumerate(keys)]
+    rotated = new_key()
+    await store.put(stored[0].evolve(api_key=rotated))
+
+    assert (store_dir / "tenants.db-wal").exists()
+    for key in [*keys, rotated]:
+        secret = key.reveal().encode()
+        assert files_holding(store_dir, secret) == []
+        assert files_holding(store_dir, secret[4:20]) == []
+        assert files_holding(store_dir, base64.b64encode(secret)[:24]) == []
+    # The ciphertext is there, a little longer than the key (nonce + tag).
+    assert len(sealed_key_of(store_dir, "tenant-1")) == len(keys[1].reveal()) + 12 + 16
+
+
+async def test_store_files_are_private(store: LocalStore, store_dir: Path) -> None:
+    await store.put(record("acme"))
+
+    assert stat.S_IMODE(store_dir.stat().st_mode) == 0o700
+    for name in ("tenants.db", "tenants.db-wal", "tenants.db-shm"):
+        assert stat.S_IMODE((store_dir / name).stat().st_mode) & 0o077 == 0, name
+
+
+async def test_a_ciphertext_moved_to_another_tenant_does_not_decrypt(
+    store: LocalStore, store_dir: Path
+) -> None:
+    await store.put(record("acme"))
+    await store.put(record("globex"))
+    acme, globex = sealed_key_of(store_dir, "acme"), sealed_key_of(store_dir, "globex")
+    with sqlite3.connect(store_dir / "tenants.db") as conn:
+        conn.execute("UPDATE tenants SET sealed_key = ? WHERE tenant = 'acme'", (globex,))
+        conn.execute("UPDATE tenants SET sealed_key = ? WHERE tenant = 'globex'", (acme,))
+    conn.close()
+
+    with pytest.raises(StoreIntegrityError) as refused:
+        await store.get("acme")
+    with pytest.raises(StoreIntegrityError):
+        await store.list()
+
+    error = refused.value
+    assert (error.status, error.code, error.tenant) == (500, "store_integrity", "acme")
+    assert "'acme'" in error.message
+    assert "wrong master key or tampered record" in error.message
+
+
+async def test_an_altered_ciphertext_does_not_decrypt(store: LocalStore, store_dir: Path) -> None:
+    await store.put(record("acme"))
+    sealed = bytearray(sealed_key_of(store_dir, "acme"))
+    sealed[20] ^= 0x01
+    with sqlite3.connect(store_dir / "tenants.db") as conn:
+        conn.execute("UPDATE tenants SET sealed_key = ?", (bytes(sealed),))
+    conn.close()
+
+    with pytest.raises(StoreIntegrityError, match="tenant 'acme'"):
+        await store.get("acme")
+
+
+async def test_a_wrong_master_key_is_refused_at_open(store_dir: Path) -> None:
+    first = LocalStore(store_dir, master_key=os.urandom(32))
+    await first.put(record("acme"))
+    await first.close()
+
+    with pytest.raises(StoreIntegrityError, match="wrong master key"):
+        LocalStore(store_dir, master_key=os.urandom(32))
+
+
+def test_a_master_key_of_the_wrong_length_is_refused(store_dir: Path) -> None:
+    with pytest.raises(ValueError, match="32 bytes"):
+        LocalStore(store_dir, master_key=os.urandom(16))
+
+
+async def test_without_a_master_key_a_private_key_file_is_created_and_reused(
+    store_dir: Path,
+) -> None:
+    key = new_key()
+    first = LocalStore(store_dir)
+    await first.put(record("acme", key))
+    await first.close()
+    key_file = store_dir / "master.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    content = key_file.read_bytes()
+
+    second = LocalStore(store_dir)
+    try:
+        stored = await second.get("acme")
+    finally:
+        await second.close()
+
+    assert stored is not None
+    assert stored.api_key == key
+    assert key_file.read_bytes() == content
+    assert len(base64.b64decode(content.strip(), validate=True)) == 32
+
+
+async def test_the_key_file_works_as_master_key_setting(store_dir: Path) -> None:
+    first = LocalStore(store_dir)
+    await first.put(record("acme"))
+    await first.close()
+    setting = (store_dir / "master.key").read_bytes().strip()
+    (store_dir / "master.key").unlink()
+
+    second = LocalStore(store_dir, master_key=base64.b64decode(setting))
+    try:
+        assert await second.get("acme") is not None
+    finally:
+        await second.close()
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644])
+async def test_a_key_file_others_may_read_is_refused(store_dir: Path, mode: int) -> None:
+    await LocalStore(store_dir).close()
+    key_file = store_dir / "master.key"
+    key_file.chmod(mode)
+
+    with pytest.raises(ConfigError, match="chmod 600") as refused:
+        LocalStore(store_dir)
+
+    assert str(key_file) in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", base64.b64encode(os.urandom(16)), base64.b64encode(os.urandom(33)), b"not base64!"],
+    ids=["empty", "16-bytes", "33-bytes", "garbage"],
+)
+def test_a_key_file_of_the_wrong_length_is_refused(store_dir: Path, content: bytes) -> None:
+    store_dir.mkdir(mode=0o700)
+    key_file = store_dir / "master.key"
+    key_file.touch(mode=0o600)
+    key_file.write_bytes(content)
+
+    with pytest.raises(ConfigError, match="32 base64-encoded bytes") as refused:
+        LocalStore(store_dir)
+
+    assert str(key_file) in str(refused.value)
+
+
+async def test_a_lost_key_file_is_not_silently_replaced(store_dir: Path) -> None:
+    await LocalStore(store_dir).close()
+    (store_dir / "master.key").unlink()
+
+    with pytest.raises(ConfigError, match="master.key is missing"):
+        LocalStore(store_dir)
+
+    assert not (store_dir / "master.key").exists()
+
+
+async def test_two_stores_on_one_file_see_each_others_writes(store_dir: Path) -> None:
+    master_key = os.urandom(32)
+    one = LocalStore(store_dir, master_key=master_key)
+    two = LocalStore(store_dir, master_key=master_key)
+    try:
+        created = await one.put(record("acme"))
+        seen = await two.get("acme")
+        assert seen == created
+
+        updated = await two.put(created.evolve(message="changed by two"))
+        with pytest.raises(StoreConflict):
+            await one.put(created.evolve(message="changed by one"))
+        assert await one.get("acme") == updated
+
+        assert await one.delete("acme") is True
+        assert await two.list() == []
+    finally:
+        await one.close()
+        await two.close()
+
+
+WRITER = """
+import asyncio, base64, sys
+from pathlib import Path
+from broker.records import ApiKey, TenantRecord, TenantState
+from broker.stores.local import LocalStore
+
+async def main() -> None:
+    master_key = base64.b64decode(sys.stdin.readline())
+    api_key = ApiKey(sys.stdin.readline().strip())
+    store = LocalStore(Path(sys.argv[1]), master_key)
+    stored = await store.put(TenantRecord(sys.argv[2], TenantState.ACTIVE, api_key))
+    await store.close()
+    print(stored.version)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_write_from_another_process_is_seen(store_dir: Path) -> None:
+    master_key = os.urandom(32)
+    store = LocalStore(store_dir, master_key=master_key)
+    key = new_key()
+    try:
+        writer = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            WRITER,
+            str(store_dir),
+            "acme",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        secrets_in = base64.b64encode(master_key) + b"\n" + key.reveal().encode() + b"\n"
+        out, _ = await asyncio.wait_for(writer.communicate(secrets_in), timeout=30)
+        assert (writer.returncode, out.strip()) == (0, b"1")
+
+        seen = await store.get("acme")
+        assert seen is not None
+        assert (seen.version, seen.api_key) == (1, key)
+        with pytest.raises(StoreConflict):
+            await store.put(seen.evolve(version=0))
+    finally:
+        await store.close()
+
+
+async def test_racing_stores_on_one_file_let_exactly_one_win(store_dir: Path) -> None:
+    master_key = os.urandom(32)
+    stores = [LocalStore(store_dir, master_key=master_key) for _ in range(4)]
+    try:
+        base = await stores[0].put(record("acme"))
+        candidates = [base.evolve(api_key=new_key(), message=f"store {n}") for n in range(4)]
+
+        results = await asyncio.gather(
+            *(s.put(c) for s, c in zip(stores, candidates, strict=True)), return_exceptions=True
+        )
+
+        winners = [r for r in results if isinstance(r, TenantRecord)]
+        assert len(winners) == 1
+        assert sum(isinstance(r, StoreConflict) for r in results) == 3
+        for each in stores:
+            assert await each.get("acme") == winners[0]
+    finally:
+        for each in stores:
+            await each.close()
+
+
+async def test_delete_overwrites_the_ciphertext(store: LocalStore, store_dir: Path) -> None:
+    await store.put(record("acme"))
+    await store.put(record("globex"))
+    sealed = sealed_key_of(store_dir, "acme")
+    assert files_holding(store_dir, sealed) == ["tenants.db"]
+
+    assert await store.delete("acme") is True
+
+    assert files_holding(store_dir, sealed) == []
+    assert files_holding(store_dir, sealed[12:28]) == []
+
+
+async def test_rotation_overwrites_the_previous_ciphertext(
+    store: LocalStore, store_dir: Path
+) -> None:
+    first = await store.put(record("acme"))
+    await store.put(record("globex"))
+    old_sealed = sealed_key_of(store_dir, "acme")
+    # A longer key moves the row within its page, leaving the old cell behind unless wiped.
+    longer = ApiKey(new_key().reveal() + secrets.token_hex(8))
+
+    await store.put(first.evolve(api_key=longer))
+
+    assert files_holding(store_dir, old_sealed[12:28]) == []
+    assert files_holding(store_dir, sealed_key_of(store_dir, "acme")) == ["tenants.db"]
+
+
+async def test_a_locked_database_is_store_unavailable(store_dir: Path) -> None:
+    store = LocalStore(store_dir, master_key=os.urandom(32), busy_timeout=0.05)
+    blocker = sqlite3.connect(store_dir / "tenants.db", isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreUnavailable, match="locked"):
+            await store.put(record("acme"))
+        blocker.execute("ROLLBACK")
+        assert (await store.put(record("acme"))).version == 1
+    finally:
+        blocker.close()
+        await store.close()
+
+
+async def test_a_closed_store_is_unavailable(store_dir: Path) -> None:
+    store = LocalStore(store_dir, master_key=os.urandom(32))
+    await store.close()
+    await store.close()
+
+    with pytest.raises(StoreUnavailable, match="closed"):
+        await store.get("acme")
+
+
+async def test_a_malformed_tenant_id_is_never_written(store: LocalStore) -> None:
+    with pytest.raises(ValueError, match="tenant id"):
+        await store.put(record("../Acme"))
+
+    assert await store.list() == []
+
+
+async def test_repr_and_errors_never_show_the_key(store: LocalStore, store_dir: Path) -> None:
+    key = new_key()
+    await store.put(record("acme", key))
+    with sqlite3.connect(store_dir / "tenants.db") as conn:
+        conn.execute("UPDATE tenants SET tenant = 'other' WHERE tenant = 'acme'")
+    conn.close()
+
+    with pytest.raises(StoreIntegrityError) as refused:
+        await store.get("other")
+
+    shown = f"{store!r} {refused.value!r} {refused.value} {refused.value.to_body()}"
+    assert key.reveal() not in shown
+    assert "other" in shown
+
+
+async def test_open_store_opens_the_local_store(store_dir: Path) -> None:
+    settings = load_settings(
+        store="local",
+        store_path=store_dir,
+        master_key=base64.b64encode(os.urandom(32)).decode(),
+    )
+
+    store = open_store(settings)
+    try:
+        assert isinstance(store, LocalStore)
+        assert store.backend == "local"
+        assert (await store.put(record("acme"))).version == 1
+    finally:
+        await store.close()
+    assert not (store_dir / "master.key").exists()
