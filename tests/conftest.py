@@ -30,9 +30,7 @@ def sandbox() -> Iterator[RunningSandbox]:
 
 
 @pytest.fixture
-def make_broker(
-    sandbox: RunningSandbox, tmp_path: Path
-) -> Iterator[Callable[..., RunningBroker]]:
+def make_broker(sandbox: RunningSandbox, tmp_path: Path) -> Iterator[Callable[..., RunningBroker]]:
     started: list[RunningBroker] = []
 
     def make(**overrides: Any) -> RunningBroker:

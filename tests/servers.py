@@ -83,7 +83,9 @@ def start_sandbox() -> RunningSandbox:
     port = sock.getsockname()[1]
 
     async def start(stop: asyncio.Event, started: Callable[..., None]) -> None:
-        await run_listeners([Listener("sandbox", create_app(state), sock)], stop=stop, started=started)
+        await run_listeners(
+            [Listener("sandbox", create_app(state), sock)], stop=stop, started=started
+        )
 
     return RunningSandbox(f"http://127.0.0.1:{port}", state, ThreadedLoop(start))
 

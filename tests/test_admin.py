@@ -176,7 +176,9 @@ def test_pleo_unreachable_is_pleo_unavailable(
     broker = make_broker(pleo_base_url="http://127.0.0.1:9")  # discard port: refused
     key = sandbox.state.create_key(scopes=REQUIRED)
     response = httpx.put(
-        f"{broker.admin_url}/v1/tenants/acme/key", headers=broker.auth, json={"api_key": key.api_key}
+        f"{broker.admin_url}/v1/tenants/acme/key",
+        headers=broker.auth,
+        json={"api_key": key.api_key},
     )
     assert response.status_code == 503
     assert error_of(response)["code"] == "pleo_unavailable"
@@ -290,8 +292,13 @@ def test_list_filters_by_state(admin: httpx.Client, sandbox: RunningSandbox) -> 
     put_key(admin, "aaa", sandbox.state.create_key(scopes=REQUIRED).api_key)
     put_key(admin, "bbb", "pik_" + secrets.token_hex(20))
     everything = admin.get("/v1/tenants").json()["tenants"]
-    assert [(t["tenant"], t["state"]) for t in everything] == [("aaa", "active"), ("bbb", "pending")]
-    assert [t["tenant"] for t in admin.get("/v1/tenants?state=pending").json()["tenants"]] == ["bbb"]
+    assert [(t["tenant"], t["state"]) for t in everything] == [
+        ("aaa", "active"),
+        ("bbb", "pending"),
+    ]
+    assert [t["tenant"] for t in admin.get("/v1/tenants?state=pending").json()["tenants"]] == [
+        "bbb"
+    ]
     response = admin.get("/v1/tenants?state=sleeping")
     assert response.status_code == 400
     assert error_of(response)["code"] == "request_invalid"

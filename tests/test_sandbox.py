@@ -81,7 +81,9 @@ async def test_employees_match_the_spec(
     assert_matches_spec("employees-api", one)
     assert one.json()["data"] == employees[0]
 
-    by_email = await client.get("/v2/employees", params={"email": employees[1]["email"]}, headers=auth)
+    by_email = await client.get(
+        "/v2/employees", params={"email": employees[1]["email"]}, headers=auth
+    )
     assert by_email.json()["data"] == [employees[1]]
 
 
@@ -544,9 +546,7 @@ async def test_control_api_manages_keys(client: httpx.AsyncClient) -> None:
     assert_pleo_error(await client.post("/_sandbox/keys/key_nope/revoke"), 404, "KEY_NOT_FOUND")
 
 
-async def test_control_api_manages_faults(
-    client: httpx.AsyncClient, auth: dict[str, str]
-) -> None:
+async def test_control_api_manages_faults(client: httpx.AsyncClient, auth: dict[str, str]) -> None:
     added = await client.post(
         "/_sandbox/faults", json={"path_prefix": "/v2/", "kind": "status", "status": 500}
     )

@@ -54,6 +54,10 @@ def files_holding(directory: Path, needle: bytes) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.is_file() and needle in p.read_bytes())
 
 
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
 def sealed_key_of(directory: Path, tenant: str) -> bytes:
     with sqlite3.connect(directory / "tenants.db") as conn:
         row = conn.execute("SELECT sealed_key FROM tenants WHERE tenant = ?", (tenant,)).fetchone()
@@ -80,9 +84,9 @@ async def test_no_key_is_on_disk_in_clear(store: LocalStore, store_dir: Path) ->
 async def test_store_files_are_private(store: LocalStore, store_dir: Path) -> None:
     await store.put(record("acme"))
 
-    assert stat.S_IMODE(store_dir.stat().st_mode) == 0o700
+    assert mode_of(store_dir) == 0o700
     for name in ("tenants.db", "tenants.db-wal", "tenants.db-shm"):
-        assert stat.S_IMODE((store_dir / name).stat().st_mode) & 0o077 == 0, name
+        assert mode_of(store_dir / name) & 0o077 == 0, name
 
 
 async def test_a_ciphertext_moved_to_another_tenant_does_not_decrypt(
@@ -141,7 +145,7 @@ async def test_without_a_master_key_a_private_key_file_is_created_and_reused(
     await first.put(record("acme", key))
     await first.close()
     key_file = store_dir / "master.key"
-    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert mode_of(key_file) == 0o600
     content = key_file.read_bytes()
 
     second = LocalStore(store_dir)
@@ -154,6 +158,18 @@ async def test_without_a_master_key_a_private_key_file_is_created_and_reused(
     assert stored.api_key == key
     assert key_file.read_bytes() == content
     assert len(base64.b64decode(content.strip(), validate=True)) == 32
+
+
+async def test_stores_starting_together_agree_on_one_key_file(store_dir: Path) -> None:
+    stores = await asyncio.gather(*(asyncio.to_thread(LocalStore, store_dir) for _ in range(6)))
+    try:
+        written = await stores[0].put(record("acme"))
+        for each in stores:
+            assert await each.get("acme") == written
+    finally:
+        for each in stores:
+            await each.close()
+    assert sorted(p.name for p in store_dir.iterdir() if "master" in p.name) == ["master.key"]
 
 
 async def test_the_key_file_works_as_master_key_setting(store_dir: Path) -> None:
@@ -203,7 +219,7 @@ async def test_a_lost_key_file_is_not_silently_replaced(store_dir: Path) -> None
     await LocalStore(store_dir).close()
     (store_dir / "master.key").unlink()
 
-    with pytest.raises(ConfigError, match="master.key is missing"):
+    with pytest.raises(ConfigError, match=r"master\.key is missing"):
         LocalStore(store_dir)
 
     assert not (store_dir / "master.key").exists()

@@ -16,10 +16,8 @@ def open_store(settings: Settings) -> SecretStore:
             return LocalStore(settings.store_path, settings.master_key_bytes())
         case "vault":
             # Imported here so the local store never needs hvac loaded.
-            # (The ignore covers the window before broker/stores/vault.py exists.)
-            from broker.stores.vault import VaultStore  # type: ignore[import-not-found,import-untyped,unused-ignore]
+            from broker.stores.vault import VaultStore
 
-            store: SecretStore = VaultStore.from_settings(settings)
-            return store
+            return VaultStore.from_settings(settings)
         case _:
             assert_never(settings.store)

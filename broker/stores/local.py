@@ -148,6 +148,8 @@ class LocalStore:
             self._executor.shutdown(wait=True)
 
     async def _run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+        # Cancelling the caller does not stop a job the worker has begun: a write either
+        # commits or not, as a whole, and the next read tells which.
         if self._closed:
             raise StoreUnavailable("The local store is closed.")
         loop = asyncio.get_running_loop()
@@ -161,8 +163,6 @@ class LocalStore:
                 f"The local store {self.db_path} failed ({type(exc).__name__}: {exc})."
             ) from exc
 
-    # Everything below runs on the worker thread.
-
     def _key_from_file(self) -> bytes:
         key_file = self.path / KEY_FILE_NAME
         if not key_file.exists() and self.db_path.exists() and self.db_path.stat().st_size > 0:
@@ -175,6 +175,8 @@ class LocalStore:
         except OSError as exc:
             raise ConfigError(f"cannot read or create master key file {key_file}: {exc}") from exc
 
+    # Everything below runs on the worker thread.
+
     def _connect(self) -> sqlite3.Connection:
         try:
             # Create the file private before SQLite does (its -wal and -shm files copy the mode).
@@ -183,7 +185,6 @@ class LocalStore:
         except (OSError, sqlite3.Error) as exc:
             raise StoreUnavailable(f"Cannot open the local store {self.db_path}: {exc}") from exc
         try:
-            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
                 raise StoreUnavailable(f"{self.db_path} cannot use WAL mode (got {mode!r}).")

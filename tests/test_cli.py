@@ -1,0 +1,120 @@
+"""The `broker` command line, run as a user runs it, against a real broker and sandbox."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from servers import RunningBroker, RunningSandbox
+
+REQUIRED = ["export-jobs:read", "export-jobs:write"]
+
+
+def broker_cli(
+    broker: RunningBroker, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    env["BROKER_ADMIN_TOKEN"] = broker.token
+    return subprocess.run(
+        [sys.executable, "-m", "broker", "tenants", "--admin-url", broker.admin_url, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+
+def test_connect_from_stdin_list_show_check_disconnect(
+    broker: RunningBroker, sandbox: RunningSandbox
+) -> None:
+    key = sandbox.state.create_key(scopes=REQUIRED)
+    result = broker_cli(broker, "connect", "acme", stdin=key.api_key + "\n")
+    assert result.returncode == 0, result.stderr
+    assert f"Connected acme to Pleo company {key.company_id}" in result.stdout
+    assert key.api_key not in result.stdout + result.stderr
+
+    listing = broker_cli(broker, "list")
+    assert listing.returncode == 0
+    header, row = listing.stdout.splitlines()
+    assert header.split() == ["TENANT", "STATE", "COMPANY_ID", "KEY_HINT", "REASON", "UPDATED_AT"]
+    assert row.split()[:4] == ["acme", "active", key.company_id, "…" + key.api_key[-4:]]
+
+    shown = broker_cli(broker, "show", "acme")
+    assert "state" in shown.stdout and "active" in shown.stdout
+
+    sandbox.state.revoke(key.key_id)
+    checked = broker_cli(broker, "check", "acme")
+    assert checked.returncode == 0
+    assert "key_rejected" in checked.stdout
+    assert "broken" in broker_cli(broker, "list", "--state", "broken").stdout
+
+    gone = broker_cli(broker, "disconnect", "acme")
+    assert gone.returncode == 0
+    assert "destroyed" in gone.stdout
+    assert broker_cli(broker, "list").stdout.strip() == "No tenants."
+
+
+def test_connect_from_key_file(
+    broker: RunningBroker, sandbox: RunningSandbox, tmp_path: Path
+) -> None:
+    key = sandbox.state.create_key(scopes=REQUIRED)
+    key_file = tmp_path / "key"
+    key_file.write_text(key.api_key + "\n")
+    result = broker_cli(broker, "connect", "acme", "--key-file", str(key_file))
+    assert result.returncode == 0, result.stderr
+
+
+def test_errors_are_the_admin_apis_plain_messages(broker: RunningBroker) -> None:
+    result = broker_cli(broker, "connect", "acme", stdin="pik_0000000000000000000000\n")
+    assert result.returncode == 1
+    assert "Pleo did not accept this key" in result.stderr
+    assert "(key_invalid)" in result.stderr
+    unknown = broker_cli(broker, "show", "ghost")
+    assert unknown.returncode == 1
+    assert "(tenant_unknown)" in unknown.stderr
+
+
+def test_connect_never_takes_the_key_as_an_argument(broker: RunningBroker) -> None:
+    result = broker_cli(broker, "connect", "acme", "pik_secret_in_argv")
+    assert result.returncode == 2
+    assert "unrecognized arguments" in result.stderr
+
+
+def test_unreachable_admin_api_is_explained(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    env["BROKER_ADMIN_TOKEN"] = "t"
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", "tenants", "--admin-url", "http://127.0.0.1:9", "list"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "cannot reach the broker's admin API" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_catalog_prints_the_route_table() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", "catalog"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:3] == ["METHOD", "PATH", "SCOPE"]
+    assert any(line.split()[:3] == ["GET", "/v3/export-jobs", "export-jobs:read"] for line in lines)
+
+
+def test_demo_runs_to_the_end() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", "demo"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "every step behaved as designed" in result.stdout
+    assert "key_invalid" in result.stdout
+    assert "company_mismatch" in result.stdout
+    assert "scope_not_granted" in result.stdout
+    assert "reason=key_rejected" in result.stdout

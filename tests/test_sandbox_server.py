@@ -1,0 +1,113 @@
+"""The sandbox over real sockets: `run()` under uvicorn, Basic auth on the wire, and a
+"drop" fault that the client sees as a broken connection, not as a 500."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from sandbox_helpers import basic
+from servers import RunningSandbox
+
+STARTUP_DEADLINE = 20.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class SandboxProcess:
+    """`broker.sandbox.run()` in a child process, on a free port of 127.0.0.1."""
+
+    def __init__(self) -> None:
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        code = f"from broker.sandbox import run; run('127.0.0.1', {port})"
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+
+    def wait_until_ready(self) -> None:
+        deadline = time.monotonic() + STARTUP_DEADLINE
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/_sandbox/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            try:  # pause between polls by waiting on the child, which also notices an exit
+                self.process.wait(0.05)
+            except subprocess.TimeoutExpired:
+                continue
+            raise AssertionError(f"sandbox exited: {self.stop()}")
+        raise AssertionError("sandbox did not start in time")
+
+    def stop(self) -> str:
+        """Stop the child; what it wrote to standard error."""
+        self.process.terminate()
+        try:
+            _, stderr = self.process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            _, stderr = self.process.communicate(timeout=10)
+        return stderr.decode()
+
+
+@pytest.fixture
+def sandbox_process() -> Iterator[SandboxProcess]:
+    child = SandboxProcess()
+    try:
+        child.wait_until_ready()
+        yield child
+    finally:
+        if child.process.returncode is None:
+            child.stop()
+
+
+def exercise_over_the_wire(url: str) -> None:
+    with httpx.Client(base_url=url, trust_env=False, timeout=5) as client:
+        created = client.post("/_sandbox/keys", json={"scopes": ["export-jobs:read"]}).json()
+        auth = basic(created["api_key"])
+
+        introspected = client.get("/v1/introspect", headers=auth)
+        assert introspected.status_code == 200
+        assert introspected.json()["data"]["subjectURN"].endswith(created["company_id"])
+        assert client.get("/v1/introspect").status_code == 401
+        bearer = {"Authorization": f"Bearer {created['api_key']}"}
+        assert client.get("/v1/introspect", headers=bearer).status_code == 401
+
+        fault = {"path_prefix": "/v3/", "kind": "drop", "times": 1}
+        assert client.post("/_sandbox/faults", json=fault).status_code == 201
+        with pytest.raises(httpx.RemoteProtocolError, match="without sending a response"):
+            client.get("/v3/export-jobs", headers=auth)
+        # the next request (a new connection) is answered normally
+        assert client.get("/v3/export-jobs", headers=auth).status_code == 200
+
+        client.post(
+            "/_sandbox/faults", json={"path_prefix": "/v3/", "kind": "status", "status": 429}
+        )
+        limited = client.get("/v3/export-jobs", headers=auth)
+        assert limited.status_code == 429 and limited.headers["Retry-After"] == "1"
+        assert client.delete("/_sandbox/faults").status_code == 204
+
+        seen = client.get("/_sandbox/requests").json()["requests"]
+        assert [r["path"] for r in seen].count("/v3/export-jobs") == 3
+        assert created["api_key"] not in str(seen)
+
+
+def test_run_serves_the_sandbox_under_uvicorn(sandbox_process: SandboxProcess) -> None:
+    exercise_over_the_wire(sandbox_process.url)
+    stderr = sandbox_process.stop()
+    # a drop must not be a crash that uvicorn answers or logs as a 500
+    assert "Traceback" not in stderr and "ASGI callable" not in stderr, stderr
+
+
+def test_sandbox_fixture_serves_over_the_wire(sandbox: RunningSandbox) -> None:
+    exercise_over_the_wire(sandbox.url)
