@@ -41,7 +41,8 @@ ENV PATH=/opt/broker/bin:${PATH} \
     BROKER_ADMIN_PORT=8081 \
     BROKER_PROXY_HOST=127.0.0.1 \
     BROKER_PROXY_PORT=8080
-WORKDIR /data
+# A working directory nobody can write to: no stray .env can be dropped where settings look.
+WORKDIR /opt/broker
 VOLUME ["/data"]
 EXPOSE 8080 8081
 USER 10001:10001

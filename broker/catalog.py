@@ -34,8 +34,9 @@ third-party client only), and the catalog chooses `resource:read` for GET and fo
 | `/v1-beta/accounts…` | `accounts:read|write` (bearer only) |
 
 Matching. A request path (percent-decoded, no query) is split on `/`; a `:verb` suffix is part of
-the last segment. Literal segments win over parameters, a parameter followed by `:verb` wins over a
-bare parameter, and a parameter never matches an empty segment or one containing `:`.
+the last segment. Literal segments win over parameters (falling back to a parameter when the literal
+leads nowhere), and a parameter never matches an empty segment or one containing `:`, so
+`/v1/vendors/abc:archive` is `{id}:archive` with id `abc` or nothing.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ class _Node:
 
     def __init__(self) -> None:
         self.literals: dict[str, _Node] = {}
-        # (name, suffix, child): suffixed parameters (`{id}:archive`) first, the bare one last.
+        # (name, suffix, child); values never hold ':', so `{id}` and `{id}:verb` never both match.
         self.params: list[tuple[str, str, _Node]] = []
         self.route: Route | None = None
 
@@ -126,7 +127,6 @@ class _Node:
                 return child
         child = _Node()
         self.params.append((name, suffix, child))
-        self.params.sort(key=lambda p: (p[1] == "", -len(p[1])))
         return child
 
 

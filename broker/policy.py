@@ -88,7 +88,7 @@ def decide(
     path_param = route.path_company
     if path_param is not None and found.params[path_param].lower() != tenant_company:
         raise CompanyMismatch(
-            f"The path names company {found.params[path_param]!r}"
+            f"The path names company {_shorten(found.params[path_param])!r}"
             f" but this tenant is connected to company {company_id!r}."
         )
     query_string = _checked_query(route, query_string, company_id)

@@ -286,7 +286,7 @@ class ProxyApp:
             await send({"type": "http.response.body", "body": await response.read()})
             return
         # A long answer: stop reading from Pleo as soon as the caller goes away.
-        gone = asyncio.ensure_future(receive())
+        gone = asyncio.ensure_future(_disconnected(receive))
         try:
             async for chunk in response.content.iter_chunked(CHUNK):
                 if gone.done():
@@ -375,6 +375,12 @@ async def _read_bounded(receive: Receive, limit: int, headers: dict[str, str]) -
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns once the caller has gone away (request body messages are skipped)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _stream_request(receive: Receive) -> AsyncIterator[bytes]:

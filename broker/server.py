@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from broker.admin import create_admin_app
 from broker.proxy import create_proxy_app
@@ -25,6 +26,20 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         yield
+
+
+class _TargetPreservingProtocol(HttpToolsProtocol):
+    """httptools parsing that keeps a non-origin-form target visible to the app.
+
+    uvicorn reduces `GET http://host/path` to `raw_path=/path`; the proxy must refuse
+    absolute-form targets (DESIGN §4), so the full target is put back in `raw_path`,
+    where the policy sees that it does not start with `/`.
+    """
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        if not self.url.startswith(b"/") and "raw_path" in self.scope:
+            self.scope["raw_path"] = self.url.partition(b"?")[0]
 
 
 @dataclass(frozen=True)
@@ -64,7 +79,7 @@ async def run_listeners(
         _Server(
             uvicorn.Config(
                 listener.app,
-                http="httptools",
+                http=_TargetPreservingProtocol,
                 lifespan="auto",
                 access_log=False,
                 log_level="warning",

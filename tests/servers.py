@@ -77,17 +77,21 @@ class RunningSandbox:
     thread: ThreadedLoop
 
 
-def start_sandbox() -> RunningSandbox:
-    state = SandboxState()
+def start_app(app: Any) -> tuple[str, ThreadedLoop]:
+    """Serve an ASGI app on a free 127.0.0.1 port; returns its URL and its thread."""
     sock = bind("127.0.0.1", 0)
     port = sock.getsockname()[1]
 
     async def start(stop: asyncio.Event, started: Callable[..., None]) -> None:
-        await run_listeners(
-            [Listener("sandbox", create_app(state), sock)], stop=stop, started=started
-        )
+        await run_listeners([Listener("app", app, sock)], stop=stop, started=started)
 
-    return RunningSandbox(f"http://127.0.0.1:{port}", state, ThreadedLoop(start))
+    return f"http://127.0.0.1:{port}", ThreadedLoop(start)
+
+
+def start_sandbox() -> RunningSandbox:
+    state = SandboxState()
+    url, thread = start_app(create_app(state))
+    return RunningSandbox(url, state, thread)
 
 
 @dataclass

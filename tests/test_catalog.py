@@ -218,7 +218,7 @@ def test_match_refuses(method: str, path: str) -> None:
     assert CATALOG.match(method, path) is None
 
 
-def test_param_with_verb_wins_over_bare_param_and_literal_over_both() -> None:
+def test_literal_wins_and_a_verb_is_never_part_of_a_param() -> None:
     catalog = Catalog(
         [
             Route("POST", "/x/{id}", "bare", None),

@@ -410,6 +410,15 @@ async def test_foreign_company_or_organisation_is_403(
     assert_pleo_error(response, 403, "FORBIDDEN")
 
 
+async def test_a_body_labelled_otherwise_is_still_company_checked(
+    client: httpx.AsyncClient, auth: dict[str, str]
+) -> None:
+    body = b'{"companyId": "%s", "accountingEntryIds": []}' % FOREIGN.encode()
+    headers = {**auth, "Content-Type": "text/plain"}
+    response = await client.post("/v3/export-jobs", content=body, headers=headers)
+    assert_pleo_error(response, 403)
+
+
 async def test_custom_auth_method_and_subject(
     client: httpx.AsyncClient, state: SandboxState
 ) -> None:

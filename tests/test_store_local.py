@@ -51,7 +51,11 @@ def record(tenant: str, api_key: ApiKey | None = None) -> TenantRecord:
 
 def files_holding(directory: Path, needle: bytes) -> list[str]:
     """Names of the files in `directory` whose bytes contain `needle` (never the bytes)."""
-    return sorted(p.name for p in directory.iterdir() if p.is_file() and needle in p.read_bytes())
+    return [name for name in names_in(directory) if needle in (directory / name).read_bytes()]
+
+
+def names_in(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
 
 
 def mode_of(path: Path) -> int:
@@ -169,7 +173,7 @@ async def test_stores_starting_together_agree_on_one_key_file(store_dir: Path) -
     finally:
         for each in stores:
             await each.close()
-    assert sorted(p.name for p in store_dir.iterdir() if "master" in p.name) == ["master.key"]
+    assert [name for name in names_in(store_dir) if "master" in name] == ["master.key"]
 
 
 async def test_the_key_file_works_as_master_key_setting(store_dir: Path) -> None:

@@ -1,4 +1,4 @@
-"""The Vault store against a real OpenBao: auth methods, CAS, destruction, policy, outages, scale."""
+"""The Vault store against a real OpenBao: auth, CAS, destruction, policy, outages, scale."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,9 @@ from broker.stores.vault import VaultStore
 from broker.stores.vault_auth import build_client, login
 
 T0 = datetime(2025, 3, 14, 9, 26, 53, tzinfo=UTC)
-# Measured on the build machine: 10,000 puts ≈ 5.3 s and listing them ≈ 3.9 s with 32 threads.
-MANY_TENANTS = 10_000
+# Measured on the 2-CPU build machine (OpenBao and the test share it, ~1 ms a request either way):
+# 10,000 tenants took 13.2 s to write and 10.8 s to list (24 s); 8,000 take 9.6 s + 8.3 s.
+MANY_TENANTS = 8_000
 
 
 class FakeClock:
@@ -258,7 +259,7 @@ async def test_broker_policy_confines_the_token_to_its_prefix(
             mount_point="secret",
             raise_on_deleted_version=True,
         )["data"]["data"] == {"ok": "1"}
-        outside = [
+        outside: list[Callable[[], object]] = [
             lambda: kv.read_secret_version(
                 path="other-app/secret", mount_point="secret", raise_on_deleted_version=True
             ),
@@ -383,7 +384,7 @@ async def test_vault_that_never_answers_is_unavailable_within_the_timeout() -> N
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)  # connections complete in the backlog; nothing ever answers
         settings = Settings(
-            _env_file=None,  # type: ignore[call-arg]
+            _env_file=None,
             store="vault",
             vault_addr=f"http://127.0.0.1:{silent.getsockname()[1]}",
             vault_token="s.unused",
@@ -409,18 +410,16 @@ async def test_malformed_tenant_ids_never_reach_vault(root_store: VaultStore) ->
 
 @pytest.mark.real
 async def test_listing_many_tenants(openbao: OpenBao) -> None:
-    store = VaultStore(openbao.settings(vault_prefix=f"many-{secrets.token_hex(6)}", vault_threads=32))
+    store = VaultStore(
+        openbao.settings(vault_prefix=f"many-{secrets.token_hex(6)}", vault_threads=32)
+    )
     names = [f"tenant-{n:05d}" for n in range(MANY_TENANTS)]
     try:
-        started = time.monotonic()
         await asyncio.gather(*(store.put(active(name)) for name in names))
-        seeded = time.monotonic()
 
         listed = await store.list()
 
-        listed_in = time.monotonic() - seeded
         assert sorted(record.tenant for record in listed) == names
         assert all(record.version == 1 and record.api_key is not None for record in listed)
-        print(f"seeded {MANY_TENANTS} in {seeded - started:.1f}s, listed in {listed_in:.1f}s")
     finally:
         await store.close()

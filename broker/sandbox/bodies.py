@@ -29,8 +29,9 @@ def text(obj: dict[str, Any], name: str, *, required: bool = True) -> str | None
 
 
 def required_text(obj: dict[str, Any], name: str) -> str:
-    value = text(obj, name)
-    assert value is not None
+    value = obj.get(name)
+    if not isinstance(value, str):
+        raise bad_request(f"'{name}' is required and must be a string.")
     return value
 
 

@@ -106,8 +106,9 @@ def get_job(call: Call) -> Response:
 def job_event(call: Call) -> Response:
     body = bodies.json_object(call.body)
     job = _job(call, bodies.uuid_text(body.get("jobId"), "jobId"))
-    event = bodies.choice(body, "event", _TRANSITIONS)
-    assert event is not None
+    event = bodies.required_text(body, "event")
+    if event not in _TRANSITIONS:
+        raise bad_request(f"'event' must be one of {sorted(_TRANSITIONS)}.")
     allowed_from, to_status = _TRANSITIONS[event]
     if job["status"] not in allowed_from:
         raise PleoError(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
 import uuid
 from collections import deque
 from collections.abc import Iterable
@@ -168,6 +169,8 @@ class SandboxState:
         self.tax_codes: dict[str, dict[str, Any]] = {}
         self.tag_groups: dict[str, dict[str, Any]] = {}
         self._by_digest: dict[str, str] = {}
+        # tests drive the state from their own thread while a server thread serves it
+        self._lock = threading.Lock()
 
     # keys
 
@@ -194,8 +197,9 @@ class SandboxState:
             installation_id=str(uuid.uuid4()),
             created_at=now_iso(),
         )
-        self.keys[record.key_id] = record
-        self._by_digest[record.digest] = record.key_id
+        with self._lock:
+            self.keys[record.key_id] = record
+            self._by_digest[record.digest] = record.key_id
         return SandboxKey(record.key_id, api_key, record.company_id, record.scopes)
 
     def revoke(self, key_id: str) -> None:
@@ -237,7 +241,7 @@ class SandboxState:
                 }
                 for n, (first, last) in enumerate(zip(_FIRST_NAMES, _LAST_NAMES, strict=True))
             ]
-            self.companies[company_id] = found
+            found = self.companies.setdefault(company_id, found)  # another thread may have won
         return found
 
     # faults
@@ -274,28 +278,33 @@ class SandboxState:
             retry_after,
             times,
         )
-        self.faults.append(fault)
+        with self._lock:
+            self.faults.append(fault)
         return fault
 
     def clear_faults(self) -> None:
         """Remove every fault."""
-        self.faults.clear()
+        with self._lock:
+            self.faults.clear()
 
     def take_faults(self, path: str) -> list[Fault]:
         """The faults that apply to a request for `path`, using up one of each one's times."""
-        taken: list[Fault] = []
-        answered = False  # at most one fault answers (status or drop); latencies add up
-        for fault in self.faults:
-            if not path.startswith(fault.path_prefix) or (answered and fault.kind != "latency"):
-                continue
-            answered = answered or fault.kind != "latency"
-            taken.append(fault)
-        for fault in taken:
-            if fault.times is not None:
-                fault.times -= 1
-                if fault.times == 0:
-                    self.faults.remove(fault)
-        return taken
+        with self._lock:
+            taken: list[Fault] = []
+            answered = False  # at most one fault answers (status or drop); latencies add up
+            for fault in self.faults:
+                if not path.startswith(fault.path_prefix):
+                    continue
+                if answered and fault.kind != "latency":
+                    continue
+                answered = answered or fault.kind != "latency"
+                taken.append(fault)
+            for fault in taken:
+                if fault.times is not None:
+                    fault.times -= 1
+                    if fault.times == 0:
+                        self.faults.remove(fault)
+            return taken
 
     def clear_requests(self) -> None:
         """Forget every seen request."""

@@ -29,7 +29,7 @@ import hvac
 import hvac.exceptions
 import requests
 
-from broker.errors import StoreConflict, StoreUnavailable
+from broker.errors import StoreConflict, StoreIntegrityError, StoreUnavailable
 from broker.events import emit
 from broker.records import ApiKey, BrokenReason, TenantRecord, TenantState, valid_tenant_id
 from broker.settings import Settings
@@ -66,6 +66,10 @@ class VaultStore:
         self._slots = asyncio.Semaphore(settings.vault_threads)
         self._keeper = TokenKeeper(self._client, settings, self._run, clock=clock)
         self._undestroyed: set[str] = set()
+        self._where = f"{settings.vault_addr} {self._mount}/{self._base}"
+
+    def __repr__(self) -> str:
+        return f"VaultStore({self._where!r})"
 
     @classmethod
     def from_settings(cls, settings: Settings) -> VaultStore:
@@ -164,7 +168,7 @@ class VaultStore:
             future = asyncio.get_running_loop().run_in_executor(self._pool, fn)
             try:
                 return await asyncio.wait_for(future, self._timeout)
-            except TimeoutError as exc:
+            except (TimeoutError, requests.Timeout) as exc:
                 raise StoreUnavailable(
                     f"Vault did not answer within {self._timeout:g} seconds."
                 ) from exc
@@ -260,6 +264,17 @@ def _encode(record: TenantRecord) -> dict[str, Any]:
 
 
 def _decode(tenant: str, data: dict[str, Any], version: int) -> TenantRecord:
+    try:
+        return _decode_fields(tenant, data, version)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StoreIntegrityError(
+            f"The Vault record of tenant {tenant!r} is not a broker record; it was changed"
+            " outside the broker. Disconnect and reconnect the tenant.",
+            tenant=tenant,
+        ) from exc
+
+
+def _decode_fields(tenant: str, data: dict[str, Any], version: int) -> TenantRecord:
     key = data.get("api_key")
     reason = data.get("reason")
     return TenantRecord(

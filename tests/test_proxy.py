@@ -1,0 +1,542 @@
+"""The data plane end to end over 127.0.0.1: the real broker against the real sandbox,
+and against a recording upstream for what the sandbox cannot show (DESIGN §3, §4)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import secrets
+import socket
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from servers import RunningBroker, RunningSandbox, broker_settings, start_app, start_broker
+from upstream import RecordingUpstream
+
+from broker import errors
+from broker.records import TenantRecord
+from broker.sandbox import ALL_SCOPES
+
+REQUIRED = ["export-jobs:read", "export-jobs:write"]
+TENANT = {"X-Broker-Tenant": "acme"}
+
+
+def connect(broker: RunningBroker, tenant: str, api_key: str) -> dict[str, Any]:
+    response = httpx.put(
+        f"{broker.admin_url}/v1/tenants/{tenant}/key",
+        headers=broker.auth,
+        json={"api_key": api_key},
+    )
+    assert response.status_code == 200, response.text
+    view: dict[str, Any] = response.json()
+    return view
+
+
+def code_of(response: httpx.Response) -> str:
+    return str(response.json()["error"]["code"])
+
+
+@pytest.fixture
+def acme(broker: RunningBroker, sandbox: RunningSandbox) -> Any:
+    scopes = [s for s in ALL_SCOPES if not s.startswith("accounts:")]
+    key = sandbox.state.create_key(scopes=scopes)
+    connect(broker, "acme", key.api_key)
+    sandbox.state.clear_requests()
+    return key
+
+
+# -- forwarding -----------------------------------------------------------------------------
+
+
+def test_get_injects_exactly_the_tenants_key(
+    proxy: httpx.Client, sandbox: RunningSandbox, acme: Any
+) -> None:
+    response = proxy.get(
+        "/v3/export-jobs",
+        headers={
+            **TENANT,
+            "Authorization": "Basic c3RvbGVuOg==",
+            "Proxy-Authorization": "Basic eDp5",
+            "Cookie": "session=1",
+            "X-Request-Id": "req-123",
+        },
+    )
+    assert response.status_code == 200
+    assert response.json()["data"] == []
+    assert response.headers["x-request-id"] == "req-123"
+    (seen,) = sandbox.state.requests
+    assert seen.authorization_count == 1
+    assert seen.authorization_matched
+    assert seen.key_id == acme.key_id
+    assert seen.header_values("x-broker-tenant") == []
+    assert seen.header_values("cookie") == []
+    assert seen.header_values("proxy-authorization") == []
+    assert seen.header_values("x-request-id") == ["req-123"]
+    assert f"company_id={acme.company_id}" in seen.query  # filled in by the broker
+
+
+def test_request_id_is_created_when_missing(proxy: httpx.Client, acme: Any) -> None:
+    response = proxy.get("/v3/export-jobs", headers=TENANT)
+    assert len(response.headers["x-request-id"]) == 32
+
+
+def test_post_json_body_gets_the_company_filled_in(
+    proxy: httpx.Client, sandbox: RunningSandbox, acme: Any
+) -> None:
+    body = {"accountingEntryIds": [str(uuid.uuid4())]}
+    response = proxy.post("/v3/export-jobs", headers=TENANT, json=body)
+    assert response.status_code in (200, 201), response.text
+    job = response.json()["data"]
+    assert job["companyId"] == acme.company_id
+    job_response = proxy.get(f"/v3/export-jobs/{job['id']}", headers=TENANT)
+    assert job_response.status_code == 200
+
+
+def test_tenant_header_name_is_case_insensitive(proxy: httpx.Client, acme: Any) -> None:
+    assert proxy.get("/v3/export-jobs", headers={"x-BROKER-tenant": "acme"}).status_code == 200
+
+
+def test_vendor_search_with_required_company_query(
+    proxy: httpx.Client, sandbox: RunningSandbox, acme: Any
+) -> None:
+    response = proxy.post("/v1/vendors:search", headers=TENANT, json={})
+    assert response.status_code == 200, response.text
+    assert f"company_id={acme.company_id}" in sandbox.state.requests[-1].query
+
+
+# -- every refusal of DESIGN §4, by a real request --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [
+        ({}, "tenant_missing"),
+        ({"X-Broker-Tenant": "Not Valid"}, "tenant_invalid"),
+        ({"X-Broker-Tenant": ""}, "tenant_invalid"),
+        ({"X-Broker-Tenant": "ghost"}, "tenant_unknown"),
+    ],
+)
+def test_tenant_header_refusals(
+    proxy: httpx.Client, acme: Any, headers: dict[str, str], code: str
+) -> None:
+    response = proxy.get("/v3/export-jobs", headers=headers)
+    assert code_of(response) == code
+    assert response.status_code == {"tenant_unknown": 404}.get(code, 400)
+    assert response.headers["x-request-id"]
+
+
+def test_tenant_header_twice_or_with_underscores(broker: RunningBroker, acme: Any) -> None:
+    twice = _raw_request(
+        broker, b"GET /v3/export-jobs HTTP/1.1\r\nHost: x\r\nX-Broker-Tenant: acme\r\n"
+        b"X-Broker-Tenant: other\r\nConnection: close\r\n\r\n"
+    )  # fmt: skip
+    assert twice.startswith(b"HTTP/1.1 400") and b"tenant_invalid" in twice
+    lookalike = _raw_request(
+        broker, b"GET /v3/export-jobs HTTP/1.1\r\nHost: x\r\nX-Broker-Tenant: acme\r\n"
+        b"X_Broker_Tenant: other\r\nConnection: close\r\n\r\n"
+    )  # fmt: skip
+    assert lookalike.startswith(b"HTTP/1.1 400") and b"tenant_invalid" in lookalike
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        b"/v3/../v1/companies",
+        b"/v3/export-jobs/%2e%2e/x",
+        b"/v3%2fexport-jobs",
+        b"//v3/export-jobs",
+        b"/v3/export-jobs/./abc",
+        b"http://evil.example/v3/export-jobs",
+        b"/v9/not-a-route",
+        b"/v1/introspect/extra",
+    ],
+)
+def test_non_canonical_or_unknown_targets(
+    broker: RunningBroker, sandbox: RunningSandbox, acme: Any, target: bytes
+) -> None:
+    answer = _raw_request(
+        broker,
+        b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nX-Broker-Tenant: acme\r\nConnection: close\r\n\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 403"), answer[:200]
+    assert b"route_not_allowed" in answer
+    assert all(
+        r.path != target.decode() for r in sandbox.state.requests
+    )
+
+
+@pytest.mark.parametrize("method", ["TRACE", "CONNECT"])
+def test_trace_and_connect_are_refused(broker: RunningBroker, acme: Any, method: str) -> None:
+    target = b"pleo.io:443" if method == "CONNECT" else b"/v3/export-jobs"
+    answer = _raw_request(
+        broker,
+        method.encode() + b" " + target + b" HTTP/1.1\r\nHost: x\r\nX-Broker-Tenant: acme\r\n"
+        b"Connection: close\r\n\r\n",
+    )
+    assert b"403" in answer.split(b"\r\n")[0] or b"400" in answer.split(b"\r\n")[0]
+    assert b"HTTP/1.1 200" not in answer
+
+
+def test_scope_not_granted(proxy: httpx.Client, sandbox: RunningSandbox, acme: Any) -> None:
+    response = proxy.get("/v1-beta/accounts/abc", headers=TENANT)
+    assert response.status_code == 403
+    response = proxy.post("/v1/chart-of-accounts:search", headers=TENANT, json={})
+    assert response.status_code == 403
+    error = response.json()["error"]
+    assert error["code"] == "scope_not_granted"
+    assert error["required_scope"] == "accounts:read"
+    assert error["tenant"] == "acme"
+    assert len(sandbox.state.requests) == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs"),
+    [
+        ("GET", "/v3/export-jobs", {"params": {"company_id": str(uuid.uuid4())}}),
+        ("GET", "/v2/employees", {"params": {"companyId": str(uuid.uuid4())}}),
+        ("GET", "/v0/tag-groups", {"params": {"organization_id": str(uuid.uuid4())}}),
+        ("GET", f"/v1/companies/{uuid.uuid4()}", {}),
+        (
+            "POST",
+            "/v3/export-jobs",
+            {"json": {"companyId": str(uuid.uuid4()), "accountingEntryIds": []}},
+        ),
+    ],
+)
+def test_company_mismatch(
+    proxy: httpx.Client,
+    sandbox: RunningSandbox,
+    acme: Any,
+    method: str,
+    path: str,
+    kwargs: dict[str, Any],
+) -> None:
+    response = proxy.request(method, path, headers=TENANT, **kwargs)
+    assert response.status_code == 403
+    assert code_of(response) == "company_mismatch"
+    assert len(sandbox.state.requests) == 0
+
+
+def test_own_company_in_path_is_allowed(
+    make_broker: Callable[..., RunningBroker], sandbox: RunningSandbox
+) -> None:
+    broker = make_broker()
+    key = sandbox.state.create_key(scopes=[*REQUIRED, "companies:read"])
+    connect(broker, "acme", key.api_key)
+    response = httpx.get(f"{broker.proxy_url}/v1/companies/{key.company_id}", headers=TENANT)
+    assert response.status_code == 200, response.text
+    assert response.json()["data"]["id"] == key.company_id
+
+
+def test_body_invalid_and_too_large(
+    make_broker: Callable[..., RunningBroker], sandbox: RunningSandbox
+) -> None:
+    broker = make_broker(max_inspected_body=2048)
+    key = sandbox.state.create_key(scopes=REQUIRED)
+    connect(broker, "acme", key.api_key)
+    url = f"{broker.proxy_url}/v3/export-jobs"
+    bad = httpx.post(url, headers={**TENANT, "Content-Type": "application/json"}, content=b"{nope")
+    assert (bad.status_code, code_of(bad)) == (400, "body_invalid")
+    big = httpx.post(url, headers=TENANT, json={"companyId": key.company_id, "pad": "x" * 5000})
+    assert (big.status_code, code_of(big)) == (413, "body_too_large")
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"pad": "'
+        for _ in range(10):
+            yield b"x" * 1000
+        yield b'"}'
+
+    chunked = httpx.post(url, headers=TENANT, content=chunks())
+    assert (chunked.status_code, code_of(chunked)) == (413, "body_too_large")
+
+
+def test_pending_tenant_is_not_active(
+    broker: RunningBroker, proxy: httpx.Client, sandbox: RunningSandbox
+) -> None:
+    httpx.put(
+        f"{broker.admin_url}/v1/tenants/acme/key",
+        headers=broker.auth,
+        json={"api_key": "pik_" + secrets.token_hex(20)},
+    )
+    sandbox.state.clear_requests()
+    response = proxy.get("/v3/export-jobs", headers=TENANT)
+    assert response.status_code == 424
+    error = response.json()["error"]
+    assert (error["code"], error["state"], error["reason"]) == ("tenant_not_active", "pending", None)
+    assert error["since"]
+    assert len(sandbox.state.requests) == 0
+
+
+# -- failure detection --------------------------------------------------------------------------
+
+
+def test_revoked_key_breaks_the_tenant_and_stops_calls(
+    broker: RunningBroker, proxy: httpx.Client, sandbox: RunningSandbox, acme: Any
+) -> None:
+    sandbox.state.revoke(acme.key_id)
+    first = proxy.get("/v3/export-jobs", headers=TENANT)
+    assert first.status_code == 424
+    error = first.json()["error"]
+    assert (error["state"], error["reason"]) == ("broken", "key_rejected")
+    reached = len(sandbox.state.requests)
+    for _ in range(3):
+        assert proxy.get("/v3/export-jobs", headers=TENANT).status_code == 424
+    assert len(sandbox.state.requests) == reached  # never reached the sandbox again
+    view = httpx.get(f"{broker.admin_url}/v1/tenants/acme", headers=broker.auth).json()
+    assert (view["state"], view["reason"]) == ("broken", "key_rejected")
+    metrics = httpx.get(f"{broker.admin_url}/metrics").text
+    assert 'broker_tenant_transitions_total{reason="key_rejected",to_state="broken"} 1.0' in metrics
+
+
+def test_scope_removed_plus_403_is_permission_lost(
+    broker: RunningBroker, proxy: httpx.Client, sandbox: RunningSandbox, acme: Any
+) -> None:
+    sandbox.state.set_scopes(acme.key_id, ["export-jobs:write", "vendors:read"])  # read gone
+    response = proxy.get("/v3/export-jobs", headers=TENANT)
+    assert response.status_code == 424
+    error = response.json()["error"]
+    assert (error["state"], error["reason"]) == ("broken", "permission_lost")
+    view = httpx.get(f"{broker.admin_url}/v1/tenants/acme", headers=broker.auth).json()
+    assert view["missing_scopes"] == ["export-jobs:read"]
+
+
+def test_resource_level_403_passes_through_and_tenant_stays_active(
+    broker: RunningBroker, proxy: httpx.Client, sandbox: RunningSandbox, acme: Any
+) -> None:
+    # vendors:read is not a required scope: losing it is a 403 about this request only.
+    sandbox.state.set_scopes(acme.key_id, [*REQUIRED, "users:read"])
+    response = proxy.post("/v1/vendors:search", headers=TENANT, json={})
+    assert response.status_code == 403
+    assert "type" in response.json()  # Pleo's own error body, passed through
+    view = httpx.get(f"{broker.admin_url}/v1/tenants/acme", headers=broker.auth).json()
+    assert view["state"] == "active"
+    assert "vendors:read" not in view["scopes"]
+    # The broker now knows the scope is gone and refuses locally.
+    again = proxy.post("/v1/vendors:search", headers=TENANT, json={})
+    assert code_of(again) == "scope_not_granted"
+
+
+def test_concurrent_403s_share_one_reintrospection(
+    broker: RunningBroker, sandbox: RunningSandbox, acme: Any
+) -> None:
+    sandbox.state.set_scopes(acme.key_id, [*REQUIRED, "users:read"])
+    sandbox.state.add_fault("/v1/introspect", "latency", latency_ms=400)
+
+    def call(_: int) -> int:
+        return httpx.post(
+            f"{broker.proxy_url}/v1/vendors:search", headers=TENANT, json={}, timeout=10
+        ).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(call, range(16)))
+    assert set(statuses) <= {403}
+    introspections = [r for r in sandbox.state.requests if r.path == "/v1/introspect"]
+    assert 1 <= len(introspections) <= 2  # one per wave of 403s, not one per request
+
+
+# -- upstream errors ------------------------------------------------------------------------------
+
+
+def test_upstream_timeout(
+    make_broker: Callable[..., RunningBroker], sandbox: RunningSandbox
+) -> None:
+    broker = make_broker(upstream_timeout=0.3)
+    key = sandbox.state.create_key(scopes=REQUIRED)
+    connect(broker, "acme", key.api_key)
+    sandbox.state.add_fault("/v3/", "latency", latency_ms=1500, times=1)
+    response = httpx.get(f"{broker.proxy_url}/v3/export-jobs", headers=TENANT, timeout=10)
+    assert (response.status_code, code_of(response)) == (504, "upstream_timeout")
+
+
+def test_upstream_dropping_the_connection_is_unreachable(
+    proxy: httpx.Client, sandbox: RunningSandbox, acme: Any
+) -> None:
+    sandbox.state.add_fault("/v3/", "drop", times=3)
+    response = proxy.get("/v3/export-jobs", headers=TENANT)
+    assert (response.status_code, code_of(response)) == (502, "upstream_unreachable")
+
+
+def test_upstream_refusing_connections_is_unreachable(
+    broker: RunningBroker, acme: Any
+) -> None:
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()
+    settings = broker.settings.model_copy(
+        update={"pleo_base_url": f"http://127.0.0.1:{port}", "proxy_port": 0, "admin_port": 0}
+    )
+    other = start_broker(settings)  # same store: knows acme, but Pleo is gone
+    try:
+        response = httpx.get(f"{other.proxy_url}/v3/export-jobs", headers=TENANT, timeout=10)
+        assert (response.status_code, code_of(response)) == (502, "upstream_unreachable")
+    finally:
+        other.thread.stop()
+
+
+@pytest.mark.parametrize("status", [429, 500, 503])
+def test_rate_limits_and_server_errors_pass_through(
+    proxy: httpx.Client, sandbox: RunningSandbox, acme: Any, status: int
+) -> None:
+    sandbox.state.add_fault("/v3/", "status", status=status, retry_after=7, times=1)
+    response = proxy.get("/v3/export-jobs", headers=TENANT)
+    assert response.status_code == status
+    assert response.headers["retry-after"] == "7"
+    assert response.headers["x-request-id"]
+
+
+class FailingStore:
+    backend = "failing"
+
+    async def get(self, tenant: str) -> TenantRecord | None:
+        raise errors.StoreUnavailable("the store is down")
+
+    async def list(self) -> list[TenantRecord]:
+        raise errors.StoreUnavailable("the store is down")
+
+    async def put(self, record: TenantRecord) -> TenantRecord:
+        raise errors.StoreUnavailable("the store is down")
+
+    async def delete(self, tenant: str) -> bool:
+        raise errors.StoreUnavailable("the store is down")
+
+    async def close(self) -> None:
+        return None
+
+
+def test_store_unavailable_with_nothing_cached(
+    make_broker: Callable[..., RunningBroker],
+) -> None:
+    broker = make_broker(store=FailingStore())
+    response = httpx.get(f"{broker.proxy_url}/v3/export-jobs", headers=TENANT)
+    assert (response.status_code, code_of(response)) == (503, "store_unavailable")
+    ready = httpx.get(f"{broker.admin_url}/readyz")
+    assert ready.status_code == 503
+    activation = httpx.put(
+        f"{broker.admin_url}/v1/tenants/acme/key", headers=broker.auth, json={"api_key": "k" * 20}
+    )
+    assert (activation.status_code, code_of(activation)) == (503, "store_unavailable")
+
+
+# -- against the recording upstream ----------------------------------------------------------------
+
+
+@pytest.fixture
+def recording(tmp_path: Path) -> Iterator[tuple[RecordingUpstream, RunningBroker]]:
+    upstream = RecordingUpstream()
+    url, thread = start_app(upstream)
+    company = str(uuid.uuid4())
+    key = "pik_" + secrets.token_hex(20)
+    upstream.add_key(key, company, [*REQUIRED, "export-items:read"])
+    broker = start_broker(broker_settings(url, tmp_path / "store", required_scopes=REQUIRED))
+    try:
+        connect(broker, "acme", key)
+        yield upstream, broker
+    finally:
+        broker.thread.stop()
+        thread.stop()
+
+
+def test_header_hygiene_both_ways(recording: tuple[RecordingUpstream, RunningBroker]) -> None:
+    upstream, broker = recording
+    response = httpx.put(
+        f"{broker.proxy_url}/v3/export-jobs/cookie/items",
+        headers={
+            **TENANT,
+            "Connection": "keep-alive, X-Secret-Hop",
+            "X-Secret-Hop": "1",
+            "Keep-Alive": "timeout=5",
+            "TE": "trailers",
+            "X-Custom": "kept",
+            "authorization": "Bearer stolen",
+        },
+        content=b"[]",
+    )
+    assert response.status_code == 200
+    seen = upstream.seen[-1]
+    names = [name for name, _ in seen.headers]
+    assert names.count(b"authorization") == 1
+    assert seen.values(b"authorization")[0].startswith(b"Basic ")
+    for dropped in (b"x-broker-tenant", b"x-secret-hop", b"keep-alive", b"te", b"cookie"):
+        assert dropped not in names
+    assert seen.values(b"x-custom") == [b"kept"]
+    assert "set-cookie" not in response.headers
+    assert "x-upstream-hop" not in response.headers
+    assert response.headers["x-upstream"] == "1"
+
+
+def test_streaming_download(recording: tuple[RecordingUpstream, RunningBroker]) -> None:
+    _, broker = recording
+    size = 8 * 1024 * 1024 + 123
+    total = 0
+    with httpx.stream(
+        "GET", f"{broker.proxy_url}/v3/export-items", params={"size": size}, headers=TENANT
+    ) as response:
+        assert response.status_code == 200
+        for chunk in response.iter_raw():
+            total += len(chunk)
+    assert total == size
+
+
+def test_streaming_upload(recording: tuple[RecordingUpstream, RunningBroker]) -> None:
+    upstream, broker = recording
+    size = 8 * 1024 * 1024
+
+    def body() -> Iterator[bytes]:
+        for _ in range(size // 65536):
+            yield b"z" * 65536
+
+    response = httpx.put(
+        f"{broker.proxy_url}/v3/export-jobs/upload/items", headers=TENANT, content=body()
+    )
+    assert response.status_code == 200
+    assert response.json() == {"received": size}
+
+
+def test_client_disconnect_mid_response_releases_upstream(
+    recording: tuple[RecordingUpstream, RunningBroker],
+) -> None:
+    upstream, broker = recording
+    with httpx.stream(
+        "GET", f"{broker.proxy_url}/v3/export-items", params={"endless": 1}, headers=TENANT
+    ) as response:
+        assert response.status_code == 200
+        received = 0
+        for chunk in response.iter_raw():
+            received += len(chunk)
+            if received > 1_000_000:
+                break
+    # The caller hung up: the broker must stop reading and close its upstream connection.
+    assert upstream.endless_closed.wait(10), "upstream stream was never closed"
+
+
+def test_metrics_use_route_templates(recording: tuple[RecordingUpstream, RunningBroker]) -> None:
+    _, broker = recording
+    httpx.get(f"{broker.proxy_url}/v3/export-jobs/123e4567/items", headers=TENANT)
+    httpx.get(f"{broker.proxy_url}/nowhere/at/all", headers=TENANT)
+    text = httpx.get(f"{broker.admin_url}/metrics").text
+    assert (
+        'broker_proxy_requests_total{code="200",method="GET",route="/v3/export-jobs/{jobId}/items"}'
+        in text
+    )
+    assert 'route="unmatched"' in text
+    assert "123e4567" not in text
+    assert "acme" not in text
+    assert 'broker_proxy_denials_total{reason="route_not_allowed"} 1.0' in text
+    assert 'broker_upstream_duration_seconds_count{route="/v3/export-jobs/{jobId}/items"} 1.0' in text
+
+
+def _raw_request(broker: RunningBroker, request: bytes) -> bytes:
+    host, port = broker.proxy_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        chunks = []
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+    return b"".join(chunks)
