@@ -200,7 +200,8 @@ def _checked_query(route: Route, query_string: bytes, company_id: str) -> bytes:
 
 
 def _normalise(name: str) -> str:
-    return name.lower().replace("_", "").replace("-", "")
+    """Letters and digits only: `company_id`, `Company-Id` and `company_id[]` are one name."""
+    return "".join(c for c in name.lower() if c.isalnum())
 
 
 def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -192,7 +192,7 @@ class ProxyApp:
         assert record.api_key is not None
         headers = self._upstream_headers(scope["headers"], record, request_id)
         body: Any = None
-        if decision.inspect_body:
+        if decision.inspect_body or _json_body(scope["headers"]):
             raw = await _read_bounded(receive, self.max_body, headers)
             body = check_body(decision.route, raw, company_id=record.company_id or "")
             headers["Content-Length"] = str(len(body))
@@ -345,6 +345,21 @@ def _not_active(record: TenantRecord) -> errors.TenantNotActive:
         reason=record.reason.value if record.reason is not None else None,
         since=record.view()["updated_at"],
     )
+
+
+def _json_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    """True if the request carries a body Pleo would read as JSON (declared so, or undeclared).
+
+    Every such body is inspected, whatever the route, so that no top-level `companyId`
+    reaches Pleo unchecked; bodies declared as something else stream untouched.
+    """
+    if not _has_body(headers):
+        return False
+    for name, value in headers:
+        if name == b"content-type":
+            media = value.split(b";", 1)[0].strip().lower()
+            return media in (b"application/json", b"text/json") or media.endswith(b"+json")
+    return True
 
 
 def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:

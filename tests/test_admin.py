@@ -41,9 +41,18 @@ def test_activation_binds_company_and_shows_only_a_hint(
     assert view["missing_scopes"] == []
     assert view["reason"] is None
     assert set(view) == {
-        "tenant", "state", "company_id", "key_hint", "scopes", "missing_scopes",
-        "reason", "message", "activated_at", "updated_at", "last_checked_at",
-    }  # fmt: skip
+        "tenant",
+        "state",
+        "company_id",
+        "key_hint",
+        "scopes",
+        "missing_scopes",
+        "reason",
+        "message",
+        "activated_at",
+        "updated_at",
+        "last_checked_at",
+    }
     assert key.api_key not in response.text
     assert admin.get("/v1/tenants/acme").json() == view
 
@@ -224,9 +233,14 @@ def test_malformed_tenant_id(admin: httpx.Client, tenant: str) -> None:
     assert error_of(response)["code"] == "tenant_invalid"
 
 
-@pytest.mark.parametrize(("method", "path"), [("GET", "/v1/tenants/ghost"),
-                                              ("POST", "/v1/tenants/ghost/check"),
-                                              ("DELETE", "/v1/tenants/ghost")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/tenants/ghost"),
+        ("POST", "/v1/tenants/ghost/check"),
+        ("DELETE", "/v1/tenants/ghost"),
+    ],
+)
 def test_unknown_tenant(admin: httpx.Client, method: str, path: str) -> None:
     response = admin.request(method, path)
     assert response.status_code == 404

@@ -97,6 +97,8 @@ DENIED: list[tuple[str, bytes, bytes, type[PolicyDenied], str]] = [
     ("GET", b"/v3/export-jobs", b"Company_Id=" + O, CompanyMismatch, "in 'Company_Id'"),
     ("GET", b"/v3/export-jobs", b"company%5Fid=" + O, CompanyMismatch, "in 'company_id'"),
     ("GET", b"/v3/export-jobs", b"company-id=" + O, CompanyMismatch, "in 'company-id'"),
+    ("GET", b"/v3/export-jobs", b"company_id[]=" + O, CompanyMismatch, "in 'company_id[]'"),
+    ("GET", b"/v3/export-jobs", b"company.id=" + O, CompanyMismatch, "in 'company.id'"),
     ("GET", b"/v3/export-jobs", b"limit=1;company_id=" + O, CompanyMismatch, "The query names"),
     ("GET", b"/v3/export-jobs", b"company_id=", CompanyMismatch, "The query names company ''"),
     ("GET", b"/v3/export-jobs", b"company_id", CompanyMismatch, "The query names company ''"),

@@ -130,14 +130,16 @@ def test_tenant_header_refusals(
 
 def test_tenant_header_twice_or_with_underscores(broker: RunningBroker, acme: Any) -> None:
     twice = _raw_request(
-        broker, b"GET /v3/export-jobs HTTP/1.1\r\nHost: x\r\nX-Broker-Tenant: acme\r\n"
-        b"X-Broker-Tenant: other\r\nConnection: close\r\n\r\n"
-    )  # fmt: skip
+        broker,
+        b"GET /v3/export-jobs HTTP/1.1\r\nHost: x\r\nX-Broker-Tenant: acme\r\n"
+        b"X-Broker-Tenant: other\r\nConnection: close\r\n\r\n",
+    )
     assert twice.startswith(b"HTTP/1.1 400") and b"tenant_invalid" in twice
     lookalike = _raw_request(
-        broker, b"GET /v3/export-jobs HTTP/1.1\r\nHost: x\r\nX-Broker-Tenant: acme\r\n"
-        b"X_Broker_Tenant: other\r\nConnection: close\r\n\r\n"
-    )  # fmt: skip
+        broker,
+        b"GET /v3/export-jobs HTTP/1.1\r\nHost: x\r\nX-Broker-Tenant: acme\r\n"
+        b"X_Broker_Tenant: other\r\nConnection: close\r\n\r\n",
+    )
     assert lookalike.startswith(b"HTTP/1.1 400") and b"tenant_invalid" in lookalike
 
 
@@ -159,13 +161,13 @@ def test_non_canonical_or_unknown_targets(
 ) -> None:
     answer = _raw_request(
         broker,
-        b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nX-Broker-Tenant: acme\r\nConnection: close\r\n\r\n",
+        b"GET "
+        + target
+        + b" HTTP/1.1\r\nHost: x\r\nX-Broker-Tenant: acme\r\nConnection: close\r\n\r\n",
     )
     assert answer.startswith(b"HTTP/1.1 403"), answer[:200]
     assert b"route_not_allowed" in answer
-    assert all(
-        r.path != target.decode() for r in sandbox.state.requests
-    )
+    assert all(r.path != target.decode() for r in sandbox.state.requests)
 
 
 @pytest.mark.parametrize("method", ["TRACE", "CONNECT"])
@@ -265,7 +267,11 @@ def test_pending_tenant_is_not_active(
     response = proxy.get("/v3/export-jobs", headers=TENANT)
     assert response.status_code == 424
     error = response.json()["error"]
-    assert (error["code"], error["state"], error["reason"]) == ("tenant_not_active", "pending", None)
+    assert (error["code"], error["state"], error["reason"]) == (
+        "tenant_not_active",
+        "pending",
+        None,
+    )
     assert error["since"]
     assert len(sandbox.state.requests) == 0
 
@@ -359,9 +365,7 @@ def test_upstream_dropping_the_connection_is_unreachable(
     assert (response.status_code, code_of(response)) == (502, "upstream_unreachable")
 
 
-def test_upstream_refusing_connections_is_unreachable(
-    broker: RunningBroker, acme: Any
-) -> None:
+def test_upstream_refusing_connections_is_unreachable(broker: RunningBroker, acme: Any) -> None:
     free = socket.socket()
     free.bind(("127.0.0.1", 0))
     port = free.getsockname()[1]
@@ -482,7 +486,7 @@ def test_streaming_download(recording: tuple[RecordingUpstream, RunningBroker]) 
 
 
 def test_streaming_upload(recording: tuple[RecordingUpstream, RunningBroker]) -> None:
-    upstream, broker = recording
+    _, broker = recording
     size = 8 * 1024 * 1024
 
     def body() -> Iterator[bytes]:
@@ -490,7 +494,9 @@ def test_streaming_upload(recording: tuple[RecordingUpstream, RunningBroker]) ->
             yield b"z" * 65536
 
     response = httpx.put(
-        f"{broker.proxy_url}/v3/export-jobs/upload/items", headers=TENANT, content=body()
+        f"{broker.proxy_url}/v3/export-jobs/upload/items",
+        headers={**TENANT, "Content-Type": "application/octet-stream"},
+        content=body(),
     )
     assert response.status_code == 200
     assert response.json() == {"received": size}
@@ -526,7 +532,9 @@ def test_metrics_use_route_templates(recording: tuple[RecordingUpstream, Running
     assert "123e4567" not in text
     assert "acme" not in text
     assert 'broker_proxy_denials_total{reason="route_not_allowed"} 1.0' in text
-    assert 'broker_upstream_duration_seconds_count{route="/v3/export-jobs/{jobId}/items"} 1.0' in text
+    assert (
+        'broker_upstream_duration_seconds_count{route="/v3/export-jobs/{jobId}/items"} 1.0' in text
+    )
 
 
 def _raw_request(broker: RunningBroker, request: bytes) -> bytes:

@@ -15,6 +15,7 @@ import hvac
 import hvac.exceptions
 import hvac.v1
 import pytest
+from k8s_tokenreview import TokenReviewServer
 from openbao_server import BROKER_POLICY, OpenBao, vault_settings
 
 from broker.errors import StoreConflict, StoreUnavailable
@@ -112,8 +113,9 @@ def tokens_of(root: hvac.Client, role: str) -> list[dict[str, Any]]:
 @pytest.mark.real
 @pytest.mark.parametrize("auth", ["token", "approle", "kubernetes"])
 async def test_every_auth_method_logs_in_and_round_trips(
-    openbao: OpenBao, root: hvac.Client, auth: str
+    openbao: OpenBao, root: hvac.Client, tokenreview: TokenReviewServer, auth: str
 ) -> None:
+    reviews_before = tokenreview.reviews
     overrides: dict[str, Any] = {}
     if auth == "token":
         token = root.auth.token.create(policies=[BROKER_POLICY], ttl="1h", no_default_policy=True)
@@ -124,6 +126,23 @@ async def test_every_auth_method_logs_in_and_round_trips(
         stored = await store.put(record)
         assert await store.get(record.tenant) == stored == record.evolve(version=1)
         assert await store.delete(record.tenant) is True
+    finally:
+        await store.close()
+    assert (tokenreview.reviews > reviews_before) is (auth == "kubernetes")
+
+
+@pytest.mark.real
+async def test_kubernetes_login_with_an_unknown_service_account_token_is_refused(
+    openbao: OpenBao, tokenreview: TokenReviewServer, tmp_path: Path
+) -> None:
+    token_path = tmp_path / "token"
+    token = tokenreview.issue("payments", "pleo-broker")
+    tokenreview.revoke(token)
+    token_path.write_text(token)
+    store = VaultStore(vault_settings(openbao, "kubernetes", vault_k8s_token_path=token_path))
+    try:
+        with pytest.raises(StoreUnavailable, match="kubernetes login"):
+            await store.get(new_tenant())
     finally:
         await store.close()
 

@@ -58,8 +58,13 @@ class RecordingUpstream:
             if not message.get("more_body", False):
                 break
         self.seen.append(
-            Seen(scope["method"], scope["raw_path"], scope["query_string"],
-                 tuple(scope["headers"]), bytes(body))  # fmt: skip
+            Seen(
+                scope["method"],
+                scope["raw_path"],
+                scope["query_string"],
+                tuple(scope["headers"]),
+                bytes(body),
+            )
         )
         if path == "/v3/export-items" and b"size=" in scope["query_string"]:
             size = int(scope["query_string"].split(b"size=")[1].split(b"&")[0])
@@ -69,8 +74,17 @@ class RecordingUpstream:
         elif not keep:
             await _json(send, 200, {"received": received})
         elif path == "/v3/export-jobs/cookie/items":
-            await _json(send, 200, {}, [(b"set-cookie", b"session=abc"), (b"x-upstream", b"1"),
-                                        (b"connection", b"x-upstream-hop"), (b"keep-alive", b"5")])  # fmt: skip
+            await _json(
+                send,
+                200,
+                {},
+                [
+                    (b"set-cookie", b"session=abc"),
+                    (b"x-upstream", b"1"),
+                    (b"connection", b"x-upstream-hop"),
+                    (b"keep-alive", b"5"),
+                ],
+            )
         else:
             await _json(send, 200, {"data": {"echo": path}})
 
@@ -81,13 +95,28 @@ class RecordingUpstream:
             await _json(send, 401, {"type": "UNAUTHORIZED", "message": "bad key"})
             return
         company, scopes = self.keys[key]
-        await _json(send, 200, {"data": {"authMethod": "API_KEY", "clientId": "c",
-                                         "scope": " ".join(scopes), "applicationName": "t",
-                                         "subjectURN": f"urn:pleo:company:{company}"}})  # fmt: skip
+        await _json(
+            send,
+            200,
+            {
+                "data": {
+                    "authMethod": "API_KEY",
+                    "clientId": "c",
+                    "scope": " ".join(scopes),
+                    "applicationName": "t",
+                    "subjectURN": f"urn:pleo:company:{company}",
+                }
+            },
+        )
 
     async def _stream(self, send: Any, size: int) -> None:
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/octet-stream")]})  # fmt: skip
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/octet-stream")],
+            }
+        )
         chunk = b"x" * 65536
         left = size
         while left > 0:
@@ -104,8 +133,13 @@ class RecordingUpstream:
                 pass
 
         gone = asyncio.ensure_future(disconnected())
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/octet-stream")]})  # fmt: skip
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/octet-stream")],
+            }
+        )
         try:
             while not gone.done():
                 await send({"type": "http.response.body", "body": b"y" * 65536, "more_body": True})
@@ -122,5 +156,7 @@ async def _json(
 ) -> None:
     data = json.dumps(body).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers + (extra or [])})
+    await send(
+        {"type": "http.response.start", "status": status, "headers": headers + (extra or [])}
+    )
     await send({"type": "http.response.body", "body": data})
