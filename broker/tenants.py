@@ -286,7 +286,15 @@ class TenantService:
                 return current or record  # rotated or removed meanwhile: not this key's fault
             if current.state is TenantState.BROKEN:
                 return current
-            return await self._break(current, BrokenReason.KEY_REJECTED)
+            try:
+                return await self._break(current, BrokenReason.KEY_REJECTED)
+            except errors.StoreConflict:
+                # Another replica changed the tenant (a rotation, most likely): re-read it and
+                # break it only if it still holds the rejected key.
+                fresh = await self.fetch(record.tenant)
+                if fresh.api_key != record.api_key or fresh.state is TenantState.BROKEN:
+                    return fresh
+                return await self._break(fresh, BrokenReason.KEY_REJECTED)
 
     async def _check(self, tenant: str) -> TenantRecord:
         async with self._lock(tenant):
