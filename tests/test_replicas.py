@@ -73,6 +73,15 @@ def put_key(broker: RunningBroker, api_key: str) -> httpx.Response:
     )
 
 
+def readiness(broker: RunningBroker) -> dict[str, Any]:
+    body: dict[str, Any] = httpx.get(f"{broker.admin_url}/readyz").json()
+    return body
+
+
+def _ready_is(broker: RunningBroker, status: str) -> Callable[[], bool]:
+    return lambda: readiness(broker)["status"] == status
+
+
 def proxied(broker: RunningBroker) -> httpx.Response:
     return httpx.get(f"{broker.proxy_url}/v3/export-jobs", headers=TENANT, timeout=10)
 
