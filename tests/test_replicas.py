@@ -145,9 +145,7 @@ def test_vault_outage_keeps_known_tenants_served(
     bao.kill()
     for broker in (a, b):
         eventually(
-            lambda broker=broker: (
-                httpx.get(f"{broker.admin_url}/readyz").json()["status"] == "degraded"
-            ),
+            _ready_is(broker, "degraded"),
             within=TTL + 5,
             what="readyz reports degraded",
         )
@@ -169,9 +167,7 @@ def test_vault_outage_keeps_known_tenants_served(
     bao.start()  # same data, unsealed again
     for broker in (a, b):
         eventually(
-            lambda broker=broker: (
-                httpx.get(f"{broker.admin_url}/readyz").json() == {"status": "ok"}
-            ),
+            _ready_is(broker, "ok"),
             within=TTL + 5,
             what="readyz back to ok",
         )
