@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 
 from broker import __version__
+from broker.errors import BrokerError
 from broker.settings import ConfigError, Settings, load_settings
 
 
@@ -110,7 +111,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         _run(serve(settings, started=started))
-    except OSError as exc:
+    except (OSError, BrokerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -269,17 +270,25 @@ def _tenants_migrate(args: argparse.Namespace) -> int:
     if args.source == args.target:
         print("error: --from and --to name the same store", file=sys.stderr)
         return 2
-    source = open_store(load_settings(store=args.source))
-    target = open_store(load_settings(store=args.target))
+    source_settings = load_settings(store=args.source)
+    target_settings = load_settings(store=args.target)
 
     async def run() -> Any:
+        source = open_store(source_settings)
         try:
-            return await migrate(source, target)
+            target = open_store(target_settings)
+            try:
+                return await migrate(source, target)
+            finally:
+                await target.close()
         finally:
             await source.close()
-            await target.close()
 
-    report = asyncio.run(run())
+    try:
+        report = asyncio.run(run())
+    except BrokerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(
         f"Migrated {args.source} → {args.target}: {report.copied} copied,"
         f" {report.updated} updated, {report.unchanged} unchanged."

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import os
+import secrets
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
+from openbao_server import OpenBao
 from servers import RunningBroker, RunningSandbox
+
+from broker.records import ApiKey, TenantRecord, TenantState
+from broker.stores.local import LocalStore
 
 REQUIRED = ["export-jobs:read", "export-jobs:write"]
 
@@ -118,3 +126,61 @@ def test_demo_runs_to_the_end() -> None:
     assert "company_mismatch" in result.stdout
     assert "scope_not_granted" in result.stdout
     assert "reason=key_rejected" in result.stdout
+
+
+def test_migrate_local_to_vault_prints_counts_and_no_key(tmp_path: Path, openbao: OpenBao) -> None:
+    master = base64.b64encode(secrets.token_bytes(32)).decode()
+    keys = ["pik_" + secrets.token_hex(20) for _ in range(2)]
+
+    async def populate() -> None:
+        store = LocalStore(tmp_path / "data", base64.b64decode(master))
+        for name, key in zip(("alpha", "beta"), keys, strict=True):
+            await store.put(
+                TenantRecord(
+                    tenant=name,
+                    state=TenantState.ACTIVE,
+                    api_key=ApiKey(key),
+                    company_id=str(uuid.uuid4()),
+                    scopes=frozenset({"export-jobs:read"}),
+                )
+            )
+        await store.close()
+
+    asyncio.run(populate())
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BROKER_", "VAULT_"))}
+    env.update(
+        BROKER_STORE_PATH=str(tmp_path / "data"),
+        BROKER_MASTER_KEY=master,
+        BROKER_VAULT_ADDR=openbao.addr,
+        BROKER_VAULT_TOKEN=openbao.root_token,
+        BROKER_VAULT_PREFIX=f"cli-{uuid.uuid4().hex[:8]}",
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "broker",
+        "tenants",
+        "migrate",
+        "--from",
+        "local",
+        "--to",
+        "vault",
+    ]
+    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+    assert first.returncode == 0, first.stderr
+    assert "2 copied, 0 updated, 0 unchanged" in first.stdout
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+    assert "0 copied, 0 updated, 2 unchanged" in again.stdout
+    for key in keys:
+        assert key not in first.stdout + first.stderr + again.stdout + again.stderr
+
+
+def test_migrate_refuses_the_same_store_twice() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", "tenants", "migrate", "--from", "local", "--to", "local"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "same store" in result.stderr
