@@ -210,20 +210,19 @@ def _tenants_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tenants_show(args: argparse.Namespace) -> int:
-    response = _client(args).call("GET", f"/v1/tenants/{args.tenant}")
+def _show_view(response: httpx.Response) -> int:
     if response.status_code != 200:
         return _fail(response)
     print(format_tenant(response.json()))
     return 0
+
+
+def _tenants_show(args: argparse.Namespace) -> int:
+    return _show_view(_client(args).call("GET", f"/v1/tenants/{args.tenant}"))
 
 
 def _tenants_check(args: argparse.Namespace) -> int:
-    response = _client(args).call("POST", f"/v1/tenants/{args.tenant}/check")
-    if response.status_code != 200:
-        return _fail(response)
-    print(format_tenant(response.json()))
-    return 0
+    return _show_view(_client(args).call("POST", f"/v1/tenants/{args.tenant}/check"))
 
 
 def _tenants_disconnect(args: argparse.Namespace) -> int:

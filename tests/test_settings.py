@@ -102,10 +102,11 @@ def test_secret_values_are_not_in_the_error(monkeypatch: pytest.MonkeyPatch) -> 
     assert secret not in str(caught.value)
 
 
-def test_serve_stops_with_one_line_on_bad_config(tmp_path: Path) -> None:
+def serve_with(tmp_path: Path, **settings: str) -> subprocess.CompletedProcess[str]:
+    """`broker serve` with only `settings` (and an empty secrets directory) configured."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
-    env.update(BROKER_PROXY_PORT="eighty", BROKER_SECRETS_DIR=str(tmp_path))
-    result = subprocess.run(
+    env.update(BROKER_SECRETS_DIR=str(tmp_path), **settings)
+    return subprocess.run(
         [sys.executable, "-m", "broker", "serve"],
         capture_output=True,
         text=True,
@@ -113,6 +114,10 @@ def test_serve_stops_with_one_line_on_bad_config(tmp_path: Path) -> None:
         cwd=tmp_path,
         timeout=60,
     )
+
+
+def test_serve_stops_with_one_line_on_bad_config(tmp_path: Path) -> None:
+    result = serve_with(tmp_path, BROKER_PROXY_PORT="eighty")
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
     assert "BROKER_PROXY_PORT" in result.stderr
@@ -120,16 +125,7 @@ def test_serve_stops_with_one_line_on_bad_config(tmp_path: Path) -> None:
 
 
 def test_serve_refuses_to_start_without_admin_token(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
-    env["BROKER_SECRETS_DIR"] = str(tmp_path)
-    result = subprocess.run(
-        [sys.executable, "-m", "broker", "serve"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=60,
-    )
+    result = serve_with(tmp_path)
     assert result.returncode == 2
     assert "BROKER_ADMIN_TOKEN" in result.stderr
     assert "Traceback" not in result.stderr
