@@ -1,10 +1,12 @@
 """The tenant service: activation, rotation, checks and state changes (DESIGN §3).
 
 Records are served from memory (`get`) so that the proxy never waits on the store; the
-store is the source of truth and is re-read in the background every `cache_ttl` seconds,
-which is how a change made by another replica reaches this one. Changes made here are
-written to the store first (compare-and-set) and then to memory, so they are seen at once
-in this process.
+store is the source of truth and is consulted in the background every `cache_ttl` seconds,
+which is how a change made by another replica reaches this one. Most refreshes ask the
+store's change journal which tenants changed and re-read only those; the first refresh, one
+every `FULL_RELOAD_SECONDS`, and any the journal cannot answer re-read every record.
+Changes made here are written to the store first (compare-and-set) and then to memory, so
+they are seen at once in this process.
 
 Invariants kept here:
 - a failed validation never replaces a working key (an active tenant stays on its old key);
@@ -41,6 +43,8 @@ from broker.records import (
 from broker.stores import SecretStore
 
 API_KEY_AUTH = "API_KEY"
+FULL_RELOAD_SECONDS = 600.0  # a full reload at least this often repairs a missed journal entry
+CHANGED_READS = 16  # store reads in flight while re-reading the tenants the journal names
 
 
 class TenantService:
@@ -65,6 +69,9 @@ class TenantService:
         self._checks: dict[str, asyncio.Future[TenantRecord]] = {}
         self._touched: set[str] = set()
         self._refresher: asyncio.Task[None] | None = None
+        self.full_reload_every = max(1, int(FULL_RELOAD_SECONDS / cache_ttl))
+        self._cursor: str | None = None
+        self._incremental_left = 0
         self.loaded = False
         self.store_problem: str | None = None
 
@@ -109,29 +116,84 @@ class TenantService:
             self._refresher = None
 
     async def refresh(self) -> bool:
-        """Re-read every record from the store; False (and `store_problem` set) if it failed."""
+        """Catch up with the store; False (and `store_problem` set) if it failed.
+
+        The first refresh and every `full_reload_every`-th re-read every record; the others
+        re-read only the tenants the store's change journal names.
+        """
         self._touched.clear()
         try:
-            listed = await self.store.list()
+            if self._cursor is None or self._incremental_left <= 0:
+                await self._reload_all(None)
+            else:
+                cursor, changed = await self.store.changes_since(self._cursor)
+                if changed is None:
+                    await self._reload_all(cursor)
+                else:
+                    await self._reload_some(changed)
+                    self._cursor = cursor
+                    self._incremental_left -= 1
         except errors.StoreUnavailable as exc:
             if self.store_problem != exc.message:
                 emit("store.unavailable", level=logging.WARNING, reason=exc.message)
             self.store_problem = exc.message
             return False
-        fresh = {record.tenant: record for record in listed}
-        for tenant in self._touched:  # changed here while the list was being read: keep ours
-            mine = self._records.get(tenant)
-            if mine is None:
-                fresh.pop(tenant, None)
-            elif tenant not in fresh or fresh[tenant].version <= mine.version:
-                fresh[tenant] = mine
-        self._records = fresh
         if self.store_problem is not None:
             emit("store.recovered")
         self.store_problem = None
-        self.loaded = True
         self._update_gauge()
         return True
+
+    async def _reload_all(self, cursor: str | None) -> None:
+        """Replace memory with every record; `cursor` (if given) was read just before."""
+        if cursor is None:
+            # Read before the list, so a change made while the list is read is seen next time.
+            cursor, _ = await self.store.changes_since(None)
+        listed = await self.store.list()
+        fresh = {record.tenant: record for record in listed}
+        for tenant in self._touched:
+            kept = self._kept(tenant, fresh.get(tenant))
+            if kept is None:
+                fresh.pop(tenant, None)
+            else:
+                fresh[tenant] = kept
+        self._records = fresh
+        self._cursor = cursor
+        self._incremental_left = self.full_reload_every - 1
+        self.loaded = True
+
+    async def _reload_some(self, tenants: list[str]) -> None:
+        """Re-read the records of `tenants` (named by the change journal)."""
+        slots = asyncio.Semaphore(CHANGED_READS)
+
+        async def read(tenant: str) -> TenantRecord | None:
+            async with slots:
+                return await self.store.get(tenant)
+
+        failure: Exception | None = None
+        try:
+            # A TaskGroup, not gather: the first failure cancels the reads still queued.
+            async with asyncio.TaskGroup() as group:
+                reads = [group.create_task(read(tenant)) for tenant in tenants]
+        except ExceptionGroup as failed:
+            failure = failed.exceptions[0]
+        if failure is not None:
+            raise failure
+        for tenant, task in zip(tenants, reads, strict=True):
+            kept = self._kept(tenant, task.result())
+            if kept is None:
+                self._records.pop(tenant, None)
+            else:
+                self._records[tenant] = kept
+
+    def _kept(self, tenant: str, fresh: TenantRecord | None) -> TenantRecord | None:
+        """What memory keeps of `tenant` after a read: ours if it changed here meanwhile."""
+        if tenant not in self._touched:
+            return fresh
+        mine = self._records.get(tenant)
+        if mine is None or fresh is None or fresh.version <= mine.version:
+            return mine
+        return fresh
 
     async def _refresh_forever(self) -> None:
         while True:

@@ -1,15 +1,16 @@
 """The SecretStore contract, run against every backend in STORE_BACKENDS.
 
 To add a backend: append its name to STORE_BACKENDS and a branch to `open_backend` that
-returns a fresh, empty store (it may pull fixtures with `request.getfixturevalue`).
+returns a store on the data `data` names: empty when first opened, shared by every store
+opened on the same `data` (it may pull fixtures with `request.getfixturevalue`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
+import hashlib
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 
 from broker.errors import StoreConflict
 from broker.records import ApiKey, BrokenReason, TenantRecord, TenantState
-from broker.stores import SecretStore
+from broker.stores import SecretStore, local
 from broker.stores.local import LocalStore
 
 STORE_BACKENDS = ["local", "vault"]
@@ -25,27 +26,51 @@ STORE_BACKENDS = ["local", "vault"]
 T0 = datetime(2025, 3, 14, 9, 26, 53, tzinfo=UTC)
 
 
-async def open_backend(name: str, request: pytest.FixtureRequest, tmp_path: Path) -> SecretStore:
-    """A fresh, empty store of the backend `name`."""
+async def open_backend(
+    name: str, request: pytest.FixtureRequest, data: Path, *, journal_size: int | None = None
+) -> SecretStore:
+    """A store of the backend `name` on the data `data` names (empty when first opened)."""
     if name == "local":
-        return LocalStore(tmp_path / "store", master_key=os.urandom(32))
+        # The master key file is made in `data`, so later stores on `data` share it.
+        return LocalStore(data, journal_size=journal_size or local.JOURNAL_SIZE)
     if name == "vault":
         from openbao_server import OpenBao
 
-        from broker.stores.vault import VaultStore
+        from broker.stores import vault
 
         server: OpenBao = request.getfixturevalue("openbao")
-        return VaultStore(server.settings(vault_prefix=f"contract-{secrets.token_hex(6)}"))
+        prefix = "contract-" + hashlib.sha256(str(data).encode()).hexdigest()[:16]
+        return vault.VaultStore(
+            server.settings(vault_prefix=prefix), journal_size=journal_size or vault.JOURNAL_SIZE
+        )
     raise ValueError(f"no store backend named {name!r}")
 
 
+OpenStore = Callable[..., Awaitable[SecretStore]]
+
+
 @pytest.fixture(params=STORE_BACKENDS)
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SecretStore]:
-    opened = await open_backend(request.param, request, tmp_path)
+async def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[OpenStore]:
+    """Opens stores of one backend: `await open_store("name", journal_size=n)`; closes them."""
+    opened: list[SecretStore] = []
+
+    async def open_on(data: str = "store", *, journal_size: int | None = None) -> SecretStore:
+        store = await open_backend(
+            request.param, request, tmp_path / data, journal_size=journal_size
+        )
+        opened.append(store)
+        return store
+
     try:
-        yield opened
+        yield open_on
     finally:
-        await opened.close()
+        for store in opened:
+            await store.close()
+
+
+@pytest.fixture
+async def store(open_store: OpenStore) -> SecretStore:
+    return await open_store()
 
 
 def new_key() -> ApiKey:
@@ -237,3 +262,130 @@ async def test_concurrent_updates_of_one_version_let_exactly_one_win(store: Secr
     assert winner.version == 2
     assert winner in [c.evolve(version=2) for c in candidates]
     assert await store.get("acme") == winner
+
+
+# -- the change journal ------------------------------------------------------------------------
+
+
+async def test_changes_since_no_cursor_means_reload_and_then_nothing_changed(
+    store: SecretStore,
+) -> None:
+    await store.put(active("acme"))
+
+    cursor, changed = await store.changes_since(None)
+    again, unchanged = await store.changes_since(cursor)
+    still, nothing = await store.changes_since(again)
+
+    assert changed is None
+    assert unchanged == [] and nothing == []
+    assert isinstance(cursor, str) and again == still
+
+
+async def test_changes_since_names_each_put_and_deleted_tenant_once(store: SecretStore) -> None:
+    acme = await store.put(active("acme"))
+    await store.put(active("globex"))
+    cursor, _ = await store.changes_since(None)
+
+    acme = await store.put(acme.evolve(message="checked"))
+    await store.put(acme.evolve(message="checked again"))
+    await store.delete("globex")
+    await store.put(active("initech"))
+    after, changed = await store.changes_since(cursor)
+
+    assert changed is not None
+    assert sorted(changed) == ["acme", "globex", "initech"]
+    assert await store.changes_since(after) == (after, [])
+
+
+async def test_failed_writes_are_not_changes(store: SecretStore) -> None:
+    first = await store.put(active("acme"))
+    await store.put(first.evolve(message="newer"))
+    cursor, _ = await store.changes_since(None)
+
+    with pytest.raises(StoreConflict):
+        await store.put(first.evolve(message="stale"))
+    with pytest.raises(StoreConflict):
+        await store.put(active("acme"))
+    assert await store.delete("never-existed") is False
+
+    assert (await store.changes_since(cursor))[1] == []
+
+
+async def test_a_cursor_is_good_for_another_store_on_the_same_data(
+    open_store: OpenStore,
+) -> None:
+    mine, theirs = await open_store(), await open_store()
+    await mine.put(active("acme"))
+    cursor, _ = await mine.changes_since(None)
+
+    await theirs.put(active("globex"))
+    await theirs.delete("acme")
+    seen_there = await theirs.changes_since(cursor)
+    seen_here = await mine.changes_since(cursor)
+
+    assert seen_here == seen_there
+    assert seen_here[1] is not None and sorted(seen_here[1]) == ["acme", "globex"]
+
+
+async def test_concurrent_writes_through_two_stores_all_reach_the_journal(
+    open_store: OpenStore,
+) -> None:
+    first, second = await open_store(), await open_store()
+    cursor, _ = await first.changes_since(None)
+    names = [f"tenant-{n:02d}" for n in range(24)]
+
+    await asyncio.gather(
+        *((first if n % 2 else second).put(active(name)) for n, name in enumerate(names))
+    )
+
+    _, changed = await second.changes_since(cursor)
+    assert changed is not None and sorted(changed) == names
+
+
+async def test_a_cursor_from_other_data_is_refused(open_store: OpenStore) -> None:
+    here, elsewhere = await open_store("here"), await open_store("elsewhere")
+    await here.put(active("acme"))
+    await elsewhere.put(active("acme"))
+    foreign, _ = await elsewhere.changes_since(None)
+
+    cursor, changed = await here.changes_since(foreign)
+
+    assert changed is None
+    assert cursor != foreign
+    assert (await here.changes_since(cursor))[1] == []
+
+
+async def test_a_garbled_cursor_is_refused(store: SecretStore) -> None:
+    await store.put(active("acme"))
+    cursor, _ = await store.changes_since(None)
+    backend, instance, revision = cursor.split(":")
+    garbled = [
+        "",
+        "garbage",
+        f"{backend}:{instance}",
+        f"{backend}:{instance}:{revision}:0",
+        f"{backend}:{instance}:-1",
+        f"{backend}:{instance}:x",
+        f"{backend}:{instance}:{int(revision) + 1}",  # ahead of the journal: a restored store
+        f"{backend}:{instance}0:{revision}",
+        f"other:{instance}:{revision}",
+    ]
+
+    for text in garbled:
+        assert await store.changes_since(text) == (cursor, None), text
+
+
+async def test_a_cursor_older_than_the_journal_is_refused(open_store: OpenStore) -> None:
+    store = await open_store(journal_size=3)
+    start, _ = await store.changes_since(None)
+    await store.put(active("t1"))
+    after_first, _ = await store.changes_since(start)
+    await store.put(active("t2"))
+    await store.put(active("t3"))
+
+    assert (await store.changes_since(start))[1] == ["t1", "t2", "t3"]
+
+    await store.put(active("t4"))
+
+    assert (await store.changes_since(start))[1] is None
+    assert (await store.changes_since(after_first))[1] == ["t2", "t3", "t4"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import socket
 import time
@@ -19,15 +20,21 @@ from k8s_tokenreview import TokenReviewServer
 from openbao_server import BROKER_POLICY, OpenBao, vault_settings
 
 from broker.errors import StoreConflict, StoreUnavailable
+from broker.events import LOGGER_NAME
+from broker.metrics import Metrics
+from broker.pleo import PleoClient
 from broker.records import ApiKey, TenantRecord, TenantState
 from broker.settings import Settings
-from broker.stores.vault import VaultStore
+from broker.stores.instrumented import InstrumentedStore
+from broker.stores.vault import JOURNAL_VERSIONS_KEPT, VaultStore
 from broker.stores.vault_auth import build_client, login
+from broker.tenants import TenantService
 
 T0 = datetime(2025, 3, 14, 9, 26, 53, tzinfo=UTC)
 # Measured on the 2-CPU build machine (OpenBao and the test share it, ~1 ms a request either way):
 # 10,000 tenants took 13.2 s to write and 10.8 s to list (24 s); 8,000 take 9.6 s + 8.3 s.
 MANY_TENANTS = 8_000
+JOURNALED_TENANTS = 2_000
 
 
 class FakeClock:
@@ -295,6 +302,22 @@ async def test_broker_policy_confines_the_token_to_its_prefix(
             lambda: kv.destroy_secret_versions(
                 path="other-app/secret", versions=[1], mount_point="secret"
             ),
+            lambda: kv.create_or_update_secret(
+                path="pleo-broker/journal-2", secret={"x": "y"}, mount_point="secret"
+            ),
+            lambda: kv.create_or_update_secret(
+                path="pleo-broker/journal/x", secret={"x": "y"}, mount_point="secret"
+            ),
+            lambda: kv.read_secret_metadata(path="pleo-broker/journal", mount_point="secret"),
+            lambda: kv.delete_metadata_and_all_versions(
+                path="pleo-broker/journal", mount_point="secret"
+            ),
+            lambda: kv.destroy_secret_versions(
+                path="pleo-broker/journal", versions=[1], mount_point="secret"
+            ),
+            lambda: kv.update_metadata(
+                path="other-app/secret", max_versions=1, mount_point="secret"
+            ),
             lambda: client.sys.list_policies(),
             lambda: client.auth.token.create(policies=[BROKER_POLICY]),
         ]
@@ -442,3 +465,145 @@ async def test_listing_many_tenants(openbao: OpenBao) -> None:
         assert all(record.version == 1 and record.api_key is not None for record in listed)
     finally:
         await store.close()
+
+
+class Events(logging.Handler):
+    """Collects the broker's events (name and fields) while installed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seen.append((getattr(record, "event", ""), dict(getattr(record, "fields", {}))))
+
+
+@pytest.fixture
+def events() -> Iterator[Events]:
+    logger = logging.getLogger(LOGGER_NAME)
+    handler, level = Events(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+@pytest.mark.real
+async def test_the_broker_policy_allows_the_journal(openbao: OpenBao, root: hvac.Client) -> None:
+    store = VaultStore(vault_settings(openbao, "approle"))
+    try:
+        cursor, _ = await store.changes_since(None)
+        tenant = new_tenant()
+        await store.put(active(tenant))
+
+        _, changed = await store.changes_since(cursor)
+
+        assert changed == [tenant]
+    finally:
+        await store.delete(tenant)
+        await store.close()
+    metadata = root.secrets.kv.v2.read_secret_metadata(
+        path="pleo-broker/journal", mount_point="secret"
+    )["data"]
+    assert metadata["max_versions"] == JOURNAL_VERSIONS_KEPT
+
+
+@pytest.mark.real
+async def test_a_lost_or_mangled_journal_means_reload_and_the_next_write_starts_anew(
+    root_store: VaultStore, root: hvac.Client
+) -> None:
+    journal = f"{root_store._base.rsplit('/', 1)[0]}/journal"
+    await root_store.put(active("acme"))
+    cursor, _ = await root_store.changes_since(None)
+
+    root.secrets.kv.v2.delete_metadata_and_all_versions(path=journal, mount_point="secret")
+    assert (await root_store.changes_since(cursor))[1] is None
+    await root_store.put(active("globex"))
+    assert (await root_store.changes_since(cursor))[1] is None
+    cursor, _ = await root_store.changes_since(None)
+
+    root.secrets.kv.v2.create_or_update_secret(
+        path=journal, secret={"recent": "not a journal"}, mount_point="secret"
+    )
+    assert (await root_store.changes_since(cursor))[1] is None
+    mangled, _ = await root_store.changes_since(None)
+    await root_store.delete("acme")
+    cursor, changed = await root_store.changes_since(mangled)
+    assert changed == ["acme"]
+
+    root.secrets.kv.v2.delete_latest_version_of_secret(path=journal, mount_point="secret")
+    assert (await root_store.changes_since(cursor))[1] is None
+    deleted, _ = await root_store.changes_since(None)
+    await root_store.put(active("initech"))
+    assert (await root_store.changes_since(deleted))[1] == ["initech"]
+
+
+@pytest.mark.real
+async def test_a_failed_journal_append_is_logged_and_the_write_stands(
+    openbao: OpenBao, root: hvac.Client, events: Events
+) -> None:
+    prefix = f"nojournal-{secrets.token_hex(6)}"
+    policy = f"tenants-only-{prefix}"
+    root.sys.create_or_update_policy(
+        name=policy,
+        policy=f"""
+            path "secret/data/{prefix}/tenants/*" {{ capabilities = ["create", "read", "update"] }}
+            path "secret/metadata/{prefix}/tenants/*" {{ capabilities = ["read", "delete"] }}
+        """,
+    )
+    token = root.auth.token.create(policies=[policy], ttl="1h")["auth"]["client_token"]
+    store = VaultStore(openbao.settings(vault_prefix=prefix, vault_token=token))
+    record = active(new_tenant())
+    try:
+        stored = await store.put(record)
+
+        assert await store.get(record.tenant) == stored
+    finally:
+        await store.close()
+    failures = [fields for name, fields in events.seen if name == "store.journal_failed"]
+    assert len(failures) == 1
+    assert failures[0]["changes"] == 1 and "policy" in failures[0]["error"]
+    assert record.api_key is not None
+    assert record.api_key.reveal() not in repr(events.seen)
+
+
+@pytest.mark.real
+async def test_a_change_reaches_another_replica_through_the_journal(
+    openbao: OpenBao, events: Events
+) -> None:
+    settings = openbao.settings(vault_prefix=f"journal-{secrets.token_hex(6)}", vault_threads=32)
+    writer = VaultStore(settings)
+    metrics = Metrics()
+    reader = InstrumentedStore(VaultStore(settings), metrics)
+    pleo = PleoClient("http://127.0.0.1:9")  # never called: refresh does not talk to Pleo
+    tenants = TenantService(reader, pleo, metrics, cache_ttl=10.0)
+
+    def operations(op: str) -> float | None:
+        labels = {"backend": "vault", "op": op, "result": "ok"}
+        return metrics.registry.get_sample_value("broker_store_operations_total", labels)
+
+    try:
+        names = [f"tenant-{n:05d}" for n in range(JOURNALED_TENANTS)]
+        stored = await asyncio.gather(*(writer.put(active(name)) for name in names))
+        assert await tenants.refresh()
+        assert len(tenants.all()) == JOURNALED_TENANTS
+        assert (operations("list"), operations("get")) == (1, None)  # list reads inside
+
+        rotated = await writer.put(stored[1_000].evolve(api_key=new_key()))
+        await writer.delete("tenant-00007")
+        assert await tenants.refresh()
+
+        assert tenants.get("tenant-01000") == rotated
+        assert tenants.get("tenant-00007") is None
+        assert len(tenants.all()) == JOURNALED_TENANTS - 1
+        assert operations("list") == 1
+        assert operations("get") == 2
+        assert operations("changes") == 2
+        assert [name for name, _ in events.seen if name == "store.journal_failed"] == []
+    finally:
+        await pleo.aclose()
+        await reader.close()
+        await writer.close()

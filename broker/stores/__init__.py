@@ -5,10 +5,22 @@ Every store implements `SecretStore`. Writes are compare-and-set on `TenantRecor
 tenant that must not exist yet), stores the record with version + 1 and returns it, or raises
 `StoreConflict`. `delete` destroys the key material, not only the newest copy of it. Failures
 to reach the backing service raise `StoreUnavailable`.
+
+Every store also keeps a change journal (`broker.stores.journal`), so that a reader can
+follow other processes' writes without re-reading every tenant:
+`changes_since(cursor)` returns a new opaque cursor and the ids of the tenants put or deleted
+since `cursor`, or `None` for "cannot tell, reload everything" (no cursor, a cursor from
+another database, journal or backend, a garbled one, or one older than the entries the journal
+still holds). Called again with the cursor it returned and no write in between, it returns an
+empty list. It costs one or two round-trips to the backing service, whatever the number of
+tenants. A reader that reloads everything reads the cursor before calling `list()`, so a
+change made while the list is read is reported again next time. A cursor is good for any
+store object on the same database or Vault prefix (replicas share them).
 """
 
 from __future__ import annotations
 
+import builtins
 from typing import Protocol
 
 from broker.records import TenantRecord
@@ -33,6 +45,10 @@ class SecretStore(Protocol):
 
     async def delete(self, tenant: str) -> bool:
         """Destroy the tenant and its key material; False if there was none."""
+        ...
+
+    async def changes_since(self, cursor: str | None) -> tuple[str, builtins.list[str] | None]:
+        """A new cursor and the tenants changed since `cursor`, or None: reload everything."""
         ...
 
     async def close(self) -> None:

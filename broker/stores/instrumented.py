@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -44,6 +45,9 @@ class InstrumentedStore:
 
     async def delete(self, tenant: str) -> bool:
         return await self._count("delete", self.inner.delete(tenant))
+
+    async def changes_since(self, cursor: str | None) -> tuple[str, builtins.list[str] | None]:
+        return await self._count("changes", self.inner.changes_since(cursor))
 
     async def close(self) -> None:
         await self.inner.close()

@@ -9,6 +9,11 @@ Several processes may share one database: every write is a single compare-and-se
 order them (WAL, busy_timeout). Replaced and deleted ciphertexts are overwritten in place
 (`secure_delete`), and the WAL is checkpointed and truncated after each write, so old key
 material does not linger in either file.
+
+Each put and delete appends `(revision, tenant)` to the `changes` table in the same
+transaction as the write, and prunes it to the newest `journal_size` entries. Cursors name
+the database by a random id stored in it when it is created, so a cursor from another file,
+or from a database that was deleted and created again, means "reload everything".
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ import asyncio
 import builtins
 import json
 import os
+import secrets
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,10 +41,12 @@ from broker.stores.crypto import (
     load_or_create_master_key,
     tenant_context,
 )
+from broker.stores.journal import Cursor, readable_from, tenants_of
 
 T = TypeVar("T")
 
 DB_FILE_NAME = "tenants.db"
+JOURNAL_SIZE = 10_000
 
 _KEY_CHECK_PLAINTEXT = b"pleo-key-broker master key check"
 _KEY_CHECK_CONTEXT = b"pleo-key-broker/key-check/v1"
@@ -60,6 +69,10 @@ CREATE TABLE IF NOT EXISTS tenants (
 CREATE TABLE IF NOT EXISTS meta (
     name  TEXT PRIMARY KEY NOT NULL,
     value BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS changes (
+    revision INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant   TEXT NOT NULL
 );
 """
 
@@ -89,11 +102,20 @@ class LocalStore:
     backend = "local"
 
     def __init__(
-        self, path: Path, master_key: bytes | None = None, *, busy_timeout: float = 5.0
+        self,
+        path: Path,
+        master_key: bytes | None = None,
+        *,
+        busy_timeout: float = 5.0,
+        journal_size: int = JOURNAL_SIZE,
     ) -> None:
+        if journal_size < 1:
+            raise ValueError("the journal keeps at least one entry")
         self.path = Path(path)
         self.db_path = self.path / DB_FILE_NAME
         self._busy_timeout = busy_timeout
+        self._journal_size = journal_size
+        self._instance = ""
         self._closed = False
         try:
             self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -134,6 +156,10 @@ class LocalStore:
     async def delete(self, tenant: str) -> bool:
         """Delete the tenant and overwrite its key material; False if there was none."""
         return await self._run(lambda conn: self._delete(conn, tenant))
+
+    async def changes_since(self, cursor: str | None) -> tuple[str, builtins.list[str] | None]:
+        """A new cursor and the tenants changed since `cursor`, or None: reload everything."""
+        return await self._run(lambda conn: self._changes_since(conn, cursor))
 
     async def close(self) -> None:
         """Close the connection and stop the worker thread; later calls fail."""
@@ -192,6 +218,7 @@ class LocalStore:
             conn.execute("PRAGMA secure_delete = ON")
             conn.executescript(_SCHEMA)
             self._check_master_key(conn)
+            self._instance = self._instance_id(conn)
         except sqlite3.Error as exc:
             conn.close()
             raise StoreUnavailable(f"Cannot open the local store {self.db_path}: {exc}") from exc
@@ -213,6 +240,55 @@ class LocalStore:
                 " record. Use the key this store was created with (BROKER_MASTER_KEY or"
                 f" {self.path / KEY_FILE_NAME})."
             ) from exc
+
+    def _instance_id(self, conn: sqlite3.Connection) -> str:
+        """The random id of this database, made when the database is."""
+        conn.execute(
+            "INSERT OR IGNORE INTO meta (name, value) VALUES ('instance', ?)",
+            (secrets.token_hex(8),),
+        )
+        row = conn.execute("SELECT value FROM meta WHERE name = 'instance'").fetchone()
+        return str(row[0])
+
+    @contextmanager
+    def _transaction(self, conn: sqlite3.Connection) -> Iterator[None]:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def _journal(self, conn: sqlite3.Connection, tenant: str) -> None:
+        """Record a change of `tenant`; runs in the write's transaction."""
+        revision = conn.execute("INSERT INTO changes (tenant) VALUES (?)", (tenant,)).lastrowid
+        assert revision is not None
+        conn.execute("DELETE FROM changes WHERE revision <= ?", (revision - self._journal_size,))
+
+    def _changes_since(
+        self, conn: sqlite3.Connection, cursor: str | None
+    ) -> tuple[str, builtins.list[str] | None]:
+        # One read transaction: a write pruning the journal between reading its bounds and
+        # its entries would otherwise hide changes.
+        conn.execute("BEGIN")
+        try:
+            oldest, newest = conn.execute(
+                "SELECT min(revision), max(revision) FROM changes"
+            ).fetchone()
+            current = Cursor(self.backend, self._instance, int(newest or 0))
+            after = readable_from(cursor, current, int(oldest or current.revision + 1))
+            if after is None:
+                return str(current), None
+            rows = conn.execute(
+                "SELECT revision, tenant FROM changes WHERE revision > ? ORDER BY revision",
+                (after,),
+            ).fetchall()
+        finally:
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+        return str(current), tenants_of(rows, after)
 
     def _get(self, conn: sqlite3.Connection, tenant: str) -> TenantRecord | None:
         row = conn.execute(_SELECT_ONE, (tenant,)).fetchone()
@@ -241,27 +317,34 @@ class LocalStore:
             sealed,
         )
         new_version = record.version + 1
-        if record.version == 0:
-            try:
-                conn.execute(_INSERT, (record.tenant, new_version, *fields))
-            except sqlite3.IntegrityError as exc:
-                raise StoreConflict(
-                    f"Tenant {record.tenant!r} already exists; read it again and retry.",
-                    tenant=record.tenant,
-                ) from exc
-        else:
-            cursor = conn.execute(_UPDATE, (new_version, *fields, record.tenant, record.version))
-            if cursor.rowcount != 1:
-                raise StoreConflict(
-                    f"Tenant {record.tenant!r} changed or was removed since version"
-                    f" {record.version} was read; read it again and retry.",
-                    tenant=record.tenant,
+        with self._transaction(conn):
+            if record.version == 0:
+                try:
+                    conn.execute(_INSERT, (record.tenant, new_version, *fields))
+                except sqlite3.IntegrityError as exc:
+                    raise StoreConflict(
+                        f"Tenant {record.tenant!r} already exists; read it again and retry.",
+                        tenant=record.tenant,
+                    ) from exc
+            else:
+                cursor = conn.execute(
+                    _UPDATE, (new_version, *fields, record.tenant, record.version)
                 )
+                if cursor.rowcount != 1:
+                    raise StoreConflict(
+                        f"Tenant {record.tenant!r} changed or was removed since version"
+                        f" {record.version} was read; read it again and retry.",
+                        tenant=record.tenant,
+                    )
+            self._journal(conn, record.tenant)
         self._purge_wal(conn)
         return record.evolve(version=new_version)
 
     def _delete(self, conn: sqlite3.Connection, tenant: str) -> bool:
-        deleted = conn.execute("DELETE FROM tenants WHERE tenant = ?", (tenant,)).rowcount == 1
+        with self._transaction(conn):
+            deleted = conn.execute("DELETE FROM tenants WHERE tenant = ?", (tenant,)).rowcount == 1
+            if deleted:
+                self._journal(conn, tenant)
         if deleted:
             self._purge_wal(conn)
         return deleted

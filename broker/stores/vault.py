@@ -11,16 +11,27 @@ next write of that tenant destroys again.
 hvac is synchronous: every call runs in a bounded thread pool, one call per thread slot,
 each bounded by `vault_timeout` (also the HTTP timeout). Transport errors, timeouts, a sealed
 Vault and 5xx answers become `StoreUnavailable`.
+
+The change journal is one more secret, `<mount>/data/<prefix>/journal`:
+`{"revision": n, "epoch": <random id chosen when it was created>, "recent": [[revision,
+tenant], ...]}` with the newest `journal_size` entries. After each put or delete the store
+appends to it with a check-and-set read-modify-write, retried a few times because replicas
+race; the appends of one process are batched, so many concurrent writes cost few journal
+writes. A write whose append fails stands; a `store.journal_failed` event is logged and
+readers catch up at their next full reload. `changes_since` is one read of the journal.
 """
 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import hmac
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from typing import Any, TypeVar
@@ -33,9 +44,17 @@ from broker.errors import StoreConflict, StoreIntegrityError, StoreUnavailable
 from broker.events import emit
 from broker.records import ApiKey, BrokenReason, TenantRecord, TenantState, valid_tenant_id
 from broker.settings import Settings
+from broker.stores.journal import NO_INSTANCE, Cursor, readable_from, tenants_of
 from broker.stores.vault_auth import TokenKeeper, build_client
 
 T = TypeVar("T")
+
+# Entries kept in the journal. Each is one JSON string, and OpenBao refuses a request body
+# holding 1,000 strings or more (its JSON complexity limit), so stay well below that.
+JOURNAL_SIZE = 500
+JOURNAL_SIZE_LIMIT = 900
+JOURNAL_ATTEMPTS = 10
+JOURNAL_VERSIONS_KEPT = 2
 
 _SERVER_TROUBLE = (
     hvac.exceptions.InternalServerError,
@@ -56,11 +75,19 @@ class VaultStore:
         *,
         client: hvac.Client | None = None,
         clock: Callable[[], float] = time.monotonic,
+        journal_size: int = JOURNAL_SIZE,
     ) -> None:
+        if not 1 <= journal_size <= JOURNAL_SIZE_LIMIT:
+            raise ValueError(f"the journal keeps 1 to {JOURNAL_SIZE_LIMIT} entries")
         self._client = client if client is not None else build_client(settings)
         self._kv = self._client.secrets.kv.v2
         self._mount = settings.vault_mount.strip("/")
-        self._base = f"{settings.vault_prefix.strip('/')}/tenants"
+        prefix = settings.vault_prefix.strip("/")
+        self._base = f"{prefix}/tenants"
+        self._journal_path = f"{prefix}/journal"
+        self._journal_size = journal_size
+        self._unjournaled: builtins.list[str] = []
+        self._journal_lock = asyncio.Lock()
         self._timeout = settings.vault_timeout
         self._pool = ThreadPoolExecutor(settings.vault_threads, thread_name_prefix="vault-store")
         self._slots = asyncio.Semaphore(settings.vault_threads)
@@ -106,6 +133,7 @@ class VaultStore:
         version = await self._call(lambda: self._write(record))
         if rotated or tenant in self._undestroyed:
             await self._destroy_history(tenant, below=version)
+        await self._journal(tenant)
         return record.evolve(version=version)
 
     async def delete(self, tenant: str) -> bool:
@@ -122,7 +150,18 @@ class VaultStore:
             )
         )
         self._undestroyed.discard(tenant)
+        await self._journal(tenant)
         return True
+
+    async def changes_since(self, cursor: str | None) -> tuple[str, builtins.list[str] | None]:
+        """A new cursor and the tenants changed since `cursor`, or None: reload everything."""
+        journal, _ = await self._call(self._read_journal)
+        if journal is None:
+            journal = _Journal(NO_INSTANCE, 0, ())
+        current = Cursor(self.backend, journal.epoch, journal.revision)
+        oldest = journal.entries[0][0] if journal.entries else journal.revision + 1
+        after = readable_from(cursor, current, oldest)
+        return str(current), None if after is None else tenants_of(journal.entries, after)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
@@ -144,6 +183,38 @@ class VaultStore:
             )
         else:
             self._undestroyed.discard(tenant)
+
+    async def _journal(self, tenant: str) -> None:
+        """Append `tenant`'s change to the journal; log, never raise, if that fails."""
+        self._unjournaled.append(tenant)
+        async with self._journal_lock:
+            if not self._unjournaled:
+                return  # the append that held the lock carried this change too
+            batch, self._unjournaled = self._unjournaled, []
+            try:
+                await self._append(batch)
+            except StoreUnavailable as exc:
+                emit(
+                    "store.journal_failed",
+                    level=logging.WARNING,
+                    backend=self.backend,
+                    changes=len(batch),
+                    error=exc.message,
+                )
+
+    async def _append(self, tenants: builtins.list[str]) -> None:
+        for _ in range(JOURNAL_ATTEMPTS):
+            journal, kv_version = await self._call(self._read_journal)
+            if journal is None:  # missing or unreadable: start a new one, readers reload
+                journal = _Journal(secrets.token_hex(8), 0, ())
+            appended = journal.append(tenants, keep=self._journal_size)
+            if await self._call(partial(self._write_journal, appended, kv_version)):
+                if kv_version == 0:
+                    await self._call(self._limit_journal_history)
+                return
+        raise StoreUnavailable(
+            f"The journal kept changing under the broker ({JOURNAL_ATTEMPTS} attempts)."
+        )
 
     async def _call(self, fn: Callable[[], T]) -> T:
         """Run one Vault call with a valid token; after a 403, log in again and retry once."""
@@ -211,6 +282,39 @@ class VaultStore:
             raise
         return int(response["data"]["version"])
 
+    def _read_journal(self) -> tuple[_Journal | None, int]:
+        """The journal (None if missing or unreadable) and its KV version (0: missing)."""
+        try:
+            # A soft-deleted journal still has a version, which the next write's CAS needs.
+            response = self._kv.read_secret_version(
+                path=self._journal_path, mount_point=self._mount, raise_on_deleted_version=False
+            )
+        except hvac.exceptions.InvalidPath:
+            return None, 0
+        data = response["data"]
+        return _Journal.decode(data["data"]), int(data["metadata"]["version"])
+
+    def _write_journal(self, journal: _Journal, kv_version: int) -> bool:
+        """Check-and-set write of the journal; False if another writer came first."""
+        try:
+            self._kv.create_or_update_secret(
+                path=self._journal_path,
+                secret=journal.encode(),
+                cas=kv_version,
+                mount_point=self._mount,
+            )
+        except hvac.exceptions.InvalidRequest as exc:
+            if "check-and-set" in str(exc):
+                return False
+            raise
+        return True
+
+    def _limit_journal_history(self) -> None:
+        # Old journal versions hold nothing secret; keeping few just saves space.
+        self._kv.update_metadata(
+            path=self._journal_path, max_versions=JOURNAL_VERSIONS_KEPT, mount_point=self._mount
+        )
+
     def _list_names(self) -> tuple[str, ...]:
         try:
             response = self._kv.list_secrets(path=self._base, mount_point=self._mount)
@@ -239,6 +343,47 @@ class VaultStore:
         self._kv.destroy_secret_versions(
             path=self._path(tenant), versions=list(versions), mount_point=self._mount
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _Journal:
+    epoch: str
+    revision: int
+    entries: tuple[tuple[int, str], ...]
+
+    def append(self, tenants: Iterable[str], *, keep: int) -> _Journal:
+        entries = list(self.entries)
+        revision = self.revision
+        for tenant in tenants:
+            revision += 1
+            entries.append((revision, tenant))
+        return _Journal(self.epoch, revision, tuple(entries[-keep:]))
+
+    def encode(self) -> dict[str, Any]:
+        return {
+            "revision": self.revision,
+            "epoch": self.epoch,
+            "recent": [[revision, tenant] for revision, tenant in self.entries],
+        }
+
+    @classmethod
+    def decode(cls, data: object) -> _Journal | None:
+        if not isinstance(data, dict):
+            return None
+        epoch, revision, recent = data.get("epoch"), data.get("revision"), data.get("recent")
+        if not (isinstance(epoch, str) and epoch.isalnum() and type(revision) is int):
+            return None
+        if not isinstance(recent, list):
+            return None
+        entries: builtins.list[tuple[int, str]] = []
+        for entry in recent:
+            if not (isinstance(entry, list) and len(entry) == 2):
+                return None
+            number, tenant = entry
+            if type(number) is not int or not isinstance(tenant, str):
+                return None
+            entries.append((number, tenant))
+        return cls(epoch, revision, tuple(entries))
 
 
 def _same_key(stored: object, key: ApiKey | None) -> bool:

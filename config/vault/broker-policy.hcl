@@ -23,6 +23,17 @@ path "secret/destroy/pleo-broker/tenants/*" {
   capabilities = ["update"]
 }
 
+# The change journal: which tenants changed lately, so replicas re-read only those. Holds
+# tenant ids and counters, never a key. Appends are check-and-set read-modify-writes.
+path "secret/data/pleo-broker/journal" {
+  capabilities = ["create", "read", "update"]
+}
+
+# Keep few old versions of the journal (max_versions is set once, when it is created).
+path "secret/metadata/pleo-broker/journal" {
+  capabilities = ["update"]
+}
+
 # The broker's own token: look it up (token auth learns its TTL) and renew it before it expires.
 # Vault's "default" policy grants these too; they are repeated so the broker also works with
 # token_no_default_policy=true.

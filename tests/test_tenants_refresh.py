@@ -1,0 +1,224 @@
+"""TenantService.refresh: full reloads, and catching up from the store's change journal.
+
+A real LocalStore on a temporary directory; a second LocalStore on the same file plays
+another replica. No call reaches Pleo.
+"""
+
+from __future__ import annotations
+
+import builtins
+import secrets
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from broker.errors import StoreUnavailable
+from broker.metrics import Metrics
+from broker.pleo import PleoClient
+from broker.records import ApiKey, TenantRecord, TenantState
+from broker.stores import SecretStore
+from broker.stores.local import LocalStore
+from broker.tenants import FULL_RELOAD_SECONDS, TenantService
+
+T0 = datetime(2025, 3, 14, 9, 26, 53, tzinfo=UTC)
+
+
+class CountingStore:
+    """Passes every call through to `inner`, counting them; `after_get` runs after each get."""
+
+    def __init__(self, inner: SecretStore) -> None:
+        self.inner = inner
+        self.backend = inner.backend
+        self.calls: Counter[str] = Counter()
+        self.read: builtins.list[str] = []
+        self.after_get: Callable[[str], Awaitable[None]] | None = None
+        self.down = False
+
+    def _count(self, op: str) -> None:
+        self.calls[op] += 1
+        if self.down:
+            raise StoreUnavailable("the store is down")
+
+    async def get(self, tenant: str) -> TenantRecord | None:
+        self._count("get")
+        self.read.append(tenant)
+        record = await self.inner.get(tenant)
+        if self.after_get is not None:
+            await self.after_get(tenant)
+        return record
+
+    async def list(self) -> builtins.list[TenantRecord]:
+        self._count("list")
+        return await self.inner.list()
+
+    async def put(self, record: TenantRecord) -> TenantRecord:
+        self._count("put")
+        return await self.inner.put(record)
+
+    async def delete(self, tenant: str) -> bool:
+        self._count("delete")
+        return await self.inner.delete(tenant)
+
+    async def changes_since(self, cursor: str | None) -> tuple[str, builtins.list[str] | None]:
+        self._count("changes")
+        return await self.inner.changes_since(cursor)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def active(tenant: str) -> TenantRecord:
+    return TenantRecord(
+        tenant=tenant,
+        state=TenantState.ACTIVE,
+        api_key=ApiKey(f"pls_{secrets.token_hex(20)}"),
+        company_id=f"{secrets.token_hex(4)}-5a6f-4d8e-9b0a-1c2d3e4f5a6b",
+        scopes=frozenset({"export-jobs:read"}),
+        activated_at=T0,
+        updated_at=T0,
+    )
+
+
+@pytest.fixture
+async def pleo() -> AsyncIterator[PleoClient]:
+    client = PleoClient("http://127.0.0.1:9")  # never called: refresh does not talk to Pleo
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def mine(tmp_path: Path) -> AsyncIterator[CountingStore]:
+    """The store of the service under test."""
+    store = CountingStore(LocalStore(tmp_path / "store"))
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def other(mine: CountingStore, tmp_path: Path) -> AsyncIterator[LocalStore]:
+    """Another replica's store on the same file."""
+    store = LocalStore(tmp_path / "store")
+    yield store
+    await store.close()
+
+
+def service(store: SecretStore, pleo: PleoClient, cache_ttl: float = 10.0) -> TenantService:
+    return TenantService(store, pleo, Metrics(), cache_ttl=cache_ttl)
+
+
+async def test_changes_by_another_replica_are_read_from_the_journal(
+    mine: CountingStore, other: LocalStore, pleo: PleoClient
+) -> None:
+    unchanged = [await other.put(active(f"tenant-{n:02d}")) for n in range(40)]
+    acme = await other.put(active("acme"))
+    await other.put(active("globex"))
+    tenants = service(mine, pleo)
+    assert await tenants.refresh()
+    assert mine.calls["list"] == 1 and len(tenants.all()) == 42
+    mine.read.clear()
+
+    broken = await other.put(acme.evolve(state=TenantState.BROKEN, message="revoked"))
+    await other.delete("globex")
+    initech = await other.put(active("initech"))
+    assert await tenants.refresh()
+
+    assert mine.calls["list"] == 1
+    assert sorted(mine.read) == ["acme", "globex", "initech"]
+    assert tenants.get("acme") == broken
+    assert tenants.get("globex") is None
+    assert tenants.get("initech") == initech
+    assert [r for r in tenants.all() if r.tenant.startswith("tenant-")] == unchanged
+    gauge = tenants.metrics.registry.get_sample_value
+    assert gauge("broker_tenants", {"state": "active"}) == 41
+    assert gauge("broker_tenants", {"state": "broken"}) == 1
+
+
+async def test_a_refresh_with_nothing_changed_reads_no_record(
+    mine: CountingStore, other: LocalStore, pleo: PleoClient
+) -> None:
+    await other.put(active("acme"))
+    tenants = service(mine, pleo)
+    await tenants.refresh()
+    before = tenants.all()
+
+    assert await tenants.refresh()
+
+    assert (mine.calls["list"], mine.calls["get"]) == (1, 0)
+    assert tenants.all() == before
+
+
+async def test_a_cursor_the_journal_no_longer_reaches_means_a_full_list(
+    tmp_path: Path, mine: CountingStore, pleo: PleoClient
+) -> None:
+    tenants = service(mine, pleo)
+    await tenants.refresh()
+    busy = LocalStore(tmp_path / "store", journal_size=2)  # prunes the journal to 2 entries
+    try:
+        written = [await busy.put(active(f"t{n}")) for n in range(3)]
+    finally:
+        await busy.close()
+
+    assert await tenants.refresh()
+
+    assert mine.calls["list"] == 2
+    assert mine.calls["get"] == 0
+    assert tenants.all() == written
+
+
+async def test_a_full_reload_comes_every_full_reload_every_refreshes(
+    mine: CountingStore, other: LocalStore, pleo: PleoClient
+) -> None:
+    tenants = service(mine, pleo, cache_ttl=FULL_RELOAD_SECONDS / 3)
+    assert tenants.full_reload_every == 3
+    await other.put(active("acme"))
+
+    lists = []
+    for _ in range(7):
+        assert await tenants.refresh()
+        lists.append(mine.calls["list"])
+
+    assert lists == [1, 1, 1, 2, 2, 2, 3]
+    assert [record.tenant for record in tenants.all()] == ["acme"]
+
+
+async def test_a_change_made_here_while_refreshing_is_not_undone(
+    mine: CountingStore, other: LocalStore, pleo: PleoClient
+) -> None:
+    acme = await other.put(active("acme"))
+    tenants = service(mine, pleo)
+    await tenants.refresh()
+    await other.put(acme.evolve(message="changed elsewhere"))
+
+    async def disconnect_meanwhile(tenant: str) -> None:
+        mine.after_get = None
+        await tenants.disconnect(tenant)
+
+    mine.after_get = disconnect_meanwhile
+    assert await tenants.refresh()
+
+    assert mine.read == ["acme"]
+    assert tenants.get("acme") is None
+    assert await other.get("acme") is None
+
+
+async def test_a_store_outage_while_catching_up_keeps_what_memory_holds(
+    mine: CountingStore, other: LocalStore, pleo: PleoClient
+) -> None:
+    acme = await other.put(active("acme"))
+    tenants = service(mine, pleo)
+    await tenants.refresh()
+    changed = await other.put(acme.evolve(message="changed elsewhere"))
+
+    mine.down = True
+    assert await tenants.refresh() is False
+    assert tenants.store_problem == "the store is down"
+    assert tenants.get("acme") == acme
+
+    mine.down = False
+    assert await tenants.refresh()
+    assert tenants.store_problem is None
+    assert tenants.get("acme") == changed
+    assert mine.calls["list"] == 1
