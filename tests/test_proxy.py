@@ -3,6 +3,7 @@ and against a recording upstream for what the sandbox cannot show (DESIGN ยง3, ย
 
 from __future__ import annotations
 
+import builtins
 import concurrent.futures
 import secrets
 import socket
@@ -405,6 +406,9 @@ class FailingStore:
         raise errors.StoreUnavailable("the store is down")
 
     async def delete(self, tenant: str) -> bool:
+        raise errors.StoreUnavailable("the store is down")
+
+    async def changes_since(self, cursor: str | None) -> tuple[str, builtins.list[str] | None]:
         raise errors.StoreUnavailable("the store is down")
 
     async def close(self) -> None:
