@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import socket
 from collections.abc import Callable, Generator, Sequence
@@ -47,6 +48,9 @@ class Listener:
     name: str
     app: Any
     sock: socket.socket
+    # uvicorn's X-Forwarded-* middleware: the data plane reads neither client nor scheme,
+    # so it skips that wrapper on every request.
+    forwarded_headers: bool = True
 
     @property
     def port(self) -> int:
@@ -85,6 +89,7 @@ async def run_listeners(
                 log_level="warning",
                 server_header=False,
                 date_header=False,
+                proxy_headers=listener.forwarded_headers,
             )
         )
         for listener in listeners
@@ -135,9 +140,12 @@ async def serve(
     admin_sock = bind(settings.admin_host, settings.admin_port)
     async with open_broker(settings, store=store) as broker:
         admin = Listener("admin", create_admin_app(broker), admin_sock)
-        proxy = Listener("proxy", create_proxy_app(broker), proxy_sock)
+        proxy = Listener("proxy", create_proxy_app(broker), proxy_sock, forwarded_headers=False)
 
         def announce() -> None:
+            # Everything loaded so far lives as long as the process: keep it out of the
+            # collector's full passes, which otherwise walk every tenant record again.
+            gc.freeze()
             if started is not None:
                 started(proxy.port, admin.port)
 

@@ -1,0 +1,118 @@
+"""The broker under test: a store pre-loaded with tenants, then `broker serve` as a subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import secrets
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.processes import Supervisor, http_status, wait_until
+from broker.records import ApiKey, TenantRecord, TenantState
+from broker.stores.local import LocalStore
+
+SCOPES = frozenset({"export-jobs:read", "export-jobs:write"})
+TENANT_HEADER = "X-Broker-Tenant"
+
+
+def tenant_ids(count: int) -> list[str]:
+    """`count` well-formed tenant ids, the first being the one single-tenant load uses."""
+    width = max(5, len(str(count - 1)))
+    return [f"tenant-{i:0{width}d}" for i in range(count)]
+
+
+async def _preload(path: Path, master_key: bytes, tenants: list[str]) -> None:
+    store = LocalStore(path, master_key)
+    try:
+        for tenant in tenants:
+            await store.put(
+                TenantRecord(
+                    tenant=tenant,
+                    state=TenantState.ACTIVE,
+                    api_key=ApiKey(secrets.token_urlsafe(32)),
+                    company_id=str(uuid.uuid4()),
+                    scopes=SCOPES,
+                )
+            )
+    finally:
+        await store.close()
+
+
+def preload(path: Path, master_key: bytes, count: int) -> list[str]:
+    """Write `count` active tenants with generated keys into a local store at `path`."""
+    tenants = tenant_ids(count)
+    asyncio.run(_preload(path, master_key, tenants))
+    return tenants
+
+
+@dataclass(frozen=True)
+class RunningBroker:
+    """A started `broker serve`."""
+
+    pid: int
+    proxy_url: str
+    admin_url: str
+    tenants: tuple[str, ...]
+
+
+def broker_env(
+    *, upstream_url: str, store_path: Path, master_key: bytes, proxy_port: int, admin_port: int
+) -> dict[str, str]:
+    """The environment of a benchmarked broker (only `BROKER_*` settings change)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    env.update(
+        BROKER_PLEO_BASE_URL=upstream_url,
+        BROKER_PROXY_HOST="127.0.0.1",
+        BROKER_PROXY_PORT=str(proxy_port),
+        BROKER_ADMIN_HOST="127.0.0.1",
+        BROKER_ADMIN_PORT=str(admin_port),
+        BROKER_ADMIN_TOKEN=secrets.token_urlsafe(24),
+        BROKER_STORE="local",
+        BROKER_STORE_PATH=str(store_path),
+        BROKER_MASTER_KEY=base64.b64encode(master_key).decode(),
+        BROKER_LOG_LEVEL="WARNING",
+        BROKER_SECRETS_DIR=str(store_path.parent),
+    )
+    return env
+
+
+def start_broker(
+    supervisor: Supervisor,
+    *,
+    name: str,
+    work_dir: Path,
+    upstream_url: str,
+    tenants: int,
+    proxy_port: int,
+    admin_port: int,
+) -> RunningBroker:
+    """Pre-load `tenants` tenants, start the broker, and wait until /readyz answers 200."""
+    master_key = secrets.token_bytes(32)
+    store_path = work_dir / "store"
+    ids = preload(store_path, master_key, tenants)
+    env = broker_env(
+        upstream_url=upstream_url,
+        store_path=store_path,
+        master_key=master_key,
+        proxy_port=proxy_port,
+        admin_port=admin_port,
+    )
+    argv = [sys.executable, "-m", "broker", "serve"]
+    child = supervisor.start(name, argv, env=env, cwd=work_dir, log=work_dir / "broker.log")
+    admin_url = f"http://127.0.0.1:{admin_port}"
+    wait_until(
+        lambda: http_status(admin_url + "/readyz") == 200,
+        what=name,
+        timeout=60,
+        alive=supervisor.check_alive,
+    )
+    return RunningBroker(
+        pid=child.pid,
+        proxy_url=f"http://127.0.0.1:{proxy_port}",
+        admin_url=admin_url,
+        tenants=tuple(ids),
+    )

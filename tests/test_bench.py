@@ -1,0 +1,236 @@
+"""The benchmark's own pieces: configuration, output parsing, the maths of the report.
+
+Nothing here is timed; speed is measured by `make bench`, never asserted in a test.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bench import load, nginx, report
+from bench.brokers import tenant_ids
+from bench.run import parse_args, sample_json
+
+WRK_OUTPUT = """\
+Running 5s test @ http://127.0.0.1:8080/v3/export-jobs
+  2 threads and 32 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     4.21ms    1.02ms  30.10ms   91.20%
+    Req/Sec     3.80k   210.33     4.10k    70.00%
+  Latency Distribution
+     50%    4.05ms
+     75%    4.40ms
+     90%    5.10ms
+     99%   12.30ms
+  37869 requests in 5.00s, 45.10MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 4
+Requests/sec:   7573.80
+Transfer/sec:      9.02MB
+"""
+
+
+def test_wrk_output_is_parsed_with_failures_counted() -> None:
+    result = load.parse_wrk(WRK_OUTPUT)
+    assert result == load.LoadResult(
+        requests=37869, seconds=5.0, rps=7573.80, p50_ms=4.05, p99_ms=12.30, failed=7
+    )
+
+
+def test_clean_wrk_output_has_no_failures() -> None:
+    clean = "\n".join(
+        line for line in WRK_OUTPUT.splitlines() if "errors" not in line and "Non-2xx" not in line
+    )
+    assert load.parse_wrk(clean).failed == 0
+
+
+def test_wrk_output_without_latency_is_refused() -> None:
+    with pytest.raises(ValueError, match="latency"):
+        load.parse_wrk("Requests/sec: 10\n  5 requests in 1.00s, 1KB read\n")
+
+
+@pytest.mark.parametrize(
+    ("text", "ms"), [("85.00us", 0.085), ("1.20ms", 1.2), ("2.00s", 2000.0), ("1.00m", 60000.0)]
+)
+def test_wrk_durations_become_milliseconds(text: str, ms: float) -> None:
+    assert load.to_ms(text) == pytest.approx(ms)
+
+
+def test_wrk_command_line_is_bounded_and_local() -> None:
+    target = load.Target("http://127.0.0.1:9/v3/export-jobs", headers=(("X-Broker-Tenant", "t"),))
+    argv = load.wrk_argv("wrk", target, connections=1, threads=2, duration=5)
+    assert argv == [
+        "wrk",
+        "-c1",
+        "-t1",
+        "-d5s",
+        "--latency",
+        "--timeout",
+        "5s",
+        "-H",
+        "X-Broker-Tenant: t",
+        "http://127.0.0.1:9/v3/export-jobs",
+    ]
+    with pytest.raises(ValueError, match=r"127\.0\.0\.1"):
+        load.wrk_argv(
+            "wrk", load.Target("http://example.com/"), connections=1, threads=1, duration=1
+        )
+
+
+def test_rotation_script_names_every_tenant_and_refuses_odd_input() -> None:
+    script = load.rotation_script("X-Broker-Tenant", ["tenant-00000", "tenant-00001"], "/v3/x")
+    assert '"tenant-00000"' in script and '"tenant-00001"' in script
+    assert 'wrk.format("GET", "/v3/x", {["X-Broker-Tenant"] = value})' in script
+    with pytest.raises(ValueError):
+        load.rotation_script("X-Broker-Tenant", ['a"; os.exit()'], "/v3/x")
+    with pytest.raises(ValueError):
+        load.rotation_script("X Tenant", ["a"], "/v3/x")
+
+
+def test_summary_of_latencies() -> None:
+    latencies = [0.001] * 98 + [0.010, 0.020]
+    result = load.summarise(latencies, elapsed=2.0, failed=0)
+    assert result.requests == 100
+    assert result.rps == 50.0
+    assert result.p50_ms == pytest.approx(1.0)
+    assert result.p99_ms == pytest.approx(20.0)
+
+
+def test_tenant_ids_are_valid_and_distinct() -> None:
+    ids = tenant_ids(10_000)
+    assert len(set(ids)) == 10_000
+    assert ids[0] == "tenant-00000" and ids[-1] == "tenant-09999"
+
+
+def test_sample_json_has_the_requested_size() -> None:
+    body = sample_json(1024)
+    assert len(body) == 1024
+    assert json.loads(body)["pagination"]["totalCount"] == 1
+
+
+def test_nginx_configs_keep_everything_in_their_prefix(tmp_path: Path) -> None:
+    layout = nginx.Layout(tmp_path / "up")
+    upstream = nginx.upstream_conf(layout, 8123, tmp_path / "data")
+    assert "listen 127.0.0.1:8123" in upstream
+    assert f"pid {layout.pid_file};" in upstream
+    assert "daemon off;" in upstream and "worker_processes 1;" in upstream
+    assert "dav_methods PUT;" in upstream and "client_max_body_size 0;" in upstream
+    assert f"location = {nginx.JSON_PATH}" in upstream
+    for line in upstream.splitlines():
+        if line.strip().endswith("_temp_path " + line.strip().split()[-1]):
+            assert str(tmp_path) in line
+    proxy = nginx.proxy_conf(layout, 8124, 8123, "Basic abc=")
+    assert "server 127.0.0.1:8123;" in proxy
+    assert 'proxy_set_header Authorization "Basic abc=";' in proxy
+
+
+@pytest.mark.skipif(nginx.find_nginx() is None, reason="nginx is not installed")
+def test_nginx_accepts_the_generated_configs(tmp_path: Path) -> None:
+    for name in ("up", "proxy"):
+        layout = nginx.Layout(tmp_path / name)
+        layout.prefix.mkdir()
+        conf = (
+            nginx.upstream_conf(layout, 8123, tmp_path)
+            if name == "up"
+            else nginx.proxy_conf(layout, 8124, 8123, "Basic abc=")
+        )
+        argv = nginx.prepare(layout, conf)
+        done = subprocess.run([*argv, "-t"], capture_output=True, text=True, timeout=10)
+        assert done.returncode == 0, done.stderr
+
+
+def _row(name: str, connections: int, rps: list[float], p50: float = 1.0) -> report.Row:
+    return report.Row(
+        name,
+        connections,
+        tuple(load.LoadResult(100, 1.0, r, p50, p50 * 2, 0) for r in rps),
+    )
+
+
+def _memory(**changes: object) -> report.Memory:
+    values: dict[str, object] = {
+        "rss_one_mib": 50.0,
+        "hwm_one_mib": 60.0,
+        "rss_many_mib": 90.0,
+        "hwm_many_mib": 100.0,
+        "transfer_growth_mib": {"upload": 3.0, "download": 5.0},
+        "transfers_ok": True,
+    }
+    values.update(changes)
+    return report.Memory(**values)  # type: ignore[arg-type]
+
+
+ROWS = [
+    _row(report.DIRECT, 1, [10_000, 11_000, 9_000], p50=0.085),
+    _row(report.NGINX, 32, [40_000, 41_000, 39_000]),
+    _row(report.BROKER_ONE, 1, [2_600], p50=0.40),
+    _row(report.BROKER_ONE, 32, [6_000, 5_000, 7_000]),
+    _row(report.BROKER_MANY, 32, [5_700]),
+    _row(report.BROKER_SPREAD, 32, [5_500]),
+]
+
+
+def test_rows_take_the_median_of_rounds() -> None:
+    assert ROWS[1].rps == 40_000
+    assert ROWS[3].rps == 6_000
+
+
+def test_targets_are_computed_from_the_rows() -> None:
+    checks = {c.name: c for c in report.evaluate(ROWS, _memory())}
+    throughput = checks["throughput at 32 conns, broker / nginx proxy"]
+    assert throughput.value == pytest.approx(6_000 / 40_000) and throughput.passed
+    added = checks["added p50 at 1 conn, broker − direct"]
+    assert added.value == pytest.approx(0.315) and added.passed
+    tenants = next(c for c in report.evaluate(ROWS, _memory()) if "10k tenants /" in c.name)
+    assert tenants.value == pytest.approx(5_500 / 6_000) and tenants.passed
+    assert checks["peak RSS with 10k tenants (VmHWM)"].passed
+    assert checks["failed requests"].value == 0 and checks["failed requests"].passed
+
+
+def test_a_missed_target_fails_the_report() -> None:
+    slow = [*ROWS[:3], _row(report.BROKER_ONE, 32, [4_000]), *ROWS[4:]]
+    checks = report.evaluate(slow, _memory(hwm_many_mib=130.0))
+    failed = {c.name for c in checks if c.passed is False}
+    assert "throughput at 32 conns, broker / nginx proxy" in failed
+    assert "peak RSS with 10k tenants (VmHWM)" in failed
+    assert not report.Report(slow, _memory(), checks).passed
+
+
+def test_a_broken_transfer_counts_as_failure() -> None:
+    checks = report.evaluate(ROWS, _memory(transfers_ok=False))
+    by_name = {c.name: c for c in checks}
+    assert by_name["failed requests"].value == 1 and by_name["failed requests"].passed is False
+    assert by_name["RSS growth during a 50 MB upload / download (worst)"].passed is False
+
+
+def test_without_nginx_the_reference_ratio_is_not_applicable() -> None:
+    rows = [r for r in ROWS if r.name != report.NGINX]
+    checks = report.evaluate(rows, _memory())
+    assert checks[0].passed is None and checks[0].verdict == "n/a"
+    assert report.Report(rows, _memory(), checks).passed
+
+
+def test_results_are_written_as_json_and_markdown(tmp_path: Path) -> None:
+    result = report.Report(ROWS, _memory(), report.evaluate(ROWS, _memory()), {"rounds": 3})
+    json_path, md_path = report.write(result, tmp_path, "header")
+    written = json.loads(json_path.read_text())
+    assert written["passed"] is True
+    assert written["configurations"][1]["rps"] == 40_000
+    assert [c["passed"] for c in written["checks"]] == [True] * 6
+    markdown = md_path.read_text()
+    assert markdown.startswith("header\n")
+    assert "| nginx proxy (+Authorization) | 32 | 40,000 |" in markdown
+    assert markdown.count("| pass |") == 6
+
+
+def test_arguments_are_bounded() -> None:
+    args = parse_args(["--duration", "2", "--rounds", "1"])
+    assert (args.duration, args.rounds, args.connections) == (2.0, 1, [1, 32])
+    with pytest.raises(SystemExit):
+        parse_args(["--duration", "0"])
+    with pytest.raises(SystemExit):
+        parse_args(["--duration", "600"])
