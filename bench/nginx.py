@@ -106,21 +106,31 @@ def upstream_conf(layout: Layout, port: int, data_dir: Path) -> str:
     )
 
 
-def proxy_conf(layout: Layout, port: int, upstream_port: int, authorization: str) -> str:
-    """The reference: a reverse proxy adding a static Authorization header, keep-alive upstream."""
+def proxy_conf(
+    layout: Layout, port: int, upstream_port: int, authorization: str, *, keepalive: bool
+) -> str:
+    """A reverse proxy adding a static Authorization header.
+
+    Without `keepalive` it is nginx's default `proxy_pass` (HTTP/1.0, a new upstream
+    connection per request): the reference PERFORMANCE.md measured (21 µs a request).
+    With it, upstream connections are pooled as the broker pools them: a stricter bar.
+    """
+    pool = "        keepalive 256;\n" if keepalive else ""
+    reuse = (
+        '            proxy_http_version 1.1;\n            proxy_set_header Connection "";\n'
+        if keepalive
+        else ""
+    )
     return _common(
         layout,
         f"""    upstream pleo {{
         server 127.0.0.1:{upstream_port};
-        keepalive 256;
-    }}
+{pool}    }}
     server {{
         listen 127.0.0.1:{port} backlog=4096;
         location / {{
             proxy_pass http://pleo;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Authorization "{authorization}";
+{reuse}            proxy_set_header Authorization "{authorization}";
             proxy_buffering on;
         }}
     }}

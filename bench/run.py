@@ -132,20 +132,22 @@ def run(args: argparse.Namespace, tmp: Path, supervisor: Supervisor) -> report.R
 
     configs = [Config(report.DIRECT, load.Target(upstream_url + nginx.JSON_PATH), upstream)]
     if use_nginx:
-        proxy_port = free_port()
-        layout = nginx.Layout(tmp / "nginx-proxy")
-        layout.prefix.mkdir()
         key = secrets.token_urlsafe(32)
         authorization = "Basic " + base64.b64encode(f"{key}:".encode()).decode()
-        argv = nginx.prepare(
-            layout, nginx.proxy_conf(layout, proxy_port, upstream_port, authorization)
-        )
-        master = supervisor.start("nginx proxy", argv, log=layout.prefix / "stdout.log")
-        proxy_url = f"http://127.0.0.1:{proxy_port}"
-        _wait_http(supervisor, proxy_url + nginx.JSON_PATH, "nginx proxy", layout.error_log)
-        configs.append(
-            Config(report.NGINX, load.Target(proxy_url + nginx.JSON_PATH), _worker(master.pid))
-        )
+        for name, keepalive in ((report.NGINX, False), (report.NGINX_KEEPALIVE, True)):
+            proxy_port = free_port()
+            layout = nginx.Layout(tmp / ("nginx-proxy-keepalive" if keepalive else "nginx-proxy"))
+            layout.prefix.mkdir()
+            conf = nginx.proxy_conf(
+                layout, proxy_port, upstream_port, authorization, keepalive=keepalive
+            )
+            argv = nginx.prepare(layout, conf)
+            master = supervisor.start(name, argv, log=layout.prefix / "stdout.log")
+            proxy_url = f"http://127.0.0.1:{proxy_port}"
+            _wait_http(supervisor, proxy_url + nginx.JSON_PATH, name, layout.error_log)
+            configs.append(
+                Config(name, load.Target(proxy_url + nginx.JSON_PATH), _worker(master.pid))
+            )
 
     brokers: list[RunningBroker] = []
     for name, count in (("broker-1", 1), ("broker-many", args.tenants)):

@@ -44,7 +44,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -85,21 +85,21 @@ class Route:
     scope: str | None
     company: tuple[CompanyField, ...] = ()
     bearer_only: bool = False
+    # Derived from `company` once, not on every request (the policy reads them per request).
+    path_company: str | None = field(init=False, compare=False, repr=False)
+    """The name of the path parameter holding the company id, if any."""
+    query_company: CompanyField | None = field(init=False, compare=False, repr=False)
+    """The query field the broker fills in when the caller left the company out."""
+    body_company: CompanyField | None = field(init=False, compare=False, repr=False)
+    """The top-level JSON body field the broker fills in when the caller left it out."""
 
-    @property
-    def path_company(self) -> str | None:
-        """The name of the path parameter holding the company id, if any."""
-        return next((f.name for f in self.company if f.location == "path"), None)
-
-    @property
-    def query_company(self) -> CompanyField | None:
-        """The query field the broker fills in when the caller left the company out."""
-        return next((f for f in self.company if f.location == "query"), None)
-
-    @property
-    def body_company(self) -> CompanyField | None:
-        """The top-level JSON body field the broker fills in when the caller left it out."""
-        return next((f for f in self.company if f.location == "body"), None)
+    def __post_init__(self) -> None:
+        path = next((f.name for f in self.company if f.location == "path"), None)
+        query = next((f for f in self.company if f.location == "query"), None)
+        body = next((f for f in self.company if f.location == "body"), None)
+        object.__setattr__(self, "path_company", path)
+        object.__setattr__(self, "query_company", query)
+        object.__setattr__(self, "body_company", body)
 
 
 @dataclass(frozen=True, slots=True)
