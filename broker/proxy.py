@@ -219,12 +219,15 @@ class ProxyApp:
             raise errors.UpstreamUnreachable(tenant=record.tenant) from exc
         self._observe(decision.route.template, time.perf_counter() - started)
         try:
-            if response.status == 401:
-                response.release()
-                broken = await self.tenants.key_rejected(record)
-                raise _not_active(broken)
             buffered = None
-            if response.status == 403:
+            if response.status == 401:
+                buffered = await response.read()
+                now = await self.tenants.key_rejected(record)
+                if now.state is not TenantState.ACTIVE:
+                    raise _not_active(now)
+                # The key was replaced while this call was in flight: the tenant is fine,
+                # this one call was made with the old key; the caller may retry.
+            elif response.status == 403:
                 buffered = await response.read()
                 checked = await self._recheck(record)
                 if checked.state is not TenantState.ACTIVE:

@@ -7,6 +7,7 @@ import builtins
 import concurrent.futures
 import secrets
 import socket
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -552,3 +553,28 @@ def _raw_request(broker: RunningBroker, request: bytes) -> bytes:
                 break
             chunks.append(data)
     return b"".join(chunks)
+
+
+def test_401_for_a_key_replaced_mid_flight_leaves_the_tenant_active(
+    recording: tuple[RecordingUpstream, RunningBroker],
+) -> None:
+    upstream, broker = recording
+    url = f"{broker.proxy_url}/v3/export-jobs/slow-401/items"
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(httpx.get, url, headers=TENANT, timeout=10)
+        deadline = time.monotonic() + 5
+        while not upstream.seen:
+            assert time.monotonic() < deadline, "the slow call never reached the upstream"
+            time.sleep(0.005)
+        company, scopes = next(iter(upstream.keys.values()))
+        fresh = "pik_" + secrets.token_hex(20)
+        upstream.add_key(fresh, company, scopes)
+        connect(broker, "acme", fresh)  # rotated while Pleo is answering the old key's call
+        answer = slow.result()
+    assert answer.status_code == 401  # Pleo's answer to that one call, passed through
+    view = httpx.get(f"{broker.admin_url}/v1/tenants/acme", headers=broker.auth).json()
+    assert (view["state"], view["key_hint"]) == ("active", "…" + fresh[-4:])
+    # Without a rotation, the same answer breaks the tenant.
+    broken = httpx.get(url, headers=TENANT, timeout=10)
+    assert broken.status_code == 424
+    assert broken.json()["error"]["reason"] == "key_rejected"

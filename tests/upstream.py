@@ -71,6 +71,9 @@ class RecordingUpstream:
             await self._stream(send, size)
         elif path == "/v3/export-items" and b"endless" in scope["query_string"]:
             await self._endless(send, receive)
+        elif path == "/v3/export-jobs/slow-401/items":
+            await asyncio.sleep(0.5)  # long enough for the test to rotate the key meanwhile
+            await _json(send, 401, {"type": "UNAUTHORIZED", "message": "key revoked"})
         elif not keep:
             await _json(send, 200, {"received": received})
         elif path == "/v3/export-jobs/cookie/items":
