@@ -61,6 +61,7 @@ class ProxyApp:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self.tenants = broker.tenants
+        self.registry = broker.tenants.registry  # reads go straight to memory
         self.catalog = broker.catalog
         self.metrics = broker.metrics
         settings = broker.settings
@@ -169,9 +170,9 @@ class ProxyApp:
         return request_id, tenant
 
     def _active_record(self, tenant: str) -> TenantRecord:
-        record = self.tenants.get(tenant)
+        record = self.registry.get(tenant)
         if record is None:
-            if not self.tenants.loaded:
+            if not self.registry.loaded:
                 raise errors.StoreUnavailable(
                     "No tenant records could be loaded from the key store yet.", tenant=tenant
                 )

@@ -1,12 +1,8 @@
 """The tenant service: activation, rotation, checks and state changes (DESIGN §3).
 
-Records are served from memory (`get`) so that the proxy never waits on the store; the
-store is the source of truth and is consulted in the background every `cache_ttl` seconds,
-which is how a change made by another replica reaches this one. Most refreshes ask the
-store's change journal which tenants changed and re-read only those; the first refresh, one
-every `FULL_RELOAD_SECONDS`, and any the journal cannot answer re-read every record.
-Changes made here are written to the store first (compare-and-set) and then to memory, so
-they are seen at once in this process.
+Changes are written to the store first (compare-and-set) and then to the in-memory
+registry (`broker.registry`), so they are seen at once in this process; other replicas see
+them when their registries next refresh.
 
 Invariants kept here:
 - a failed validation never replaces a working key (an active tenant stays on its old key);
@@ -40,15 +36,14 @@ from broker.records import (
     utcnow,
     valid_tenant_id,
 )
+from broker.registry import TenantRegistry
 from broker.stores import SecretStore
 
 API_KEY_AUTH = "API_KEY"
-FULL_RELOAD_SECONDS = 600.0  # a full reload at least this often repairs a missed journal entry
-CHANGED_READS = 16  # store reads in flight while re-reading the tenants the journal names
 
 
 class TenantService:
-    """Owns every tenant's lifecycle and the in-memory view the proxy reads."""
+    """Owns every tenant's lifecycle; reads are served by its registry."""
 
     def __init__(
         self,
@@ -63,28 +58,39 @@ class TenantService:
         self.pleo = pleo
         self.metrics = metrics
         self.required_scopes = tuple(required_scopes)
-        self.cache_ttl = cache_ttl
-        self._records: dict[str, TenantRecord] = {}
+        self.registry = TenantRegistry(store, metrics, cache_ttl=cache_ttl)
         self._locks: dict[str, asyncio.Lock] = {}
         self._checks: dict[str, asyncio.Future[TenantRecord]] = {}
-        self._touched: set[str] = set()
-        self._refresher: asyncio.Task[None] | None = None
-        self.full_reload_every = max(1, int(FULL_RELOAD_SECONDS / cache_ttl))
-        self._cursor: str | None = None
-        self._incremental_left = 0
-        self.loaded = False
-        self.store_problem: str | None = None
 
-    # -- reading -------------------------------------------------------------------------
+    # -- reading (from memory; see broker.registry) ---------------------------------------
 
     def get(self, tenant: str) -> TenantRecord | None:
         """The tenant's record from memory (the proxy's hot path)."""
-        return self._records.get(tenant)
+        return self.registry.get(tenant)
 
     def all(self, state: TenantState | None = None) -> list[TenantRecord]:
         """Every known tenant, sorted by id, optionally only those in `state`."""
-        records = sorted(self._records.values(), key=lambda r: r.tenant)
-        return [r for r in records if state is None or r.state is state]
+        return self.registry.all(state)
+
+    @property
+    def loaded(self) -> bool:
+        """True once the store's records have been read at least once."""
+        return self.registry.loaded
+
+    @property
+    def store_problem(self) -> str | None:
+        """Why the store could not be read at the last refresh, or None."""
+        return self.registry.store_problem
+
+    async def start(self) -> None:
+        await self.registry.start()
+
+    async def stop(self) -> None:
+        await self.registry.stop()
+
+    async def refresh(self) -> bool:
+        """Catch up with the store now (see `TenantRegistry.refresh`)."""
+        return await self.registry.refresh()
 
     async def fetch(self, tenant: str) -> TenantRecord:
         """The tenant's record, fresh from the store when it answers, else from memory."""
@@ -92,119 +98,14 @@ class TenantService:
         try:
             record = await self.store.get(tenant)
         except errors.StoreUnavailable:
-            record = self._records.get(tenant)
-            if record is None and not self.loaded:
+            record = self.registry.get(tenant)
+            if record is None and not self.registry.loaded:
                 raise
         else:
-            self._remember(tenant, record)
+            self.registry.remember(tenant, record)
         if record is None:
             raise errors.TenantUnknown(tenant=tenant)
         return record
-
-    # -- background refresh --------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Load every record once (best effort) and start the background refresh."""
-        await self.refresh()
-        self._refresher = asyncio.create_task(self._refresh_forever(), name="tenant-refresh")
-
-    async def stop(self) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
-            self._refresher = None
-
-    async def refresh(self) -> bool:
-        """Catch up with the store; False (and `store_problem` set) if it failed.
-
-        The first refresh and every `full_reload_every`-th re-read every record; the others
-        re-read only the tenants the store's change journal names.
-        """
-        self._touched.clear()
-        try:
-            if self._cursor is None or self._incremental_left <= 0:
-                await self._reload_all(None)
-            else:
-                cursor, changed = await self.store.changes_since(self._cursor)
-                if changed is None:
-                    await self._reload_all(cursor)
-                else:
-                    await self._reload_some(changed)
-                    self._cursor = cursor
-                    self._incremental_left -= 1
-        except errors.StoreUnavailable as exc:
-            if self.store_problem != exc.message:
-                emit("store.unavailable", level=logging.WARNING, reason=exc.message)
-            self.store_problem = exc.message
-            return False
-        if self.store_problem is not None:
-            emit("store.recovered")
-        self.store_problem = None
-        self._update_gauge()
-        return True
-
-    async def _reload_all(self, cursor: str | None) -> None:
-        """Replace memory with every record; `cursor` (if given) was read just before."""
-        if cursor is None:
-            # Read before the list, so a change made while the list is read is seen next time.
-            cursor, _ = await self.store.changes_since(None)
-        listed = await self.store.list()
-        fresh = {record.tenant: record for record in listed}
-        for tenant in self._touched:
-            kept = self._kept(tenant, fresh.get(tenant))
-            if kept is None:
-                fresh.pop(tenant, None)
-            else:
-                fresh[tenant] = kept
-        self._records = fresh
-        self._cursor = cursor
-        self._incremental_left = self.full_reload_every - 1
-        self.loaded = True
-
-    async def _reload_some(self, tenants: list[str]) -> None:
-        """Re-read the records of `tenants` (named by the change journal)."""
-        slots = asyncio.Semaphore(CHANGED_READS)
-
-        async def read(tenant: str) -> TenantRecord | None:
-            async with slots:
-                return await self.store.get(tenant)
-
-        failure: Exception | None = None
-        try:
-            # A TaskGroup, not gather: the first failure cancels the reads still queued.
-            async with asyncio.TaskGroup() as group:
-                reads = [group.create_task(read(tenant)) for tenant in tenants]
-        except ExceptionGroup as failed:
-            failure = failed.exceptions[0]
-        if failure is not None:
-            raise failure
-        for tenant, task in zip(tenants, reads, strict=True):
-            kept = self._kept(tenant, task.result())
-            if kept is None:
-                self._records.pop(tenant, None)
-            else:
-                self._records[tenant] = kept
-
-    def _kept(self, tenant: str, fresh: TenantRecord | None) -> TenantRecord | None:
-        """What memory keeps of `tenant` after a read: ours if it changed here meanwhile."""
-        if tenant not in self._touched:
-            return fresh
-        mine = self._records.get(tenant)
-        if mine is None or fresh is None or fresh.version <= mine.version:
-            return mine
-        return fresh
-
-    async def _refresh_forever(self) -> None:
-        while True:
-            # While the store is down, retry sooner than the TTL so recovery is quick.
-            await asyncio.sleep(
-                self.cache_ttl if self.store_problem is None else min(self.cache_ttl, 1.0)
-            )
-            try:
-                await self.refresh()
-            except Exception:  # the refresh loop must survive anything a store raises
-                logging.getLogger(__name__).exception("tenant refresh failed")
 
     # -- activation and rotation ---------------------------------------------------------
 
@@ -301,7 +202,7 @@ class TenantService:
         bound = current.company_id if current is not None else None
         if bound is not None and bound != company_id and not allow_company_change:
             raise errors.CompanyChanged(company_id=bound, key_company_id=company_id)
-        for other in self._records.values():
+        for other in self.registry.all():
             if other.tenant != tenant and other.company_id == company_id:
                 raise errors.CompanyInUse(company_id=company_id, other_tenant=other.tenant)
         return company_id
@@ -343,7 +244,7 @@ class TenantService:
     async def key_rejected(self, record: TenantRecord) -> TenantRecord:
         """Pleo answered 401 to a call made with `record`'s key: the tenant is broken at once."""
         async with self._lock(record.tenant):
-            current = self._records.get(record.tenant)
+            current = self.registry.get(record.tenant)
             if current is None or current.api_key != record.api_key:
                 return current or record  # rotated or removed meanwhile: not this key's fault
             if current.state is TenantState.BROKEN:
@@ -438,12 +339,10 @@ class TenantService:
         _require_valid(tenant)
         async with self._lock(tenant):
             existed = await self.store.delete(tenant)
-            known = self._records.pop(tenant, None) is not None
-            self._touched.add(tenant)
+            known = self.registry.remember(tenant, None)
             if not existed and not known:
                 raise errors.TenantUnknown(tenant=tenant)
             emit("tenant.disconnected", tenant=tenant)
-            self._update_gauge()
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -478,26 +377,11 @@ class TenantService:
 
     async def _write(self, record: TenantRecord) -> TenantRecord:
         stored = await self.store.put(record)
-        self._remember(record.tenant, stored)
+        self.registry.remember(record.tenant, stored)
         return stored
-
-    def _remember(self, tenant: str, record: TenantRecord | None) -> None:
-        self._touched.add(tenant)
-        if record is None:
-            self._records.pop(tenant, None)
-        else:
-            self._records[tenant] = record
-        self._update_gauge()
 
     def _transition(self, to_state: TenantState, reason: str) -> None:
         self.metrics.tenant_transitions.labels(to_state=to_state.value, reason=reason).inc()
-
-    def _update_gauge(self) -> None:
-        counts = dict.fromkeys(TenantState, 0)
-        for record in self._records.values():
-            counts[record.state] += 1
-        for state, count in counts.items():
-            self.metrics.tenants.labels(state=state.value).set(count)
 
 
 BROKEN_MESSAGES = {

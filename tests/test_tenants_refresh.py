@@ -1,4 +1,4 @@
-"""TenantService.refresh: full reloads, and catching up from the store's change journal.
+"""TenantRegistry.refresh (through TenantService): full reloads, and catching up from the store's change journal.
 
 A real LocalStore on a temporary directory; a second LocalStore on the same file plays
 another replica. No call reaches Pleo.
@@ -19,9 +19,10 @@ from broker.errors import StoreUnavailable
 from broker.metrics import Metrics
 from broker.pleo import PleoClient
 from broker.records import ApiKey, TenantRecord, TenantState
+from broker.registry import FULL_RELOAD_SECONDS
 from broker.stores import SecretStore
 from broker.stores.local import LocalStore
-from broker.tenants import FULL_RELOAD_SECONDS, TenantService
+from broker.tenants import TenantService
 
 T0 = datetime(2025, 3, 14, 9, 26, 53, tzinfo=UTC)
 
@@ -172,7 +173,7 @@ async def test_a_full_reload_comes_every_full_reload_every_refreshes(
     mine: CountingStore, other: LocalStore, pleo: PleoClient
 ) -> None:
     tenants = service(mine, pleo, cache_ttl=FULL_RELOAD_SECONDS / 3)
-    assert tenants.full_reload_every == 3
+    assert tenants.registry.full_reload_every == 3
     await other.put(active("acme"))
 
     lists = []

@@ -1,0 +1,171 @@
+"""The tenant registry: the in-memory records the proxy reads, kept in step with the store.
+
+Records are served from memory (`get`) so that the proxy never waits on the store; the
+store is the source of truth and is consulted in the background every `cache_ttl` seconds,
+which is how a change made by another replica reaches this one. Most refreshes ask the
+store's change journal which tenants changed and re-read only those; the first refresh, one
+every `FULL_RELOAD_SECONDS`, and any the journal cannot answer re-read every record.
+A change made in this process (`remember`) wins over a refresh that read the store before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from broker import errors
+from broker.events import emit
+from broker.metrics import Metrics
+from broker.records import TenantRecord, TenantState
+from broker.stores import SecretStore
+
+FULL_RELOAD_SECONDS = 600.0  # a full reload at least this often repairs a missed journal entry
+CHANGED_READS = 16  # store reads in flight while re-reading the tenants the journal names
+
+
+class TenantRegistry:
+    """Every known tenant record, in memory, refreshed from the store in the background."""
+
+    def __init__(self, store: SecretStore, metrics: Metrics, *, cache_ttl: float = 10.0) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.cache_ttl = cache_ttl
+        self.full_reload_every = max(1, int(FULL_RELOAD_SECONDS / cache_ttl))
+        self.loaded = False
+        self.store_problem: str | None = None
+        self._records: dict[str, TenantRecord] = {}
+        self._touched: set[str] = set()
+        self._cursor: str | None = None
+        self._incremental_left = 0
+        self._refresher: asyncio.Task[None] | None = None
+
+    def get(self, tenant: str) -> TenantRecord | None:
+        """The tenant's record (the proxy's hot path)."""
+        return self._records.get(tenant)
+
+    def all(self, state: TenantState | None = None) -> list[TenantRecord]:
+        """Every known tenant, sorted by id, optionally only those in `state`."""
+        records = sorted(self._records.values(), key=lambda r: r.tenant)
+        return [r for r in records if state is None or r.state is state]
+
+    def remember(self, tenant: str, record: TenantRecord | None) -> bool:
+        """Take a record this process just read or wrote (None: gone); True if it was known."""
+        self._touched.add(tenant)
+        if record is None:
+            known = self._records.pop(tenant, None) is not None
+        else:
+            known = tenant in self._records
+            self._records[tenant] = record
+        self._update_gauge()
+        return known
+
+    async def start(self) -> None:
+        """Load every record once (best effort) and start the background refresh."""
+        await self.refresh()
+        self._refresher = asyncio.create_task(self._refresh_forever(), name="tenant-refresh")
+
+    async def stop(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+            self._refresher = None
+
+    async def refresh(self) -> bool:
+        """Catch up with the store; False (and `store_problem` set) if it failed.
+
+        The first refresh and every `full_reload_every`-th re-read every record; the others
+        re-read only the tenants the store's change journal names.
+        """
+        self._touched.clear()
+        try:
+            if self._cursor is None or self._incremental_left <= 0:
+                await self._reload_all(None)
+            else:
+                cursor, changed = await self.store.changes_since(self._cursor)
+                if changed is None:
+                    await self._reload_all(cursor)
+                else:
+                    await self._reload_some(changed)
+                    self._cursor = cursor
+                    self._incremental_left -= 1
+        except errors.StoreUnavailable as exc:
+            if self.store_problem != exc.message:
+                emit("store.unavailable", level=logging.WARNING, reason=exc.message)
+            self.store_problem = exc.message
+            return False
+        if self.store_problem is not None:
+            emit("store.recovered")
+        self.store_problem = None
+        self._update_gauge()
+        return True
+
+    async def _reload_all(self, cursor: str | None) -> None:
+        """Replace memory with every record; `cursor` (if given) was read just before."""
+        if cursor is None:
+            # Read before the list, so a change made while the list is read is seen next time.
+            cursor, _ = await self.store.changes_since(None)
+        listed = await self.store.list()
+        fresh = {record.tenant: record for record in listed}
+        for tenant in self._touched:
+            kept = self._kept(tenant, fresh.get(tenant))
+            if kept is None:
+                fresh.pop(tenant, None)
+            else:
+                fresh[tenant] = kept
+        self._records = fresh
+        self._cursor = cursor
+        self._incremental_left = self.full_reload_every - 1
+        self.loaded = True
+
+    async def _reload_some(self, tenants: list[str]) -> None:
+        """Re-read the records of `tenants` (named by the change journal)."""
+        slots = asyncio.Semaphore(CHANGED_READS)
+
+        async def read(tenant: str) -> TenantRecord | None:
+            async with slots:
+                return await self.store.get(tenant)
+
+        failure: Exception | None = None
+        try:
+            # A TaskGroup, not gather: the first failure cancels the reads still queued.
+            async with asyncio.TaskGroup() as group:
+                reads = [group.create_task(read(tenant)) for tenant in tenants]
+        except ExceptionGroup as failed:
+            failure = failed.exceptions[0]
+        if failure is not None:
+            raise failure
+        for tenant, task in zip(tenants, reads, strict=True):
+            kept = self._kept(tenant, task.result())
+            if kept is None:
+                self._records.pop(tenant, None)
+            else:
+                self._records[tenant] = kept
+
+    def _kept(self, tenant: str, fresh: TenantRecord | None) -> TenantRecord | None:
+        """What memory keeps of `tenant` after a read: ours if it changed here meanwhile."""
+        if tenant not in self._touched:
+            return fresh
+        mine = self._records.get(tenant)
+        if mine is None or fresh is None or fresh.version <= mine.version:
+            return mine
+        return fresh
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            # While the store is down, retry sooner than the TTL so recovery is quick.
+            await asyncio.sleep(
+                self.cache_ttl if self.store_problem is None else min(self.cache_ttl, 1.0)
+            )
+            try:
+                await self.refresh()
+            except Exception:  # the refresh loop must survive anything a store raises
+                logging.getLogger(__name__).exception("tenant refresh failed")
+
+    def _update_gauge(self) -> None:
+        counts = dict.fromkeys(TenantState, 0)
+        for record in self._records.values():
+            counts[record.state] += 1
+        for state, count in counts.items():
+            self.metrics.tenants.labels(state=state.value).set(count)
