@@ -6,11 +6,13 @@ import asyncio
 import base64
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 
+import httpx
 from openbao_server import OpenBao
 from servers import RunningBroker, RunningSandbox
 
@@ -184,3 +186,35 @@ def test_migrate_refuses_the_same_store_twice() -> None:
     )
     assert result.returncode == 2
     assert "same store" in result.stderr
+
+
+def test_demo_keep_running_leaves_a_usable_broker_and_stops_on_ctrl_c() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "broker", "demo", "--keep-running"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        lines: list[str] = []
+        for line in process.stdout:
+            lines.append(line)
+            if "broker tenants list" in line:
+                break
+        exports = next(line for line in lines if "export BROKER_ADMIN_TOKEN=" in line).split()
+        values = dict(word.split("=", 1) for word in exports if "=" in word)
+        admin = f"http://127.0.0.1:{values['BROKER_ADMIN_PORT']}"
+        listed = httpx.get(
+            f"{admin}/v1/tenants",
+            headers={"Authorization": f"Bearer {values['BROKER_ADMIN_TOKEN']}"},
+        ).json()["tenants"]
+        assert [(t["tenant"], t["state"]) for t in listed] == [("acme-accounting", "active")]
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
