@@ -233,7 +233,19 @@ class ProxyApp:
                 checked = await self._recheck(record)
                 if checked.state is not TenantState.ACTIVE:
                     raise _not_active(checked)
-            await self._relay(response, send, receive, request_id, buffered)
+            try:
+                await self._relay(response, send, receive, request_id, buffered)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # The answer had started: too late for an error response. Closing the
+                # connection without completing it tells the caller the body is cut short.
+                emit(
+                    "proxy.upstream_aborted",
+                    level=logging.WARNING,
+                    tenant=record.tenant,
+                    route=decision.route.template,
+                    error_type=type(exc).__name__,
+                    request_id=request_id.decode("latin-1"),
+                )
             return response.status
         finally:
             response.close()

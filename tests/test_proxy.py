@@ -578,3 +578,14 @@ def test_401_for_a_key_replaced_mid_flight_leaves_the_tenant_active(
     broken = httpx.get(url, headers=TENANT, timeout=10)
     assert broken.status_code == 424
     assert broken.json()["error"]["reason"] == "key_rejected"
+
+
+def test_upstream_dying_mid_answer_cuts_the_answer_short(
+    recording: tuple[RecordingUpstream, RunningBroker], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, broker = recording
+    with pytest.raises(httpx.RemoteProtocolError):
+        httpx.get(f"{broker.proxy_url}/v3/export-jobs/cut-short/items", headers=TENANT)
+    # The broker logged it and keeps serving.
+    assert httpx.get(f"{broker.proxy_url}/v3/export-jobs", headers=TENANT).status_code == 200
+    assert any(r.getMessage() == "proxy.upstream_aborted" for r in caplog.records)

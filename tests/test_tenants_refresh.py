@@ -1,4 +1,4 @@
-"""TenantRegistry.refresh (through TenantService): full reloads, and catching up from the store's change journal.
+"""TenantRegistry.refresh (through TenantService): full reloads and the change journal.
 
 A real LocalStore on a temporary directory; a second LocalStore on the same file plays
 another replica. No call reaches Pleo.

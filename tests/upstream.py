@@ -71,6 +71,16 @@ class RecordingUpstream:
             await self._stream(send, size)
         elif path == "/v3/export-items" and b"endless" in scope["query_string"]:
             await self._endless(send, receive)
+        elif path == "/v3/export-jobs/cut-short/items":
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-length", b"1000000")],
+                }
+            )
+            await send({"type": "http.response.body", "body": b"z" * 100_000, "more_body": True})
+            raise ConnectionAbortedError("the upstream died mid-answer")
         elif path == "/v3/export-jobs/slow-401/items":
             await asyncio.sleep(0.5)  # long enough for the test to rotate the key meanwhile
             await _json(send, 401, {"type": "UNAUTHORIZED", "message": "key revoked"})
