@@ -89,6 +89,9 @@ class ProxyApp:
                 connector=connector,
                 timeout=self.timeout,
                 auto_decompress=False,
+                # One session serves every tenant: a cookie Pleo sets for one must never be
+                # replayed on another's call, so the session keeps no cookies at all.
+                cookie_jar=aiohttp.DummyCookieJar(),
                 skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
                 trust_env=False,
             )

@@ -589,3 +589,23 @@ def test_upstream_dying_mid_answer_cuts_the_answer_short(
     # The broker logged it and keeps serving.
     assert httpx.get(f"{broker.proxy_url}/v3/export-jobs", headers=TENANT).status_code == 200
     assert any(r.getMessage() == "proxy.upstream_aborted" for r in caplog.records)
+
+
+def test_upstream_cookies_are_never_replayed(tmp_path: Path) -> None:
+    # A host name, not an IP address: aiohttp's default cookie jar ignores cookies of IPs.
+    upstream = RecordingUpstream()
+    url, thread = start_app(upstream)
+    key = "pik_" + secrets.token_hex(20)
+    upstream.add_key(key, str(uuid.uuid4()), REQUIRED)
+    base = url.replace("127.0.0.1", "localhost")
+    broker = start_broker(broker_settings(base, tmp_path / "store", required_scopes=REQUIRED))
+    try:
+        connect(broker, "acme", key)
+        httpx.put(f"{broker.proxy_url}/v3/export-jobs/cookie/items", headers=TENANT, content=b"[]")
+        upstream.seen.clear()
+        httpx.get(f"{broker.proxy_url}/v3/export-jobs", headers=TENANT)
+        (seen,) = upstream.seen
+        assert seen.values(b"cookie") == []  # no cookie jar shared across tenants
+    finally:
+        broker.thread.stop()
+        thread.stop()

@@ -92,7 +92,7 @@ class RecordingUpstream:
                 200,
                 {},
                 [
-                    (b"set-cookie", b"session=abc"),
+                    (b"set-cookie", b"session=abc; Path=/"),
                     (b"x-upstream", b"1"),
                     (b"connection", b"x-upstream-hop"),
                     (b"keep-alive", b"5"),
