@@ -63,6 +63,23 @@ class Introspection:
         return match.group(1).lower() if match else None
 
 
+class _CookielessTransport(httpx.AsyncBaseTransport):
+    """Drops `Set-Cookie` before the client sees it: one client checks every tenant's key,
+    so a cookie Pleo sets while checking one key must never travel with another."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self._inner = inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self._inner.handle_async_request(request)
+        if "set-cookie" in response.headers:
+            del response.headers["set-cookie"]
+        return response
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
 class PleoClient:
     """Calls Pleo's control-plane endpoints with one pooled httpx client."""
 
@@ -79,7 +96,7 @@ class PleoClient:
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
             follow_redirects=False,
             trust_env=False,
-            transport=transport,
+            transport=_CookielessTransport(transport or httpx.AsyncHTTPTransport(trust_env=False)),
             headers={"Accept": "application/json", "User-Agent": "pleo-key-broker"},
         )
 

@@ -132,3 +132,15 @@ async def test_errors_never_carry_the_key() -> None:
     await client.aclose()
     assert key.reveal() not in str(caught.value) + repr(caught.value)
     assert key.reveal() not in repr(key) + str(key)
+
+
+@respx.mock
+async def test_cookies_from_one_introspection_never_reach_the_next() -> None:
+    route = respx.get(f"{BASE}/v1/introspect").respond(
+        200, json=_introspection(), headers={"Set-Cookie": "session=abc; Path=/"}
+    )
+    client = PleoClient(BASE)
+    await client.introspect(_key())
+    await client.introspect(_key())
+    await client.aclose()
+    assert "cookie" not in route.calls.last.request.headers
