@@ -89,10 +89,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from broker.catalog import CatalogError, load_catalog
     from broker.events import configure_logging, emit
     from broker.server import serve
 
     settings = load_settings()
+    try:
+        load_catalog(settings.catalog_path)  # fail here, in one line, not inside the server
+    except CatalogError as exc:
+        raise ConfigError(f"configuration error: BROKER_CATALOG_PATH: {exc}") from None
     if settings.admin_token is None or not settings.admin_token.get_secret_value():
         raise ConfigError(
             "configuration error: BROKER_ADMIN_TOKEN: required;"

@@ -124,6 +124,17 @@ def test_serve_stops_with_one_line_on_bad_config(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_serve_stops_with_one_line_on_a_bad_catalog(tmp_path: Path) -> None:
+    catalog = tmp_path / "catalog.json"
+    catalog.write_text('{"routes": [{"method": "FETCH", "path": "/x", "scope": null}]}')
+    result = serve_with(tmp_path, BROKER_ADMIN_TOKEN="t", BROKER_CATALOG_PATH=str(catalog))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "BROKER_CATALOG_PATH" in result.stderr
+    assert "FETCH" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_serve_refuses_to_start_without_admin_token(tmp_path: Path) -> None:
     result = serve_with(tmp_path)
     assert result.returncode == 2
