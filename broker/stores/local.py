@@ -24,6 +24,7 @@ import json
 import os
 import secrets
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -211,14 +212,22 @@ class LocalStore:
         except (OSError, sqlite3.Error) as exc:
             raise StoreUnavailable(f"Cannot open the local store {self.db_path}: {exc}") from exc
         try:
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = self._when_unlocked(
+                lambda: str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            )
             if mode != "wal":
                 raise StoreUnavailable(f"{self.db_path} cannot use WAL mode (got {mode!r}).")
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA secure_delete = ON")
-            conn.executescript(_SCHEMA)
-            self._check_master_key(conn)
-            self._instance = self._instance_id(conn)
+            # One write transaction taken up front (BEGIN IMMEDIATE waits for the lock):
+            # processes opening a new store together would otherwise each start reading and
+            # then fail to upgrade to a write, which SQLite answers with an immediate "locked".
+            with self._transaction(conn):
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                self._check_master_key(conn)
+                self._instance = self._instance_id(conn)
         except sqlite3.Error as exc:
             conn.close()
             raise StoreUnavailable(f"Cannot open the local store {self.db_path}: {exc}") from exc
@@ -226,6 +235,21 @@ class LocalStore:
             conn.close()
             raise
         return conn
+
+    def _when_unlocked(self, attempt: Callable[[], T]) -> T:
+        """Run `attempt`, retrying "database is locked" until the busy timeout has passed.
+
+        Switching to WAL takes an exclusive lock that SQLite's busy handler does not always
+        wait for when several connections open a new file at the same moment.
+        """
+        deadline = time.monotonic() + self._busy_timeout
+        while True:
+            try:
+                return attempt()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def _check_master_key(self, conn: sqlite3.Connection) -> None:
         """Refuse at start-up, not at the first read, a master key the store was not made with."""
