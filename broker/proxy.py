@@ -48,7 +48,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 REQUEST_DROP = HOP_BY_HOP | {b"host", b"authorization", b"cookie", b"x-request-id", b"expect"}
-RESPONSE_DROP = HOP_BY_HOP | {b"set-cookie", b"x-request-id", b"date", b"server"}
+RESPONSE_DROP = HOP_BY_HOP | {b"set-cookie", b"x-request-id"}
 STREAM_WATCH_THRESHOLD = 64 * 1024
 CHUNK = 64 * 1024
 UNMATCHED = "unmatched"
@@ -69,9 +69,11 @@ class ProxyApp:
         self.tenant_header = settings.tenant_header.lower().encode("latin-1")
         self.tenant_lookalike = self.tenant_header.replace(b"-", b"_")
         self.max_body = settings.max_inspected_body
+        # `connect` would also count waiting for a pooled connection; only the socket's
+        # own connect is bounded, so a busy pool is not mistaken for an unreachable Pleo.
         self.timeout = aiohttp.ClientTimeout(
             total=None,
-            connect=settings.upstream_connect_timeout,
+            connect=None,
             sock_connect=settings.upstream_connect_timeout,
             sock_read=settings.upstream_timeout,
         )
@@ -217,22 +219,21 @@ class ProxyApp:
                 data=body,
                 allow_redirects=False,
             )
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise errors.UpstreamTimeout(tenant=record.tenant) from exc
-        except aiohttp.ClientError as exc:
-            raise errors.UpstreamUnreachable(tenant=record.tenant) from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _upstream_error(exc, record.tenant) from exc
         self._observe(decision.route.template, time.perf_counter() - started)
         try:
             buffered = None
             if response.status == 401:
-                buffered = await response.read()
+                # Decided on the status alone: the body may never arrive.
                 now = await self.tenants.key_rejected(record)
                 if now.state is not TenantState.ACTIVE:
                     raise _not_active(now)
                 # The key was replaced while this call was in flight: the tenant is fine,
                 # this one call was made with the old key; the caller may retry.
+                buffered = await _read_error_body(response, record.tenant)
             elif response.status == 403:
-                buffered = await response.read()
+                buffered = await _read_error_body(response, record.tenant)
                 checked = await self._recheck(record)
                 if checked.state is not TenantState.ACTIVE:
                     raise _not_active(checked)
@@ -290,10 +291,12 @@ class ProxyApp:
         request_id: bytes,
         buffered: bytes | None = None,
     ) -> None:
+        drop = RESPONSE_DROP
+        connection = response.headers.get("Connection")
+        if connection:  # headers Pleo names in Connection are hop-by-hop too
+            drop = drop | {t.strip().lower().encode("latin-1") for t in connection.split(",")}
         headers = [
-            (name, value)
-            for name, value in response.raw_headers
-            if name.lower() not in RESPONSE_DROP
+            (name, value) for name, value in response.raw_headers if name.lower() not in drop
         ]
         headers.append((b"x-request-id", request_id))
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
@@ -361,6 +364,23 @@ def _new_request_id() -> bytes:
     raw[6] = raw[6] & 0x0F | 0x40
     raw[8] = raw[8] & 0x3F | 0x80
     return raw.hex().encode()
+
+
+def _upstream_error(exc: BaseException, tenant: str) -> errors.UpstreamError:
+    """Pleo could not be reached (502), or reached but did not answer in time (504)."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return errors.UpstreamUnreachable(tenant=tenant)  # not even connected in time
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        return errors.UpstreamTimeout(tenant=tenant)
+    return errors.UpstreamUnreachable(tenant=tenant)
+
+
+async def _read_error_body(response: aiohttp.ClientResponse, tenant: str) -> bytes:
+    """The (small) body of Pleo's 401/403, read before answering; failures map to 502/504."""
+    try:
+        return await response.read()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise _upstream_error(exc, tenant) from exc
 
 
 def _not_active(record: TenantRecord) -> errors.TenantNotActive:

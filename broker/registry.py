@@ -18,7 +18,7 @@ from broker import errors
 from broker.events import emit
 from broker.metrics import Metrics
 from broker.records import TenantRecord, TenantState
-from broker.stores import SecretStore
+from broker.stores import SecretStore, report_unreadable
 
 FULL_RELOAD_SECONDS = 600.0  # a full reload at least this often repairs a missed journal entry
 CHANGED_READS = 16  # store reads in flight while re-reading the tenants the journal names
@@ -36,6 +36,7 @@ class TenantRegistry:
         self.store_problem: str | None = None
         self._records: dict[str, TenantRecord] = {}
         self._touched: set[str] = set()
+        self._held: dict[str, TenantRecord] = {}
         self._cursor: str | None = None
         self._incremental_left = 0
         self._refresher: asyncio.Task[None] | None = None
@@ -90,7 +91,7 @@ class TenantRegistry:
                     await self._reload_some(changed)
                     self._cursor = cursor
                     self._incremental_left -= 1
-        except errors.StoreUnavailable as exc:
+        except errors.BrokerError as exc:  # unavailable, or anything else the store refused
             if self.store_problem != exc.message:
                 emit("store.unavailable", level=logging.WARNING, reason=exc.message)
             self.store_problem = exc.message
@@ -98,8 +99,33 @@ class TenantRegistry:
         if self.store_problem is not None:
             emit("store.recovered")
         self.store_problem = None
+        await self._save_held()
         self._update_gauge()
         return True
+
+    def hold(self, record: TenantRecord) -> None:
+        """Serve `record` (a state change the store could not take yet) until it is saved.
+
+        A broken tenant must stop being served at once even while the store is down; the
+        record is written at the next refresh that reaches the store, unless the store has
+        moved on meanwhile (another replica rotated the key), in which case the store wins.
+        """
+        self._held[record.tenant] = record
+        self.remember(record.tenant, record)
+
+    async def _save_held(self) -> None:
+        for tenant, record in list(self._held.items()):
+            if self._held.get(tenant) is not record:
+                continue
+            try:
+                stored = await self.store.put(record)
+            except errors.StoreConflict:
+                del self._held[tenant]  # the store moved on; the next refresh brings it
+                continue
+            except errors.BrokerError:
+                return  # still unreachable: try again at the next refresh
+            del self._held[tenant]
+            self.remember(tenant, stored)
 
     async def _reload_all(self, cursor: str | None) -> None:
         """Replace memory with every record; `cursor` (if given) was read just before."""
@@ -108,7 +134,7 @@ class TenantRegistry:
             cursor, _ = await self.store.changes_since(None)
         listed = await self.store.list()
         fresh = {record.tenant: record for record in listed}
-        for tenant in self._touched:
+        for tenant in self._touched | self._held.keys():
             kept = self._kept(tenant, fresh.get(tenant))
             if kept is None:
                 fresh.pop(tenant, None)
@@ -125,7 +151,11 @@ class TenantRegistry:
 
         async def read(tenant: str) -> TenantRecord | None:
             async with slots:
-                return await self.store.get(tenant)
+                try:
+                    return await self.store.get(tenant)
+                except errors.StoreIntegrityError as exc:
+                    report_unreadable(self.store.backend, tenant, exc)
+                    return None  # not served until it is fixed
 
         failure: Exception | None = None
         try:
@@ -145,6 +175,12 @@ class TenantRegistry:
 
     def _kept(self, tenant: str, fresh: TenantRecord | None) -> TenantRecord | None:
         """What memory keeps of `tenant` after a read: ours if it changed here meanwhile."""
+        held = self._held.get(tenant)
+        if held is not None:
+            if fresh is None or fresh.version > held.version:
+                del self._held[tenant]  # deleted or changed elsewhere since: the store wins
+                return fresh
+            return held
         if tenant not in self._touched:
             return fresh
         mine = self._records.get(tenant)

@@ -313,19 +313,28 @@ class TenantService:
     ) -> TenantRecord:
         now = utcnow()
         already = record.state is TenantState.BROKEN and record.reason is reason
-        updated = await self._write(
-            record.evolve(
-                state=TenantState.BROKEN,
-                reason=reason,
-                message=BROKEN_MESSAGES[reason],
-                scopes=scopes if scopes is not None else record.scopes,
-                missing_scopes=missing,
-                updated_at=record.updated_at if already else now,
-                last_checked_at=now,
-            )
+        broken = record.evolve(
+            state=TenantState.BROKEN,
+            reason=reason,
+            message=BROKEN_MESSAGES[reason],
+            scopes=scopes if scopes is not None else record.scopes,
+            missing_scopes=missing,
+            updated_at=record.updated_at if already else now,
+            last_checked_at=now,
         )
+        saved = True
+        try:
+            updated = await self._write(broken)
+        except errors.StoreUnavailable:
+            # Pleo refuses this key: stop using it now, store or no store.
+            self.registry.hold(broken)
+            updated, saved = broken, False
         if not already:
-            fields: dict[str, Any] = {"tenant": record.tenant, "reason": reason.value}
+            fields: dict[str, Any] = {
+                "tenant": record.tenant,
+                "reason": reason.value,
+                "saved": saved,
+            }
             if company_id_now is not None:
                 fields["key_company_id"] = company_id_now
             emit("tenant.broken", level=logging.WARNING, company_id=record.company_id, **fields)

@@ -609,3 +609,23 @@ def test_upstream_cookies_are_never_replayed(tmp_path: Path) -> None:
     finally:
         broker.thread.stop()
         thread.stop()
+
+
+def test_a_401_whose_body_never_arrives_still_breaks_the_tenant(
+    recording: tuple[RecordingUpstream, RunningBroker],
+) -> None:
+    _, broker = recording
+    response = httpx.get(f"{broker.proxy_url}/v3/export-jobs/401-cut/items", headers=TENANT)
+    assert response.status_code == 424
+    assert response.json()["error"]["reason"] == "key_rejected"
+
+
+def test_a_403_whose_body_never_arrives_is_upstream_unreachable(
+    recording: tuple[RecordingUpstream, RunningBroker],
+) -> None:
+    _, broker = recording
+    response = httpx.get(f"{broker.proxy_url}/v3/export-jobs/403-cut/items", headers=TENANT)
+    assert (response.status_code, code_of(response)) == (502, "upstream_unreachable")
+    assert response.headers["x-request-id"]
+    view = httpx.get(f"{broker.admin_url}/v1/tenants/acme", headers=broker.auth).json()
+    assert view["state"] == "active"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import secrets
+import sqlite3
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -223,3 +224,79 @@ async def test_a_store_outage_while_catching_up_keeps_what_memory_holds(
     assert tenants.store_problem is None
     assert tenants.get("acme") == changed
     assert mine.calls["list"] == 1
+
+
+def corrupt(store_dir: Path, tenant: str) -> None:
+    """Flip a byte of the tenant's ciphertext behind the store's back (no journal entry)."""
+    with sqlite3.connect(store_dir / "tenants.db") as conn:
+        (sealed,) = conn.execute(
+            "SELECT sealed_key FROM tenants WHERE tenant = ?", (tenant,)
+        ).fetchone()
+        damaged = bytearray(sealed)
+        damaged[-1] ^= 0x01
+        conn.execute("UPDATE tenants SET sealed_key = ? WHERE tenant = ?", (bytes(damaged), tenant))
+    conn.close()
+
+
+async def test_an_unreadable_record_is_skipped_not_fatal(
+    mine: CountingStore,
+    other: LocalStore,
+    pleo: PleoClient,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    good = await other.put(active("acme"))
+    await other.put(active("globex"))
+    corrupt(tmp_path / "store", "globex")
+    tenants = service(mine, pleo)
+    assert await tenants.refresh()  # a full reload: globex is reported and left out
+    assert tenants.get("acme") == good
+    assert tenants.get("globex") is None
+    assert tenants.store_problem is None
+
+    initech = await other.put(active("initech"))  # the journal now names initech...
+    await other.put(active("hooli"))
+    corrupt(tmp_path / "store", "hooli")  # ...and hooli, which no longer decrypts
+    assert await tenants.refresh()  # incremental: the bad one is dropped, the rest served
+    assert tenants.get("initech") == initech
+    assert tenants.get("hooli") is None
+    assert tenants.get("acme") == good
+    unreadable = [r for r in caplog.records if r.getMessage() == "store.record_unreadable"]
+    assert {getattr(r, "fields", {}).get("tenant") for r in unreadable} == {"globex", "hooli"}
+
+
+async def test_a_break_the_store_cannot_take_is_served_at_once_and_saved_later(
+    mine: CountingStore, pleo: PleoClient
+) -> None:
+    tenants = service(mine, pleo)
+    acme = await mine.put(active("acme"))
+    assert await tenants.refresh()
+    mine.down = True
+    broken = await tenants.key_rejected(acme)
+    assert broken.state is TenantState.BROKEN
+    assert tenants.get("acme") == broken  # no longer served, though nothing was written
+    assert not await tenants.refresh()  # the store is still down: the break is kept
+    assert tenants.get("acme") == broken
+    mine.down = False
+    assert await tenants.refresh()  # back: the held break is written
+    stored = await mine.inner.get("acme")
+    assert stored is not None and stored.state is TenantState.BROKEN
+    assert stored.reason is not None and stored.reason.value == "key_rejected"
+    assert await tenants.refresh()
+    assert tenants.get("acme") == stored
+
+
+async def test_a_held_break_yields_to_a_rotation_made_elsewhere(
+    mine: CountingStore, other: LocalStore, pleo: PleoClient
+) -> None:
+    tenants = service(mine, pleo)
+    acme = await mine.put(active("acme"))
+    assert await tenants.refresh()
+    mine.down = True
+    await tenants.key_rejected(acme)
+    rotated = await other.put(acme.evolve(api_key=ApiKey(f"pls_{secrets.token_hex(20)}")))
+    mine.down = False
+    assert await tenants.refresh()
+    assert tenants.get("acme") == rotated  # the new key is served; the old break is dropped
+    stored = await mine.inner.get("acme")
+    assert stored == rotated

@@ -71,6 +71,17 @@ class RecordingUpstream:
             await self._stream(send, size)
         elif path == "/v3/export-items" and b"endless" in scope["query_string"]:
             await self._endless(send, receive)
+        elif path in ("/v3/export-jobs/401-cut/items", "/v3/export-jobs/403-cut/items"):
+            status = 401 if "401" in path else 403
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": [(b"content-length", b"1000")],
+                }
+            )
+            await send({"type": "http.response.body", "body": b'{"type":', "more_body": True})
+            raise ConnectionAbortedError("the upstream died mid-error")
         elif path == "/v3/export-jobs/cut-short/items":
             await send(
                 {
@@ -95,6 +106,7 @@ class RecordingUpstream:
                     (b"set-cookie", b"session=abc; Path=/"),
                     (b"x-upstream", b"1"),
                     (b"connection", b"x-upstream-hop"),
+                    (b"x-upstream-hop", b"for the next hop only"),
                     (b"keep-alive", b"5"),
                 ],
             )

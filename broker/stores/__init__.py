@@ -4,7 +4,9 @@ Every store implements `SecretStore`. Writes are compare-and-set on `TenantRecor
 `put(record)` succeeds only if the stored version still equals `record.version` (0 for a
 tenant that must not exist yet), stores the record with version + 1 and returns it, or raises
 `StoreConflict`. `delete` destroys the key material, not only the newest copy of it. Failures
-to reach the backing service raise `StoreUnavailable`.
+to reach the backing service raise `StoreUnavailable`. A record that cannot be read back
+(wrong master key, tampered or hand-edited) makes `get` raise `StoreIntegrityError`; `list`
+skips it and reports it (`report_unreadable`), so one bad record never hides the others.
 
 Every store also keeps a change journal (`broker.stores.journal`), so that a reader can
 follow other processes' writes without re-reading every tenant:
@@ -21,9 +23,23 @@ store object on the same database or Vault prefix (replicas share them).
 from __future__ import annotations
 
 import builtins
+import logging
 from typing import Protocol
 
+from broker.errors import StoreIntegrityError
+from broker.events import emit
 from broker.records import TenantRecord
+
+
+def report_unreadable(backend: str, tenant: str, exc: StoreIntegrityError) -> None:
+    """Log a record `list` had to skip (its tenant is not served until it is fixed)."""
+    emit(
+        "store.record_unreadable",
+        level=logging.ERROR,
+        backend=backend,
+        tenant=tenant,
+        reason=exc.message,
+    )
 
 
 class SecretStore(Protocol):

@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 from broker.errors import StoreConflict, StoreIntegrityError, StoreUnavailable
 from broker.records import ApiKey, BrokenReason, TenantRecord, TenantState, valid_tenant_id
 from broker.settings import ConfigError
+from broker.stores import report_unreadable
 from broker.stores.crypto import (
     KEY_FILE_NAME,
     Sealer,
@@ -319,8 +320,13 @@ class LocalStore:
         return self._record(row) if row is not None else None
 
     def _list(self, conn: sqlite3.Connection) -> builtins.list[TenantRecord]:
-        rows = conn.execute(_SELECT_ALL).fetchall()
-        return [self._record(row) for row in rows]
+        records = []
+        for row in conn.execute(_SELECT_ALL).fetchall():
+            try:
+                records.append(self._record(row))
+            except StoreIntegrityError as exc:
+                report_unreadable(self.backend, str(row[0]), exc)
+        return records
 
     def _put(self, conn: sqlite3.Connection, record: TenantRecord) -> TenantRecord:
         sealed = (

@@ -44,6 +44,7 @@ from broker.errors import StoreConflict, StoreIntegrityError, StoreUnavailable
 from broker.events import emit
 from broker.records import ApiKey, BrokenReason, TenantRecord, TenantState, valid_tenant_id
 from broker.settings import Settings
+from broker.stores import report_unreadable
 from broker.stores.journal import NO_INSTANCE, Cursor, readable_from, tenants_of
 from broker.stores.vault_auth import TokenKeeper, build_client
 
@@ -109,13 +110,21 @@ class VaultStore:
         found = await self._call(lambda: self._read(tenant, None))
         return None if found is None else _decode(tenant, *found)
 
+    async def _get_readable(self, tenant: str) -> TenantRecord | None:
+        """`get`, but a record that cannot be read is reported and skipped (for `list`)."""
+        try:
+            return await self.get(tenant)
+        except StoreIntegrityError as exc:
+            report_unreadable(self.backend, tenant, exc)
+            return None
+
     async def list(self) -> list[TenantRecord]:
         names = await self._call(self._list_names)
         failure: Exception | None = None
         try:
             # A TaskGroup, not gather: the first failure cancels the reads still queued.
             async with asyncio.TaskGroup() as group:
-                reads = [group.create_task(self.get(name)) for name in names]
+                reads = [group.create_task(self._get_readable(name)) for name in names]
         except ExceptionGroup as failed:
             failure = failed.exceptions[0]
         if failure is not None:
