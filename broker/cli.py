@@ -14,6 +14,7 @@ import httpx
 
 from broker import __version__
 from broker.errors import BrokerError
+from broker.records import valid_tenant_id
 from broker.settings import ConfigError, Settings, load_settings
 
 
@@ -192,6 +193,14 @@ class AdminClient:
 
 
 def _client(args: argparse.Namespace) -> AdminClient:
+    tenant = getattr(args, "tenant", None)
+    if tenant is not None and not valid_tenant_id(tenant):
+        # Checked here, not only by the API: a path like "x/../other" would otherwise be
+        # normalised on the way and act on another tenant.
+        raise SystemExit(
+            f"error: {tenant!r} is not a tenant id (1 to 63 characters of a-z, 0-9, '.', '_'"
+            " or '-', starting with a letter or digit)"
+        )
     return AdminClient(load_settings(), args.admin_url)
 
 

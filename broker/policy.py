@@ -3,7 +3,7 @@
 In order:
 
 1. The request target must be a canonical origin-form path: it starts with `/`, has no `//`,
-   no `.` or `..` segment, no backslash, no control or non-ASCII byte, no character outside
+   no `;`, no `.` or `..` segment, no backslash, no control or non-ASCII byte, no character outside
    RFC 3986 path characters, only well-formed percent escapes, and none that decodes to `.`,
    `/`, `\\` or a control character. `CONNECT` and `TRACE` are refused. The decoded path must
    match a catalog route that accepts API keys (not `bearer_only`).
@@ -148,6 +148,10 @@ def _canonical_path(raw_path: bytes) -> str:
             f"{_NOT_CANONICAL}: it contains a character that must be percent-encoded,"
             " a backslash or a control character."
         )
+    if b";" in raw_path:
+        # Servlet containers read `;` as the start of path parameters (`/a/..;/b` is `/a/../b`
+        # there); no Pleo route has one, so none is forwarded.
+        raise RouteNotAllowed(f"{_NOT_CANONICAL}: it contains ';' (a path parameter).")
     for segment in raw_path.split(b"/"):
         if segment in (b".", b".."):
             raise RouteNotAllowed(f"{_NOT_CANONICAL}: it contains a '.' or '..' segment.")

@@ -60,6 +60,7 @@ class TenantService:
         self.required_scopes = tuple(required_scopes)
         self.registry = TenantRegistry(store, metrics, cache_ttl=cache_ttl)
         self._locks: dict[str, asyncio.Lock] = {}
+        self._binding = asyncio.Lock()
         self._checks: dict[str, asyncio.Future[TenantRecord]] = {}
 
     # -- reading (from memory; see broker.registry) ---------------------------------------
@@ -136,10 +137,30 @@ class TenantService:
         current = await self.store.get(tenant)
         try:
             info = await self._introspect(api_key)
-            company_id = self._validate(tenant, info, current, allow_company_change)
         except errors.ActivationError as exc:
             await self._remember_failure(tenant, current, exc)
             raise
+        # Validation and the write happen under one lock for all tenants, so that two
+        # activations of different tenants with keys of one company cannot both pass the
+        # company_in_use check while the other is being written.
+        async with self._binding:
+            try:
+                company_id = self._validate(tenant, info, current, allow_company_change)
+            except errors.ActivationError as exc:
+                await self._remember_failure(tenant, current, exc)
+                raise
+            stored = await self._bind(tenant, api_key, info, company_id, current)
+        return stored
+
+    async def _bind(
+        self,
+        tenant: str,
+        api_key: ApiKey,
+        info: Introspection,
+        company_id: str,
+        current: TenantRecord | None,
+    ) -> TenantRecord:
+        """Store the validated key and bind the company (DESIGN §3, step 6)."""
         now = utcnow()
         record = TenantRecord(
             tenant=tenant,

@@ -367,3 +367,28 @@ def test_metrics_count_activations_and_states(
 
 def test_all_scopes_constant_is_known() -> None:
     assert set(REQUIRED) <= set(ALL_SCOPES)
+
+
+def test_two_tenants_racing_for_one_company_get_one_binding(
+    broker: RunningBroker, sandbox: RunningSandbox
+) -> None:
+    first = sandbox.state.create_key(scopes=REQUIRED)
+    second = sandbox.state.create_key(company_id=first.company_id, scopes=REQUIRED)
+    sandbox.state.add_fault("/v1/introspect", "latency", latency_ms=300)
+
+    def activate(pair: tuple[str, str]) -> httpx.Response:
+        tenant, api_key = pair
+        return httpx.put(
+            f"{broker.admin_url}/v1/tenants/{tenant}/key",
+            headers=broker.auth,
+            json={"api_key": api_key},
+            timeout=30,
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(activate, [("aaa", first.api_key), ("bbb", second.api_key)]))
+    assert sorted(a.status_code for a in answers) == [200, 409]
+    refused = next(a for a in answers if a.status_code == 409)
+    assert error_of(refused)["code"] == "company_in_use"
+    listed = httpx.get(f"{broker.admin_url}/v1/tenants?state=active", headers=broker.auth)
+    assert len(listed.json()["tenants"]) == 1

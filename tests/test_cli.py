@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import pytest
 from openbao_server import OpenBao
 from servers import RunningBroker, RunningSandbox
 
@@ -218,3 +219,15 @@ def test_demo_keep_running_leaves_a_usable_broker_and_stops_on_ctrl_c() -> None:
             process.wait()
         if process.stdout is not None:
             process.stdout.close()
+
+
+@pytest.mark.parametrize("tenant", ["x/../acme", "acme#x", "acme?x=1", "Acme", "../acme"])
+def test_a_tenant_argument_that_is_not_an_id_is_refused_before_any_call(
+    broker: RunningBroker, sandbox: RunningSandbox, tenant: str
+) -> None:
+    key = sandbox.state.create_key(scopes=REQUIRED)
+    assert broker_cli(broker, "connect", "acme", stdin=key.api_key + "\n").returncode == 0
+    result = broker_cli(broker, "disconnect", tenant)
+    assert result.returncode == 1
+    assert "is not a tenant id" in result.stderr
+    assert "active" in broker_cli(broker, "show", "acme").stdout  # untouched

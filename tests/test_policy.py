@@ -50,6 +50,8 @@ DENIED: list[tuple[str, bytes, bytes, type[PolicyDenied], str]] = [
     ("GET", b"/v1/x/../introspect", b"", RouteNotAllowed, "'.' or '..' segment"),
     ("GET", b"/v1/vendors/..", b"", RouteNotAllowed, "'.' or '..' segment"),
     ("GET", b"/v1/vendors/.", b"", RouteNotAllowed, "'.' or '..' segment"),
+    ("GET", b"/v1/vendors/..;/introspect", b"", RouteNotAllowed, "';'"),
+    ("GET", b"/v1/vendors/abc;jsessionid=1", b"", RouteNotAllowed, "';'"),
     ("GET", b"/v1/vendors/%2e%2e", b"", RouteNotAllowed, "percent-encodes a dot"),
     ("GET", b"/v1/vendors/%2E", b"", RouteNotAllowed, "percent-encodes a dot"),
     ("GET", b"/v1/vendors/a%2e", b"", RouteNotAllowed, "percent-encodes a dot"),
