@@ -233,7 +233,9 @@ async def test_rotation_destroys_every_version_holding_the_old_key(
     old_key, new = new_key(), new_key()
     v1 = await root_store.put(active(tenant, old_key))
     v2 = await root_store.put(v1.evolve(message="checked, same key"))
-    assert read_version(root, path, 1) is not None  # a write without rotation keeps history
+    # Every write destroys what came before it, rotation or not, so a version that a failed
+    # destroy left behind never outlives the tenant's next write.
+    assert read_version(root, path, 1) is None
 
     v3 = await root_store.put(v2.evolve(api_key=new, message="rotated"))
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import hmac
 import logging
 import secrets
 import time
@@ -93,7 +92,6 @@ class VaultStore:
         self._pool = ThreadPoolExecutor(settings.vault_threads, thread_name_prefix="vault-store")
         self._slots = asyncio.Semaphore(settings.vault_threads)
         self._keeper = TokenKeeper(self._client, settings, self._run, clock=clock)
-        self._undestroyed: set[str] = set()
         self._where = f"{settings.vault_addr} {self._mount}/{self._base}"
 
     def __repr__(self) -> str:
@@ -135,12 +133,11 @@ class VaultStore:
         tenant = record.tenant
         if not valid_tenant_id(tenant):
             raise ValueError("not a valid tenant id")
-        rotated = False
-        if record.version > 0:
-            prior = await self._call(lambda: self._read(tenant, record.version))
-            rotated = prior is None or not _same_key(prior[0].get("api_key"), record.api_key)
         version = await self._call(lambda: self._write(record))
-        if rotated or tenant in self._undestroyed:
+        if version > 1:
+            # Every older version is obsolete: destroy them all on every write, not only on a
+            # rotation, so a key a failed destroy left behind goes at the next write (even
+            # one made by another process or after a restart).
             await self._destroy_history(tenant, below=version)
         await self._journal(tenant)
         return record.evolve(version=version)
@@ -158,7 +155,6 @@ class VaultStore:
                 path=self._path(tenant), mount_point=self._mount
             )
         )
-        self._undestroyed.discard(tenant)
         await self._journal(tenant)
         return True
 
@@ -182,7 +178,6 @@ class VaultStore:
             if versions:
                 await self._call(partial(self._destroy, tenant, versions))
         except StoreUnavailable as exc:
-            self._undestroyed.add(tenant)
             emit(
                 "store.destroy_failed",
                 level=logging.WARNING,
@@ -190,8 +185,6 @@ class VaultStore:
                 backend=self.backend,
                 error=exc.message,
             )
-        else:
-            self._undestroyed.discard(tenant)
 
     async def _journal(self, tenant: str) -> None:
         """Append `tenant`'s change to the journal; log, never raise, if that fails."""
@@ -393,12 +386,6 @@ class _Journal:
                 return None
             entries.append((number, tenant))
         return cls(epoch, revision, tuple(entries))
-
-
-def _same_key(stored: object, key: ApiKey | None) -> bool:
-    if key is None or not isinstance(stored, str):
-        return key is None and stored is None
-    return hmac.compare_digest(stored.encode(), key.reveal().encode())
 
 
 def _encode(record: TenantRecord) -> dict[str, Any]:
