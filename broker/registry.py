@@ -51,7 +51,11 @@ class TenantRegistry:
         return [r for r in records if state is None or r.state is state]
 
     def remember(self, tenant: str, record: TenantRecord | None) -> bool:
-        """Take a record this process just read or wrote (None: gone); True if it was known."""
+        """Take a record this process just wrote, or read under the tenant's lock (None: gone).
+
+        Returns True if the tenant was known. Callers hold the tenant's lock, so records
+        arrive here in the order they were made.
+        """
         self._touched.add(tenant)
         if record is None:
             known = self._records.pop(tenant, None) is not None

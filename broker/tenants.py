@@ -93,8 +93,12 @@ class TenantService:
         """Catch up with the store now (see `TenantRegistry.refresh`)."""
         return await self.registry.refresh()
 
-    async def fetch(self, tenant: str) -> TenantRecord:
-        """The tenant's record, fresh from the store when it answers, else from memory."""
+    async def fetch(self, tenant: str, *, remember: bool = False) -> TenantRecord:
+        """The tenant's record, fresh from the store when it answers, else from memory.
+
+        Only a caller holding the tenant's lock may `remember` what it read: an unlocked
+        read can finish after a concurrent change and would put an older record back.
+        """
         _require_valid(tenant)
         try:
             record = await self.store.get(tenant)
@@ -103,7 +107,8 @@ class TenantService:
             if record is None and not self.registry.loaded:
                 raise
         else:
-            self.registry.remember(tenant, record)
+            if remember:
+                self.registry.remember(tenant, record)
         if record is None:
             raise errors.TenantUnknown(tenant=tenant)
         return record
@@ -275,14 +280,14 @@ class TenantService:
             except errors.StoreConflict:
                 # Another replica changed the tenant (a rotation, most likely): re-read it and
                 # break it only if it still holds the rejected key.
-                fresh = await self.fetch(record.tenant)
+                fresh = await self.fetch(record.tenant, remember=True)
                 if fresh.api_key != record.api_key or fresh.state is TenantState.BROKEN:
                     return fresh
                 return await self._break(fresh, BrokenReason.KEY_REJECTED)
 
     async def _check(self, tenant: str) -> TenantRecord:
         async with self._lock(tenant):
-            record = await self.fetch(tenant)
+            record = await self.fetch(tenant, remember=True)
             if record.api_key is None:
                 return record  # pending: there is no key to check
             now = utcnow()
