@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -40,6 +41,7 @@ from broker.registry import TenantRegistry
 from broker.stores import SecretStore
 
 API_KEY_AUTH = "API_KEY"
+FORBIDDEN_RECHECK_COOLDOWN = 5.0  # seconds a 403 re-check that found the key fine stands
 
 
 class TenantService:
@@ -61,6 +63,7 @@ class TenantService:
         self.registry = TenantRegistry(store, metrics, cache_ttl=cache_ttl)
         self._locks: dict[str, asyncio.Lock] = {}
         self._binding = asyncio.Lock()
+        self._forbidden_checked: dict[str, float] = {}
         self._checks: dict[str, asyncio.Future[TenantRecord]] = {}
 
     # -- reading (from memory; see broker.registry) ---------------------------------------
@@ -166,6 +169,7 @@ class TenantService:
         current: TenantRecord | None,
     ) -> TenantRecord:
         """Store the validated key and bind the company (DESIGN §3, step 6)."""
+        self._forbidden_checked.pop(tenant, None)  # a new key earns a fresh 403 check
         now = utcnow()
         record = TenantRecord(
             tenant=tenant,
@@ -264,8 +268,25 @@ class TenantService:
         return await self._single_flight(tenant, lambda: self._check(tenant))
 
     async def recheck_after_forbidden(self, tenant: str) -> TenantRecord:
-        """Pleo answered 403 for this tenant: find out whether the key or its rights changed."""
-        return await self._single_flight(tenant, lambda: self._check(tenant))
+        """Pleo answered 403 for this tenant: find out whether the key or its rights changed.
+
+        A 403 within `FORBIDDEN_RECHECK_COOLDOWN` seconds of the last such check that found
+        the key fine is taken as a resource-level denial without asking Pleo again: routine
+        403s (another company's object, say) must not double the traffic to Pleo.
+        """
+        checked_at = self._forbidden_checked.get(tenant)
+        current = self.registry.get(tenant)
+        if (
+            checked_at is not None
+            and current is not None
+            and current.state is TenantState.ACTIVE
+            and time.monotonic() - checked_at < FORBIDDEN_RECHECK_COOLDOWN
+        ):
+            return current
+        record = await self._single_flight(tenant, lambda: self._check(tenant))
+        if record.state is TenantState.ACTIVE:
+            self._forbidden_checked[tenant] = time.monotonic()
+        return record
 
     async def key_rejected(self, record: TenantRecord) -> TenantRecord:
         """Pleo answered 401 to a call made with `record`'s key: the tenant is broken at once."""

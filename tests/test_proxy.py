@@ -629,3 +629,20 @@ def test_a_403_whose_body_never_arrives_is_upstream_unreachable(
     assert response.headers["x-request-id"]
     view = httpx.get(f"{broker.admin_url}/v1/tenants/acme", headers=broker.auth).json()
     assert view["state"] == "active"
+
+
+def test_routine_403s_do_not_each_reintrospect(
+    proxy: httpx.Client, sandbox: RunningSandbox, acme: Any
+) -> None:
+    other = sandbox.state.create_key(scopes=REQUIRED)
+    job = httpx.post(
+        f"{sandbox.url}/v3/export-jobs",
+        auth=(other.api_key, ""),
+        json={"companyId": other.company_id, "accountingEntryIds": [str(uuid.uuid4())]},
+    ).json()["data"]
+    sandbox.state.clear_requests()
+    for _ in range(4):  # another company's job: a resource-level 403 every time
+        response = proxy.get(f"/v3/export-jobs/{job['id']}", headers=TENANT)
+        assert response.status_code == 403
+    introspections = [r for r in sandbox.state.requests if r.path == "/v1/introspect"]
+    assert len(introspections) == 1  # the first 403 checked the key; the rest trusted it
