@@ -198,11 +198,12 @@ class ProxyApp:
         assert record.api_key is not None
         headers = self._upstream_headers(scope["headers"], record, request_id)
         body: Any = None
-        if decision.inspect_body or _json_body(scope["headers"]):
+        kind = _body_kind(scope["headers"])
+        if decision.inspect_body or kind is _JSON:
             raw = await _read_bounded(receive, self.max_body, headers)
             body = check_body(decision.route, raw, company_id=record.company_id or "")
             headers["Content-Length"] = str(len(body))
-        elif _has_body(scope["headers"]):
+        elif kind is _OTHER:
             body = _stream_request(receive)
         if self.session is None:
             await self.open()
@@ -333,11 +334,11 @@ class ProxyApp:
     # -- metrics (children cached: labels() is too slow for every request) ---------------
 
     def _count(self, method: str, route: str, status: int) -> None:
+        if method not in _KNOWN_METHODS:
+            method = "OTHER"  # before the cache key too: made-up methods must not grow it
         key = (method, route, status)
         child = self._counters.get(key)
         if child is None:
-            if method not in _KNOWN_METHODS:
-                method = "OTHER"
             child = self._counters[key] = self._requests_total.labels(
                 method=method, route=route, code=str(status)
             )
@@ -394,26 +395,32 @@ def _not_active(record: TenantRecord) -> errors.TenantNotActive:
     )
 
 
-def _json_body(headers: list[tuple[bytes, bytes]]) -> bool:
-    """True if the request carries a body Pleo would read as JSON (declared so, or undeclared).
+_JSON = "json"
+_OTHER = "other"
 
-    Every such body is inspected, whatever the route, so that no top-level `companyId`
+
+def _body_kind(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """None without a body; `_JSON` for a body Pleo would read as JSON (declared so, or
+    undeclared); `_OTHER` for a body declared as something else. One pass over the headers.
+
+    Every JSON body is inspected, whatever the route, so that no top-level `companyId`
     reaches Pleo unchecked; bodies declared as something else stream untouched.
     """
-    if not _has_body(headers):
-        return False
-    for name, value in headers:
-        if name == b"content-type":
-            media = value.split(b";", 1)[0].strip().lower()
-            return media in (b"application/json", b"text/json") or media.endswith(b"+json")
-    return True
-
-
-def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    has_body = False
+    content_type: bytes | None = None
     for name, value in headers:
         if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
-            return True
-    return False
+            has_body = True
+        elif name == b"content-type" and content_type is None:
+            content_type = value
+    if not has_body:
+        return None
+    if content_type is None:
+        return _JSON
+    media = content_type.split(b";", 1)[0].strip().lower()
+    if media in (b"application/json", b"text/json") or media.endswith(b"+json"):
+        return _JSON
+    return _OTHER
 
 
 async def _read_bounded(receive: Receive, limit: int, headers: dict[str, str]) -> bytes:

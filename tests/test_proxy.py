@@ -646,3 +646,15 @@ def test_routine_403s_do_not_each_reintrospect(
         assert response.status_code == 403
     introspections = [r for r in sandbox.state.requests if r.path == "/v1/introspect"]
     assert len(introspections) == 1  # the first 403 checked the key; the rest trusted it
+
+
+def test_unusual_methods_share_one_metric_label(broker: RunningBroker, acme: Any) -> None:
+    for method in ("PROPFIND", "MKCOL", "LOCK"):
+        _raw_request(
+            broker,
+            f"{method} /v3/export-jobs HTTP/1.1\r\nHost: x\r\nX-Broker-Tenant: acme\r\n"
+            "Connection: close\r\n\r\n".encode(),
+        )
+    text = httpx.get(f"{broker.admin_url}/metrics").text
+    assert 'broker_proxy_requests_total{code="403",method="OTHER",route="unmatched"} 3.0' in text
+    assert "PROPFIND" not in text
