@@ -4,12 +4,14 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo run test lint format bench clean system-deps
+.PHONY: demo run test test-fast check lint format bench clean system-deps
 
-$(STAMP): pyproject.toml
+# Exact pins from requirements-dev.lock (scripts/lock-requirements.sh), then the broker itself.
+$(STAMP): pyproject.toml requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -r requirements-dev.lock
+	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
 system-deps:
@@ -30,8 +32,15 @@ format: $(STAMP)
 	$(BIN)/ruff format broker tests bench
 	$(BIN)/ruff check --fix broker tests bench
 
+check: lint
+
+# Every test, real components included, with coverage (the floor is in pyproject.toml).
 test: $(STAMP) system-deps lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --cov=broker --cov-report=term-missing:skip-covered
+
+# Everything but the tests marked slow, for the edit-test loop.
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m 'not slow'
 
 bench: $(STAMP) system-deps
 	$(BIN)/python -m bench

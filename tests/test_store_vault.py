@@ -453,6 +453,7 @@ async def test_malformed_tenant_ids_never_reach_vault(root_store: VaultStore) ->
 
 
 @pytest.mark.real
+@pytest.mark.slow
 async def test_listing_many_tenants(openbao: OpenBao) -> None:
     store = VaultStore(
         openbao.settings(vault_prefix=f"many-{secrets.token_hex(6)}", vault_threads=32)
