@@ -136,6 +136,7 @@ class ProxyApp:
                 scope["query_string"],
                 company_id=record.company_id or "",
                 scopes=record.scopes,
+                allow_control_plane=self.broker.settings.proxy_allow_control_plane,
             )
             route = decision.route.template
             status = await self._forward(scope, receive, send, record, decision, request_id)

@@ -68,6 +68,7 @@ class Settings(BaseSettings):
     upstream_connect_timeout: float = Field(5.0, gt=0)
     upstream_timeout: float = Field(30.0, gt=0)
     max_inspected_body: int = Field(1_048_576, ge=1024)
+    proxy_allow_control_plane: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
 

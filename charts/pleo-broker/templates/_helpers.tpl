@@ -124,6 +124,7 @@ BROKER_CACHE_TTL: {{ .Values.broker.cacheTtl | toString | quote }}
 BROKER_UPSTREAM_CONNECT_TIMEOUT: {{ .Values.broker.upstreamConnectTimeout | toString | quote }}
 BROKER_UPSTREAM_TIMEOUT: {{ .Values.broker.upstreamTimeout | toString | quote }}
 BROKER_MAX_INSPECTED_BODY: {{ int64 .Values.broker.maxInspectedBody | quote }}
+BROKER_PROXY_ALLOW_CONTROL_PLANE: {{ .Values.broker.proxyAllowControlPlane | toString | quote }}
 BROKER_LOG_LEVEL: {{ .Values.broker.logLevel | quote }}
 BROKER_LOG_FORMAT: {{ .Values.broker.logFormat | quote }}
 {{- if eq .Values.store.type "vault" }}
