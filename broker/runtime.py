@@ -55,6 +55,7 @@ async def open_broker(
         pleo,
         metrics,
         required_scopes=settings.required_scopes,
+        pleo_client_id=settings.pleo_client_id,
         cache_ttl=settings.cache_ttl,
     )
     try:

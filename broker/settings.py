@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     )
 
     pleo_base_url: str = "https://external.pleo.io"
+    pleo_client_id: str | None = None
     proxy_host: str = "127.0.0.1"
     proxy_port: int = Field(8080, ge=0, le=65535)
     admin_host: str = "127.0.0.1"
@@ -80,6 +81,13 @@ class Settings(BaseSettings):
                 part.strip() for part in value.replace(" ", ",").split(",") if part.strip()
             )
         return value
+
+    @field_validator("pleo_client_id", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value.strip() if isinstance(value, str) else value
 
     @field_validator("log_level", mode="before")
     @classmethod

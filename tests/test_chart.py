@@ -299,6 +299,7 @@ def test_local_store_uses_a_kept_volume_and_recreate_strategy() -> None:
 CHART_SETTINGS: dict[str, Any] = {
     "broker": {
         "pleoBaseUrl": "https://pleo.example.test",
+        "pleoClientId": "d8b8a6d4-3c4b-4b8e-8b2e-1f2a3d4e5f6a",
         "tenantHeader": "X-Customer",
         "requiredScopes": ["export:read", "companies:read"],
         "catalogPath": "/etc/broker/catalog.json",
@@ -331,6 +332,7 @@ CHART_SETTINGS: dict[str, Any] = {
 
 EXPECTED_SETTINGS = {
     "pleo_base_url": "https://pleo.example.test",
+    "pleo_client_id": "d8b8a6d4-3c4b-4b8e-8b2e-1f2a3d4e5f6a",
     "tenant_header": "X-Customer",
     "required_scopes": ("export:read", "companies:read"),
     "catalog_path": Path("/etc/broker/catalog.json"),

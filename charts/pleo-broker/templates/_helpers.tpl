@@ -109,6 +109,9 @@ app.kubernetes.io/component: credential-broker
 {{/* Non-secret settings, as BROKER_* variables (DESIGN §7). */}}
 {{- define "pleo-broker.settings" -}}
 BROKER_PLEO_BASE_URL: {{ .Values.broker.pleoBaseUrl | quote }}
+{{- with .Values.broker.pleoClientId }}
+BROKER_PLEO_CLIENT_ID: {{ . | quote }}
+{{- end }}
 BROKER_PROXY_HOST: {{ ternary "0.0.0.0" "127.0.0.1" (eq (include "pleo-broker.proxyExposed" .) "true") | quote }}
 BROKER_PROXY_PORT: {{ int64 .Values.proxy.port | quote }}
 BROKER_ADMIN_HOST: "0.0.0.0"
