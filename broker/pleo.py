@@ -99,13 +99,17 @@ class PleoClient:
         connect_timeout: float = 5.0,
         timeout: float = 15.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        proxy: str | None = None,
     ) -> None:
+        """`proxy` is an egress proxy URL (credentials in it become Proxy-Authorization)."""
+        if transport is None:
+            transport = httpx.AsyncHTTPTransport(trust_env=False, proxy=proxy)
         self._client = httpx.AsyncClient(
             base_url=base_url,
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
             follow_redirects=False,
             trust_env=False,
-            transport=_CookielessTransport(transport or httpx.AsyncHTTPTransport(trust_env=False)),
+            transport=_CookielessTransport(transport),
             headers={"Accept": "application/json", "User-Agent": "pleo-key-broker"},
         )
 

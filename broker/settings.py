@@ -12,6 +12,7 @@ import binascii
 import os
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -68,6 +69,7 @@ class Settings(BaseSettings):
     cache_ttl: float = Field(10.0, gt=0)
     upstream_connect_timeout: float = Field(5.0, gt=0)
     upstream_timeout: float = Field(30.0, gt=0)
+    upstream_proxy: SecretStr | None = None
     max_inspected_body: int = Field(1_048_576, ge=1024)
     proxy_allow_control_plane: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -121,6 +123,25 @@ class Settings(BaseSettings):
             if len(raw) != 32:
                 raise ValueError("must decode to exactly 32 bytes")
         return value
+
+    @field_validator("upstream_proxy")
+    @classmethod
+    def _proxy_url(cls, value: SecretStr | None) -> SecretStr | None:
+        # The URL may hold a password: no message here may quote any part of it.
+        if value is None or not value.get_secret_value().strip():
+            return None
+        try:
+            parts = urlsplit(value.get_secret_value().strip())
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError:
+            raise ValueError("must be a URL such as http://proxy.example:3128") from None
+        if parts.scheme not in ("http", "https"):
+            raise ValueError("must start with http:// or https://")
+        if not parts.hostname:
+            raise ValueError("must name the proxy's host, e.g. http://proxy.example:3128")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError("must be only scheme, optional user:password@, host and port")
+        return SecretStr(value.get_secret_value().strip())
 
     @model_validator(mode="after")
     def _vault_complete(self) -> Settings:

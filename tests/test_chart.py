@@ -35,6 +35,7 @@ SECRET_VALUES = {
     "masterKey": MASTER_KEY,
     "vaultToken": "hvs.vault-token-Ut5eQ9",
     "vaultSecretId": "secret-id-Lm2nB7cX4",
+    "upstreamProxy": "http://egress:Pr0xy-pw-9x@proxy.corp.test:3128",
 }
 
 VAULT_KUBERNETES: dict[str, Any] = {
@@ -414,6 +415,8 @@ def test_every_value_reaches_the_broker_settings(
     if auth == "approle":
         assert settings.vault_secret_id is not None
         assert settings.vault_secret_id.get_secret_value() == SECRET_VALUES["vaultSecretId"]
+    assert settings.upstream_proxy is not None
+    assert settings.upstream_proxy.get_secret_value() == SECRET_VALUES["upstreamProxy"]
 
 
 def test_the_chart_covers_every_broker_setting() -> None:
@@ -651,3 +654,14 @@ def test_notes_tell_how_to_reach_the_broker() -> None:
     assert "master key in a file" in text
     exposed = notes({"proxy": {"expose": True}})
     assert "rel-pleo-broker.apps.svc:8080" in exposed
+
+
+def test_the_upstream_proxy_comes_from_the_secret_and_may_be_absent() -> None:
+    for values in (FEATURES["defaults"], FEATURES["existing-secret"]):
+        manifests = render(values)
+        var = next(
+            v for v in broker_container(manifests)["env"] if v["name"] == "BROKER_UPSTREAM_PROXY"
+        )
+        assert var["valueFrom"]["secretKeyRef"]["key"] == "upstream-proxy"
+        assert var["valueFrom"]["secretKeyRef"]["optional"] is True
+        assert "BROKER_UPSTREAM_PROXY" not in only(manifests, "ConfigMap")["data"]

@@ -199,6 +199,12 @@ BROKER_VAULT_CACERT: {{ printf "%s/%s" (include "pleo-broker.vaultCaMountPath" .
           name: {{ include "pleo-broker.secretName" . }}
           key: {{ .Values.secrets.keys.vaultSecretId }}
     {{- end }}
+    - name: BROKER_UPSTREAM_PROXY
+      valueFrom:
+        secretKeyRef:
+          name: {{ include "pleo-broker.secretName" . }}
+          key: {{ .Values.secrets.keys.upstreamProxy }}
+          optional: true
     {{- with .Values.broker.extraEnv }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
