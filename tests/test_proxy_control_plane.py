@@ -20,6 +20,12 @@ CONTROL_PLANE = [
     ("POST", "/v1/installations/me:activate"),
     ("PUT", "/v1/installations/completions"),
 ]
+# The same routes spelled with percent-escapes the policy decodes before matching.
+ENCODED = [
+    ("DELETE", "/v1/installations/%6De"),
+    ("POST", "/v1/installations/me%3Aactivate"),
+    ("PUT", "/v1/%69nstallations/completions"),
+]
 
 
 def _connected(
@@ -37,7 +43,7 @@ def _connected(
     return broker
 
 
-@pytest.mark.parametrize(("method", "path"), CONTROL_PLANE)
+@pytest.mark.parametrize(("method", "path"), CONTROL_PLANE + ENCODED)
 def test_control_plane_routes_are_refused_by_default(
     make_broker: Callable[..., RunningBroker], sandbox: RunningSandbox, method: str, path: str
 ) -> None:
