@@ -158,6 +158,11 @@ class PleoClient:
 
 
 def _raise_unless_ok(response: httpx.Response) -> None:
+    if response.status_code == 407:  # Pleo is no proxy: this is the egress proxy speaking
+        raise PleoUnreachable(
+            "The egress proxy refused the broker (HTTP 407): check the credentials in"
+            " BROKER_UPSTREAM_PROXY"
+        )
     if response.status_code >= 500 or response.status_code == 429:
         raise PleoUnreachable(f"Pleo answered HTTP {response.status_code}")
     if response.status_code != 200:

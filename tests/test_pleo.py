@@ -75,6 +75,7 @@ async def test_rejected_key(status: int) -> None:
         httpx.Response(500),
         httpx.Response(503),
         httpx.Response(429, headers={"Retry-After": "3"}),
+        httpx.Response(407, headers={"Proxy-Authenticate": "Basic"}),  # the egress proxy
         httpx.ConnectError("refused"),
         httpx.ReadTimeout("slow"),
     ],

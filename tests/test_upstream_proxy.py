@@ -43,6 +43,7 @@ class ForwardProxy:
 
     seen: list[Forwarded] = field(default_factory=list)
     port: int = 0
+    required_authorization: str | None = None
 
     async def serve(self, stop: asyncio.Event, started: Callable[..., None]) -> None:
         server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -66,6 +67,15 @@ class ForwardProxy:
         named = {name.lower(): value for name, value in headers}
         self.seen.append(Forwarded(method, target, named.get("proxy-authorization")))
         url = urlsplit(target)
+        wanted = self.required_authorization
+        if wanted is not None and named.get("proxy-authorization") != wanted:
+            writer.write(
+                b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+                b'Proxy-Authenticate: Basic realm="egress"\r\nContent-Length: 0\r\n\r\n'
+            )
+            await writer.drain()
+            writer.close()
+            return
         if url.scheme != "http" or url.hostname != "127.0.0.1":
             writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
             await writer.drain()
@@ -184,6 +194,27 @@ def test_without_credentials_no_proxy_authorization_is_sent(
     _activate_and_call(broker, sandbox)
     assert len(forward_proxy.seen) == 2
     assert all(f.proxy_authorization is None for f in forward_proxy.seen)
+
+
+def test_an_egress_proxy_refusing_the_credentials_is_pleo_unavailable(
+    make_broker: Callable[..., RunningBroker],
+    sandbox: RunningSandbox,
+    forward_proxy: ForwardProxy,
+    logs: io.StringIO,
+) -> None:
+    forward_proxy.required_authorization = "Basic " + base64.b64encode(b"u:right").decode()
+    broker = make_broker(upstream_proxy=f"http://u:{PASSWORD}@127.0.0.1:{forward_proxy.port}")
+    key = sandbox.state.create_key(scopes=REQUIRED)
+    activated = httpx.put(
+        f"{broker.admin_url}/v1/tenants/acme/key",
+        headers=broker.auth,
+        json={"api_key": key.api_key},
+        trust_env=False,
+    )
+    assert activated.status_code == 503, activated.text
+    assert activated.json()["error"]["code"] == "pleo_unavailable"
+    assert PASSWORD not in activated.text + logs.getvalue()
+    assert list(sandbox.state.requests) == []
 
 
 def test_without_the_setting_nothing_goes_through_a_proxy(
