@@ -1,13 +1,13 @@
 """The Pleo client of the control plane: key introspection over httpx.
 
-`subjectURN` is optional in Pleo's introspection spec; when it is missing, the company comes
-from the key's installation (`GET /v1/installations/me`, its `resource`), as Pleo's own guides
-take it.
-
     PleoError
     ├── PleoKeyRejected       Pleo answered 401/403: the key itself is not accepted
-    ├── PleoUnreachable       connection failure, timeout or 5xx: try again later
+    ├── PleoUnreachable       connection failure, timeout, 5xx or 429 (407: the egress proxy)
     └── PleoUnexpectedAnswer  any other answer, or a body that is not an introspection
+
+`subjectURN` is optional in Pleo's introspection spec; when it is missing, the company comes
+from the key's installation (`GET /v1/installations/me`, its `resource`), as Pleo's own guides
+take it. Both calls go through the egress proxy when one is configured.
 
 The data plane does not use this module: it forwards with aiohttp (see proxy.py).
 """
