@@ -64,6 +64,8 @@ def test_a_key_without_a_company_is_refused(
     response = put_key(broker, "acme", key.api_key)
     assert response.status_code == 422, response.text
     assert response.json()["error"]["code"] == "key_not_company_scoped"
+    asked = [r.path for r in sandbox.state.requests]
+    assert asked == (["/v1/introspect"] if subject else ["/v1/introspect", "/v1/installations/me"])
 
 
 def test_the_integration_of_the_key_is_recorded_and_shown(
