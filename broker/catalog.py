@@ -6,12 +6,17 @@ in the same format (`BROKER_CATALOG_PATH`). Each entry::
 
     {"method": "PUT", "path": "/v1/vendors/{id}", "operation_id": "updateVendor",
      "scope": "vendors:write", "company": [{"in": "body", "name": "companyId"}],
-     "bearer_only": false}
+     "bearer_only": false, "control_plane": false}
 
 `company` says where the operation carries a company id (path parameter, query parameter,
 top-level `companyId` of the JSON body), read from the spec's parameters and request-body schemas.
 `bearer_only` marks operations whose spec accepts OAuth bearer tokens only (the broker refuses
-them).
+them). `control_plane` (default false) marks the integration's own control plane: creating,
+updating, activating, completing and deleting its installation (`POST`/`PUT`/`DELETE
+/v1/installations/me`, `POST /v1/installations/me:activate`, `PUT /v1/installations/completions`).
+`DELETE /v1/installations/me` uninstalls the integration for the customer, so the proxy refuses
+these unless the operator sets `BROKER_PROXY_ALLOW_CONTROL_PLANE=true`. Reading the
+installation (`GET /v1/installations/me`) is not control plane: an integration may read it.
 
 Scopes. Pleo documents `export-jobs:read|write`, `export-items:read`, `accounts:read|write`,
 `vendors:read|write` and `users:read`; searches (`POST …:search`) of vendors and accounts are reads.
@@ -57,7 +62,9 @@ LOCATIONS: tuple[CompanyLocation, ...] = ("path", "query", "body")
 _LITERAL = re.compile(r"[A-Za-z0-9._~-]+(?::[A-Za-z0-9._~-]+)?")
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}(:[A-Za-z0-9._~-]+)?")
 _SCOPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*:[A-Za-z0-9][A-Za-z0-9._-]*")
-_ENTRY_KEYS = frozenset({"method", "path", "operation_id", "scope", "company", "bearer_only"})
+_ENTRY_KEYS = frozenset(
+    {"method", "path", "operation_id", "scope", "company", "bearer_only", "control_plane"}
+)
 
 
 class CatalogError(ValueError):
@@ -85,6 +92,7 @@ class Route:
     scope: str | None
     company: tuple[CompanyField, ...] = ()
     bearer_only: bool = False
+    control_plane: bool = False
     # Derived from `company` once, not on every request (the policy reads them per request).
     path_company: str | None = field(init=False, compare=False, repr=False)
     """The name of the path parameter holding the company id, if any."""
@@ -272,8 +280,11 @@ def _route_from_entry(entry: object) -> Route:
     bearer_only = entry.get("bearer_only", False)
     if not isinstance(bearer_only, bool):
         raise CatalogError("'bearer_only' is not true or false")
+    control_plane = entry.get("control_plane", False)
+    if not isinstance(control_plane, bool):
+        raise CatalogError("'control_plane' is not true or false")
     company = _company_fields(entry.get("company", []), {n for _, n, _ in segments if n})
-    return Route(method, template, operation_id, scope, company, bearer_only)
+    return Route(method, template, operation_id, scope, company, bearer_only, control_plane)
 
 
 def _company_fields(raw: object, path_params: set[str]) -> tuple[CompanyField, ...]:
@@ -300,22 +311,31 @@ def _company_fields(raw: object, path_params: set[str]) -> tuple[CompanyField, .
 
 
 def format_table(catalog: Catalog) -> str:
-    """The `broker catalog` inventory: METHOD, PATH, SCOPE, COMPANY, sorted by path."""
-    header = ("METHOD", "PATH", "SCOPE", "COMPANY")
+    """The `broker catalog` inventory: METHOD, PATH, SCOPE, COMPANY, NOTES, sorted by path.
+
+    NOTES names `bearer-only` and `control-plane` routes (refused by the proxy), else `-`.
+    """
+    header = ("METHOD", "PATH", "SCOPE", "COMPANY", "NOTES")
     rows = [
         (
             route.method,
             route.template,
             route.scope or "-",
             ",".join(str(f) for f in route.company) or "-",
+            _notes(route),
         )
         for route in sorted(catalog.routes, key=lambda r: (r.template, r.method))
     ]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
     lines = [
-        "  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True))
+        "  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True))
         + "  "
-        + row[3]
+        + row[4]
         for row in [header, *rows]
     ]
     return "\n".join(lines) + "\n"
+
+
+def _notes(route: Route) -> str:
+    flags = (("bearer-only", route.bearer_only), ("control-plane", route.control_plane))
+    return ",".join(name for name, flag in flags if flag) or "-"

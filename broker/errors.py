@@ -11,6 +11,7 @@
     │   ├── KeyInvalid               422 key_invalid
     │   ├── KeyNotApiKey             422 key_not_api_key
     │   ├── KeyNotCompanyScoped      422 key_not_company_scoped
+    │   ├── KeyWrongIntegration      422 key_wrong_integration
     │   ├── ScopesMissing            422 scopes_missing
     │   ├── CompanyChanged           409 company_changed
     │   ├── CompanyInUse             409 company_in_use
@@ -133,6 +134,15 @@ class KeyNotCompanyScoped(ActivationError):
     default_message = (
         "This key is not tied to a single company. Create the key from the company's own"
         " Pleo account (Settings → Integrations) and paste it again."
+    )
+
+
+class KeyWrongIntegration(ActivationError):
+    status = 422
+    code = "key_wrong_integration"
+    default_message = (
+        "This key was made for another integration. In Pleo, open Settings → Integrations,"
+        " choose this integration, copy its API key and paste that key here."
     )
 
 

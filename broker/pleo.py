@@ -2,8 +2,12 @@
 
     PleoError
     ├── PleoKeyRejected       Pleo answered 401/403: the key itself is not accepted
-    ├── PleoUnreachable       connection failure, timeout or 5xx: try again later
+    ├── PleoUnreachable       connection failure, timeout, 5xx or 429 (407: the egress proxy)
     └── PleoUnexpectedAnswer  any other answer, or a body that is not an introspection
+
+`subjectURN` is optional in Pleo's introspection spec; when it is missing, the company comes
+from the key's installation (`GET /v1/installations/me`, its `resource`), as Pleo's own guides
+take it. Both calls go through the egress proxy when one is configured.
 
 The data plane does not use this module: it forwards with aiohttp (see proxy.py).
 """
@@ -12,7 +16,7 @@ from __future__ import annotations
 
 import base64
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import httpx
 
@@ -48,13 +52,18 @@ def basic_auth(key: ApiKey) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Introspection:
-    """What Pleo says about a key."""
+    """What Pleo says about a key.
+
+    `subject_urn` is introspection's `subjectURN`, or the installation's `resource` when
+    introspection named no subject (`subject_from_installation`); empty when neither did.
+    """
 
     auth_method: str
     subject_urn: str
     scopes: frozenset[str]
     client_id: str | None = None
     application_name: str | None = None
+    subject_from_installation: bool = False
 
     @property
     def company_id(self) -> str | None:
@@ -90,36 +99,74 @@ class PleoClient:
         connect_timeout: float = 5.0,
         timeout: float = 15.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        proxy: str | None = None,
     ) -> None:
+        """`proxy` is an egress proxy URL (credentials in it become Proxy-Authorization)."""
+        if transport is None:
+            transport = httpx.AsyncHTTPTransport(trust_env=False, proxy=proxy)
         self._client = httpx.AsyncClient(
             base_url=base_url,
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
             follow_redirects=False,
             trust_env=False,
-            transport=_CookielessTransport(transport or httpx.AsyncHTTPTransport(trust_env=False)),
+            transport=_CookielessTransport(transport),
             headers={"Accept": "application/json", "User-Agent": "pleo-key-broker"},
         )
 
     async def introspect(self, key: ApiKey) -> Introspection:
-        """`GET /v1/introspect` with `key`; raises a PleoError subclass when there is no answer."""
+        """`GET /v1/introspect` with `key` (and, when it names no subject, the installation's
+        resource); raises a PleoError subclass when there is no answer."""
+        response = await self._get("/v1/introspect", key)
+        if response.status_code in (401, 403):
+            raise PleoKeyRejected(response.status_code)
+        _raise_unless_ok(response)
+        info = _parse_introspection(response)
+        if info.subject_urn:
+            return info
+        resource = await self.installation_resource(key)
+        if resource is None:
+            return info
+        return replace(info, subject_urn=resource, subject_from_installation=True)
+
+    async def installation_resource(self, key: ApiKey) -> str | None:
+        """The `resource` URN of the key's installation (`GET /v1/installations/me`), or None
+        when Pleo has no installation this key may read (403, 404)."""
+        response = await self._get("/v1/installations/me", key)
+        if response.status_code == 401:
+            raise PleoKeyRejected(response.status_code)
+        if response.status_code in (403, 404):
+            return None
+        _raise_unless_ok(response)
         try:
-            response = await self._client.get(
-                "/v1/introspect", headers={"Authorization": basic_auth(key)}
-            )
+            resource = response.json()["resource"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PleoUnexpectedAnswer("Pleo's installation answer was not understood") from exc
+        if not isinstance(resource, str):
+            raise PleoUnexpectedAnswer("Pleo's installation resource was not a string")
+        return resource
+
+    async def _get(self, path: str, key: ApiKey) -> httpx.Response:
+        try:
+            return await self._client.get(path, headers={"Authorization": basic_auth(key)})
         except httpx.TimeoutException as exc:
             raise PleoUnreachable("Pleo did not answer in time") from exc
         except httpx.TransportError as exc:
             raise PleoUnreachable(f"Pleo could not be reached ({type(exc).__name__})") from exc
-        if response.status_code in (401, 403):
-            raise PleoKeyRejected(response.status_code)
-        if response.status_code >= 500 or response.status_code == 429:
-            raise PleoUnreachable(f"Pleo answered HTTP {response.status_code}")
-        if response.status_code != 200:
-            raise PleoUnexpectedAnswer(f"Pleo answered HTTP {response.status_code}")
-        return _parse_introspection(response)
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _raise_unless_ok(response: httpx.Response) -> None:
+    if response.status_code == 407:  # Pleo is no proxy: this is the egress proxy speaking
+        raise PleoUnreachable(
+            "The egress proxy refused the broker (HTTP 407): check the credentials in"
+            " BROKER_UPSTREAM_PROXY"
+        )
+    if response.status_code >= 500 or response.status_code == 429:
+        raise PleoUnreachable(f"Pleo answered HTTP {response.status_code}")
+    if response.status_code != 200:
+        raise PleoUnexpectedAnswer(f"Pleo answered HTTP {response.status_code}")
 
 
 def _parse_introspection(response: httpx.Response) -> Introspection:

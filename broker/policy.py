@@ -61,6 +61,7 @@ def decide(
     *,
     company_id: str,
     scopes: frozenset[str],
+    allow_control_plane: bool = False,
 ) -> Decision:
     """Allow, rewrite or refuse one request; raises a PolicyDenied error to refuse."""
     if method in REFUSED_METHODS:
@@ -77,6 +78,12 @@ def decide(
         raise RouteNotAllowed(
             f"{method} {route.template} accepts only OAuth bearer tokens;"
             " the broker holds API keys."
+        )
+    if route.control_plane and not allow_control_plane:
+        raise RouteNotAllowed(
+            f"{method} {route.template} belongs to the integration's control plane (its"
+            " installation in Pleo), which the proxy does not forward; an operator can allow"
+            " it with BROKER_PROXY_ALLOW_CONTROL_PLANE=true."
         )
     if route.scope is not None and route.scope not in scopes:
         raise ScopeNotGranted(

@@ -87,6 +87,7 @@ class ProxyApp:
     async def open(self) -> None:
         if self.session is None:
             connector = aiohttp.TCPConnector(limit=0, limit_per_host=256, ttl_dns_cache=300)
+            egress = self.broker.settings.upstream_proxy  # credentials in it: never logged
             self.session = aiohttp.ClientSession(
                 connector=connector,
                 timeout=self.timeout,
@@ -96,6 +97,7 @@ class ProxyApp:
                 cookie_jar=aiohttp.DummyCookieJar(),
                 skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
                 trust_env=False,
+                proxy=egress.get_secret_value() if egress is not None else None,
             )
 
     async def close(self) -> None:
@@ -136,6 +138,7 @@ class ProxyApp:
                 scope["query_string"],
                 company_id=record.company_id or "",
                 scopes=record.scopes,
+                allow_control_plane=self.broker.settings.proxy_allow_control_plane,
             )
             route = decision.route.template
             status = await self._forward(scope, receive, send, record, decision, request_id)

@@ -69,6 +69,8 @@ class TenantRecord:
 
     `version` is the store's revision of the record: writes carry the version they
     read, and the store refuses a write whose version is stale (compare-and-set).
+    `client_id` and `application_name` are the integration Pleo says the key was made for
+    (introspection's `clientId` and `applicationName`); identifiers, not secrets.
     """
 
     tenant: str
@@ -83,6 +85,8 @@ class TenantRecord:
     updated_at: datetime = field(default_factory=utcnow)
     last_checked_at: datetime | None = None
     version: int = 0
+    client_id: str | None = None
+    application_name: str | None = None
 
     def evolve(self, **changes: Any) -> TenantRecord:
         """A copy with `changes` applied (the version is the store's to set)."""
@@ -102,6 +106,8 @@ class TenantRecord:
             "activated_at": _iso(self.activated_at),
             "updated_at": _iso(self.updated_at),
             "last_checked_at": _iso(self.last_checked_at),
+            "client_id": self.client_id,
+            "application_name": self.application_name,
         }
 
 

@@ -49,12 +49,18 @@ async def open_broker(
         connect_timeout=settings.upstream_connect_timeout,
         timeout=settings.upstream_timeout,
         transport=pleo_transport,
+        proxy=(
+            settings.upstream_proxy.get_secret_value()
+            if settings.upstream_proxy is not None
+            else None
+        ),
     )
     tenants = TenantService(
         InstrumentedStore(raw_store, metrics),
         pleo,
         metrics,
         required_scopes=settings.required_scopes,
+        pleo_client_id=settings.pleo_client_id,
         cache_ttl=settings.cache_ttl,
     )
     try:

@@ -12,6 +12,7 @@ import binascii
 import os
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -35,6 +36,7 @@ class Settings(BaseSettings):
     )
 
     pleo_base_url: str = "https://external.pleo.io"
+    pleo_client_id: str | None = None
     proxy_host: str = "127.0.0.1"
     proxy_port: int = Field(8080, ge=0, le=65535)
     admin_host: str = "127.0.0.1"
@@ -67,7 +69,9 @@ class Settings(BaseSettings):
     cache_ttl: float = Field(10.0, gt=0)
     upstream_connect_timeout: float = Field(5.0, gt=0)
     upstream_timeout: float = Field(30.0, gt=0)
+    upstream_proxy: SecretStr | None = None
     max_inspected_body: int = Field(1_048_576, ge=1024)
+    proxy_allow_control_plane: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
 
@@ -79,6 +83,13 @@ class Settings(BaseSettings):
                 part.strip() for part in value.replace(" ", ",").split(",") if part.strip()
             )
         return value
+
+    @field_validator("pleo_client_id", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value.strip() if isinstance(value, str) else value
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -112,6 +123,25 @@ class Settings(BaseSettings):
             if len(raw) != 32:
                 raise ValueError("must decode to exactly 32 bytes")
         return value
+
+    @field_validator("upstream_proxy")
+    @classmethod
+    def _proxy_url(cls, value: SecretStr | None) -> SecretStr | None:
+        # The URL may hold a password: no message here may quote any part of it.
+        if value is None or not value.get_secret_value().strip():
+            return None
+        try:
+            parts = urlsplit(value.get_secret_value().strip())
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError:
+            raise ValueError("must be a URL such as http://proxy.example:3128") from None
+        if parts.scheme not in ("http", "https"):
+            raise ValueError("must start with http:// or https://")
+        if not parts.hostname:
+            raise ValueError("must name the proxy's host, e.g. http://proxy.example:3128")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError("must be only scheme, optional user:password@, host and port")
+        return SecretStr(value.get_secret_value().strip())
 
     @model_validator(mode="after")
     def _vault_complete(self) -> Settings:

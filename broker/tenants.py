@@ -55,11 +55,13 @@ class TenantService:
         *,
         required_scopes: Iterable[str] = (),
         cache_ttl: float = 10.0,
+        pleo_client_id: str | None = None,
     ) -> None:
         self.store = store
         self.pleo = pleo
         self.metrics = metrics
         self.required_scopes = tuple(required_scopes)
+        self.pleo_client_id = pleo_client_id
         self.registry = TenantRegistry(store, metrics, cache_ttl=cache_ttl)
         self._locks: dict[str, asyncio.Lock] = {}
         self._binding = asyncio.Lock()
@@ -181,6 +183,8 @@ class TenantService:
             updated_at=now,
             last_checked_at=now,
             version=current.version if current is not None else 0,
+            client_id=info.client_id,
+            application_name=info.application_name,
         )
         stored = await self._write(record)
         fields: dict[str, Any] = {"tenant": tenant, "company_id": company_id}
@@ -218,6 +222,10 @@ class TenantService:
     ) -> str:
         if info.auth_method != API_KEY_AUTH:
             raise errors.KeyNotApiKey(auth_method=info.auth_method)
+        if self.pleo_client_id is not None and not _same_client(
+            info.client_id, self.pleo_client_id
+        ):
+            raise _wrong_integration(info)
         company_id = info.company_id
         if company_id is None:
             raise errors.KeyNotCompanyScoped()
@@ -335,6 +343,8 @@ class TenantService:
                 record.evolve(
                     state=TenantState.ACTIVE,
                     scopes=info.scopes,
+                    client_id=info.client_id or record.client_id,
+                    application_name=info.application_name or record.application_name,
                     missing_scopes=(),
                     reason=None,
                     message=None,
@@ -454,6 +464,22 @@ BROKEN_MESSAGES = {
         " from the tenant's own company."
     ),
 }
+
+
+def _same_client(client_id: str | None, expected: str) -> bool:
+    return client_id is not None and client_id.strip().lower() == expected.strip().lower()
+
+
+def _wrong_integration(info: Introspection) -> errors.KeyWrongIntegration:
+    """The refusal of a key made for another integration, naming it when Pleo did."""
+    if not info.application_name:
+        return errors.KeyWrongIntegration()
+    return errors.KeyWrongIntegration(
+        f"This key was made for another integration ({info.application_name[:80]!r})."
+        " In Pleo, open Settings → Integrations, choose this integration, copy its API key"
+        " and paste that key here.",
+        key_application_name=info.application_name[:80],
+    )
 
 
 def _require_valid(tenant: str) -> None:

@@ -52,6 +52,8 @@ def test_activation_binds_company_and_shows_only_a_hint(
         "activated_at",
         "updated_at",
         "last_checked_at",
+        "client_id",
+        "application_name",
     }
     assert key.api_key not in response.text
     assert admin.get("/v1/tenants/acme").json() == view

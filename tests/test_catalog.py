@@ -85,6 +85,27 @@ def test_operation_ids_and_bearer_only_match_the_specs() -> None:
     assert not ROUTES[("GET", "/v1/chart-of-accounts/{accountId}")].bearer_only
 
 
+def test_the_installation_lifecycle_is_control_plane_and_reading_it_is_not() -> None:
+    control_plane = {key for key, route in ROUTES.items() if route.control_plane}
+    assert control_plane == {
+        ("POST", "/v1/installations/me"),
+        ("PUT", "/v1/installations/me"),
+        ("DELETE", "/v1/installations/me"),
+        ("POST", "/v1/installations/me:activate"),
+        ("PUT", "/v1/installations/completions"),
+    }
+    assert not ROUTES[("GET", "/v1/installations/me")].control_plane
+
+
+def test_control_plane_flag_is_read_from_an_operator_catalog(tmp_path: Path) -> None:
+    flagged = _entry(method="DELETE", control_plane=True)
+    catalog = load_catalog(_write(tmp_path, {"routes": [_entry(), flagged]}))
+    get = catalog.match("GET", "/v1/things/t1")
+    delete = catalog.match("DELETE", "/v1/things/t1")
+    assert get is not None and not get.route.control_plane
+    assert delete is not None and delete.route.control_plane
+
+
 # API-NOTES "Scopes": the operations Pleo documents, and the routes that need none.
 DOCUMENTED_SCOPES = [
     ("GET", "/v3/export-jobs", "export-jobs:read"),
@@ -301,6 +322,7 @@ BAD_CATALOGS: list[tuple[object, str]] = [
     ({"routes": [_entry(scope="")]}, "is not of the form"),
     ({"routes": [_entry(operation_id=3)]}, "'operation_id' is not a string"),
     ({"routes": [_entry(bearer_only="yes")]}, "'bearer_only' is not true or false"),
+    ({"routes": [_entry(control_plane=1)]}, "'control_plane' is not true or false"),
     ({"routes": [_entry(scopes="a:b")]}, "unknown field(s) scopes"),
     ({"routes": [_entry(company={"in": "query"})]}, "'company' is not a list"),
     ({"routes": [_entry(company=[{"in": "header", "name": "x"}])]},
@@ -363,21 +385,54 @@ def test_format_table_is_aligned_and_sorted_by_path_then_method() -> None:
         ]
     )
     assert format_table(catalog).splitlines() == [
-        "METHOD  PATH               SCOPE    COMPANY",
-        "DELETE  /v1/a/{companyId}  -        path:companyId,query:companyId",
-        "GET     /v1/b              b:read   query:company_id",
-        "POST    /v1/b              b:write  body:companyId",
+        "METHOD  PATH               SCOPE    COMPANY                         NOTES",
+        "DELETE  /v1/a/{companyId}  -        path:companyId,query:companyId  -",
+        "GET     /v1/b              b:read   query:company_id                -",
+        "POST    /v1/b              b:write  body:companyId                  -",
     ]
 
 
 def test_format_table_of_the_shipped_catalog_lists_every_route() -> None:
     lines = format_table(CATALOG).splitlines()
-    assert lines[0].split() == ["METHOD", "PATH", "SCOPE", "COMPANY"]
+    assert lines[0].split() == ["METHOD", "PATH", "SCOPE", "COMPANY", "NOTES"]
     assert len(lines) == len(CATALOG.routes) + 1
     assert any(
-        line.split() == ["GET", "/v1/companies/{companyId}", "companies:read", "path:companyId"]
+        line.split()
+        == ["GET", "/v1/companies/{companyId}", "companies:read", "path:companyId", "-"]
         for line in lines
     )
-    assert any(line.split() == ["GET", "/v1/introspect", "-", "-"] for line in lines)
+    assert any(line.split() == ["GET", "/v1/introspect", "-", "-", "-"] for line in lines)
+    assert any(
+        line.split() == ["DELETE", "/v1/installations/me", "-", "-", "control-plane"]
+        for line in lines
+    )
+    assert any(
+        line.split()[:2] == ["GET", "/v1-beta/accounts/{accountId}"]
+        and line.split()[-1] == "bearer-only"
+        for line in lines
+    )
     column = lines[0].index("PATH")
     assert all(line[column - 1] == " " and line[column] == "/" for line in lines[1:])
+
+
+def test_decide_refuses_the_control_plane_unless_allowed() -> None:
+    from broker.errors import RouteNotAllowed
+    from broker.policy import decide
+
+    company = "0b7e3c1a-5d2f-4e8b-9a61-3f0c2d4e5a6b"
+    for method, path in [
+        ("DELETE", b"/v1/installations/me"),
+        ("POST", b"/v1/installations/me:activate"),
+        ("PUT", b"/v1/installations/completions"),
+    ]:
+        with pytest.raises(RouteNotAllowed, match="control plane"):
+            decide(CATALOG, method, path, b"", company_id=company, scopes=frozenset())
+        allowed = decide(
+            CATALOG, method, path, b"", company_id=company, scopes=frozenset(),
+            allow_control_plane=True,
+        )  # fmt: skip
+        assert allowed.route.control_plane
+    read = decide(
+        CATALOG, "GET", b"/v1/installations/me", b"", company_id=company, scopes=frozenset()
+    )
+    assert read.query_string == f"company_id={company}".encode()

@@ -35,6 +35,7 @@ SECRET_VALUES = {
     "masterKey": MASTER_KEY,
     "vaultToken": "hvs.vault-token-Ut5eQ9",
     "vaultSecretId": "secret-id-Lm2nB7cX4",
+    "upstreamProxy": "http://egress:Pr0xy-pw-9x@proxy.corp.test:3128",
 }
 
 VAULT_KUBERNETES: dict[str, Any] = {
@@ -299,6 +300,7 @@ def test_local_store_uses_a_kept_volume_and_recreate_strategy() -> None:
 CHART_SETTINGS: dict[str, Any] = {
     "broker": {
         "pleoBaseUrl": "https://pleo.example.test",
+        "pleoClientId": "d8b8a6d4-3c4b-4b8e-8b2e-1f2a3d4e5f6a",
         "tenantHeader": "X-Customer",
         "requiredScopes": ["export:read", "companies:read"],
         "catalogPath": "/etc/broker/catalog.json",
@@ -306,6 +308,7 @@ CHART_SETTINGS: dict[str, Any] = {
         "upstreamConnectTimeout": 1.5,
         "upstreamTimeout": 12,
         "maxInspectedBody": 2097152,
+        "proxyAllowControlPlane": True,
         "logLevel": "DEBUG",
         "logFormat": "text",
     },
@@ -330,6 +333,7 @@ CHART_SETTINGS: dict[str, Any] = {
 
 EXPECTED_SETTINGS = {
     "pleo_base_url": "https://pleo.example.test",
+    "pleo_client_id": "d8b8a6d4-3c4b-4b8e-8b2e-1f2a3d4e5f6a",
     "tenant_header": "X-Customer",
     "required_scopes": ("export:read", "companies:read"),
     "catalog_path": Path("/etc/broker/catalog.json"),
@@ -337,6 +341,7 @@ EXPECTED_SETTINGS = {
     "upstream_connect_timeout": 1.5,
     "upstream_timeout": 12.0,
     "max_inspected_body": 2097152,
+    "proxy_allow_control_plane": True,
     "log_level": "DEBUG",
     "log_format": "text",
     "proxy_host": "127.0.0.1",
@@ -410,6 +415,8 @@ def test_every_value_reaches_the_broker_settings(
     if auth == "approle":
         assert settings.vault_secret_id is not None
         assert settings.vault_secret_id.get_secret_value() == SECRET_VALUES["vaultSecretId"]
+    assert settings.upstream_proxy is not None
+    assert settings.upstream_proxy.get_secret_value() == SECRET_VALUES["upstreamProxy"]
 
 
 def test_the_chart_covers_every_broker_setting() -> None:
@@ -647,3 +654,14 @@ def test_notes_tell_how_to_reach_the_broker() -> None:
     assert "master key in a file" in text
     exposed = notes({"proxy": {"expose": True}})
     assert "rel-pleo-broker.apps.svc:8080" in exposed
+
+
+def test_the_upstream_proxy_comes_from_the_secret_and_may_be_absent() -> None:
+    for values in (FEATURES["defaults"], FEATURES["existing-secret"]):
+        manifests = render(values)
+        var = next(
+            v for v in broker_container(manifests)["env"] if v["name"] == "BROKER_UPSTREAM_PROXY"
+        )
+        assert var["valueFrom"]["secretKeyRef"]["key"] == "upstream-proxy"
+        assert var["valueFrom"]["secretKeyRef"]["optional"] is True
+        assert "BROKER_UPSTREAM_PROXY" not in only(manifests, "ConfigMap")["data"]

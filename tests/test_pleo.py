@@ -75,6 +75,7 @@ async def test_rejected_key(status: int) -> None:
         httpx.Response(500),
         httpx.Response(503),
         httpx.Response(429, headers={"Retry-After": "3"}),
+        httpx.Response(407, headers={"Proxy-Authenticate": "Basic"}),  # the egress proxy
         httpx.ConnectError("refused"),
         httpx.ReadTimeout("slow"),
     ],
@@ -144,3 +145,102 @@ async def test_cookies_from_one_introspection_never_reach_the_next() -> None:
     await client.introspect(_key())
     await client.aclose()
     assert "cookie" not in route.calls.last.request.headers
+
+
+def _installation(resource: object) -> dict[str, object]:
+    return {
+        "id": "5b0e6b8c-1e0c-4d3c-9a3e-2b1f7c9d8e7a",
+        "applicationId": "0c6f1a2b-3d4e-4f5a-8b9c-0d1e2f3a4b5c",
+        "resource": resource,
+        "status": "ACTIVATED",
+        "metadata": {},
+        "createdAt": "2026-01-01T00:00:00Z",
+        "updatedAt": "2026-01-01T00:00:00Z",
+    }
+
+
+def _without_subject() -> dict[str, object]:
+    answer = _introspection()
+    data = answer["data"]
+    assert isinstance(data, dict)
+    del data["subjectURN"]
+    return answer
+
+
+@respx.mock
+async def test_a_missing_subject_is_taken_from_the_installation() -> None:
+    key = _key()
+    respx.get(f"{BASE}/v1/introspect").respond(200, json=_without_subject())
+    installation = respx.get(f"{BASE}/v1/installations/me").respond(
+        200, json=_installation(f"urn:pleo:company:{COMPANY}")
+    )
+    client = PleoClient(BASE)
+    try:
+        info = await client.introspect(key)
+    finally:
+        await client.aclose()
+    assert installation.calls.last.request.headers["authorization"] == basic_auth(key)
+    assert info.company_id == COMPANY
+    assert info.subject_from_installation
+    assert (info.client_id, info.application_name) == ("client-1", "Acme ERP")
+
+
+@respx.mock
+async def test_a_present_subject_is_not_second_guessed() -> None:
+    urn = f"urn:pleo:organisation:{COMPANY}"
+    respx.get(f"{BASE}/v1/introspect").respond(200, json=_introspection(subjectURN=urn))
+    installation = respx.get(f"{BASE}/v1/installations/me").respond(
+        200, json=_installation(f"urn:pleo:company:{COMPANY}")
+    )
+    client = PleoClient(BASE)
+    info = await client.introspect(_key())
+    await client.aclose()
+    assert info.company_id is None and not installation.called
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        httpx.Response(404, json={"type": "NOT_FOUND"}),
+        httpx.Response(403, json={"type": "FORBIDDEN"}),
+        httpx.Response(200, json=_installation(f"urn:pleo:organisation:{COMPANY}")),
+    ],
+)
+@respx.mock
+async def test_no_company_when_neither_names_one(answer: httpx.Response) -> None:
+    respx.get(f"{BASE}/v1/introspect").respond(200, json=_without_subject())
+    respx.get(f"{BASE}/v1/installations/me").return_value = answer
+    client = PleoClient(BASE)
+    info = await client.introspect(_key())
+    await client.aclose()
+    assert info.company_id is None
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        (httpx.Response(401), PleoKeyRejected),
+        (httpx.Response(503), PleoUnreachable),
+        (httpx.ConnectError("refused"), PleoUnreachable),
+        (httpx.Response(200, json={"resource": 7}), PleoUnexpectedAnswer),
+        (httpx.Response(200, text="<html>"), PleoUnexpectedAnswer),
+        (
+            httpx.Response(302, headers={"Location": "https://elsewhere.test/"}),
+            PleoUnexpectedAnswer,
+        ),
+    ],
+)
+@respx.mock
+async def test_installation_failures(
+    answer: httpx.Response | Exception, error: type[Exception]
+) -> None:
+    respx.get(f"{BASE}/v1/introspect").respond(200, json=_without_subject())
+    route = respx.get(f"{BASE}/v1/installations/me")
+    if isinstance(answer, Exception):
+        route.side_effect = answer
+    else:
+        route.return_value = answer
+    client = PleoClient(BASE)
+    with pytest.raises(error):
+        await client.introspect(_key())
+    await client.aclose()

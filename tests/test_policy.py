@@ -168,8 +168,7 @@ ALLOWED: list[tuple[str, bytes, bytes, bytes, str, bool]] = [
     ("POST", b"/v3/export-jobs", b"", b"", "/v3/export-jobs", True),
     ("PUT", b"/v3/export-jobs/j1/items", b"", b"", "/v3/export-jobs/{jobId}/items", False),
     ("POST", b"/v1/vendors/v1:archive", b"", b"", "/v1/vendors/{id}:archive", False),
-    ("POST", b"/v1/installations/me:activate", b"", b"", "/v1/installations/me:activate",
-     False),
+    ("POST", b"/v1/vendors/v1:activate", b"", b"", "/v1/vendors/{id}:activate", False),
 ]  # fmt: skip
 
 

@@ -343,3 +343,14 @@ def test_live_metrics_pass_promtool_and_match_the_contract(live_broker: tuple[st
         assert metric_names(rule["expr"]) <= served, rule["alert"]
     for expr in dashboard_exprs():
         assert metric_names(expr) <= served, expr
+
+
+def test_activation_alert_ignores_every_refusal_a_customer_fixes_with_another_key() -> None:
+    from broker import errors
+
+    (rule,) = [r for r in load_rules() if r.get("alert") == "PleoBrokerActivationsFailing"]
+    ignored = set(re.search(r'result!~"([^"]+)"', rule["expr"]).group(1).split("|"))  # type: ignore[union-attr]
+    customer_fixable = {
+        cls.code for cls in errors.ActivationError.__subclasses__() if 400 <= cls.status < 500
+    }
+    assert customer_fixable <= ignored

@@ -536,7 +536,7 @@ async def test_control_api_manages_keys(client: httpx.AsyncClient) -> None:
     )
     assert created.status_code == 201
     body = created.json()
-    assert set(body) == {"key_id", "api_key", "company_id", "scopes"}
+    assert set(body) == {"key_id", "api_key", "company_id", "scopes", "client_id"}
     assert (body["company_id"], body["scopes"]) == (company_id, ["users:read"])
     auth = basic(body["api_key"])
     assert (await client.get("/v2/employees", headers=auth)).status_code == 200
@@ -553,6 +553,38 @@ async def test_control_api_manages_keys(client: httpx.AsyncClient) -> None:
     assert (await client.get("/v1/introspect", headers=auth)).status_code == 401
 
     assert_pleo_error(await client.post("/_sandbox/keys/key_nope/revoke"), 404, "KEY_NOT_FOUND")
+
+
+async def test_control_api_issues_keys_without_a_subject_and_for_a_given_client(
+    client: httpx.AsyncClient,
+) -> None:
+    company_id = str(uuid.uuid4())
+    organisation = f"urn:pleo:organisation:{uuid.uuid4()}"
+    created = await client.post(
+        "/_sandbox/keys",
+        json={
+            "company_id": company_id,
+            "client_id": "client-of-acme-erp",
+            "subject_in_introspection": False,
+        },
+    )
+    assert created.status_code == 201 and created.json()["client_id"] == "client-of-acme-erp"
+    auth = basic(created.json()["api_key"])
+    introspect = await client.get("/v1/introspect", headers=auth)
+    assert_matches_spec("external-clients-api", introspect)
+    assert "subjectURN" not in introspect.json()["data"]
+    assert introspect.json()["data"]["clientId"] == "client-of-acme-erp"
+    installation = await client.get("/v1/installations/me", headers=auth)
+    assert_matches_spec("installations-api", installation)
+    assert installation.json()["resource"] == f"urn:pleo:company:{company_id}"
+
+    elsewhere = await client.post(
+        "/_sandbox/keys",
+        json={"subject_in_introspection": False, "installation_resource": organisation},
+    )
+    auth = basic(elsewhere.json()["api_key"])
+    installation = await client.get("/v1/installations/me", headers=auth)
+    assert installation.json()["resource"] == organisation
 
 
 async def test_control_api_manages_faults(client: httpx.AsyncClient, auth: dict[str, str]) -> None:
@@ -575,6 +607,9 @@ async def test_control_api_manages_faults(client: httpx.AsyncClient, auth: dict[
         ("/_sandbox/keys", {"scopes": ["everything"]}),
         ("/_sandbox/keys", {"auth_method": "MAGIC"}),
         ("/_sandbox/keys", {"subject_urn": "company:1"}),
+        ("/_sandbox/keys", {"client_id": 7}),
+        ("/_sandbox/keys", {"subject_in_introspection": "no"}),
+        ("/_sandbox/keys", {"installation_resource": "company:1"}),
         ("/_sandbox/faults", {"kind": "explode"}),
         ("/_sandbox/faults", {"kind": "status", "status": 418}),
         ("/_sandbox/faults", {"kind": "status"}),

@@ -120,6 +120,8 @@ async def test_put_of_a_new_tenant_stores_version_1(store: SecretStore) -> None:
             activated_at=T0,
             updated_at=T0 + timedelta(days=3, seconds=7),
             last_checked_at=T0 + timedelta(days=3),
+            client_id="d8b8a6d4-3c4b-4b8e-8b2e-1f2a3d4e5f6a",
+            application_name="Acme ERP — Ünïcode",
         ),
         TenantRecord(
             tenant="pending",

@@ -403,3 +403,46 @@ async def test_open_store_opens_the_local_store(store_dir: Path) -> None:
     finally:
         await store.close()
     assert not (store_dir / "master.key").exists()
+
+
+# The schema of the first release, before `client_id` and `application_name`.
+_FIRST_SCHEMA = """
+CREATE TABLE tenants (
+    tenant TEXT PRIMARY KEY NOT NULL, version INTEGER NOT NULL, state TEXT NOT NULL,
+    company_id TEXT, scopes TEXT NOT NULL, missing_scopes TEXT NOT NULL, reason TEXT,
+    message TEXT, activated_at TEXT, updated_at TEXT NOT NULL, last_checked_at TEXT,
+    sealed_key BLOB
+)
+"""
+
+
+async def test_a_store_made_before_the_integration_fields_opens_and_keeps_working(
+    store_dir: Path,
+) -> None:
+    master_key = os.urandom(32)
+    opened = LocalStore(store_dir, master_key=master_key)
+    old = await opened.put(record("acme"))
+    await opened.close()
+    # Rebuild the file as the first release left it: same row, no integration columns.
+    db = store_dir / "tenants.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("ALTER TABLE tenants RENAME TO tenants_new")
+        conn.execute(_FIRST_SCHEMA)
+        conn.execute(
+            "INSERT INTO tenants SELECT tenant, version, state, company_id, scopes,"
+            " missing_scopes, reason, message, activated_at, updated_at, last_checked_at,"
+            " sealed_key FROM tenants_new"
+        )
+        conn.execute("DROP TABLE tenants_new")
+    conn.close()
+
+    reopened = LocalStore(store_dir, master_key=master_key)
+    try:
+        read = await reopened.get("acme")
+        assert read == old and read is not None
+        assert (read.client_id, read.application_name) == (None, None)
+        stored = await reopened.put(read.evolve(client_id="c-1", application_name="Acme ERP"))
+        assert await reopened.get("acme") == stored
+        assert (stored.client_id, stored.application_name) == ("c-1", "Acme ERP")
+    finally:
+        await reopened.close()

@@ -610,3 +610,13 @@ async def test_a_change_reaches_another_replica_through_the_journal(
         await pleo.aclose()
         await reader.close()
         await writer.close()
+
+
+def test_a_vault_record_written_before_the_integration_fields_still_decodes() -> None:
+    from broker.stores.vault import _decode, _encode
+
+    record = active("acme").evolve(client_id="c-1", application_name="Acme ERP", version=3)
+    data = _encode(record)
+    assert _decode("acme", data, 3) == record
+    del data["client_id"], data["application_name"]
+    assert _decode("acme", data, 3) == record.evolve(client_id=None, application_name=None)

@@ -26,8 +26,11 @@ revoked key; 403 for a missing scope, a foreign company or `organization_id`; 40
 Control API (JSON, no Pleo auth — bind to 127.0.0.1):
 
     GET    /_sandbox/health            → 200 {"status": "ok"}
-    POST   /_sandbox/keys {"company_id"?, "scopes"?, "auth_method"?, "subject_urn"?}
-                                       → 201 {"key_id", "api_key", "company_id", "scopes"}
+    POST   /_sandbox/keys {"company_id"?, "scopes"?, "auth_method"?, "subject_urn"?,
+                           "client_id"?, "subject_in_introspection"? (default true),
+                           "installation_resource"? (default: the subject URN)}
+                                       → 201 {"key_id", "api_key", "company_id", "scopes",
+                                              "client_id"}
     POST   /_sandbox/keys/{key_id}/revoke
                                        → 204 (the key gets 401 from now on)
     PUT    /_sandbox/keys/{key_id}/scopes {"scopes": [...]}

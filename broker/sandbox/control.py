@@ -69,13 +69,29 @@ async def create_key(request: Request) -> Response:
     subject_urn = _optional_str(body, "subject_urn")
     if subject_urn is not None and not subject_urn.startswith("urn:pleo:"):
         raise bad_request("'subject_urn' must start with 'urn:pleo:'.")
-    key = _state(request).create_key(company_id, scopes, auth_method, subject_urn)
+    installation_resource = _optional_str(body, "installation_resource")
+    if installation_resource is not None and not installation_resource.startswith("urn:pleo:"):
+        raise bad_request("'installation_resource' must start with 'urn:pleo:'.")
+    subject_in_introspection = body.get("subject_in_introspection", True)
+    if not isinstance(subject_in_introspection, bool):
+        raise bad_request("'subject_in_introspection' must be true or false.")
+    state = _state(request)
+    key = state.create_key(
+        company_id,
+        scopes,
+        auth_method,
+        subject_urn,
+        client_id=_optional_str(body, "client_id"),
+        subject_in_introspection=subject_in_introspection,
+        installation_resource=installation_resource,
+    )
     return JSONResponse(
         {
             "key_id": key.key_id,
             "api_key": key.api_key,
             "company_id": key.company_id,
             "scopes": list(key.scopes),
+            "client_id": state.keys[key.key_id].client_id,
         },
         201,
     )

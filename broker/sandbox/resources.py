@@ -31,15 +31,16 @@ def owned(call: Call, resource: dict[str, Any] | None, not_found: str, what: str
 
 def introspect(call: Call) -> Response:
     key = call.key
-    return data(
-        {
-            "authMethod": key.auth_method,
-            "clientId": key.client_id,
-            "scope": " ".join(key.scopes),
-            "applicationName": "Pleo Sandbox",
-            "subjectURN": key.subject_urn,
-        }
-    )
+    answer = {
+        "authMethod": key.auth_method,
+        "clientId": key.client_id,
+        "scope": " ".join(key.scopes),
+        "applicationName": "Pleo Sandbox",
+        "subjectURN": key.subject_urn,
+    }
+    if not key.subject_in_introspection:
+        del answer["subjectURN"]  # optional in Pleo's spec
+    return data(answer)
 
 
 def installation(call: Call) -> Response:
@@ -48,7 +49,7 @@ def installation(call: Call) -> Response:
         {
             "id": key.installation_id,
             "applicationId": APPLICATION_ID,
-            "resource": key.subject_urn,
+            "resource": key.installation_resource or key.subject_urn,
             "status": "ACTIVATED",
             "metadata": {},
             "createdAt": key.created_at,

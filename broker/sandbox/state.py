@@ -78,6 +78,10 @@ class KeyRecord:
     installation_id: str
     created_at: str
     revoked: bool = False
+    subject_in_introspection: bool = True
+    """False: `/v1/introspect` leaves `subjectURN` out (Pleo's spec makes it optional)."""
+    installation_resource: str | None = None
+    """The `resource` of `/v1/installations/me` when not the subject's URN."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,8 +184,17 @@ class SandboxState:
         scopes: Iterable[str] = ALL_SCOPES,
         auth_method: str = "API_KEY",
         subject_urn: str | None = None,
+        *,
+        client_id: str | None = None,
+        subject_in_introspection: bool = True,
+        installation_resource: str | None = None,
     ) -> SandboxKey:
-        """A new key for `company_id` (a new company when None) with `scopes`."""
+        """A new key for `company_id` (a new company when None) with `scopes`.
+
+        `client_id` is the integration the key was made for (a new one when None);
+        `subject_in_introspection=False` leaves `subjectURN` out of `/v1/introspect`, and
+        `installation_resource` replaces the subject as `/v1/installations/me`'s `resource`.
+        """
         company = self.company(company_id or str(uuid.uuid4()))
         if auth_method not in AUTH_METHODS:
             raise ValueError(f"auth_method must be one of {sorted(AUTH_METHODS)}")
@@ -193,9 +206,11 @@ class SandboxState:
             scopes=tuple(dict.fromkeys(scopes)),
             auth_method=auth_method,
             subject_urn=subject_urn or f"urn:pleo:company:{company.id}",
-            client_id=str(uuid.uuid4()),
+            client_id=client_id or str(uuid.uuid4()),
             installation_id=str(uuid.uuid4()),
             created_at=now_iso(),
+            subject_in_introspection=subject_in_introspection,
+            installation_resource=installation_resource,
         )
         with self._lock:
             self.keys[record.key_id] = record

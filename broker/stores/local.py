@@ -66,7 +66,9 @@ CREATE TABLE IF NOT EXISTS tenants (
     activated_at    TEXT,
     updated_at      TEXT NOT NULL,
     last_checked_at TEXT,
-    sealed_key      BLOB
+    sealed_key      BLOB,
+    client_id       TEXT,
+    application_name TEXT
 );
 CREATE TABLE IF NOT EXISTS meta (
     name  TEXT PRIMARY KEY NOT NULL,
@@ -78,23 +80,29 @@ CREATE TABLE IF NOT EXISTS changes (
 );
 """
 
+# Columns added after the first release: a store made before them gets them at open
+# (`ALTER TABLE … ADD COLUMN`, NULL in existing rows, which read as "not known").
+_ADDED_COLUMNS = (("client_id", "TEXT"), ("application_name", "TEXT"))
+
 _INSERT = (
     "INSERT INTO tenants (tenant, version, state, company_id, scopes, missing_scopes, reason,"
-    " message, activated_at, updated_at, last_checked_at, sealed_key)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " message, activated_at, updated_at, last_checked_at, sealed_key, client_id,"
+    " application_name) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _SELECT_ONE = (
     "SELECT tenant, version, state, company_id, scopes, missing_scopes, reason, message,"
-    " activated_at, updated_at, last_checked_at, sealed_key FROM tenants WHERE tenant = ?"
+    " activated_at, updated_at, last_checked_at, sealed_key, client_id, application_name"
+    " FROM tenants WHERE tenant = ?"
 )
 _SELECT_ALL = (
     "SELECT tenant, version, state, company_id, scopes, missing_scopes, reason, message,"
-    " activated_at, updated_at, last_checked_at, sealed_key FROM tenants ORDER BY tenant"
+    " activated_at, updated_at, last_checked_at, sealed_key, client_id, application_name"
+    " FROM tenants ORDER BY tenant"
 )
 _UPDATE = (
     "UPDATE tenants SET version = ?, state = ?, company_id = ?, scopes = ?, missing_scopes = ?,"
     " reason = ?, message = ?, activated_at = ?, updated_at = ?, last_checked_at = ?,"
-    " sealed_key = ? WHERE tenant = ? AND version = ?"
+    " sealed_key = ?, client_id = ?, application_name = ? WHERE tenant = ? AND version = ?"
 )
 
 
@@ -227,6 +235,7 @@ class LocalStore:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
+                _add_missing_columns(conn)
                 self._check_master_key(conn)
                 self._instance = self._instance_id(conn)
         except sqlite3.Error as exc:
@@ -345,6 +354,8 @@ class LocalStore:
             record.updated_at.isoformat(),
             _timestamp(record.last_checked_at),
             sealed,
+            record.client_id,
+            record.application_name,
         )
         new_version = record.version + 1
         with self._transaction(conn):
@@ -399,6 +410,8 @@ class LocalStore:
             updated_at,
             last_checked_at,
             sealed,
+            client_id,
+            application_name,
         ) = row
         api_key = self._unseal_key(tenant, sealed) if sealed is not None else None
         try:
@@ -415,6 +428,8 @@ class LocalStore:
                 activated_at=_parse_timestamp(activated_at),
                 updated_at=datetime.fromisoformat(updated_at),
                 last_checked_at=_parse_timestamp(last_checked_at),
+                client_id=client_id,
+                application_name=application_name,
             )
         except (ValueError, TypeError) as exc:
             raise _unreadable(tenant) from exc
@@ -429,6 +444,13 @@ class LocalStore:
         except UnicodeDecodeError:
             # Not chained: the decode error would carry the decrypted bytes.
             raise _unreadable(tenant) from None
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    present = {row[1] for row in conn.execute("PRAGMA table_info(tenants)")}
+    for name, kind in _ADDED_COLUMNS:
+        if name not in present:
+            conn.execute(f"ALTER TABLE tenants ADD COLUMN {name} {kind}")
 
 
 def _unreadable(tenant: str) -> StoreIntegrityError:

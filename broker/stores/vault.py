@@ -401,6 +401,8 @@ def _encode(record: TenantRecord) -> dict[str, Any]:
         "activated_at": _iso(record.activated_at),
         "updated_at": _iso(record.updated_at),
         "last_checked_at": _iso(record.last_checked_at),
+        "client_id": record.client_id,
+        "application_name": record.application_name,
     }
 
 
@@ -431,11 +433,17 @@ def _decode_fields(tenant: str, data: dict[str, Any], version: int) -> TenantRec
         updated_at=datetime.fromisoformat(data["updated_at"]),
         last_checked_at=_parse(data.get("last_checked_at")),
         version=version,
+        client_id=_text(data.get("client_id")),  # absent from older records
+        application_name=_text(data.get("application_name")),
     )
 
 
 def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment is not None else None
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _parse(text: object) -> datetime | None:

@@ -109,6 +109,9 @@ app.kubernetes.io/component: credential-broker
 {{/* Non-secret settings, as BROKER_* variables (DESIGN §7). */}}
 {{- define "pleo-broker.settings" -}}
 BROKER_PLEO_BASE_URL: {{ .Values.broker.pleoBaseUrl | quote }}
+{{- with .Values.broker.pleoClientId }}
+BROKER_PLEO_CLIENT_ID: {{ . | quote }}
+{{- end }}
 BROKER_PROXY_HOST: {{ ternary "0.0.0.0" "127.0.0.1" (eq (include "pleo-broker.proxyExposed" .) "true") | quote }}
 BROKER_PROXY_PORT: {{ int64 .Values.proxy.port | quote }}
 BROKER_ADMIN_HOST: "0.0.0.0"
@@ -124,6 +127,7 @@ BROKER_CACHE_TTL: {{ .Values.broker.cacheTtl | toString | quote }}
 BROKER_UPSTREAM_CONNECT_TIMEOUT: {{ .Values.broker.upstreamConnectTimeout | toString | quote }}
 BROKER_UPSTREAM_TIMEOUT: {{ .Values.broker.upstreamTimeout | toString | quote }}
 BROKER_MAX_INSPECTED_BODY: {{ int64 .Values.broker.maxInspectedBody | quote }}
+BROKER_PROXY_ALLOW_CONTROL_PLANE: {{ .Values.broker.proxyAllowControlPlane | toString | quote }}
 BROKER_LOG_LEVEL: {{ .Values.broker.logLevel | quote }}
 BROKER_LOG_FORMAT: {{ .Values.broker.logFormat | quote }}
 {{- if eq .Values.store.type "vault" }}
@@ -195,6 +199,12 @@ BROKER_VAULT_CACERT: {{ printf "%s/%s" (include "pleo-broker.vaultCaMountPath" .
           name: {{ include "pleo-broker.secretName" . }}
           key: {{ .Values.secrets.keys.vaultSecretId }}
     {{- end }}
+    - name: BROKER_UPSTREAM_PROXY
+      valueFrom:
+        secretKeyRef:
+          name: {{ include "pleo-broker.secretName" . }}
+          key: {{ .Values.secrets.keys.upstreamProxy }}
+          optional: true
     {{- with .Values.broker.extraEnv }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
