@@ -1,4 +1,4 @@
 """`make bench`: the broker measured side by side with nginx and the upstream itself.
 
-See PERFORMANCE.md for what is measured and the targets; `python -m bench --help` for options.
+See docs/performance.md for what is measured and the targets; `python -m bench --help` for options.
 """

@@ -112,7 +112,7 @@ def proxy_conf(
     """A reverse proxy adding a static Authorization header.
 
     Without `keepalive` it is nginx's default `proxy_pass` (HTTP/1.0, a new upstream
-    connection per request): the reference PERFORMANCE.md measured (21 µs a request).
+    connection per request): the reference docs/performance.md measured (21 µs a request).
     With it, upstream connections are pooled as the broker pools them: a stricter bar.
     """
     pool = "        keepalive 256;\n" if keepalive else ""

@@ -1,4 +1,4 @@
-"""Results: medians of rounds, the PERFORMANCE.md targets checked, as table, JSON, markdown."""
+"""Results: medians of rounds, the docs/performance.md targets checked, as table, JSON, markdown."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ class Row:
 
 @dataclass(frozen=True)
 class Check:
-    """One target of PERFORMANCE.md: the measured value, and whether it meets the target."""
+    """One target of docs/performance.md: the measured value, and whether it meets the target."""
 
     name: str
     value: float | None
@@ -115,7 +115,7 @@ def _check(name: str, value: float | None, unit: str, target: str, ok: bool | No
 
 
 def evaluate(rows: Sequence[Row], memory: Memory, high: int = 32) -> list[Check]:
-    """The targets of PERFORMANCE.md over measured rows and memory."""
+    """The targets of docs/performance.md over measured rows and memory."""
     throughput = _ratio(find(rows, BROKER_ONE, high), find(rows, NGINX, high))
     strict = _ratio(find(rows, BROKER_ONE, high), find(rows, NGINX_KEEPALIVE, high))
     broker_1, direct_1 = find(rows, BROKER_ONE, 1), find(rows, DIRECT, 1)
@@ -139,7 +139,7 @@ def evaluate(rows: Sequence[Row], memory: Memory, high: int = 32) -> list[Check]
             "≥ 0.12",
             throughput is not None and throughput >= 0.12,
         ),
-        # For information: a stricter bar than PERFORMANCE.md's reference, never judged.
+        # For information: a stricter bar than docs/performance.md's reference, never judged.
         Check(
             f"throughput at {high} conns, broker / nginx proxy with upstream keep-alive",
             strict,

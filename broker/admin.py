@@ -1,4 +1,4 @@
-"""The admin listener (DESIGN §5): tenant lifecycle under `/v1/…`, health, readiness, metrics."""
+"""The admin listener (docs/contract.md): tenants under `/v1/…`, health, readiness, metrics."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The `broker` command (DESIGN §6)."""
+"""The `broker` command (docs/contract.md, "Command line")."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Events: one JSON object a line on standard output (`ts`, `level`, `event`, ...).
 
-Lifecycle events (DESIGN §9): tenant.activated, tenant.key_rotated,
+Lifecycle events (docs/contract.md, "Metrics and logs"): tenant.activated, tenant.key_rotated,
 tenant.activation_failed, tenant.broken, tenant.recovered, tenant.disconnected.
 Fields are plain values chosen by the caller; a key is never one of them.
 """

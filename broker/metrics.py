@@ -1,4 +1,4 @@
-"""Prometheus metrics (DESIGN §9), registered on a registry the app is handed.
+"""Prometheus metrics (docs/contract.md), registered on a registry the app is handed.
 
 Labels are bounded: route labels are catalog templates (or `unmatched`), never a raw
 path, a tenant id or a key.

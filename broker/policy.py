@@ -1,4 +1,4 @@
-"""The proxy policy: pure functions deciding allow, deny or rewrite (DESIGN §4).
+"""The proxy policy: pure functions deciding allow, deny or rewrite (docs/contract.md, "The proxy").
 
 In order:
 

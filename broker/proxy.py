@@ -1,11 +1,11 @@
-"""The data plane (DESIGN §2, §4): a plain ASGI app that forwards tenant-tagged requests to Pleo.
+"""The data plane (docs/contract.md): a plain ASGI app that forwards tenant-tagged requests to Pleo.
 
 Per request: pick the tenant from its header, refuse what the policy refuses, inject the
 tenant's key, forward with one pooled aiohttp session, stream the answer back. Pleo's 401
 breaks the tenant at once; a 403 triggers one re-introspection per tenant at a time.
 
 Kept deliberately free of Starlette routing and Request objects: this is the hot path
-(PERFORMANCE.md). Header names arrive lower-cased from the ASGI server.
+(docs/performance.md). Header names arrive lower-cased from the ASGI server.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ class _TargetPreservingProtocol(HttpToolsProtocol):
     """httptools parsing that keeps a non-origin-form target visible to the app.
 
     uvicorn reduces `GET http://host/path` to `raw_path=/path`; the proxy must refuse
-    absolute-form targets (DESIGN §4), so the full target is put back in `raw_path`,
+    absolute-form targets (docs/contract.md), so the full target is put back in `raw_path`,
     where the policy sees that it does not start with `/`.
     """
 

@@ -25,7 +25,7 @@ class ConfigError(Exception):
 
 
 class Settings(BaseSettings):
-    """The broker's configuration (DESIGN §7)."""
+    """The broker's configuration (docs/contract.md, "Settings")."""
 
     model_config = SettingsConfigDict(
         env_prefix="BROKER_",

@@ -1,4 +1,4 @@
-"""The tenant service: activation, rotation, checks and state changes (DESIGN §3).
+"""The tenant service: activation, rotation, checks and state changes (docs/contract.md, "Tenants").
 
 Changes are written to the store first (compare-and-set) and then to the in-memory
 registry (`broker.registry`), so they are seen at once in this process; other replicas see
@@ -123,7 +123,7 @@ class TenantService:
     async def activate(
         self, tenant: str, api_key: ApiKey, *, allow_company_change: bool = False
     ) -> TenantRecord:
-        """Validate `api_key` with Pleo and make it the tenant's key (DESIGN §3, steps 1–6)."""
+        """Validate `api_key` with Pleo and make it the tenant's key."""
         _require_valid(tenant)
         async with self._lock(tenant):
             try:
@@ -170,7 +170,7 @@ class TenantService:
         company_id: str,
         current: TenantRecord | None,
     ) -> TenantRecord:
-        """Store the validated key and bind the company (DESIGN §3, step 6)."""
+        """Store the validated key and bind the company (docs/contract.md, "Tenants")."""
         self._forbidden_checked.pop(tenant, None)  # a new key earns a fresh 403 check
         now = utcnow()
         record = TenantRecord(
