@@ -4,6 +4,16 @@ Per request: pick the tenant from its header, refuse what the policy refuses, in
 tenant's key, forward with one pooled aiohttp session, stream the answer back. Pleo's 401
 breaks the tenant at once; a 403 triggers one re-introspection per tenant at a time.
 
+Before anything else the request must name this broker in `Host` (`BROKER_PROXY_ALLOWED_HOSTS`,
+against DNS rebinding), must not come from a web browser (`Origin`, `Sec-Fetch-*`), must not ask
+for another method (`X-HTTP-Method-Override` and its siblings) and must declare its body with at
+most one media type. A body whose media type names JSON (or that declares none) is read and
+checked, within `BROKER_REQUEST_BODY_TIMEOUT`; any other body streams to Pleo, and a stream that
+stalls for that long or ends early aborts the upstream request instead of ending it cleanly. The
+key is taken from the registry at the moment of sending: a tenant disconnected or re-keyed while
+its request arrived is refused. At most `UPSTREAM_CONNECTIONS` calls are in flight to Pleo; the
+next waits at most `BROKER_UPSTREAM_POOL_TIMEOUT` for one to finish (503 `upstream_busy`).
+
 Kept deliberately free of Starlette routing and Request objects: this is the hot path
 (PERFORMANCE.md). Header names arrive lower-cased from the ASGI server.
 """
@@ -11,10 +21,12 @@ Kept deliberately free of Starlette routing and Request objects: this is the hot
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import time
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -22,6 +34,7 @@ import aiohttp
 from yarl import URL
 
 from broker import errors
+from broker.errors import ScopeNotGranted
 from broker.events import emit
 from broker.pleo import basic_auth
 from broker.policy import Decision, check_body, decide
@@ -47,12 +60,48 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-REQUEST_DROP = HOP_BY_HOP | {b"host", b"authorization", b"cookie", b"x-request-id", b"expect"}
+# Headers that make a server (or a proxy in front of it) use another method, URL, host, scheme or
+# client than the request's own: the policy decided on the real request, so none reaches Pleo.
+METHOD_OVERRIDE = frozenset(
+    {b"x-http-method-override", b"x-method-override", b"x-http-method", b"x-original-method"}
+)
+REROUTING = frozenset(
+    {
+        b"forwarded",
+        b"x-rewrite-url",
+        b"x-real-ip",
+        b"x-host",
+        b"x-client-ip",
+        b"true-client-ip",
+        b"x-proxy-url",
+    }
+)
+REROUTING_PREFIXES = (b"x-forwarded-", b"x-original-", b"x-envoy-")
+REQUEST_DROP = (
+    HOP_BY_HOP
+    | REROUTING
+    | METHOD_OVERRIDE
+    | {b"host", b"authorization", b"cookie", b"x-request-id", b"expect"}
+)
 RESPONSE_DROP = HOP_BY_HOP | {b"set-cookie", b"x-request-id"}
 STREAM_WATCH_THRESHOLD = 64 * 1024
 CHUNK = 64 * 1024
 UNMATCHED = "unmatched"
 JSON_HEADERS = [(b"content-type", b"application/json")]
+UPSTREAM_CONNECTIONS = 256  # calls in flight to Pleo at once; the next waits for a free one
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+# Request headers the first pass looks at (besides the tenant header and `sec-fetch-*`).
+_WATCHED = frozenset(
+    {
+        b"host",
+        b"x-request-id",
+        b"content-type",
+        b"content-length",
+        b"transfer-encoding",
+        b"origin",
+        *METHOD_OVERRIDE,
+    }
+)
 
 
 class ProxyApp:
@@ -69,8 +118,18 @@ class ProxyApp:
         self.tenant_header = settings.tenant_header.lower().encode("latin-1")
         self.tenant_lookalike = self.tenant_header.replace(b"-", b"_")
         self.max_body = settings.max_inspected_body
-        # `connect` would also count waiting for a pooled connection; only the socket's
-        # own connect is bounded, so a busy pool is not mistaken for an unreachable Pleo.
+        self.body_timeout = settings.request_body_timeout
+        self.pool_timeout = settings.upstream_pool_timeout
+        self._slots = asyncio.Semaphore(UPSTREAM_CONNECTIONS)
+        hosts = settings.proxy_allowed_hosts or (*LOOPBACK_NAMES, _host_name(settings.proxy_host))
+        self.any_host = "*" in hosts
+        self.allowed_hosts = frozenset(h.encode() for h in hosts if not h.startswith("*"))
+        self.allowed_suffixes = tuple(h[1:].encode() for h in hosts if h.startswith("*."))
+        self._hosts_seen: set[bytes] = set()
+        # `connect` would also count waiting for a pooled connection; only the socket's own
+        # connect is bounded here, so a busy pool is not mistaken for an unreachable Pleo. The
+        # wait for a free connection is bounded by `_slots` (UPSTREAM_CONNECTIONS), which keeps
+        # aiohttp's connector (unlimited) from ever queueing a request.
         self.timeout = aiohttp.ClientTimeout(
             total=None,
             connect=None,
@@ -86,7 +145,7 @@ class ProxyApp:
 
     async def open(self) -> None:
         if self.session is None:
-            connector = aiohttp.TCPConnector(limit=0, limit_per_host=256, ttl_dns_cache=300)
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300)
             self.session = aiohttp.ClientSession(
                 connector=connector,
                 timeout=self.timeout,
@@ -117,15 +176,18 @@ class ProxyApp:
     # -- requests ------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
-            return
         if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                await self._lifespan(receive, send)
+            elif scope["type"] == "websocket":
+                await self._refuse_websocket(scope, receive, send)
             return
         method: str = scope["method"]
-        request_id, tenant = self._read_headers(scope["headers"])
+        request_id, tenant, refusal, kind = self._read_headers(scope["headers"])
         route = UNMATCHED
         try:
+            if refusal is not None:
+                raise refusal
             if isinstance(tenant, errors.BrokerError):
                 raise tenant
             record = self._active_record(tenant)
@@ -138,41 +200,117 @@ class ProxyApp:
                 scopes=record.scopes,
             )
             route = decision.route.template
-            status = await self._forward(scope, receive, send, record, decision, request_id)
+            status = await self._forward(scope, receive, send, record, decision, request_id, kind)
         except errors.BrokerError as exc:
             status = exc.status
             await self._refuse(send, exc, request_id, tenant)
+        except Exception as exc:  # a bug: answer JSON, log where, never a traceback to the caller
+            status = 500
+            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            emit(
+                "proxy.internal_error",
+                level=logging.ERROR,
+                error_type=type(exc).__name__,
+                where=f"{os.path.basename(frame.filename)}:{frame.lineno}",
+                request_id=request_id.decode("latin-1"),
+            )
+            # If the answer had already started, the server closes the connection instead.
+            with contextlib.suppress(Exception):
+                await self._refuse(send, errors.BrokerError(), request_id, tenant)
         self._count(method, route, status)
 
-    def _read_headers(self, headers: list[tuple[bytes, bytes]]) -> tuple[bytes, Any]:
-        """The request id to use and the tenant id (or the error the tenant header earns)."""
+    def _read_headers(
+        self, headers: list[tuple[bytes, bytes]]
+    ) -> tuple[bytes, Any, errors.BrokerError | None, str | None]:
+        """One pass over the request headers: the request id to use, the tenant id (or the
+        error the tenant header earns), the refusal the other headers earn, and the body kind
+        (None without a body, `_JSON` for a body to inspect, `_OTHER` for one to stream)."""
         request_id = b""
         tenant: Any = None
+        host: bytes | None = None
+        content_type: bytes | None = None
+        content_types = 0
+        has_body = browser = False
+        override: bytes | None = None
         for name, value in headers:
             if name == self.tenant_header:
                 if tenant is not None:
                     tenant = errors.TenantInvalid("Give the tenant header only once.")
                 else:
                     tenant = value
-            elif name == b"x-request-id":
-                request_id = value
+            elif name in _WATCHED:
+                if name == b"host":
+                    host = value if host is None else b""  # twice: matches no name
+                elif name == b"x-request-id":
+                    request_id = value
+                elif name == b"content-type":
+                    content_type = value
+                    content_types += 1
+                elif name == b"transfer-encoding" or name == b"content-length":
+                    has_body = has_body or value != b"0"
+                elif name == b"origin":
+                    browser = True
+                else:
+                    override = name
             elif name == self.tenant_lookalike:
                 tenant = errors.TenantInvalid(
                     "The tenant header must be spelled with dashes, not underscores."
                 )
                 break
+            elif name.startswith(b"sec-fetch-"):
+                browser = True
         if not request_id or len(request_id) > 128 or not request_id.isascii():
             request_id = _new_request_id()
+        refusal: errors.BrokerError | None = None
+        kind = None
+        if host is None or not self._host_allowed(host):
+            refusal = errors.HostNotAllowed()
+        elif browser:
+            refusal = errors.BrowserRequestRefused()
+        elif override is not None:
+            refusal = errors.RouteNotAllowed(
+                f"The broker forwards the request's own method only; send it as that method"
+                f" instead of naming one in {override.decode('latin-1').title()}."
+            )
+        elif content_types > 1:
+            refusal = errors.ContentTypeInvalid(
+                "Content-Type is given more than once; give it once, with one media type."
+            )
+        else:
+            kind = _body_kind(content_type)
+            if kind is _INVALID:
+                refusal = errors.ContentTypeInvalid()
+            elif not has_body:
+                kind = None
         if tenant is None:
-            return request_id, errors.TenantMissing(
+            tenant = errors.TenantMissing(
                 f"Name the tenant in the {self.broker.settings.tenant_header} header."
             )
-        if isinstance(tenant, bytes):
+        elif isinstance(tenant, bytes):
             text = tenant.decode("latin-1")
-            if not valid_tenant_id(text):
-                return request_id, errors.TenantInvalid(tenant=text[:80])
-            return request_id, text
-        return request_id, tenant
+            tenant = text if valid_tenant_id(text) else errors.TenantInvalid(tenant=text[:80])
+        return request_id, tenant, refusal, kind
+
+    def _host_allowed(self, host: bytes) -> bool:
+        """True if `host` (the Host header, port included or not) names this broker."""
+        if host in self._hosts_seen or self.any_host:
+            return True
+        lowered = host.lower()
+        if lowered.startswith(b"["):  # an IPv6 address: `[::1]` or `[::1]:8080`
+            end = lowered.find(b"]") + 1
+            name, rest = lowered[:end], lowered[end:]
+            if not end or (rest and not (rest[:1] == b":" and rest[1:].isdigit())):
+                return False
+        else:
+            name, colon, port = lowered.partition(b":")
+            if colon and not port.isdigit():
+                return False
+        allowed = name in self.allowed_hosts or (
+            bool(name) and name.endswith(self.allowed_suffixes)
+        )
+        if allowed and len(self._hosts_seen) < 1024:
+            self._hosts_seen.add(host)
+        return allowed
 
     def _active_record(self, tenant: str) -> TenantRecord:
         record = self.registry.get(tenant)
@@ -194,17 +332,77 @@ class ProxyApp:
         record: TenantRecord,
         decision: Decision,
         request_id: bytes,
+        kind: str | None,
     ) -> int:
-        assert record.api_key is not None
-        headers = self._upstream_headers(scope["headers"], record, request_id)
+        headers = self._upstream_headers(scope["headers"], request_id)
         body: Any = None
-        kind = _body_kind(scope["headers"])
+        stream: _RequestBody | None = None
         if decision.inspect_body or kind is _JSON:
-            raw = await _read_bounded(receive, self.max_body, headers)
+            raw = await _read_bounded(receive, self.max_body, headers, self.body_timeout)
             body = check_body(decision.route, raw, company_id=record.company_id or "")
             headers["Content-Length"] = str(len(body))
         elif kind is _OTHER:
-            body = _stream_request(receive)
+            body = stream = _RequestBody(receive, self.body_timeout)
+        await self._take_slot(record.tenant)
+        try:
+            # The key is taken now, at the moment of sending, not when the headers arrived.
+            record = self._current_record(record, decision)
+            assert record.api_key is not None
+            headers["Authorization"] = basic_auth(record.api_key)
+            return await self._send(
+                scope, receive, send, record, decision, request_id, headers, body, stream
+            )
+        finally:
+            self._slots.release()
+
+    async def _take_slot(self, tenant: str) -> None:
+        """Wait (at most `pool_timeout`) for one of the UPSTREAM_CONNECTIONS calls to Pleo."""
+        if not self._slots.locked():
+            await self._slots.acquire()
+            return
+        try:
+            async with asyncio.timeout(self.pool_timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise errors.UpstreamBusy(tenant=tenant) from None
+
+    def _current_record(self, admitted: TenantRecord, decision: Decision) -> TenantRecord:
+        """The tenant's record now; refused if it changed in a way that matters since the
+        request was admitted (disconnected, no longer active, another key or company)."""
+        record = self.registry.get(admitted.tenant)
+        if record is admitted:
+            return record
+        if record is None:
+            raise errors.TenantUnknown(
+                "This tenant was disconnected while the request was arriving; nothing was sent.",
+                tenant=admitted.tenant,
+            )
+        if record.state is not TenantState.ACTIVE:
+            raise _not_active(record)
+        if record.api_key != admitted.api_key or record.company_id != admitted.company_id:
+            raise errors.TenantChanged(tenant=admitted.tenant)
+        scope = decision.route.scope
+        if scope is not None and scope not in record.scopes:
+            raise ScopeNotGranted(
+                f"{decision.route.method} {decision.route.template} needs the scope {scope!r},"
+                " which this tenant's key was not granted.",
+                tenant=admitted.tenant,
+                required_scope=scope,
+            )
+        return record
+
+    async def _send(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        record: TenantRecord,
+        decision: Decision,
+        request_id: bytes,
+        headers: dict[str, str],
+        body: Any,
+        stream: _RequestBody | None,
+    ) -> int:
         if self.session is None:
             await self.open()
         assert self.session is not None
@@ -221,6 +419,8 @@ class ProxyApp:
                 allow_redirects=False,
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
+            if stream is not None and stream.failure is not None:
+                raise stream.failure from None  # the caller's body failed, not Pleo
             raise _upstream_error(exc, record.tenant) from exc
         self._observe(decision.route.template, time.perf_counter() - started)
         try:
@@ -263,8 +463,10 @@ class ProxyApp:
             return record
 
     def _upstream_headers(
-        self, headers: list[tuple[bytes, bytes]], record: TenantRecord, request_id: bytes
+        self, headers: list[tuple[bytes, bytes]], request_id: bytes
     ) -> dict[str, str]:
+        """The caller's headers less credentials, hop-by-hop and rerouting ones (the key is
+        added at the moment of sending)."""
         named_in_connection: set[bytes] = set()
         for name, value in headers:
             if name == b"connection":
@@ -272,15 +474,18 @@ class ProxyApp:
         out: dict[str, str] = {}
         tenant_header = self.tenant_header
         for name, value in headers:
-            if name in REQUEST_DROP or name == tenant_header or name in named_in_connection:
+            if (
+                name in REQUEST_DROP
+                or name == tenant_header
+                or name in named_in_connection
+                or name.startswith(REROUTING_PREFIXES)
+            ):
                 continue
             key = name.decode("latin-1")
             if key in out:  # repeated header: join as HTTP allows
                 out[key] += ", " + value.decode("latin-1")
             else:
                 out[key] = value.decode("latin-1")
-        assert record.api_key is not None
-        out["Authorization"] = basic_auth(record.api_key)
         out["X-Request-Id"] = request_id.decode("latin-1")
         return out
 
@@ -328,8 +533,29 @@ class ProxyApp:
         body = json.dumps(exc.to_body()).encode()
         headers = [*JSON_HEADERS, (b"x-request-id", request_id)]
         headers.append((b"content-length", str(len(body)).encode()))
+        if isinstance(exc, errors.RequestTimeout):
+            headers.append((b"connection", b"close"))  # the rest of the body is not awaited
         await send({"type": "http.response.start", "status": exc.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+    async def _refuse_websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket handshake: a JSON 403 where the server can send one, else a plain close."""
+        await receive()  # websocket.connect
+        exc = errors.RouteNotAllowed(
+            "The broker forwards plain HTTP requests to Pleo, not WebSocket connections."
+        )
+        self._deny(exc)
+        self._count(scope.get("method", "GET"), UNMATCHED, exc.status)
+        if "websocket.http.response" not in scope.get("extensions", {}):
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        body = json.dumps(exc.to_body()).encode()
+        headers = [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]
+        headers.append((b"x-request-id", _new_request_id()))
+        await send(
+            {"type": "websocket.http.response.start", "status": exc.status, "headers": headers}
+        )
+        await send({"type": "websocket.http.response.body", "body": body})
 
     # -- metrics (children cached: labels() is too slow for every request) ---------------
 
@@ -395,35 +621,50 @@ def _not_active(record: TenantRecord) -> errors.TenantNotActive:
     )
 
 
+def _host_name(bind: str) -> str:
+    """The Host spelling of a bind address (an IPv6 address goes in brackets)."""
+    return f"[{bind}]" if ":" in bind else bind.lower()
+
+
 _JSON = "json"
 _OTHER = "other"
+_INVALID = "invalid"
 
 
-def _body_kind(headers: list[tuple[bytes, bytes]]) -> str | None:
-    """None without a body; `_JSON` for a body Pleo would read as JSON (declared so, or
-    undeclared); `_OTHER` for a body declared as something else. One pass over the headers.
-
-    Every JSON body is inspected, whatever the route, so that no top-level `companyId`
-    reaches Pleo unchecked; bodies declared as something else stream untouched.
-    """
-    has_body = False
-    content_type: bytes | None = None
-    for name, value in headers:
-        if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
-            has_body = True
-        elif name == b"content-type" and content_type is None:
-            content_type = value
-    if not has_body:
-        return None
+def _body_kind(content_type: bytes | None) -> str:
+    """How to treat a body: `_JSON` if its one media type names JSON (`application/json`,
+    `text/json`, `application/…+json`, any subtype containing `json`) or if none is declared
+    (Pleo's frameworks may read such a body as JSON, so every such body is inspected); `_OTHER`
+    for another media type (streamed untouched); `_INVALID` for a list of media types, an
+    empty or a malformed one (frameworks disagree on which of a list counts)."""
     if content_type is None:
         return _JSON
-    media = content_type.split(b";", 1)[0].strip().lower()
-    if media in (b"application/json", b"text/json") or media.endswith(b"+json"):
-        return _JSON
-    return _OTHER
+    media, _, parameters = content_type.partition(b";")
+    if b"," in media or (b"," in parameters and _comma_outside_quotes(parameters)):
+        return _INVALID
+    kind, slash, subtype = media.strip().lower().partition(b"/")
+    if not slash or not kind or not subtype or b" " in subtype or b" " in kind:
+        return _INVALID
+    return _JSON if b"json" in subtype else _OTHER
 
 
-async def _read_bounded(receive: Receive, limit: int, headers: dict[str, str]) -> bytes:
+def _comma_outside_quotes(text: bytes) -> bool:
+    quoted = escaped = False
+    for byte in text:
+        if escaped:
+            escaped = False
+        elif quoted and byte == 0x5C:  # backslash
+            escaped = True
+        elif byte == 0x22:  # double quote
+            quoted = not quoted
+        elif byte == 0x2C and not quoted:  # comma
+            return True
+    return False
+
+
+async def _read_bounded(
+    receive: Receive, limit: int, headers: dict[str, str], seconds: float
+) -> bytes:
     declared = headers.pop("content-length", None)
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise errors.BodyTooLarge(
@@ -431,19 +672,30 @@ async def _read_bounded(receive: Receive, limit: int, headers: dict[str, str]) -
         )
     chunks: list[bytes] = []
     size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise errors.BodyInvalid("The caller went away before sending the whole body.")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise errors.BodyTooLarge(
-                f"The JSON body is over the {limit} bytes the broker inspects.", limit=limit
-            )
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+    try:
+        async with asyncio.timeout(seconds):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise errors.BodyInvalid("The caller went away before sending the whole body.")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise errors.BodyTooLarge(
+                        f"The JSON body is over the {limit} bytes the broker inspects.", limit=limit
+                    )
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
+    except TimeoutError:
+        raise _body_timeout(seconds) from None
+
+
+def _body_timeout(timeout: float) -> errors.RequestTimeout:
+    return errors.RequestTimeout(
+        f"The request body did not arrive within {timeout:g} seconds"
+        " (BROKER_REQUEST_BODY_TIMEOUT); nothing was sent to Pleo."
+    )
 
 
 async def _disconnected(receive: Receive) -> None:
@@ -452,16 +704,39 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
-async def _stream_request(receive: Receive) -> AsyncIterator[bytes]:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-        chunk = message.get("body", b"")
-        if chunk:
-            yield chunk
-        if not message.get("more_body", False):
-            return
+class _RequestBody:
+    """A caller's body streamed to Pleo. If it stalls for `timeout` seconds or the caller goes
+    away before its end, iteration raises, so aiohttp aborts the upstream request rather than
+    ending it as if the body were complete; `failure` then says what happened."""
+
+    __slots__ = ("failure", "receive", "timeout")
+
+    def __init__(self, receive: Receive, timeout: float) -> None:
+        self.receive = receive
+        self.timeout = timeout
+        self.failure: errors.BrokerError | None = None
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        while True:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    message = await self.receive()
+            except TimeoutError:
+                self.failure = _body_timeout(self.timeout)
+                raise self.failure from None
+            if message["type"] == "http.disconnect":
+                self.failure = errors.BodyInvalid(
+                    "The caller went away before sending the whole body."
+                )
+                raise self.failure
+            chunk = message.get("body", b"")
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                return
 
 
 def create_proxy_app(broker: Broker) -> ProxyApp:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -17,6 +18,8 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_SECRETS_DIR = Path("/run/secrets")
+# A host name, an IPv4 address, a bracketed IPv6 address, '*', or '*.' and a name.
+_HOST_PATTERN = re.compile(r"\*|(\*\.)?[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?|\[[0-9a-f:.]+\]")
 
 
 class ConfigError(Exception):
@@ -37,6 +40,8 @@ class Settings(BaseSettings):
     pleo_base_url: str = "https://external.pleo.io"
     proxy_host: str = "127.0.0.1"
     proxy_port: int = Field(8080, ge=0, le=65535)
+    # Host names the proxy answers to (DNS rebinding); empty: loopback names and PROXY_HOST.
+    proxy_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = ()
     admin_host: str = "127.0.0.1"
     admin_port: int = Field(8081, ge=0, le=65535)
     admin_token: SecretStr | None = None
@@ -68,6 +73,8 @@ class Settings(BaseSettings):
     upstream_connect_timeout: float = Field(5.0, gt=0)
     upstream_timeout: float = Field(30.0, gt=0)
     max_inspected_body: int = Field(1_048_576, ge=1024)
+    request_body_timeout: float = Field(30.0, gt=0)
+    upstream_pool_timeout: float = Field(5.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
 
@@ -78,6 +85,22 @@ class Settings(BaseSettings):
             return tuple(
                 part.strip() for part in value.replace(" ", ",").split(",") if part.strip()
             )
+        return value
+
+    @field_validator("proxy_allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.replace(" ", ",").split(",")
+        if isinstance(value, list | tuple):
+            hosts = tuple(str(part).strip().lower() for part in value if str(part).strip())
+            for host in hosts:
+                if not _HOST_PATTERN.fullmatch(host):
+                    raise ValueError(
+                        "must be host names separated by commas, without scheme or port"
+                        " (e.g. broker.payments.svc,localhost; '*.example.com' and '*' match more)"
+                    )
+            return hosts
         return value
 
     @field_validator("log_level", mode="before")
