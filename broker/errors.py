@@ -239,8 +239,8 @@ class BrowserRequestRefused(PolicyDenied):
     status = 403
     code = "browser_request_refused"
     default_message = (
-        "The proxy does not serve web browsers (the request carries Origin or Sec-Fetch-*"
-        " headers); call it from a backend service."
+        "The proxy does not serve web browsers (the request carries Origin or Sec-Fetch-Site);"
+        " call it from a backend service."
     )
 
 

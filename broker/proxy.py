@@ -5,7 +5,7 @@ tenant's key, forward with one pooled aiohttp session, stream the answer back. P
 breaks the tenant at once; a 403 triggers one re-introspection per tenant at a time.
 
 Before anything else the request must name this broker in `Host` (`BROKER_PROXY_ALLOWED_HOSTS`,
-against DNS rebinding), must not come from a web browser (`Origin`, `Sec-Fetch-*`), must not ask
+against DNS rebinding), must not come from a web browser (`Origin`, `Sec-Fetch-Site`), must not ask
 for another method (`X-HTTP-Method-Override` and its siblings) and must declare its body with at
 most one media type. A body whose media type names JSON (or that declares none) is read and
 checked, within `BROKER_REQUEST_BODY_TIMEOUT`; any other body streams to Pleo, and a stream that
@@ -88,6 +88,9 @@ STREAM_WATCH_THRESHOLD = 64 * 1024
 CHUNK = 64 * 1024
 UNMATCHED = "unmatched"
 JSON_HEADERS = [(b"content-type", b"application/json")]
+# Headers only web browsers send. Not `Sec-Fetch-Mode`: Node's fetch (undici) sends it on every
+# request, and a browser never sends it without `Sec-Fetch-Site`.
+BROWSER_ONLY = frozenset({b"origin", b"sec-fetch-site", b"sec-fetch-dest", b"sec-fetch-user"})
 UPSTREAM_CONNECTIONS = 256  # calls in flight to Pleo at once; the next waits for a free one
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 # Request headers the first pass looks at (besides the tenant header and `sec-fetch-*`).
@@ -98,7 +101,7 @@ _WATCHED = frozenset(
         b"content-type",
         b"content-length",
         b"transfer-encoding",
-        b"origin",
+        *BROWSER_ONLY,
         *METHOD_OVERRIDE,
     }
 )
@@ -248,7 +251,7 @@ class ProxyApp:
                     content_types += 1
                 elif name == b"transfer-encoding" or name == b"content-length":
                     has_body = has_body or value != b"0"
-                elif name == b"origin":
+                elif name in BROWSER_ONLY:
                     browser = True
                 else:
                     override = name
@@ -257,8 +260,6 @@ class ProxyApp:
                     "The tenant header must be spelled with dashes, not underscores."
                 )
                 break
-            elif name.startswith(b"sec-fetch-"):
-                browser = True
         if not request_id or len(request_id) > 128 or not request_id.isascii():
             request_id = _new_request_id()
         refusal: errors.BrokerError | None = None

@@ -244,6 +244,7 @@ BODY_DENIED: list[tuple[Route, bytes, type[PolicyDenied], str]] = [
     (VENDOR, b"5", BodyInvalid, "must be a JSON object"),
     (VENDOR, b"[" * 5000 + b"]" * 5000, BodyInvalid, "nested too deeply"),
     (VENDOR, b'{"a":' * 5000 + b"1" + b"}" * 5000, BodyInvalid, "nested too deeply"),
+    (VENDOR, b'{"a": ' + b"1" * 5000 + b"}", BodyInvalid, "not valid JSON"),
     # elsewhere every object of a top-level array is checked
     (ITEMS, b'[{"companyId": "' + O + b'"}]', CompanyMismatch, "The body names company"),
     (ITEMS, b'[{"companyId": "' + C + b'"}, {"companyId": "' + O + b'"}]', CompanyMismatch,

@@ -789,6 +789,21 @@ def test_a_chunked_upload_cut_short_is_aborted_upstream(
     assert httpx.get(f"{broker.proxy_url}/v3/export-jobs", headers=TENANT).status_code == 200
 
 
+def test_a_json_body_cut_short_is_never_sent(
+    recording: tuple[RecordingUpstream, RunningBroker],
+) -> None:
+    upstream, broker = recording
+    with socket.create_connection(("127.0.0.1", _port(broker.proxy_url)), timeout=10) as sock:
+        sock.sendall(
+            b"PUT /v3/export-jobs/j1/items HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"X-Broker-Tenant: acme\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n5\r\n[{}, \r\n"
+        )
+    # The next request is the first the upstream sees.
+    assert httpx.get(f"{broker.proxy_url}/v3/export-jobs", headers=TENANT).status_code == 200
+    assert [seen.raw_path for seen in upstream.seen] == [b"/v3/export-jobs"]
+
+
 @pytest.mark.parametrize(
     "content_types",
     [
@@ -918,6 +933,15 @@ def test_indexed_company_query_names_are_checked(
     assert not upstream.seen
 
 
+def test_nodes_fetch_is_not_mistaken_for_a_browser(
+    recording: tuple[RecordingUpstream, RunningBroker],
+) -> None:
+    _, broker = recording
+    # Node's built-in fetch (undici) sends these on every request; a browser adds Sec-Fetch-Site.
+    node = {**TENANT, "Sec-Fetch-Mode": "cors", "Accept-Language": "*", "User-Agent": "node"}
+    assert httpx.get(f"{broker.proxy_url}/v3/export-jobs", headers=node).status_code == 200
+
+
 @pytest.mark.parametrize(
     "header",
     ["X-HTTP-Method-Override", "X-Method-Override", "X-HTTP-Method", "X-Original-Method"],
@@ -1037,8 +1061,9 @@ def test_allowed_hosts_are_a_setting(tmp_path: Path) -> None:
         ("Origin", "https://evil.example"),
         ("Origin", "null"),
         ("Sec-Fetch-Site", "cross-site"),
-        ("Sec-Fetch-Mode", "no-cors"),
+        ("Sec-Fetch-Site", "same-origin"),
         ("Sec-Fetch-Dest", "empty"),
+        ("Sec-Fetch-User", "?1"),
     ],
 )
 def test_browser_requests_are_refused(
