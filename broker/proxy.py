@@ -233,7 +233,7 @@ class ProxyApp:
         host: bytes | None = None
         content_type: bytes | None = None
         content_types = 0
-        has_body = browser = False
+        has_body = browser = lookalike = False
         override: bytes | None = None
         for name, value in headers:
             if name == self.tenant_header:
@@ -256,10 +256,7 @@ class ProxyApp:
                 else:
                     override = name
             elif name == self.tenant_lookalike:
-                tenant = errors.TenantInvalid(
-                    "The tenant header must be spelled with dashes, not underscores."
-                )
-                break
+                lookalike = True
         if not request_id or len(request_id) > 128 or not request_id.isascii():
             request_id = _new_request_id()
         refusal: errors.BrokerError | None = None
@@ -283,7 +280,11 @@ class ProxyApp:
                 refusal = errors.ContentTypeInvalid()
             elif not has_body:
                 kind = None
-        if tenant is None:
+        if lookalike:
+            tenant = errors.TenantInvalid(
+                "The tenant header must be spelled with dashes, not underscores."
+            )
+        elif tenant is None:
             tenant = errors.TenantMissing(
                 f"Name the tenant in the {self.broker.settings.tenant_header} header."
             )
