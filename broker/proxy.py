@@ -542,7 +542,8 @@ class ProxyApp:
 
     async def _refuse_websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A WebSocket handshake: a JSON 403 where the server can send one, else a plain close."""
-        await receive()  # websocket.connect
+        if (await receive())["type"] != "websocket.connect":
+            return  # the caller went away first
         exc = errors.RouteNotAllowed(
             "The broker forwards plain HTTP requests to Pleo, not WebSocket connections."
         )
