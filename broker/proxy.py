@@ -4,15 +4,12 @@ Per request: pick the tenant from its header, refuse what the policy refuses, in
 tenant's key, forward with one pooled aiohttp session, stream the answer back. Pleo's 401
 breaks the tenant at once; a 403 triggers one re-introspection per tenant at a time.
 
-Before anything else the request must name this broker in `Host` (`BROKER_PROXY_ALLOWED_HOSTS`,
-against DNS rebinding), must not come from a web browser (`Origin`, `Sec-Fetch-Site`), must not ask
-for another method (`X-HTTP-Method-Override` and its siblings) and must declare its body with at
-most one media type. A body whose media type names JSON (or that declares none) is read and
-checked, within `BROKER_REQUEST_BODY_TIMEOUT`; any other body streams to Pleo, and a stream that
-stalls for that long or ends early aborts the upstream request instead of ending it cleanly. The
-key is taken from the registry at the moment of sending: a tenant disconnected or re-keyed while
-its request arrived is refused. At most `UPSTREAM_CONNECTIONS` calls are in flight to Pleo; the
-next waits at most `BROKER_UPSTREAM_POOL_TIMEOUT` for one to finish (503 `upstream_busy`).
+Before the policy, the header rules of `broker.headers` (Host names, browsers, method
+overrides, Content-Type). A body to inspect must arrive within `BROKER_REQUEST_BODY_TIMEOUT`; a
+streamed body that stalls that long or ends early aborts the upstream request instead of ending
+it cleanly. The key is taken from the registry at the moment of sending: a tenant disconnected or
+re-keyed while its request arrived is refused. At most `UPSTREAM_CONNECTIONS` calls are in flight
+to Pleo; the next waits at most `BROKER_UPSTREAM_POOL_TIMEOUT` for one (503 `upstream_busy`).
 
 Kept deliberately free of Starlette routing and Request objects: this is the hot path
 (PERFORMANCE.md). Header names arrive lower-cased from the ASGI server.
@@ -36,6 +33,17 @@ from yarl import URL
 from broker import errors
 from broker.errors import ScopeNotGranted
 from broker.events import emit
+from broker.headers import (
+    BROWSER_ONLY,
+    INVALID,
+    JSON,
+    METHOD_OVERRIDE,
+    OTHER,
+    REROUTING,
+    REROUTING_PREFIXES,
+    HostNames,
+    body_kind,
+)
 from broker.pleo import basic_auth
 from broker.policy import Decision, check_body, decide
 from broker.records import TenantRecord, TenantState, valid_tenant_id
@@ -60,23 +68,6 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-# Headers that make a server (or a proxy in front of it) use another method, URL, host, scheme or
-# client than the request's own: the policy decided on the real request, so none reaches Pleo.
-METHOD_OVERRIDE = frozenset(
-    {b"x-http-method-override", b"x-method-override", b"x-http-method", b"x-original-method"}
-)
-REROUTING = frozenset(
-    {
-        b"forwarded",
-        b"x-rewrite-url",
-        b"x-real-ip",
-        b"x-host",
-        b"x-client-ip",
-        b"true-client-ip",
-        b"x-proxy-url",
-    }
-)
-REROUTING_PREFIXES = (b"x-forwarded-", b"x-original-", b"x-envoy-")
 REQUEST_DROP = (
     HOP_BY_HOP
     | REROUTING
@@ -88,12 +79,8 @@ STREAM_WATCH_THRESHOLD = 64 * 1024
 CHUNK = 64 * 1024
 UNMATCHED = "unmatched"
 JSON_HEADERS = [(b"content-type", b"application/json")]
-# Headers only web browsers send. Not `Sec-Fetch-Mode`: Node's fetch (undici) sends it on every
-# request, and a browser never sends it without `Sec-Fetch-Site`.
-BROWSER_ONLY = frozenset({b"origin", b"sec-fetch-site", b"sec-fetch-dest", b"sec-fetch-user"})
 UPSTREAM_CONNECTIONS = 256  # calls in flight to Pleo at once; the next waits for a free one
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
-# Request headers the first pass looks at (besides the tenant header and `sec-fetch-*`).
+# Request headers the first pass looks at (besides the tenant header and its lookalike).
 _WATCHED = frozenset(
     {
         b"host",
@@ -124,11 +111,7 @@ class ProxyApp:
         self.body_timeout = settings.request_body_timeout
         self.pool_timeout = settings.upstream_pool_timeout
         self._slots = asyncio.Semaphore(UPSTREAM_CONNECTIONS)
-        hosts = settings.proxy_allowed_hosts or (*LOOPBACK_NAMES, _host_name(settings.proxy_host))
-        self.any_host = "*" in hosts
-        self.allowed_hosts = frozenset(h.encode() for h in hosts if not h.startswith("*"))
-        self.allowed_suffixes = tuple(h[1:].encode() for h in hosts if h.startswith("*."))
-        self._hosts_seen: set[bytes] = set()
+        self.host_names = HostNames(settings.proxy_allowed_hosts, bind=settings.proxy_host)
         # `connect` would also count waiting for a pooled connection; only the socket's own
         # connect is bounded here, so a busy pool is not mistaken for an unreachable Pleo. The
         # wait for a free connection is bounded by `_slots` (UPSTREAM_CONNECTIONS), which keeps
@@ -227,7 +210,7 @@ class ProxyApp:
     ) -> tuple[bytes, Any, errors.BrokerError | None, str | None]:
         """One pass over the request headers: the request id to use, the tenant id (or the
         error the tenant header earns), the refusal the other headers earn, and the body kind
-        (None without a body, `_JSON` for a body to inspect, `_OTHER` for one to stream)."""
+        (None without a body, else `body_kind`'s)."""
         request_id = b""
         tenant: Any = None
         host: bytes | None = None
@@ -261,7 +244,7 @@ class ProxyApp:
             request_id = _new_request_id()
         refusal: errors.BrokerError | None = None
         kind = None
-        if host is None or not self._host_allowed(host):
+        if not self.host_names.allows(host):
             refusal = errors.HostNotAllowed()
         elif browser:
             refusal = errors.BrowserRequestRefused()
@@ -275,8 +258,8 @@ class ProxyApp:
                 "Content-Type is given more than once; give it once, with one media type."
             )
         else:
-            kind = _body_kind(content_type)
-            if kind is _INVALID:
+            kind = body_kind(content_type)
+            if kind is INVALID:
                 refusal = errors.ContentTypeInvalid()
             elif not has_body:
                 kind = None
@@ -292,27 +275,6 @@ class ProxyApp:
             text = tenant.decode("latin-1")
             tenant = text if valid_tenant_id(text) else errors.TenantInvalid(tenant=text[:80])
         return request_id, tenant, refusal, kind
-
-    def _host_allowed(self, host: bytes) -> bool:
-        """True if `host` (the Host header, port included or not) names this broker."""
-        if host in self._hosts_seen or self.any_host:
-            return True
-        lowered = host.lower()
-        if lowered.startswith(b"["):  # an IPv6 address: `[::1]` or `[::1]:8080`
-            end = lowered.find(b"]") + 1
-            name, rest = lowered[:end], lowered[end:]
-            if not end or (rest and not (rest[:1] == b":" and rest[1:].isdigit())):
-                return False
-        else:
-            name, colon, port = lowered.partition(b":")
-            if colon and not port.isdigit():
-                return False
-        allowed = name in self.allowed_hosts or (
-            bool(name) and name.endswith(self.allowed_suffixes)
-        )
-        if allowed and len(self._hosts_seen) < 1024:
-            self._hosts_seen.add(host)
-        return allowed
 
     def _active_record(self, tenant: str) -> TenantRecord:
         record = self.registry.get(tenant)
@@ -339,11 +301,11 @@ class ProxyApp:
         headers = self._upstream_headers(scope["headers"], request_id)
         body: Any = None
         stream: _RequestBody | None = None
-        if decision.inspect_body or kind is _JSON:
+        if decision.inspect_body or kind is JSON:
             raw = await _read_bounded(receive, self.max_body, headers, self.body_timeout)
             body = check_body(decision.route, raw, company_id=record.company_id or "")
             headers["Content-Length"] = str(len(body))
-        elif kind is _OTHER:
+        elif kind is OTHER:
             body = stream = _RequestBody(receive, self.body_timeout)
         await self._take_slot(record.tenant)
         try:
@@ -622,47 +584,6 @@ def _not_active(record: TenantRecord) -> errors.TenantNotActive:
         reason=record.reason.value if record.reason is not None else None,
         since=record.view()["updated_at"],
     )
-
-
-def _host_name(bind: str) -> str:
-    """The Host spelling of a bind address (an IPv6 address goes in brackets)."""
-    return f"[{bind}]" if ":" in bind else bind.lower()
-
-
-_JSON = "json"
-_OTHER = "other"
-_INVALID = "invalid"
-
-
-def _body_kind(content_type: bytes | None) -> str:
-    """How to treat a body: `_JSON` if its one media type names JSON (`application/json`,
-    `text/json`, `application/…+json`, any subtype containing `json`) or if none is declared
-    (Pleo's frameworks may read such a body as JSON, so every such body is inspected); `_OTHER`
-    for another media type (streamed untouched); `_INVALID` for a list of media types, an
-    empty or a malformed one (frameworks disagree on which of a list counts)."""
-    if content_type is None:
-        return _JSON
-    media, _, parameters = content_type.partition(b";")
-    if b"," in media or (b"," in parameters and _comma_outside_quotes(parameters)):
-        return _INVALID
-    kind, slash, subtype = media.strip().lower().partition(b"/")
-    if not slash or not kind or not subtype or b" " in subtype or b" " in kind:
-        return _INVALID
-    return _JSON if b"json" in subtype else _OTHER
-
-
-def _comma_outside_quotes(text: bytes) -> bool:
-    quoted = escaped = False
-    for byte in text:
-        if escaped:
-            escaped = False
-        elif quoted and byte == 0x5C:  # backslash
-            escaped = True
-        elif byte == 0x22:  # double quote
-            quoted = not quoted
-        elif byte == 0x2C and not quoted:  # comma
-            return True
-    return False
 
 
 async def _read_bounded(
