@@ -7,6 +7,9 @@
   `Sec-Fetch-Mode` is not one of them: Node's fetch (undici) sends it on every request, and a
   browser never sends it without `Sec-Fetch-Site`.
 - Method overrides (`METHOD_OVERRIDE`) earn a refusal: the policy decides on the real method.
+- A body with `Upgrade` earns a refusal: the server reads what follows the headers of an upgrade
+  as the new protocol's (the body would be lost or misread). `Upgrade` without a body is dropped
+  like every hop-by-hop header; a WebSocket handshake is refused by the proxy itself.
 - Headers that make a server, or a proxy in front of it, use another URL, host, scheme or client
   (`REROUTING`, `REROUTING_PREFIXES`) are dropped before Pleo.
 - `Content-Type` (`body_kind`): one media type, given once. A subtype containing `json`

@@ -88,6 +88,7 @@ _WATCHED = frozenset(
         b"content-type",
         b"content-length",
         b"transfer-encoding",
+        b"upgrade",
         *BROWSER_ONLY,
         *METHOD_OVERRIDE,
     }
@@ -216,7 +217,7 @@ class ProxyApp:
         host: bytes | None = None
         content_type: bytes | None = None
         content_types = 0
-        has_body = browser = lookalike = False
+        has_body = browser = lookalike = upgrade = False
         override: bytes | None = None
         for name, value in headers:
             if name == self.tenant_header:
@@ -236,6 +237,8 @@ class ProxyApp:
                     has_body = has_body or value != b"0"
                 elif name in BROWSER_ONLY:
                     browser = True
+                elif name == b"upgrade":
+                    upgrade = True
                 else:
                     override = name
             elif name == self.tenant_lookalike:
@@ -252,6 +255,13 @@ class ProxyApp:
             refusal = errors.RouteNotAllowed(
                 f"The broker forwards the request's own method only; send it as that method"
                 f" instead of naming one in {override.decode('latin-1').title()}."
+            )
+        elif upgrade and has_body:
+            # The server reads what follows the headers of an upgrade as the new protocol's,
+            # not as the body: the body would be lost or misread.
+            refusal = errors.RouteNotAllowed(
+                "The broker forwards plain HTTP/1.1 requests; send this one without the"
+                " Upgrade header."
             )
         elif content_types > 1:
             refusal = errors.ContentTypeInvalid(

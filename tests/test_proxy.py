@@ -1090,6 +1090,22 @@ def test_a_websocket_upgrade_gets_a_json_refusal(broker: RunningBroker, acme: An
     assert json.loads(body)["error"]["code"] == "route_not_allowed"
 
 
+@pytest.mark.parametrize("upgrade", [b"h2c", b"foo"])
+def test_a_protocol_upgrade_with_a_body_is_refused(
+    recording: tuple[RecordingUpstream, RunningBroker], upgrade: bytes
+) -> None:
+    upstream, broker = recording
+    answer = _raw_request(
+        broker,
+        b"PUT /v3/export-jobs/j1/items HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Broker-Tenant: acme\r\n"
+        b"Upgrade: " + upgrade + b"\r\nConnection: Upgrade, close\r\n"
+        b"Content-Type: application/octet-stream\r\nContent-Length: 2\r\n\r\nab",
+    )
+    assert answer.startswith(b"HTTP/1.1 403"), answer[:300]
+    assert b"route_not_allowed" in answer
+    assert not upstream.seen
+
+
 def test_an_unexpected_failure_is_a_json_500(
     recording: tuple[RecordingUpstream, RunningBroker], monkeypatch: pytest.MonkeyPatch
 ) -> None:
