@@ -625,7 +625,12 @@ async def _read_bounded(
         raise _body_timeout(seconds) from None
 
 
-def _body_timeout(timeout: float) -> errors.RequestTimeout:
+def _body_timeout(timeout: float, *, streamed: bool = False) -> errors.RequestTimeout:
+    if streamed:
+        return errors.RequestTimeout(
+            f"The request body stalled for {timeout:g} seconds (BROKER_REQUEST_BODY_TIMEOUT);"
+            " the call to Pleo was aborted. Send the body without pauses."
+        )
     return errors.RequestTimeout(
         f"The request body did not arrive within {timeout:g} seconds"
         " (BROKER_REQUEST_BODY_TIMEOUT); nothing was sent to Pleo."
@@ -659,11 +664,12 @@ class _RequestBody:
                 async with asyncio.timeout(self.timeout):
                     message = await self.receive()
             except TimeoutError:
-                self.failure = _body_timeout(self.timeout)
+                self.failure = _body_timeout(self.timeout, streamed=True)
                 raise self.failure from None
             if message["type"] == "http.disconnect":
                 self.failure = errors.BodyInvalid(
-                    "The caller went away before sending the whole body."
+                    "The caller went away before sending the whole body; the call to Pleo was"
+                    " aborted."
                 )
                 raise self.failure
             chunk = message.get("body", b"")
