@@ -695,6 +695,7 @@ def _wait_for(condition: Callable[[], bool], what: str, seconds: float = 5.0) ->
 @pytest.mark.parametrize(("change", "status", "code"), [
     ("disconnect", 404, "tenant_unknown"),
     ("rotate", 409, "tenant_changed"),
+    ("break", 424, "tenant_not_active"),
 ])  # fmt: skip
 def test_a_key_replaced_while_the_body_arrives_is_never_sent(
     recording: tuple[RecordingUpstream, RunningBroker], change: str, status: int, code: str
@@ -711,6 +712,10 @@ def test_a_key_replaced_while_the_body_arrives_is_never_sent(
         assert _read_until(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 100")
         if change == "disconnect":
             httpx.delete(f"{broker.admin_url}/v1/tenants/acme", headers=broker.auth)
+        elif change == "break":
+            upstream.keys.clear()  # Pleo no longer knows the key: the check breaks the tenant
+            check = httpx.post(f"{broker.admin_url}/v1/tenants/acme/check", headers=broker.auth)
+            assert check.json()["state"] == "broken"
         else:
             company, scopes = next(iter(upstream.keys.values()))
             fresh = "pik_" + secrets.token_hex(20)
