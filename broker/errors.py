@@ -6,7 +6,8 @@
     │   ├── TenantMissing            400 tenant_missing
     │   ├── TenantInvalid            400 tenant_invalid
     │   ├── TenantUnknown            404 tenant_unknown
-    │   └── TenantNotActive          424 tenant_not_active
+    │   ├── TenantNotActive          424 tenant_not_active
+    │   └── TenantChanged            409 tenant_changed (key replaced while the request arrived)
     ├── ActivationError              (PUT /v1/tenants/{tenant}/key)
     │   ├── KeyInvalid               422 key_invalid
     │   ├── KeyNotApiKey             422 key_not_api_key
@@ -21,10 +22,15 @@
     │   ├── ScopeNotGranted          403 scope_not_granted
     │   ├── CompanyMismatch          403 company_mismatch
     │   ├── BodyInvalid              400 body_invalid
-    │   └── BodyTooLarge             413 body_too_large
+    │   ├── BodyTooLarge             413 body_too_large
+    │   ├── ContentTypeInvalid       400 content_type_invalid
+    │   ├── HostNotAllowed           400 host_not_allowed
+    │   └── BrowserRequestRefused    403 browser_request_refused
+    ├── RequestTimeout               408 request_timeout (a request body slower than allowed)
     ├── UpstreamError
     │   ├── UpstreamUnreachable      502 upstream_unreachable
-    │   └── UpstreamTimeout          504 upstream_timeout
+    │   ├── UpstreamTimeout          504 upstream_timeout
+    │   └── UpstreamBusy             503 upstream_busy (no connection to Pleo free in time)
     ├── StoreUnavailable             503 store_unavailable
     ├── StoreConflict                409 store_conflict (a concurrent write won; retry)
     ├── StoreIntegrityError          500 store_integrity (wrong master key or tampered record)
@@ -104,6 +110,15 @@ class TenantNotActive(TenantError):
     status = 424
     code = "tenant_not_active"
     default_message = "This tenant's Pleo key is not working; reconnect it with a new key."
+
+
+class TenantChanged(TenantError):
+    status = 409
+    code = "tenant_changed"
+    default_message = (
+        "This tenant's key was replaced while the request was arriving, so it was not sent"
+        " with the old key. Send the request again."
+    )
 
 
 class ActivationError(BrokerError):
@@ -213,6 +228,38 @@ class BodyTooLarge(PolicyDenied):
     default_message = "The JSON body is larger than the broker inspects."
 
 
+class ContentTypeInvalid(PolicyDenied):
+    status = 400
+    code = "content_type_invalid"
+    default_message = (
+        "Give one Content-Type header with a single media type, e.g. 'application/json'."
+    )
+
+
+class HostNotAllowed(PolicyDenied):
+    status = 400
+    code = "host_not_allowed"
+    default_message = (
+        "The Host header does not name this broker. Call it by one of the names in"
+        " BROKER_PROXY_ALLOWED_HOSTS (by default localhost or 127.0.0.1)."
+    )
+
+
+class BrowserRequestRefused(PolicyDenied):
+    status = 403
+    code = "browser_request_refused"
+    default_message = (
+        "The proxy does not serve web browsers (the request carries Origin or Sec-Fetch-Site);"
+        " call it from a backend service."
+    )
+
+
+class RequestTimeout(BrokerError):
+    status = 408
+    code = "request_timeout"
+    default_message = "The request body did not arrive in time."
+
+
 class UpstreamError(BrokerError):
     """Pleo could not be reached or did not answer."""
 
@@ -227,6 +274,14 @@ class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"
     default_message = "Pleo did not answer in time."
+
+
+class UpstreamBusy(UpstreamError):
+    status = 503
+    code = "upstream_busy"
+    default_message = (
+        "Every connection to Pleo is in use and none came free in time; retry shortly."
+    )
 
 
 class StoreUnavailable(BrokerError):

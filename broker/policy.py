@@ -9,10 +9,14 @@ In order:
    match a catalog route that accepts API keys (not `bearer_only`).
 2. The route's scope, if it has one, must be granted to the tenant.
 3. Every company id must be the tenant's (UUIDs compared case-insensitively): the path parameter,
-   every query parameter named like `company_id` / `companyId` (any case, `_` or `-`), and a
-   top-level `companyId` of an inspected JSON body. An `organization_id` in the query is refused.
-   Where the route takes a company id in the query or body and the caller left it out, the
-   broker fills in the tenant's.
+   every query parameter named like `company_id` / `companyId` (any case, `_` or `-`, and any
+   bracketed form: `company_id[]`, `company_id[0]`, `companyId[x]`, `company[id]`), and a
+   top-level `companyId` of an inspected JSON body. An `organization_id` (same spellings) is
+   refused. Where the route takes a company id in the query or body and the caller left it out,
+   the broker fills in the tenant's. A route that carries the company in its body takes a JSON
+   object only (anything else is `body_invalid`); on other routes a top-level array has each of
+   its objects checked like a body, so no company id hides in a list. A `_method` query
+   parameter (a method override) is refused: the decision is made on the request's own method.
 
 Query parameters are split on `&` and `;` for checking, so a server that treats `;` as a
 separator cannot be handed a company id the broker did not see. The forwarded path and query
@@ -118,7 +122,26 @@ def check_body(route: Route, body: bytes, *, company_id: str) -> bytes:
     except (ValueError, RecursionError) as exc:
         raise BodyInvalid(f"The request body is not valid JSON: {_reason(exc)}.") from None
     if not isinstance(document, dict):
+        if route.body_company is not None:
+            raise BodyInvalid(
+                f"The request body must be a JSON object: {route.method} {route.template}"
+                f" carries the company id in its {route.body_company.name!r} member."
+            )
+        _check_array(document, company_id)
         return body
+    present = _check_members(document, company_id)
+    field = route.body_company
+    if present or field is None:
+        return body
+    # Insert the field as the object's first member: every other byte stays as sent.
+    brace = body.index(b"{") + 1
+    member = json.dumps({field.name: company_id}, separators=(",", ":"))[1:-1].encode()
+    return body[:brace] + member + (b"," if document else b"") + body[brace:]
+
+
+def _check_members(document: dict[str, Any], company_id: str) -> bool:
+    """Refuse a top-level company id that is not the tenant's, or an organisation; True if the
+    object names the company."""
     present = False
     for key, value in document.items():
         normalised = _normalise(key)
@@ -134,13 +157,20 @@ def check_body(route: Route, body: bytes, *, company_id: str) -> bytes:
                     f"The body names company {_shorten(json.dumps(value))} in {key!r}"
                     f" but this tenant is connected to company {company_id!r}."
                 )
-    field = route.body_company
-    if present or field is None:
-        return body
-    # Insert the field as the object's first member: every other byte stays as sent.
-    brace = body.index(b"{") + 1
-    member = json.dumps({field.name: company_id}, separators=(",", ":"))[1:-1].encode()
-    return body[:brace] + member + (b"," if document else b"") + body[brace:]
+    return present
+
+
+def _check_array(document: object, company_id: str) -> None:
+    """Every object of a top-level array (arrays of arrays too) is checked like a body."""
+    if not isinstance(document, list):
+        return
+    pending = [document]
+    while pending:
+        for element in pending.pop():
+            if isinstance(element, dict):
+                _check_members(element, company_id)
+            elif isinstance(element, list):
+                pending.append(element)
 
 
 def _canonical_path(raw_path: bytes) -> str:
@@ -188,6 +218,11 @@ def _checked_query(route: Route, query_string: bytes, company_id: str) -> bytes:
             raw_name, _, raw_value = part.partition(b"=")
             name = unquote(raw_name.replace(b"+", b" ").decode("latin-1"), errors="replace")
             normalised = _normalise(name)
+            if normalised == "method" and name.startswith("_"):
+                raise RouteNotAllowed(
+                    f"The query names {name!r}, a method override; the broker forwards the"
+                    " request's own method only, so send that method instead."
+                )
             if normalised in _ORGANIZATION_NAMES:
                 raise CompanyMismatch(
                     f"The query names an organisation ({name!r}); the broker keeps requests"
@@ -211,7 +246,17 @@ def _checked_query(route: Route, query_string: bytes, company_id: str) -> bytes:
 
 
 def _normalise(name: str) -> str:
-    """Letters and digits only: `company_id`, `Company-Id` and `company_id[]` are one name."""
+    """Letters and digits only: `company_id`, `Company-Id` and `company_id[]` are one name,
+    and an indexed name (`company_id[0]`, `companyId[x][y]`) is the name it starts with."""
+    bracket = name.find("[")
+    if bracket > 0:
+        head = _alphanumeric(name[:bracket])
+        if head in _COMPANY_NAMES or head in _ORGANIZATION_NAMES:
+            return head
+    return _alphanumeric(name)
+
+
+def _alphanumeric(name: str) -> str:
     return "".join(c for c in name.lower() if c.isalnum())
 
 

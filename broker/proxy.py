@@ -4,6 +4,13 @@ Per request: pick the tenant from its header, refuse what the policy refuses, in
 tenant's key, forward with one pooled aiohttp session, stream the answer back. Pleo's 401
 breaks the tenant at once; a 403 triggers one re-introspection per tenant at a time.
 
+Before the policy, the header rules of `broker.headers` (Host names, browsers, method
+overrides, Content-Type). A body to inspect must arrive within `BROKER_REQUEST_BODY_TIMEOUT`; a
+streamed body that stalls that long or ends early aborts the upstream request instead of ending
+it cleanly. The key is taken from the registry at the moment of sending: a tenant disconnected or
+re-keyed while its request arrived is refused. At most `UPSTREAM_CONNECTIONS` calls are in flight
+to Pleo; the next waits at most `BROKER_UPSTREAM_POOL_TIMEOUT` for one (503 `upstream_busy`).
+
 Kept deliberately free of Starlette routing and Request objects: this is the hot path
 (docs/performance.md). Header names arrive lower-cased from the ASGI server.
 """
@@ -11,10 +18,12 @@ Kept deliberately free of Starlette routing and Request objects: this is the hot
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import time
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -22,7 +31,19 @@ import aiohttp
 from yarl import URL
 
 from broker import errors
+from broker.errors import ScopeNotGranted
 from broker.events import emit
+from broker.headers import (
+    BROWSER_ONLY,
+    INVALID,
+    JSON,
+    METHOD_OVERRIDE,
+    OTHER,
+    REROUTING,
+    REROUTING_PREFIXES,
+    HostNames,
+    body_kind,
+)
 from broker.pleo import basic_auth
 from broker.policy import Decision, check_body, decide
 from broker.records import TenantRecord, TenantState, valid_tenant_id
@@ -47,12 +68,31 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-REQUEST_DROP = HOP_BY_HOP | {b"host", b"authorization", b"cookie", b"x-request-id", b"expect"}
+REQUEST_DROP = (
+    HOP_BY_HOP
+    | REROUTING
+    | METHOD_OVERRIDE
+    | {b"host", b"authorization", b"cookie", b"x-request-id", b"expect"}
+)
 RESPONSE_DROP = HOP_BY_HOP | {b"set-cookie", b"x-request-id"}
 STREAM_WATCH_THRESHOLD = 64 * 1024
 CHUNK = 64 * 1024
 UNMATCHED = "unmatched"
 JSON_HEADERS = [(b"content-type", b"application/json")]
+UPSTREAM_CONNECTIONS = 256  # calls in flight to Pleo at once; the next waits for a free one
+# Request headers the first pass looks at (besides the tenant header and its lookalike).
+_WATCHED = frozenset(
+    {
+        b"host",
+        b"x-request-id",
+        b"content-type",
+        b"content-length",
+        b"transfer-encoding",
+        b"upgrade",
+        *BROWSER_ONLY,
+        *METHOD_OVERRIDE,
+    }
+)
 
 
 class ProxyApp:
@@ -69,8 +109,14 @@ class ProxyApp:
         self.tenant_header = settings.tenant_header.lower().encode("latin-1")
         self.tenant_lookalike = self.tenant_header.replace(b"-", b"_")
         self.max_body = settings.max_inspected_body
-        # `connect` would also count waiting for a pooled connection; only the socket's
-        # own connect is bounded, so a busy pool is not mistaken for an unreachable Pleo.
+        self.body_timeout = settings.request_body_timeout
+        self.pool_timeout = settings.upstream_pool_timeout
+        self._slots = asyncio.Semaphore(UPSTREAM_CONNECTIONS)
+        self.host_names = HostNames(settings.proxy_allowed_hosts, bind=settings.proxy_host)
+        # `connect` would also count waiting for a pooled connection; only the socket's own
+        # connect is bounded here, so a busy pool is not mistaken for an unreachable Pleo. The
+        # wait for a free connection is bounded by `_slots` (UPSTREAM_CONNECTIONS), which keeps
+        # aiohttp's connector (unlimited) from ever queueing a request.
         self.timeout = aiohttp.ClientTimeout(
             total=None,
             connect=None,
@@ -86,7 +132,7 @@ class ProxyApp:
 
     async def open(self) -> None:
         if self.session is None:
-            connector = aiohttp.TCPConnector(limit=0, limit_per_host=256, ttl_dns_cache=300)
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300)
             egress = self.broker.settings.upstream_proxy  # credentials in it: never logged
             self.session = aiohttp.ClientSession(
                 connector=connector,
@@ -119,15 +165,18 @@ class ProxyApp:
     # -- requests ------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
-            return
         if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                await self._lifespan(receive, send)
+            elif scope["type"] == "websocket":
+                await self._refuse_websocket(scope, receive, send)
             return
         method: str = scope["method"]
-        request_id, tenant = self._read_headers(scope["headers"])
+        request_id, tenant, refusal, kind = self._read_headers(scope["headers"])
         route = UNMATCHED
         try:
+            if refusal is not None:
+                raise refusal
             if isinstance(tenant, errors.BrokerError):
                 raise tenant
             record = self._active_record(tenant)
@@ -141,41 +190,104 @@ class ProxyApp:
                 allow_control_plane=self.broker.settings.proxy_allow_control_plane,
             )
             route = decision.route.template
-            status = await self._forward(scope, receive, send, record, decision, request_id)
+            status = await self._forward(scope, receive, send, record, decision, request_id, kind)
         except errors.BrokerError as exc:
             status = exc.status
             await self._refuse(send, exc, request_id, tenant)
+        except Exception as exc:  # a bug: answer JSON, log where, never a traceback to the caller
+            status = 500
+            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            emit(
+                "proxy.internal_error",
+                level=logging.ERROR,
+                error_type=type(exc).__name__,
+                where=f"{os.path.basename(frame.filename)}:{frame.lineno}",
+                request_id=request_id.decode("latin-1"),
+            )
+            # If the answer had already started, the server closes the connection instead.
+            with contextlib.suppress(Exception):
+                await self._refuse(send, errors.BrokerError(), request_id, tenant)
         self._count(method, route, status)
 
-    def _read_headers(self, headers: list[tuple[bytes, bytes]]) -> tuple[bytes, Any]:
-        """The request id to use and the tenant id (or the error the tenant header earns)."""
+    def _read_headers(
+        self, headers: list[tuple[bytes, bytes]]
+    ) -> tuple[bytes, Any, errors.BrokerError | None, str | None]:
+        """One pass over the request headers: the request id to use, the tenant id (or the
+        error the tenant header earns), the refusal the other headers earn, and the body kind
+        (None without a body, else `body_kind`'s)."""
         request_id = b""
         tenant: Any = None
+        host: bytes | None = None
+        content_type: bytes | None = None
+        content_types = 0
+        has_body = browser = lookalike = upgrade = False
+        override: bytes | None = None
         for name, value in headers:
             if name == self.tenant_header:
                 if tenant is not None:
                     tenant = errors.TenantInvalid("Give the tenant header only once.")
                 else:
                     tenant = value
-            elif name == b"x-request-id":
-                request_id = value
+            elif name in _WATCHED:
+                if name == b"host":
+                    host = value if host is None else b""  # twice: matches no name
+                elif name == b"x-request-id":
+                    request_id = value
+                elif name == b"content-type":
+                    content_type = value
+                    content_types += 1
+                elif name == b"transfer-encoding" or name == b"content-length":
+                    has_body = has_body or value != b"0"
+                elif name in BROWSER_ONLY:
+                    browser = True
+                elif name == b"upgrade":
+                    upgrade = True
+                else:
+                    override = name
             elif name == self.tenant_lookalike:
-                tenant = errors.TenantInvalid(
-                    "The tenant header must be spelled with dashes, not underscores."
-                )
-                break
+                lookalike = True
         if not request_id or len(request_id) > 128 or not request_id.isascii():
             request_id = _new_request_id()
-        if tenant is None:
-            return request_id, errors.TenantMissing(
+        refusal: errors.BrokerError | None = None
+        kind = None
+        if not self.host_names.allows(host):
+            refusal = errors.HostNotAllowed()
+        elif browser:
+            refusal = errors.BrowserRequestRefused()
+        elif override is not None:
+            refusal = errors.RouteNotAllowed(
+                f"The broker forwards the request's own method only; send it as that method"
+                f" instead of naming one in {override.decode('latin-1').title()}."
+            )
+        elif upgrade and has_body:
+            # The server reads what follows the headers of an upgrade as the new protocol's,
+            # not as the body: the body would be lost or misread.
+            refusal = errors.RouteNotAllowed(
+                "The broker forwards plain HTTP/1.1 requests; send this one without the"
+                " Upgrade header."
+            )
+        elif content_types > 1:
+            refusal = errors.ContentTypeInvalid(
+                "Content-Type is given more than once; give it once, with one media type."
+            )
+        else:
+            kind = body_kind(content_type)
+            if kind is INVALID:
+                refusal = errors.ContentTypeInvalid()
+            elif not has_body:
+                kind = None
+        if lookalike:
+            tenant = errors.TenantInvalid(
+                "The tenant header must be spelled with dashes, not underscores."
+            )
+        elif tenant is None:
+            tenant = errors.TenantMissing(
                 f"Name the tenant in the {self.broker.settings.tenant_header} header."
             )
-        if isinstance(tenant, bytes):
+        elif isinstance(tenant, bytes):
             text = tenant.decode("latin-1")
-            if not valid_tenant_id(text):
-                return request_id, errors.TenantInvalid(tenant=text[:80])
-            return request_id, text
-        return request_id, tenant
+            tenant = text if valid_tenant_id(text) else errors.TenantInvalid(tenant=text[:80])
+        return request_id, tenant, refusal, kind
 
     def _active_record(self, tenant: str) -> TenantRecord:
         record = self.registry.get(tenant)
@@ -197,17 +309,77 @@ class ProxyApp:
         record: TenantRecord,
         decision: Decision,
         request_id: bytes,
+        kind: str | None,
     ) -> int:
-        assert record.api_key is not None
-        headers = self._upstream_headers(scope["headers"], record, request_id)
+        headers = self._upstream_headers(scope["headers"], request_id)
         body: Any = None
-        kind = _body_kind(scope["headers"])
-        if decision.inspect_body or kind is _JSON:
-            raw = await _read_bounded(receive, self.max_body, headers)
+        stream: _RequestBody | None = None
+        if decision.inspect_body or kind is JSON:
+            raw = await _read_bounded(receive, self.max_body, headers, self.body_timeout)
             body = check_body(decision.route, raw, company_id=record.company_id or "")
             headers["Content-Length"] = str(len(body))
-        elif kind is _OTHER:
-            body = _stream_request(receive)
+        elif kind is OTHER:
+            body = stream = _RequestBody(receive, self.body_timeout)
+        await self._take_slot(record.tenant)
+        try:
+            # The key is taken now, at the moment of sending, not when the headers arrived.
+            record = self._current_record(record, decision)
+            assert record.api_key is not None
+            headers["Authorization"] = basic_auth(record.api_key)
+            return await self._send(
+                scope, receive, send, record, decision, request_id, headers, body, stream
+            )
+        finally:
+            self._slots.release()
+
+    async def _take_slot(self, tenant: str) -> None:
+        """Wait (at most `pool_timeout`) for one of the UPSTREAM_CONNECTIONS calls to Pleo."""
+        if not self._slots.locked():
+            await self._slots.acquire()
+            return
+        try:
+            async with asyncio.timeout(self.pool_timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise errors.UpstreamBusy(tenant=tenant) from None
+
+    def _current_record(self, admitted: TenantRecord, decision: Decision) -> TenantRecord:
+        """The tenant's record now; refused if it changed in a way that matters since the
+        request was admitted (disconnected, no longer active, another key or company)."""
+        record = self.registry.get(admitted.tenant)
+        if record is admitted:
+            return record
+        if record is None:
+            raise errors.TenantUnknown(
+                "This tenant was disconnected while the request was arriving; nothing was sent.",
+                tenant=admitted.tenant,
+            )
+        if record.state is not TenantState.ACTIVE:
+            raise _not_active(record)
+        if record.api_key != admitted.api_key or record.company_id != admitted.company_id:
+            raise errors.TenantChanged(tenant=admitted.tenant)
+        scope = decision.route.scope
+        if scope is not None and scope not in record.scopes:
+            raise ScopeNotGranted(
+                f"{decision.route.method} {decision.route.template} needs the scope {scope!r},"
+                " which this tenant's key was not granted.",
+                tenant=admitted.tenant,
+                required_scope=scope,
+            )
+        return record
+
+    async def _send(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        record: TenantRecord,
+        decision: Decision,
+        request_id: bytes,
+        headers: dict[str, str],
+        body: Any,
+        stream: _RequestBody | None,
+    ) -> int:
         if self.session is None:
             await self.open()
         assert self.session is not None
@@ -224,6 +396,8 @@ class ProxyApp:
                 allow_redirects=False,
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
+            if stream is not None and stream.failure is not None:
+                raise stream.failure from None  # the caller's body failed, not Pleo
             raise _upstream_error(exc, record.tenant) from exc
         self._observe(decision.route.template, time.perf_counter() - started)
         try:
@@ -266,8 +440,10 @@ class ProxyApp:
             return record
 
     def _upstream_headers(
-        self, headers: list[tuple[bytes, bytes]], record: TenantRecord, request_id: bytes
+        self, headers: list[tuple[bytes, bytes]], request_id: bytes
     ) -> dict[str, str]:
+        """The caller's headers less credentials, hop-by-hop and rerouting ones (the key is
+        added at the moment of sending)."""
         named_in_connection: set[bytes] = set()
         for name, value in headers:
             if name == b"connection":
@@ -275,15 +451,18 @@ class ProxyApp:
         out: dict[str, str] = {}
         tenant_header = self.tenant_header
         for name, value in headers:
-            if name in REQUEST_DROP or name == tenant_header or name in named_in_connection:
+            if (
+                name in REQUEST_DROP
+                or name == tenant_header
+                or name in named_in_connection
+                or name.startswith(REROUTING_PREFIXES)
+            ):
                 continue
             key = name.decode("latin-1")
             if key in out:  # repeated header: join as HTTP allows
                 out[key] += ", " + value.decode("latin-1")
             else:
                 out[key] = value.decode("latin-1")
-        assert record.api_key is not None
-        out["Authorization"] = basic_auth(record.api_key)
         out["X-Request-Id"] = request_id.decode("latin-1")
         return out
 
@@ -331,8 +510,30 @@ class ProxyApp:
         body = json.dumps(exc.to_body()).encode()
         headers = [*JSON_HEADERS, (b"x-request-id", request_id)]
         headers.append((b"content-length", str(len(body)).encode()))
+        if isinstance(exc, errors.RequestTimeout):
+            headers.append((b"connection", b"close"))  # the rest of the body is not awaited
         await send({"type": "http.response.start", "status": exc.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+    async def _refuse_websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket handshake: a JSON 403 where the server can send one, else a plain close."""
+        if (await receive())["type"] != "websocket.connect":
+            return  # the caller went away first
+        exc = errors.RouteNotAllowed(
+            "The broker forwards plain HTTP requests to Pleo, not WebSocket connections."
+        )
+        self._deny(exc)
+        self._count(scope.get("method", "GET"), UNMATCHED, exc.status)
+        if "websocket.http.response" not in scope.get("extensions", {}):
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        body = json.dumps(exc.to_body()).encode()
+        headers = [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]
+        headers.append((b"x-request-id", _new_request_id()))
+        await send(
+            {"type": "websocket.http.response.start", "status": exc.status, "headers": headers}
+        )
+        await send({"type": "websocket.http.response.body", "body": body})
 
     # -- metrics (children cached: labels() is too slow for every request) ---------------
 
@@ -398,35 +599,9 @@ def _not_active(record: TenantRecord) -> errors.TenantNotActive:
     )
 
 
-_JSON = "json"
-_OTHER = "other"
-
-
-def _body_kind(headers: list[tuple[bytes, bytes]]) -> str | None:
-    """None without a body; `_JSON` for a body Pleo would read as JSON (declared so, or
-    undeclared); `_OTHER` for a body declared as something else. One pass over the headers.
-
-    Every JSON body is inspected, whatever the route, so that no top-level `companyId`
-    reaches Pleo unchecked; bodies declared as something else stream untouched.
-    """
-    has_body = False
-    content_type: bytes | None = None
-    for name, value in headers:
-        if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
-            has_body = True
-        elif name == b"content-type" and content_type is None:
-            content_type = value
-    if not has_body:
-        return None
-    if content_type is None:
-        return _JSON
-    media = content_type.split(b";", 1)[0].strip().lower()
-    if media in (b"application/json", b"text/json") or media.endswith(b"+json"):
-        return _JSON
-    return _OTHER
-
-
-async def _read_bounded(receive: Receive, limit: int, headers: dict[str, str]) -> bytes:
+async def _read_bounded(
+    receive: Receive, limit: int, headers: dict[str, str], seconds: float
+) -> bytes:
     declared = headers.pop("content-length", None)
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise errors.BodyTooLarge(
@@ -434,19 +609,35 @@ async def _read_bounded(receive: Receive, limit: int, headers: dict[str, str]) -
         )
     chunks: list[bytes] = []
     size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise errors.BodyInvalid("The caller went away before sending the whole body.")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise errors.BodyTooLarge(
-                f"The JSON body is over the {limit} bytes the broker inspects.", limit=limit
-            )
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+    try:
+        async with asyncio.timeout(seconds):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise errors.BodyInvalid("The caller went away before sending the whole body.")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise errors.BodyTooLarge(
+                        f"The JSON body is over the {limit} bytes the broker inspects.", limit=limit
+                    )
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
+    except TimeoutError:
+        raise _body_timeout(seconds) from None
+
+
+def _body_timeout(timeout: float, *, streamed: bool = False) -> errors.RequestTimeout:
+    if streamed:
+        return errors.RequestTimeout(
+            f"The request body stalled for {timeout:g} seconds (BROKER_REQUEST_BODY_TIMEOUT);"
+            " the call to Pleo was aborted. Send the body without pauses."
+        )
+    return errors.RequestTimeout(
+        f"The request body did not arrive within {timeout:g} seconds"
+        " (BROKER_REQUEST_BODY_TIMEOUT); nothing was sent to Pleo."
+    )
 
 
 async def _disconnected(receive: Receive) -> None:
@@ -455,16 +646,40 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
-async def _stream_request(receive: Receive) -> AsyncIterator[bytes]:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-        chunk = message.get("body", b"")
-        if chunk:
-            yield chunk
-        if not message.get("more_body", False):
-            return
+class _RequestBody:
+    """A caller's body streamed to Pleo. If it stalls for `timeout` seconds or the caller goes
+    away before its end, iteration raises, so aiohttp aborts the upstream request rather than
+    ending it as if the body were complete; `failure` then says what happened."""
+
+    __slots__ = ("failure", "receive", "timeout")
+
+    def __init__(self, receive: Receive, timeout: float) -> None:
+        self.receive = receive
+        self.timeout = timeout
+        self.failure: errors.BrokerError | None = None
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        while True:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    message = await self.receive()
+            except TimeoutError:
+                self.failure = _body_timeout(self.timeout, streamed=True)
+                raise self.failure from None
+            if message["type"] == "http.disconnect":
+                self.failure = errors.BodyInvalid(
+                    "The caller went away before sending the whole body; the call to Pleo was"
+                    " aborted."
+                )
+                raise self.failure
+            chunk = message.get("body", b"")
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                return
 
 
 def create_proxy_app(broker: Broker) -> ProxyApp:

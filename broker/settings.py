@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -18,6 +19,8 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_SECRETS_DIR = Path("/run/secrets")
+# A host name, an IPv4 address, a bracketed IPv6 address, '*', or '*.' and a name.
+_HOST_PATTERN = re.compile(r"\*|(\*\.)?[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?|\[[0-9a-f:.]+\]")
 
 
 class ConfigError(Exception):
@@ -39,6 +42,8 @@ class Settings(BaseSettings):
     pleo_client_id: str | None = None
     proxy_host: str = "127.0.0.1"
     proxy_port: int = Field(8080, ge=0, le=65535)
+    # Host names the proxy answers to (DNS rebinding); empty: loopback names and PROXY_HOST.
+    proxy_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = ()
     admin_host: str = "127.0.0.1"
     admin_port: int = Field(8081, ge=0, le=65535)
     admin_token: SecretStr | None = None
@@ -72,6 +77,8 @@ class Settings(BaseSettings):
     upstream_proxy: SecretStr | None = None
     max_inspected_body: int = Field(1_048_576, ge=1024)
     proxy_allow_control_plane: bool = False
+    request_body_timeout: float = Field(30.0, gt=0)
+    upstream_pool_timeout: float = Field(5.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
 
@@ -90,6 +97,22 @@ class Settings(BaseSettings):
         if isinstance(value, str) and not value.strip():
             return None
         return value.strip() if isinstance(value, str) else value
+
+    @field_validator("proxy_allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.replace(" ", ",").split(",")
+        if isinstance(value, list | tuple):
+            hosts = tuple(str(part).strip().lower() for part in value if str(part).strip())
+            for host in hosts:
+                if not _HOST_PATTERN.fullmatch(host):
+                    raise ValueError(
+                        "must be host names separated by commas, without scheme or port"
+                        " (e.g. broker.payments.svc,localhost; '*.example.com' and '*' match more)"
+                    )
+            return hosts
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -309,10 +309,12 @@ CHART_SETTINGS: dict[str, Any] = {
         "upstreamTimeout": 12,
         "maxInspectedBody": 2097152,
         "proxyAllowControlPlane": True,
+        "requestBodyTimeout": 12.5,
+        "upstreamPoolTimeout": 2.5,
         "logLevel": "DEBUG",
         "logFormat": "text",
     },
-    "proxy": {"port": 18080},
+    "proxy": {"port": 18080, "allowedHosts": ["broker.example.test"]},
     "admin": {"port": 18081},
     "vault": {
         "addr": "https://vault.example.test:8200",
@@ -342,6 +344,18 @@ EXPECTED_SETTINGS = {
     "upstream_timeout": 12.0,
     "max_inspected_body": 2097152,
     "proxy_allow_control_plane": True,
+    "request_body_timeout": 12.5,
+    "upstream_pool_timeout": 2.5,
+    "proxy_allowed_hosts": (
+        "localhost",
+        "127.0.0.1",
+        "[::1]",
+        "rel-pleo-broker",
+        "rel-pleo-broker.apps",
+        "rel-pleo-broker.apps.svc",
+        "rel-pleo-broker.apps.svc.cluster.local",
+        "broker.example.test",
+    ),
     "log_level": "DEBUG",
     "log_format": "text",
     "proxy_host": "127.0.0.1",
@@ -589,6 +603,8 @@ def test_sidecar_mode_renders_only_shared_objects() -> None:
     # Exposing the proxy is a Deployment feature: a sidecar's proxy never leaves its pod.
     exposed = render({"mode": "sidecar", "proxy": {"expose": True}, **VAULT_KUBERNETES})
     assert only(exposed, "ConfigMap")["data"]["BROKER_PROXY_HOST"] == "127.0.0.1"
+    # ... and answers to loopback names only (DNS rebinding).
+    assert data["BROKER_PROXY_ALLOWED_HOSTS"] == "localhost,127.0.0.1,[::1]"
 
 
 def example_chart(tmp_path: Path) -> Path:

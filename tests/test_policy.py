@@ -111,6 +111,25 @@ DENIED: list[tuple[str, bytes, bytes, type[PolicyDenied], str]] = [
     ("GET", b"/v0/tag-groups", b"company_id=" + C + b"&ORGANIZATION_ID=o", CompanyMismatch,
      "an organisation"),
     ("POST", b"/v0/tags:search", b"organisationId=o", CompanyMismatch, "an organisation"),
+    # indexed and bracketed names are the name they start with
+    ("GET", b"/v3/export-jobs", b"company_id[0]=" + O, CompanyMismatch, "in 'company_id[0]'"),
+    ("GET", b"/v3/export-jobs", b"companyId[0]=" + O, CompanyMismatch, "in 'companyId[0]'"),
+    ("GET", b"/v3/export-jobs", b"company_id[x]=" + O, CompanyMismatch, "in 'company_id[x]'"),
+    ("GET", b"/v3/export-jobs", b"company_id[0][a]=" + O, CompanyMismatch, "in 'company_id[0]"),
+    ("GET", b"/v3/export-jobs", b"company_id%5B0%5D=" + O, CompanyMismatch,
+     "in 'company_id[0]'"),
+    ("GET", b"/v3/export-jobs", b"company_id%5b%5d=" + O, CompanyMismatch, "in 'company_id[]'"),
+    ("GET", b"/v3/export-jobs", b"Company-Id[1]=" + O, CompanyMismatch, "in 'Company-Id[1]'"),
+    ("GET", b"/v3/export-jobs", b"company[id]=" + O, CompanyMismatch, "in 'company[id]'"),
+    ("GET", b"/v3/export-jobs", b"company_id[0]=" + C + b"&company_id[1]=" + O, CompanyMismatch,
+     "in 'company_id[1]'"),
+    ("GET", b"/v3/export-jobs", b"company_id[]", CompanyMismatch, "The query names company ''"),
+    ("GET", b"/v0/tag-groups", b"organization_id[0]=o", CompanyMismatch, "an organisation"),
+    ("GET", b"/v0/tag-groups", b"organizationId%5Bx%5D=o", CompanyMismatch, "an organisation"),
+    # a method override parameter
+    ("GET", b"/v3/export-jobs", b"_method=DELETE", RouteNotAllowed, "'_method', a method override"),
+    ("POST", b"/v3/export-jobs", b"_METHOD=get", RouteNotAllowed, "a method override"),
+    ("GET", b"/v3/export-jobs", b"%5Fmethod=DELETE", RouteNotAllowed, "a method override"),
 ]  # fmt: skip
 
 
@@ -146,6 +165,10 @@ ALLOWED: list[tuple[str, bytes, bytes, bytes, str, bool]] = [
      b"company_id=" + UPPER.encode() + b"&limit=1", "/v3/export-jobs", False),
     ("GET", b"/v3/export-jobs", b"company%5Fid=" + C, b"company%5Fid=" + C, "/v3/export-jobs",
      False),
+    ("GET", b"/v3/export-jobs", b"company_id[0]=" + C, b"company_id[0]=" + C + b"&company_id=" + C,
+     "/v3/export-jobs", False),
+    ("GET", b"/v3/export-jobs", b"companyIds=x&company_identity=y&method=z",
+     b"companyIds=x&company_identity=y&method=z&company_id=" + C, "/v3/export-jobs", False),
     ("GET", b"/v3/export-jobs", b"sorting_keys=a&sorting_order=desc&company_id=" + C,
      b"sorting_keys=a&sorting_order=desc&company_id=" + C, "/v3/export-jobs", False),
     ("GET", b"/v2/employees", b"", b"companyId=" + C, "/v2/employees", False),
@@ -211,6 +234,23 @@ BODY_DENIED: list[tuple[Route, bytes, type[PolicyDenied], str]] = [
     (VENDOR, b'{"company\\u0049d": "' + O + b'"}', CompanyMismatch, "in 'companyId'"),
     (VENDOR, b'{"name": "x", "organizationId": "o"}', CompanyMismatch, "an organisation"),
     (ITEMS, b'{"companyId": "' + O + b'"}', CompanyMismatch, "The body names company"),
+    # a route carrying the company in its body takes an object only
+    (VENDOR, b'[{"companyId": "' + O + b'"}]', BodyInvalid,
+     "must be a JSON object: POST /v1/vendors carries the company id in its 'companyId'"),
+    (VENDOR, b'[{"name": "x"}]', BodyInvalid, "must be a JSON object"),
+    (VENDOR, b'"text"', BodyInvalid, "must be a JSON object"),
+    (VENDOR, b"null", BodyInvalid, "must be a JSON object"),
+    (VENDOR, b"5", BodyInvalid, "must be a JSON object"),
+    (VENDOR, b"[" * 5000 + b"]" * 5000, BodyInvalid, "nested too deeply"),
+    (VENDOR, b'{"a":' * 5000 + b"1" + b"}" * 5000, BodyInvalid, "nested too deeply"),
+    (VENDOR, b'{"a": ' + b"1" * 5000 + b"}", BodyInvalid, "not valid JSON"),
+    # elsewhere every object of a top-level array is checked
+    (ITEMS, b'[{"companyId": "' + O + b'"}]', CompanyMismatch, "The body names company"),
+    (ITEMS, b'[{"companyId": "' + C + b'"}, {"companyId": "' + O + b'"}]', CompanyMismatch,
+     "The body names company"),
+    (ITEMS, b'[[{"company_id": "' + O + b'"}]]', CompanyMismatch, "in 'company_id'"),
+    (ITEMS, b'[{}, {"organizationId": "o"}]', CompanyMismatch, "an organisation"),
+    (ITEMS, b'[{"companyId[0]": "' + O + b'"}]', CompanyMismatch, "in 'companyId[0]'"),
 ]  # fmt: skip
 
 
@@ -235,10 +275,13 @@ BODY_ALLOWED: list[tuple[Route, bytes, bytes]] = [
      b'\n{"companyId":"' + C + b'", "amount": 1e400, "rate": 1.10, "n": 12345678901234567890 }'),
     (VENDOR, b'{"items": [{"companyId": "' + O + b'"}]}',
      b'{"companyId":"' + C + b'","items": [{"companyId": "' + O + b'"}]}'),
-    # not an object: forwarded unchanged
-    (VENDOR, b'[{"companyId": "' + O + b'"}]', b""),
-    (VENDOR, b'"text"', b""),
-    (VENDOR, b"null", b""),
+    # not an object, on a route without a body company field: checked element by element
+    (ITEMS, b'[{"companyId": "' + C + b'"}, {"name": "x"}, [{"companyId": "' + UPPER.encode()
+     + b'"}]]', b""),
+    (ITEMS, b'[{"items": [{"companyId": "' + O + b'"}]}]', b""),
+    (ITEMS, b'"text"', b""),
+    (ITEMS, b"null", b""),
+    (ITEMS, b"[]", b""),
     # a route without a body company field is checked, never filled in
     (ITEMS, b'{"name": "x"}', b""),
     (ITEMS, b'{"companyId": "' + C + b'"}', b""),
@@ -296,7 +339,8 @@ def _requests(draw: st.DrawFn) -> tuple[str, bytes]:
 
 
 _NAMES = ["company_id", "companyId", "Company_Id", "company%5Fid", "COMPANYID", "company-id",
-          "organization_id", "organizationId", "limit", "q", "", "company_id[]"]  # fmt: skip
+          "organization_id", "organizationId", "limit", "q", "", "company_id[]", "company_id[0]",
+          "companyId[x]", "company_id%5B1%5D", "organization_id[0]", "_method"]  # fmt: skip
 _VALUES = [COMPANY, UPPER, COMPANY, UPPER, COMPANY.replace("-", "%2D"), OTHER, "", "a+b",
            "%41", f"{COMPANY};company_id={OTHER}", "%zz", f"{COMPANY}+"]  # fmt: skip
 _queries = st.lists(
@@ -338,7 +382,7 @@ def _query_pairs(query: bytes) -> list[tuple[str, str]]:
 
 
 def _is_company(name: str) -> bool:
-    return re.sub(r"[_-]", "", name.lower()) == "companyid"
+    return re.sub(r"[_-]", "", name.lower().partition("[")[0]) == "companyid"
 
 
 @settings(max_examples=600, derandomize=True, deadline=None, database=None)
@@ -379,6 +423,7 @@ def test_forwarded_requests_stay_inside_the_tenants_company(
     assert decision.query_string.startswith(query)
     for name, value in pairs:
         assert "organi" not in name.lower().replace("-", "").replace("_", "")
+        assert name.lower() != "_method"
         if _is_company(name):
             assert value.lower() == COMPANY
     if route.query_company is not None:
@@ -391,7 +436,14 @@ def test_forwarded_requests_stay_inside_the_tenants_company(
             assert route.body_company is None or companies
             assert not any("organi" in k.lower() for k in document)
         else:
+            assert route.body_company is None
             assert forwarded_body == body
+            elements = document if isinstance(document, list) else []
+            for element in elements:
+                if isinstance(element, dict):
+                    companies = [v for k, v in element.items() if _is_company(k)]
+                    assert all(isinstance(v, str) and v.lower() == COMPANY for v in companies)
+                    assert not any("organi" in k.lower() for k in element)
 
 
 @settings(max_examples=300, derandomize=True, deadline=None, database=None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import concurrent.futures
+import json
 import secrets
 import socket
 import time
@@ -133,13 +134,13 @@ def test_tenant_header_refusals(
 def test_tenant_header_twice_or_with_underscores(broker: RunningBroker, acme: Any) -> None:
     twice = _raw_request(
         broker,
-        b"GET /v3/export-jobs HTTP/1.1\r\nHost: x\r\nX-Broker-Tenant: acme\r\n"
+        b"GET /v3/export-jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Broker-Tenant: acme\r\n"
         b"X-Broker-Tenant: other\r\nConnection: close\r\n\r\n",
     )
     assert twice.startswith(b"HTTP/1.1 400") and b"tenant_invalid" in twice
     lookalike = _raw_request(
         broker,
-        b"GET /v3/export-jobs HTTP/1.1\r\nHost: x\r\nX-Broker-Tenant: acme\r\n"
+        b"GET /v3/export-jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Broker-Tenant: acme\r\n"
         b"X_Broker_Tenant: other\r\nConnection: close\r\n\r\n",
     )
     assert lookalike.startswith(b"HTTP/1.1 400") and b"tenant_invalid" in lookalike
@@ -165,7 +166,7 @@ def test_non_canonical_or_unknown_targets(
         broker,
         b"GET "
         + target
-        + b" HTTP/1.1\r\nHost: x\r\nX-Broker-Tenant: acme\r\nConnection: close\r\n\r\n",
+        + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Broker-Tenant: acme\r\nConnection: close\r\n\r\n",
     )
     assert answer.startswith(b"HTTP/1.1 403"), answer[:200]
     assert b"route_not_allowed" in answer
@@ -177,8 +178,8 @@ def test_trace_and_connect_are_refused(broker: RunningBroker, acme: Any, method:
     target = b"pleo.io:443" if method == "CONNECT" else b"/v3/export-jobs"
     answer = _raw_request(
         broker,
-        method.encode() + b" " + target + b" HTTP/1.1\r\nHost: x\r\nX-Broker-Tenant: acme\r\n"
-        b"Connection: close\r\n\r\n",
+        method.encode() + b" " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"X-Broker-Tenant: acme\r\nConnection: close\r\n\r\n",
     )
     assert b"403" in answer.split(b"\r\n")[0] or b"400" in answer.split(b"\r\n")[0]
     assert b"HTTP/1.1 200" not in answer
@@ -652,9 +653,505 @@ def test_unusual_methods_share_one_metric_label(broker: RunningBroker, acme: Any
     for method in ("PROPFIND", "MKCOL", "LOCK"):
         _raw_request(
             broker,
-            f"{method} /v3/export-jobs HTTP/1.1\r\nHost: x\r\nX-Broker-Tenant: acme\r\n"
+            f"{method} /v3/export-jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Broker-Tenant: acme\r\n"
             "Connection: close\r\n\r\n".encode(),
         )
     text = httpx.get(f"{broker.admin_url}/metrics").text
     assert 'broker_proxy_requests_total{code="403",method="OTHER",route="unmatched"} 3.0' in text
     assert "PROPFIND" not in text
+
+
+# -- hardening: what an attacker and a fault-injection run found (issue 8) -------------------------
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def _read_until(sock: socket.socket, marker: bytes) -> bytes:
+    data = b""
+    while marker not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while data := sock.recv(65536):
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+def _wait_for(condition: Callable[[], bool], what: str, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize(("change", "status", "code"), [
+    ("disconnect", 404, "tenant_unknown"),
+    ("rotate", 409, "tenant_changed"),
+    ("break", 424, "tenant_not_active"),
+])  # fmt: skip
+def test_a_key_replaced_while_the_body_arrives_is_never_sent(
+    recording: tuple[RecordingUpstream, RunningBroker], change: str, status: int, code: str
+) -> None:
+    upstream, broker = recording
+    body = b'{"accountingEntryIds": []}'
+    with socket.create_connection(("127.0.0.1", _port(broker.proxy_url)), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v3/export-jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Broker-Tenant: acme\r\n"
+            b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+        )
+        # 100 Continue: the broker has admitted the request and is waiting for its body.
+        assert _read_until(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 100")
+        if change == "disconnect":
+            httpx.delete(f"{broker.admin_url}/v1/tenants/acme", headers=broker.auth)
+        elif change == "break":
+            upstream.keys.clear()  # Pleo no longer knows the key: the check breaks the tenant
+            check = httpx.post(f"{broker.admin_url}/v1/tenants/acme/check", headers=broker.auth)
+            assert check.json()["state"] == "broken"
+        else:
+            company, scopes = next(iter(upstream.keys.values()))
+            fresh = "pik_" + secrets.token_hex(20)
+            upstream.add_key(fresh, company, scopes)
+            connect(broker, "acme", fresh)
+        sock.sendall(body)
+        answer = _read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 %d" % status), answer[:300]
+    assert code.encode() in answer
+    assert not [seen for seen in upstream.seen if seen.raw_path == b"/v3/export-jobs"]
+
+
+def test_a_body_that_takes_too_long_is_refused(
+    make_broker: Callable[..., RunningBroker], sandbox: RunningSandbox
+) -> None:
+    broker = make_broker(request_body_timeout=0.3)
+    key = sandbox.state.create_key(scopes=REQUIRED)
+    connect(broker, "acme", key.api_key)
+    sandbox.state.clear_requests()
+    with socket.create_connection(("127.0.0.1", _port(broker.proxy_url)), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v3/export-jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Broker-Tenant: acme\r\n"
+            b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"accounting'
+        )
+        started = time.monotonic()
+        answer = _read_all(sock)  # the broker answers and closes the connection
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+    assert b"request_timeout" in answer
+    assert time.monotonic() - started < 5
+    assert not sandbox.state.requests
+
+
+def _chunked_upload_head(path: bytes = b"/v3/export-jobs/j1/items") -> bytes:
+    return (
+        b"PUT " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Broker-Tenant: acme\r\n"
+        b"Content-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+
+
+def test_a_streamed_body_that_stalls_aborts_the_upstream_request(
+    tmp_path: Path,
+) -> None:
+    upstream = RecordingUpstream()
+    url, thread = start_app(upstream)
+    key = "pik_" + secrets.token_hex(20)
+    upstream.add_key(key, str(uuid.uuid4()), REQUIRED)
+    settings = broker_settings(
+        url, tmp_path / "store", required_scopes=REQUIRED, request_body_timeout=0.3
+    )
+    broker = start_broker(settings)
+    try:
+        connect(broker, "acme", key)
+        with socket.create_connection(("127.0.0.1", _port(broker.proxy_url)), timeout=10) as sock:
+            sock.sendall(_chunked_upload_head() + b"4\r\nabcd\r\n")  # ... and nothing more
+            answer = _read_all(sock)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+        assert b"request_timeout" in answer
+        _wait_for(lambda: bool(upstream.seen), "the upstream never saw the request")
+        assert upstream.seen[-1].complete is False  # aborted, not ended as if complete
+    finally:
+        broker.thread.stop()
+        thread.stop()
+
+
+def test_a_chunked_upload_cut_short_is_aborted_upstream(
+    recording: tuple[RecordingUpstream, RunningBroker],
+) -> None:
+    upstream, broker = recording
+    with socket.create_connection(("127.0.0.1", _port(broker.proxy_url)), timeout=10) as sock:
+        sock.sendall(_chunked_upload_head() + b"10000\r\n" + b"z" * 0x10000 + b"\r\n")
+        sock.sendall(b"10000\r\n" + b"z" * 1000)  # the caller goes away mid-chunk
+    _wait_for(lambda: bool(upstream.seen), "the upstream never saw the request")
+    seen = upstream.seen[-1]
+    assert seen.complete is False, "the upstream got a properly terminated (truncated) body"
+    # The broker keeps serving.
+    assert httpx.get(f"{broker.proxy_url}/v3/export-jobs", headers=TENANT).status_code == 200
+
+
+def test_a_json_body_cut_short_is_never_sent(
+    recording: tuple[RecordingUpstream, RunningBroker],
+) -> None:
+    upstream, broker = recording
+    with socket.create_connection(("127.0.0.1", _port(broker.proxy_url)), timeout=10) as sock:
+        sock.sendall(
+            b"PUT /v3/export-jobs/j1/items HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"X-Broker-Tenant: acme\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n5\r\n[{}, \r\n"
+        )
+    # The next request is the first the upstream sees.
+    assert httpx.get(f"{broker.proxy_url}/v3/export-jobs", headers=TENANT).status_code == 200
+    assert [seen.raw_path for seen in upstream.seen] == [b"/v3/export-jobs"]
+
+
+@pytest.mark.parametrize(
+    "content_types",
+    [
+        [b"text/plain, application/json"],
+        [b"application/json, text/plain"],
+        [b"application/json", b"text/plain"],
+        [b"text/plain", b"application/json"],
+        [b"application/json", b"application/json"],
+        [b"json"],
+        [b""],
+    ],
+)
+def test_an_ambiguous_content_type_is_refused(
+    recording: tuple[RecordingUpstream, RunningBroker], content_types: list[bytes]
+) -> None:
+    upstream, broker = recording
+    body = b'{"companyId": "%s"}' % str(uuid.uuid4()).encode()
+    head = b"".join(b"Content-Type: " + value + b"\r\n" for value in content_types)
+    answer = _raw_request(
+        broker,
+        b"PUT /v3/export-jobs/j1/items HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Broker-Tenant: acme\r\n"
+        + head
+        + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+        + body,
+    )
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
+    assert b"content_type_invalid" in answer
+    assert not upstream.seen
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        None,
+        "application/json",
+        "APPLICATION/JSON; charset=utf-8",
+        "application/vnd.pleo+json",
+        "text/json",
+        'multipart/mixed; boundary="a,b"; x=application/json',
+    ],
+)
+def test_json_bodies_are_recognised_strictly_and_checked(
+    recording: tuple[RecordingUpstream, RunningBroker], content_type: str | None
+) -> None:
+    upstream, broker = recording
+    headers = {**TENANT} | ({"Content-Type": content_type} if content_type else {})
+    foreign = json.dumps({"companyId": str(uuid.uuid4())}).encode()
+    response = httpx.put(
+        f"{broker.proxy_url}/v3/export-jobs/j1/items", headers=headers, content=foreign
+    )
+    if content_type is not None and content_type.startswith("multipart/"):
+        assert response.status_code == 200  # not JSON: streamed untouched, as Pleo reads it
+    else:
+        assert (response.status_code, code_of(response)) == (403, "company_mismatch")
+        assert not upstream.seen
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "code"),
+    [
+        ("/v3/export-jobs", b'[{"accountingEntryIds": []}]', 400, "body_invalid"),
+        ("/v3/export-jobs", b'"text"', 400, "body_invalid"),
+        ("/v3/export-jobs", b"5", 400, "body_invalid"),
+        ("/v3/export-jobs", b"null", 400, "body_invalid"),
+        ("/v3/export-jobs/j1/items", b'[{"companyId": "%s"}]' % uuid.uuid4().hex.encode(), 403,
+         "company_mismatch"),
+        ("/v3/export-jobs/j1/items", b'[{}, {"organizationId": "o"}]', 403, "company_mismatch"),
+        ("/v3/export-jobs", b"[" * 5000 + b"]" * 5000, 400, "body_invalid"),
+        ("/v3/export-jobs", b'{"a":' * 5000 + b"1" + b"}" * 5000, 400, "body_invalid"),
+        ("/v3/export-jobs/j1/items", b"[" * 5000 + b"]" * 5000, 400, "body_invalid"),
+    ],
+)  # fmt: skip
+def test_json_bodies_that_are_not_plain_objects(
+    recording: tuple[RecordingUpstream, RunningBroker],
+    path: str,
+    body: bytes,
+    status: int,
+    code: str,
+) -> None:
+    upstream, broker = recording
+    method = "POST" if path == "/v3/export-jobs" else "PUT"
+    headers = {**TENANT, "Content-Type": "application/json"}
+    response = httpx.request(method, f"{broker.proxy_url}{path}", headers=headers, content=body)
+    assert (response.status_code, code_of(response)) == (status, code), response.text
+    assert not upstream.seen
+
+
+def test_an_array_of_own_company_objects_is_forwarded(
+    recording: tuple[RecordingUpstream, RunningBroker],
+) -> None:
+    upstream, broker = recording
+    company, _ = next(iter(upstream.keys.values()))
+    body = json.dumps([{"companyId": company}, {"name": "x"}]).encode()
+    response = httpx.put(
+        f"{broker.proxy_url}/v3/export-jobs/j1/items", headers=TENANT, content=body
+    )
+    assert response.status_code == 200
+    assert upstream.seen[-1].body == body
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        b"company_id[0]=OTHER",
+        b"companyId[0]=OTHER",
+        b"company_id[x]=OTHER",
+        b"company_id%5B0%5D=OTHER",
+        b"company_id%5b%5d=OTHER",
+        b"company[id]=OTHER",
+        b"company_id[0][1]=OTHER",
+        b"organization_id[0]=o",
+        b"organizationId%5B%5D=o",
+    ],
+)
+def test_indexed_company_query_names_are_checked(
+    recording: tuple[RecordingUpstream, RunningBroker], query: bytes
+) -> None:
+    upstream, broker = recording
+    query = query.replace(b"OTHER", str(uuid.uuid4()).encode())
+    answer = _raw_request(
+        broker,
+        b"GET /v3/export-jobs?" + query + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"X-Broker-Tenant: acme\r\nConnection: close\r\n\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 403"), answer[:300]
+    assert b"company_mismatch" in answer
+    assert not upstream.seen
+
+
+def test_nodes_fetch_is_not_mistaken_for_a_browser(
+    recording: tuple[RecordingUpstream, RunningBroker],
+) -> None:
+    _, broker = recording
+    # Node's built-in fetch (undici) sends these on every request; a browser adds Sec-Fetch-Site.
+    node = {**TENANT, "Sec-Fetch-Mode": "cors", "Accept-Language": "*", "User-Agent": "node"}
+    assert httpx.get(f"{broker.proxy_url}/v3/export-jobs", headers=node).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["X-HTTP-Method-Override", "X-Method-Override", "X-HTTP-Method", "X-Original-Method"],
+)
+def test_method_override_headers_are_refused(
+    recording: tuple[RecordingUpstream, RunningBroker], header: str
+) -> None:
+    upstream, broker = recording
+    response = httpx.get(f"{broker.proxy_url}/v3/export-jobs", headers={**TENANT, header: "DELETE"})
+    assert (response.status_code, code_of(response)) == (403, "route_not_allowed")
+    assert header.lower() in response.json()["error"]["message"].lower()
+    assert not upstream.seen
+
+
+def test_a_method_override_query_parameter_is_refused(
+    recording: tuple[RecordingUpstream, RunningBroker],
+) -> None:
+    upstream, broker = recording
+    response = httpx.get(f"{broker.proxy_url}/v3/export-jobs?_method=DELETE", headers=TENANT)
+    assert (response.status_code, code_of(response)) == (403, "route_not_allowed")
+    assert not upstream.seen
+
+
+def test_headers_that_reroute_the_request_upstream_are_stripped(
+    recording: tuple[RecordingUpstream, RunningBroker],
+) -> None:
+    upstream, broker = recording
+    rerouting = {
+        "X-Original-URL": "/v1/installations/me",
+        "X-Rewrite-URL": "/v1/installations/me",
+        "X-Original-URI": "/v1/installations/me",
+        "X-Forwarded-For": "10.0.0.1",
+        "X-Forwarded-Host": "evil.example",
+        "X-Forwarded-Proto": "http",
+        "X-Forwarded-Prefix": "/admin",
+        "Forwarded": "for=10.0.0.1;host=evil.example",
+        "X-Real-IP": "10.0.0.1",
+        "X-Host": "evil.example",
+        "X-Envoy-Original-Path": "/v1/installations/me",
+    }
+    response = httpx.get(
+        f"{broker.proxy_url}/v3/export-jobs", headers={**TENANT, **rerouting, "X-Kept": "1"}
+    )
+    assert response.status_code == 200
+    names = {name for name, _ in upstream.seen[-1].headers}
+    assert b"x-kept" in names
+    assert not names & {name.lower().encode() for name in rerouting}
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [
+        (b"127.0.0.1", True),
+        (b"127.0.0.1:PORT", True),
+        (b"localhost:PORT", True),
+        (b"LOCALHOST", True),
+        (b"[::1]:PORT", True),
+        (b"evil.example", False),
+        (b"evil.example:PORT", False),
+        (b"127.0.0.1.nip.io", False),
+        (b"localhost.evil.example", False),
+        (b"127.0.0.1:PORT@evil.example", False),
+        (None, False),
+    ],
+)
+def test_only_the_proxys_own_host_names_are_accepted(
+    recording: tuple[RecordingUpstream, RunningBroker], host: bytes | None, allowed: bool
+) -> None:
+    upstream, broker = recording
+    port = str(_port(broker.proxy_url)).encode()
+    head = b"" if host is None else b"Host: " + host.replace(b"PORT", port) + b"\r\n"
+    version = b"HTTP/1.0" if host is None else b"HTTP/1.1"
+    answer = _raw_request(
+        broker,
+        b"GET /v3/export-jobs " + version + b"\r\n" + head
+        + b"X-Broker-Tenant: acme\r\nConnection: close\r\n\r\n",
+    )  # fmt: skip
+    if allowed:
+        assert answer.split(b" ", 2)[1] == b"200", answer[:300]
+    else:
+        assert answer.split(b" ", 2)[1] == b"400", answer[:300]
+        assert b"host_not_allowed" in answer
+        assert not upstream.seen
+
+
+def test_allowed_hosts_are_a_setting(tmp_path: Path) -> None:
+    upstream = RecordingUpstream()
+    url, thread = start_app(upstream)
+    key = "pik_" + secrets.token_hex(20)
+    upstream.add_key(key, str(uuid.uuid4()), REQUIRED)
+    settings = broker_settings(
+        url,
+        tmp_path / "store",
+        required_scopes=REQUIRED,
+        proxy_allowed_hosts="broker.payments.svc, *.broker.example",
+    )
+    broker = start_broker(settings)
+    try:
+        connect(broker, "acme", key)
+
+        def status(host: str) -> int:
+            headers = {**TENANT, "Host": host}
+            return httpx.get(f"{broker.proxy_url}/v3/export-jobs", headers=headers).status_code
+
+        assert status("broker.payments.svc:8080") == 200
+        assert status("a.broker.example") == 200
+        assert status("broker.example") == 400
+        assert status("127.0.0.1") == 400  # the list replaces the default
+    finally:
+        broker.thread.stop()
+        thread.stop()
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        ("Origin", "https://evil.example"),
+        ("Origin", "null"),
+        ("Sec-Fetch-Site", "cross-site"),
+        ("Sec-Fetch-Site", "same-origin"),
+        ("Sec-Fetch-Dest", "empty"),
+        ("Sec-Fetch-User", "?1"),
+    ],
+)
+def test_browser_requests_are_refused(
+    recording: tuple[RecordingUpstream, RunningBroker], header: tuple[str, str]
+) -> None:
+    upstream, broker = recording
+    response = httpx.get(
+        f"{broker.proxy_url}/v3/export-jobs", headers=dict([header, *TENANT.items()])
+    )
+    assert (response.status_code, code_of(response)) == (403, "browser_request_refused")
+    assert not upstream.seen
+
+
+def test_a_websocket_upgrade_gets_a_json_refusal(broker: RunningBroker, acme: Any) -> None:
+    answer = _raw_request(
+        broker,
+        b"GET /v3/export-jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Broker-Tenant: acme\r\n"
+        b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 403"), answer[:300]
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"application/json" in head.lower()
+    assert json.loads(body)["error"]["code"] == "route_not_allowed"
+
+
+@pytest.mark.parametrize("upgrade", [b"h2c", b"foo"])
+def test_a_protocol_upgrade_with_a_body_is_refused(
+    recording: tuple[RecordingUpstream, RunningBroker], upgrade: bytes
+) -> None:
+    upstream, broker = recording
+    answer = _raw_request(
+        broker,
+        b"PUT /v3/export-jobs/j1/items HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Broker-Tenant: acme\r\n"
+        b"Upgrade: " + upgrade + b"\r\nConnection: Upgrade, close\r\n"
+        b"Content-Type: application/octet-stream\r\nContent-Length: 2\r\n\r\nab",
+    )
+    assert answer.startswith(b"HTTP/1.1 403"), answer[:300]
+    assert b"route_not_allowed" in answer
+    assert not upstream.seen
+
+
+def test_an_unexpected_failure_is_a_json_500(
+    recording: tuple[RecordingUpstream, RunningBroker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, broker = recording
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("something nobody foresaw")
+
+    monkeypatch.setattr("broker.proxy.decide", broken)
+    response = httpx.get(f"{broker.proxy_url}/v3/export-jobs", headers=TENANT)
+    assert (response.status_code, code_of(response)) == (500, "internal_error")
+    assert "nobody foresaw" not in response.text
+    assert response.headers["x-request-id"]
+
+
+def test_a_full_connection_pool_answers_upstream_busy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("broker.proxy.UPSTREAM_CONNECTIONS", 1)
+    upstream = RecordingUpstream()
+    url, thread = start_app(upstream)
+    key = "pik_" + secrets.token_hex(20)
+    upstream.add_key(key, str(uuid.uuid4()), REQUIRED)
+    settings = broker_settings(
+        url, tmp_path / "store", required_scopes=REQUIRED, upstream_pool_timeout=0.2
+    )
+    broker = start_broker(settings)
+    try:
+        connect(broker, "acme", key)
+        held = f"{broker.proxy_url}/v3/export-jobs/held/items"
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            first = pool.submit(httpx.get, held, headers=TENANT, timeout=10)
+            _wait_for(lambda: bool(upstream.seen), "the held call never reached the upstream")
+            started = time.monotonic()
+            busy = httpx.get(f"{broker.proxy_url}/v3/export-jobs", headers=TENANT, timeout=10)
+            assert (busy.status_code, code_of(busy)) == (503, "upstream_busy")
+            assert time.monotonic() - started < 3
+            upstream.release.set()
+            assert first.result().status_code == 200
+        assert httpx.get(f"{broker.proxy_url}/v3/export-jobs", headers=TENANT).status_code == 200
+    finally:
+        upstream.release.set()
+        broker.thread.stop()
+        thread.stop()

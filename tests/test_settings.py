@@ -140,3 +140,24 @@ def test_serve_refuses_to_start_without_admin_token(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "BROKER_ADMIN_TOKEN" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_proxy_allowed_hosts_are_comma_separated_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().proxy_allowed_hosts == ()  # loopback names and the bind address
+    monkeypatch.setenv("BROKER_PROXY_ALLOWED_HOSTS", "Broker.Payments.svc, localhost,[::1],*.x.io")
+    assert load_settings().proxy_allowed_hosts == (
+        "broker.payments.svc",
+        "localhost",
+        "[::1]",
+        "*.x.io",
+    )
+
+
+@pytest.mark.parametrize("value", ["http://broker", "broker:8080", "a/b", "*.", "a*b"])
+def test_proxy_allowed_hosts_refuse_urls_and_ports(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("BROKER_PROXY_ALLOWED_HOSTS", value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert str(caught.value).startswith("configuration error: BROKER_PROXY_ALLOWED_HOSTS: must be")

@@ -24,6 +24,7 @@ class Seen:
     query: bytes
     headers: tuple[tuple[bytes, bytes], ...]
     body: bytes
+    complete: bool = True  # False: the connection ended before the whole body arrived
 
     def values(self, name: bytes) -> list[bytes]:
         return [v for k, v in self.headers if k == name]
@@ -35,6 +36,7 @@ class RecordingUpstream:
     seen: list[Seen] = field(default_factory=list)
     endless_closed: threading.Event = field(default_factory=threading.Event)
     endless_sent: int = 0
+    release: threading.Event = field(default_factory=threading.Event)
 
     def add_key(self, api_key: str, company_id: str, scopes: list[str]) -> None:
         self.keys[api_key] = (company_id, scopes)
@@ -49,8 +51,12 @@ class RecordingUpstream:
         body = bytearray()
         received = 0
         keep = path != "/v3/export-jobs/upload/items"
+        complete = True
         while True:
             message = await receive()
+            if message["type"] == "http.disconnect":
+                complete = False
+                break
             chunk = message.get("body", b"")
             received += len(chunk)
             if keep:
@@ -64,8 +70,11 @@ class RecordingUpstream:
                 scope["query_string"],
                 tuple(scope["headers"]),
                 bytes(body),
+                complete,
             )
         )
+        if not complete:
+            return
         if path == "/v3/export-items" and b"size=" in scope["query_string"]:
             size = int(scope["query_string"].split(b"size=")[1].split(b"&")[0])
             await self._stream(send, size)
@@ -92,6 +101,10 @@ class RecordingUpstream:
             )
             await send({"type": "http.response.body", "body": b"z" * 100_000, "more_body": True})
             raise ConnectionAbortedError("the upstream died mid-answer")
+        elif path == "/v3/export-jobs/held/items":
+            while not self.release.is_set():  # noqa: ASYNC110 - set from the test's thread
+                await asyncio.sleep(0.005)
+            await _json(send, 200, {"data": {"echo": path}})
         elif path == "/v3/export-jobs/slow-401/items":
             await asyncio.sleep(0.5)  # long enough for the test to rotate the key meanwhile
             await _json(send, 401, {"type": "UNAUTHORIZED", "message": "key revoked"})

@@ -63,6 +63,18 @@ app.kubernetes.io/component: credential-broker
 {{- if and (eq .Values.mode "deployment") .Values.proxy.expose }}true{{ end }}
 {{- end }}
 
+{{/* The Host names the proxy answers to: loopback, the Service's names in deployment mode, and
+proxy.allowedHosts (BROKER_PROXY_ALLOWED_HOSTS; any other Host is refused, against DNS rebinding). */}}
+{{- define "pleo-broker.proxyAllowedHosts" -}}
+{{- $hosts := list "localhost" "127.0.0.1" "[::1]" }}
+{{- if eq .Values.mode "deployment" }}
+{{- $svc := include "pleo-broker.fullname" . }}
+{{- $ns := .Release.Namespace }}
+{{- $hosts = concat $hosts (list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.cluster.local" $svc $ns)) }}
+{{- end }}
+{{- join "," (concat $hosts .Values.proxy.allowedHosts) }}
+{{- end }}
+
 {{- define "pleo-broker.vaultKubernetesAuth" -}}
 {{- if and (eq .Values.store.type "vault") (eq .Values.vault.auth "kubernetes") }}true{{ end }}
 {{- end }}
@@ -128,6 +140,9 @@ BROKER_UPSTREAM_CONNECT_TIMEOUT: {{ .Values.broker.upstreamConnectTimeout | toSt
 BROKER_UPSTREAM_TIMEOUT: {{ .Values.broker.upstreamTimeout | toString | quote }}
 BROKER_MAX_INSPECTED_BODY: {{ int64 .Values.broker.maxInspectedBody | quote }}
 BROKER_PROXY_ALLOW_CONTROL_PLANE: {{ .Values.broker.proxyAllowControlPlane | toString | quote }}
+BROKER_REQUEST_BODY_TIMEOUT: {{ .Values.broker.requestBodyTimeout | toString | quote }}
+BROKER_UPSTREAM_POOL_TIMEOUT: {{ .Values.broker.upstreamPoolTimeout | toString | quote }}
+BROKER_PROXY_ALLOWED_HOSTS: {{ include "pleo-broker.proxyAllowedHosts" . | quote }}
 BROKER_LOG_LEVEL: {{ .Values.broker.logLevel | quote }}
 BROKER_LOG_FORMAT: {{ .Values.broker.logFormat | quote }}
 {{- if eq .Values.store.type "vault" }}
