@@ -17,11 +17,9 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from broker.errors import ConfigError as ConfigError  # its home is errors.py; imported here
+
 DEFAULT_SECRETS_DIR = Path("/run/secrets")
-
-
-class ConfigError(Exception):
-    """A setting is missing or wrong; the message is one line for the operator."""
 
 
 class Settings(BaseSettings):
