@@ -64,9 +64,9 @@ class BrokerError(Exception):
         self.details = details
         super().__init__(self.message)
 
-    def to_body(self) -> dict[str, Any]:
+    def to_body(self) -> dict[str, dict[str, object]]:
         """The JSON body of the error response."""
-        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        error: dict[str, object] = {"code": self.code, "message": self.message}
         if self.tenant is not None:
             error["tenant"] = self.tenant
         error.update(self.details)
