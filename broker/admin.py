@@ -39,6 +39,7 @@ def create_admin_app(broker: Broker) -> Starlette:
         )
     expected = token.get_secret_value().encode()
     tenants = broker.tenants
+    registry = broker.tenants.registry
 
     def authorize(request: Request) -> None:
         header = request.headers.get("authorization", "")
@@ -59,7 +60,7 @@ def create_admin_app(broker: Broker) -> Starlette:
                 raise errors.RequestInvalid(
                     "state must be one of: " + ", ".join(s.value for s in TenantState)
                 ) from None
-        return JSONResponse({"tenants": [r.view() for r in tenants.all(state)]})
+        return JSONResponse({"tenants": [r.view() for r in registry.all(state)]})
 
     async def show_tenant(request: Request) -> Response:
         authorize(request)
@@ -91,11 +92,11 @@ def create_admin_app(broker: Broker) -> Starlette:
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        if not tenants.loaded:
-            body: dict[str, Any] = {"status": "unavailable", "store": tenants.store_problem}
+        if not registry.loaded:
+            body: dict[str, Any] = {"status": "unavailable", "store": registry.store_problem}
             return JSONResponse(body, status_code=503)
-        if tenants.store_problem is not None:
-            return JSONResponse({"status": "degraded", "store": tenants.store_problem})
+        if registry.store_problem is not None:
+            return JSONResponse({"status": "degraded", "store": registry.store_problem})
         return JSONResponse({"status": "ok"})
 
     async def metrics(request: Request) -> Response:

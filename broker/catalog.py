@@ -54,6 +54,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, cast
 
+from broker.errors import CatalogError as CatalogError  # its home is errors.py; imported here
+
 CompanyLocation = Literal["path", "query", "body"]
 
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
@@ -65,10 +67,6 @@ _SCOPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*:[A-Za-z0-9][A-Za-z0-9._-]*")
 _ENTRY_KEYS = frozenset(
     {"method", "path", "operation_id", "scope", "company", "bearer_only", "control_plane"}
 )
-
-
-class CatalogError(ValueError):
-    """The catalog file is unreadable or malformed; the message is one line."""
 
 
 @dataclass(frozen=True, slots=True)

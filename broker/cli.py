@@ -117,6 +117,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         _run(serve(settings, started=started))
+    except (ConfigError, CatalogError):
+        raise  # start-up configuration, not a failure of the running broker: see main
     except (OSError, BrokerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -299,6 +301,8 @@ def _tenants_migrate(args: argparse.Namespace) -> int:
 
     try:
         report = asyncio.run(run())
+    except ConfigError:
+        raise  # main reports a setting (exit 2)
     except BrokerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

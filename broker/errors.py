@@ -31,13 +31,23 @@
     │   ├── UpstreamUnreachable      502 upstream_unreachable
     │   ├── UpstreamTimeout          504 upstream_timeout
     │   └── UpstreamBusy             503 upstream_busy (no connection to Pleo free in time)
-    ├── StoreUnavailable             503 store_unavailable
-    ├── StoreConflict                409 store_conflict (a concurrent write won; retry)
-    ├── StoreIntegrityError          500 store_integrity (wrong master key or tampered record)
+    ├── StoreError                   (the secret store failed; catch this, not the root)
+    │   ├── StoreUnavailable         503 store_unavailable
+    │   ├── StoreConflict            409 store_conflict (a concurrent write won; retry)
+    │   ├── StoreIntegrityError      500 store_integrity (wrong master key or tampered record)
+    │   └── UnsealError              (a sealed value did not open; the store answers integrity)
+    ├── PleoError                    (introspection failed; broker.pleo translates it)
+    │   ├── PleoKeyRejected          (Pleo answered 401/403: the key itself is not accepted)
+    │   ├── PleoUnreachable          (connection failure, timeout, 5xx, 429, or a 407)
+    │   └── PleoUnexpectedAnswer     (any other answer, or a body that is not an introspection)
+    ├── ConfigError                  (a setting is missing or wrong: start-up stops)
+    ├── CatalogError                 (the route catalog is unreadable; also a ValueError)
     └── RequestInvalid               400 request_invalid (a malformed admin request body)
 
 `to_body()` is the one place an error becomes the JSON body
-`{"error": {"code", "message", "tenant", ...details}}`.
+`{"error": {"code", "message", "tenant", ...details}}`. The classes drawn without a status
+and code are never answered over HTTP: they are translated (Pleo's and the sealer's) or stop
+the process (configuration, catalog), and keep the root's 500 `internal_error`.
 """
 
 from __future__ import annotations
@@ -60,9 +70,9 @@ class BrokerError(Exception):
         self.details = details
         super().__init__(self.message)
 
-    def to_body(self) -> dict[str, Any]:
+    def to_body(self) -> dict[str, dict[str, object]]:
         """The JSON body of the error response."""
-        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        error: dict[str, object] = {"code": self.code, "message": self.message}
         if self.tenant is not None:
             error["tenant"] = self.tenant
         error.update(self.details)
@@ -284,19 +294,55 @@ class UpstreamBusy(UpstreamError):
     )
 
 
-class StoreUnavailable(BrokerError):
+class StoreError(BrokerError):
+    """The secret store could not do what was asked."""
+
+
+class StoreUnavailable(StoreError):
     status = 503
     code = "store_unavailable"
     default_message = "The key store is unavailable; try again shortly."
 
 
-class StoreConflict(BrokerError):
+class StoreConflict(StoreError):
     status = 409
     code = "store_conflict"
     default_message = "The tenant was changed at the same moment by another request; retry."
 
 
-class StoreIntegrityError(BrokerError):
+class StoreIntegrityError(StoreError):
     status = 500
     code = "store_integrity"
     default_message = "A stored key could not be decrypted: wrong master key or tampered record."
+
+
+class UnsealError(StoreError):
+    """A sealed value did not open: wrong master key, wrong context, or altered bytes."""
+
+
+class PleoError(BrokerError):
+    """Introspection did not produce an answer about the key (see `broker.pleo`)."""
+
+
+class PleoKeyRejected(PleoError):
+    def __init__(self, status: int) -> None:
+        super().__init__(f"Pleo rejected the key (HTTP {status})")
+        # Pleo's answer (401 or 403). Never answered by the broker itself, so the instance
+        # may say what Pleo said where other errors say what the broker answers.
+        self.status = status  # type: ignore[misc]
+
+
+class PleoUnreachable(PleoError):
+    pass
+
+
+class PleoUnexpectedAnswer(PleoError):
+    pass
+
+
+class ConfigError(BrokerError):
+    """A setting is missing or wrong; the message is one line for the operator."""
+
+
+class CatalogError(BrokerError, ValueError):
+    """The catalog file is unreadable or malformed; the message is one line."""

@@ -1,9 +1,11 @@
 """The Pleo client of the control plane: key introspection over httpx.
 
-    PleoError
+    PleoError                 (in broker.errors, under BrokerError)
     ├── PleoKeyRejected       Pleo answered 401/403: the key itself is not accepted
     ├── PleoUnreachable       connection failure, timeout, 5xx or 429 (407: the egress proxy)
     └── PleoUnexpectedAnswer  any other answer, or a body that is not an introspection
+
+`explain` is the one place these become the errors the admin API answers.
 
 `subjectURN` is optional in Pleo's introspection spec; when it is missing, the company comes
 from the key's installation (`GET /v1/installations/me`, its `resource`), as Pleo's own guides
@@ -20,6 +22,11 @@ from dataclasses import dataclass, replace
 
 import httpx
 
+from broker import errors
+from broker.errors import PleoError as PleoError
+from broker.errors import PleoKeyRejected as PleoKeyRejected
+from broker.errors import PleoUnexpectedAnswer as PleoUnexpectedAnswer
+from broker.errors import PleoUnreachable as PleoUnreachable
 from broker.records import ApiKey
 
 COMPANY_URN = re.compile(
@@ -27,22 +34,27 @@ COMPANY_URN = re.compile(
 )
 
 
-class PleoError(Exception):
-    """Introspection did not produce an answer about the key."""
+NOT_UNDERSTOOD = (
+    "Pleo gave an answer the broker did not understand while checking the key."
+    " Try again in a few minutes; if it persists, contact support."
+)
 
 
-class PleoKeyRejected(PleoError):
-    def __init__(self, status: int) -> None:
-        super().__init__(f"Pleo rejected the key (HTTP {status})")
-        self.status = status
+def explain(failure: PleoError, *, tenant: str | None = None) -> errors.ActivationError:
+    """The admin API's error for a failed introspection: of a key being activated, or
+    (`tenant` given) of a tenant's stored key being checked.
 
-
-class PleoUnreachable(PleoError):
-    pass
-
-
-class PleoUnexpectedAnswer(PleoError):
-    pass
+    A key Pleo rejects is `key_invalid` when activating; a check breaks the tenant instead
+    and never asks for this. Otherwise Pleo is unavailable: a check says only that, an
+    activation also says when Pleo's answer was not understood.
+    """
+    if tenant is not None:
+        return errors.PleoUnavailable(tenant=tenant)
+    if isinstance(failure, PleoKeyRejected):
+        return errors.KeyInvalid()
+    if isinstance(failure, PleoUnexpectedAnswer):
+        return errors.PleoUnavailable(NOT_UNDERSTOOD)
+    return errors.PleoUnavailable()
 
 
 def basic_auth(key: ApiKey) -> str:

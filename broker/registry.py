@@ -95,7 +95,7 @@ class TenantRegistry:
                     await self._reload_some(changed)
                     self._cursor = cursor
                     self._incremental_left -= 1
-        except errors.BrokerError as exc:  # unavailable, or anything else the store refused
+        except errors.StoreError as exc:  # unavailable, or anything else the store refused
             if self.store_problem != exc.message:
                 emit("store.unavailable", level=logging.WARNING, reason=exc.message)
             self.store_problem = exc.message
@@ -126,7 +126,7 @@ class TenantRegistry:
             except errors.StoreConflict:
                 del self._held[tenant]  # the store moved on; the next refresh brings it
                 continue
-            except errors.BrokerError:
+            except errors.StoreError:
                 return  # still unreachable: try again at the next refresh
             del self._held[tenant]
             self.remember(tenant, stored)

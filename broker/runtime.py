@@ -14,6 +14,7 @@ import httpx
 from broker.catalog import Catalog, load_catalog
 from broker.metrics import Metrics
 from broker.pleo import PleoClient
+from broker.rules import Requirements
 from broker.settings import Settings
 from broker.stores import SecretStore
 from broker.stores.factory import open_store
@@ -59,16 +60,15 @@ async def open_broker(
         InstrumentedStore(raw_store, metrics),
         pleo,
         metrics,
-        required_scopes=settings.required_scopes,
-        pleo_client_id=settings.pleo_client_id,
+        requirements=Requirements(settings.required_scopes, settings.pleo_client_id),
         cache_ttl=settings.cache_ttl,
     )
     try:
-        await tenants.start()
+        await tenants.registry.start()
         yield Broker(
             settings=settings, metrics=metrics, catalog=catalog, tenants=tenants, pleo=pleo
         )
     finally:
-        await tenants.stop()
+        await tenants.registry.stop()
         await pleo.aclose()
         await raw_store.close()

@@ -18,13 +18,11 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from broker.errors import ConfigError as ConfigError  # its home is errors.py; imported here
+
 DEFAULT_SECRETS_DIR = Path("/run/secrets")
 # A host name, an IPv4 address, a bracketed IPv6 address, '*', or '*.' and a name.
 _HOST_PATTERN = re.compile(r"\*|(\*\.)?[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?|\[[0-9a-f:.]+\]")
-
-
-class ConfigError(Exception):
-    """A setting is missing or wrong; the message is one line for the operator."""
 
 
 class Settings(BaseSettings):

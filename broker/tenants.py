@@ -1,5 +1,9 @@
 """The tenant service: activation, rotation, checks and state changes (docs/contract.md, "Tenants").
 
+What Pleo's answer means is decided by the pure rules of `broker.rules`; this module does
+the I/O around them (Pleo, the store, the registry, events and metrics). Reads go to the
+registry (`TenantService.registry`) directly.
+
 Changes are written to the store first (compare-and-set) and then to the in-memory
 registry (`broker.registry`), so they are seen at once in this process; other replicas see
 them when their registries next refresh.
@@ -16,19 +20,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from broker import errors
+from broker import errors, rules
 from broker.events import emit
+from broker.flight import KeyedLocks, SingleFlight
 from broker.metrics import Metrics
-from broker.pleo import (
-    Introspection,
-    PleoClient,
-    PleoKeyRejected,
-    PleoUnexpectedAnswer,
-    PleoUnreachable,
-)
+from broker.pleo import Introspection, PleoClient, explain
 from broker.records import (
     ApiKey,
     BrokenReason,
@@ -38,14 +36,14 @@ from broker.records import (
     valid_tenant_id,
 )
 from broker.registry import TenantRegistry
+from broker.rules import Requirements
 from broker.stores import SecretStore
 
-API_KEY_AUTH = "API_KEY"
 FORBIDDEN_RECHECK_COOLDOWN = 5.0  # seconds a 403 re-check that found the key fine stands
 
 
 class TenantService:
-    """Owns every tenant's lifecycle; reads are served by its registry."""
+    """Owns every tenant's lifecycle; reads are served by its `registry`."""
 
     def __init__(
         self,
@@ -53,50 +51,20 @@ class TenantService:
         pleo: PleoClient,
         metrics: Metrics,
         *,
-        required_scopes: Iterable[str] = (),
+        requirements: Requirements | None = None,
         cache_ttl: float = 10.0,
-        pleo_client_id: str | None = None,
     ) -> None:
         self.store = store
         self.pleo = pleo
         self.metrics = metrics
-        self.required_scopes = tuple(required_scopes)
-        self.pleo_client_id = pleo_client_id
+        self.requirements = requirements if requirements is not None else Requirements()
         self.registry = TenantRegistry(store, metrics, cache_ttl=cache_ttl)
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks = KeyedLocks()
         self._binding = asyncio.Lock()
         self._forbidden_checked: dict[str, float] = {}
-        self._checks: dict[str, asyncio.Future[TenantRecord]] = {}
+        self._checks: SingleFlight[TenantRecord] = SingleFlight()
 
-    # -- reading (from memory; see broker.registry) ---------------------------------------
-
-    def get(self, tenant: str) -> TenantRecord | None:
-        """The tenant's record from memory (the proxy's hot path)."""
-        return self.registry.get(tenant)
-
-    def all(self, state: TenantState | None = None) -> list[TenantRecord]:
-        """Every known tenant, sorted by id, optionally only those in `state`."""
-        return self.registry.all(state)
-
-    @property
-    def loaded(self) -> bool:
-        """True once the store's records have been read at least once."""
-        return self.registry.loaded
-
-    @property
-    def store_problem(self) -> str | None:
-        """Why the store could not be read at the last refresh, or None."""
-        return self.registry.store_problem
-
-    async def start(self) -> None:
-        await self.registry.start()
-
-    async def stop(self) -> None:
-        await self.registry.stop()
-
-    async def refresh(self) -> bool:
-        """Catch up with the store now (see `TenantRegistry.refresh`)."""
-        return await self.registry.refresh()
+    # -- reading --------------------------------------------------------------------------
 
     async def fetch(self, tenant: str, *, remember: bool = False) -> TenantRecord:
         """The tenant's record, fresh from the store when it answers, else from memory.
@@ -154,8 +122,19 @@ class TenantService:
         # activations of different tenants with keys of one company cannot both pass the
         # company_in_use check while the other is being written.
         async with self._binding:
+            others = {
+                other.tenant: other.company_id
+                for other in self.registry.all()
+                if other.tenant != tenant
+            }
             try:
-                company_id = self._validate(tenant, info, current, allow_company_change)
+                company_id = rules.validate_key(
+                    info,
+                    self.requirements,
+                    current,
+                    others,
+                    allow_company_change=allow_company_change,
+                )
             except errors.ActivationError as exc:
                 await self._remember_failure(tenant, current, exc)
                 raise
@@ -203,47 +182,8 @@ class TenantService:
     async def _introspect(self, api_key: ApiKey) -> Introspection:
         try:
             return await self.pleo.introspect(api_key)
-        except PleoKeyRejected:
-            raise errors.KeyInvalid() from None
-        except PleoUnreachable as exc:
-            raise errors.PleoUnavailable() from exc
-        except PleoUnexpectedAnswer as exc:
-            raise errors.PleoUnavailable(
-                "Pleo gave an answer the broker did not understand while checking the key."
-                " Try again in a few minutes; if it persists, contact support."
-            ) from exc
-
-    def _validate(
-        self,
-        tenant: str,
-        info: Introspection,
-        current: TenantRecord | None,
-        allow_company_change: bool,
-    ) -> str:
-        if info.auth_method != API_KEY_AUTH:
-            raise errors.KeyNotApiKey(auth_method=info.auth_method)
-        if self.pleo_client_id is not None and not _same_client(
-            info.client_id, self.pleo_client_id
-        ):
-            raise _wrong_integration(info)
-        company_id = info.company_id
-        if company_id is None:
-            raise errors.KeyNotCompanyScoped()
-        missing = self.missing_scopes(info.scopes)
-        if missing:
-            raise errors.ScopesMissing(
-                "This key lacks permissions the integration needs: "
-                + ", ".join(missing)
-                + ". Reinstall the integration in Pleo granting them, then paste the new key.",
-                missing_scopes=list(missing),
-            )
-        bound = current.company_id if current is not None else None
-        if bound is not None and bound != company_id and not allow_company_change:
-            raise errors.CompanyChanged(company_id=bound, key_company_id=company_id)
-        for other in self.registry.all():
-            if other.tenant != tenant and other.company_id == company_id:
-                raise errors.CompanyInUse(company_id=company_id, other_tenant=other.tenant)
-        return company_id
+        except errors.PleoError as exc:
+            raise explain(exc) from exc
 
     async def _remember_failure(
         self, tenant: str, current: TenantRecord | None, exc: errors.ActivationError
@@ -273,7 +213,7 @@ class TenantService:
     async def check(self, tenant: str) -> TenantRecord:
         """Re-introspect the tenant's key now and apply what Pleo says (POST …/check)."""
         _require_valid(tenant)
-        return await self._single_flight(tenant, lambda: self._check(tenant))
+        return await self._checks.run(tenant, lambda: self._check(tenant))
 
     async def recheck_after_forbidden(self, tenant: str) -> TenantRecord:
         """Pleo answered 403 for this tenant: find out whether the key or its rights changed.
@@ -291,7 +231,7 @@ class TenantService:
             and time.monotonic() - checked_at < FORBIDDEN_RECHECK_COOLDOWN
         ):
             return current
-        record = await self._single_flight(tenant, lambda: self._check(tenant))
+        record = await self._checks.run(tenant, lambda: self._check(tenant))
         if record.state is TenantState.ACTIVE:
             self._forbidden_checked[tenant] = time.monotonic()
         return record
@@ -320,41 +260,24 @@ class TenantService:
             if record.api_key is None:
                 return record  # pending: there is no key to check
             now = utcnow()
+            info: Introspection | None
             try:
                 info = await self.pleo.introspect(record.api_key)
-            except PleoKeyRejected:
-                return await self._break(record, BrokenReason.KEY_REJECTED)
-            except (PleoUnreachable, PleoUnexpectedAnswer) as exc:
-                raise errors.PleoUnavailable(
-                    "Pleo could not be reached to check the key. Try again in a few minutes.",
-                    tenant=tenant,
-                ) from exc
-            if info.auth_method != API_KEY_AUTH or info.company_id != record.company_id:
+            except errors.PleoKeyRejected:
+                info = None
+            except errors.PleoError as exc:
+                raise explain(exc, tenant=tenant) from exc
+            verdict = rules.judge_check(record, info, self.requirements, now)
+            if isinstance(verdict, rules.Broken):
                 return await self._break(
-                    record, BrokenReason.COMPANY_CHANGED, company_id_now=info.company_id
+                    record,
+                    verdict.reason,
+                    scopes=verdict.scopes,
+                    missing=verdict.missing,
+                    company_id_now=verdict.key_company_id,
                 )
-            missing = self.missing_scopes(info.scopes)
-            if missing:
-                return await self._break(
-                    record, BrokenReason.PERMISSION_LOST, scopes=info.scopes, missing=missing
-                )
-            recovered = record.state is TenantState.BROKEN
-            updated = await self._write(
-                record.evolve(
-                    state=TenantState.ACTIVE,
-                    scopes=info.scopes,
-                    client_id=info.client_id or record.client_id,
-                    application_name=info.application_name or record.application_name,
-                    missing_scopes=(),
-                    reason=None,
-                    message=None,
-                    updated_at=now
-                    if recovered or info.scopes != record.scopes
-                    else record.updated_at,
-                    last_checked_at=now,
-                )
-            )
-            if recovered:
+            updated = await self._write(verdict.record)
+            if verdict.recovered:
                 emit("tenant.recovered", tenant=tenant, company_id=record.company_id)
                 self._transition(TenantState.ACTIVE, "recovered")
             return updated
@@ -412,34 +335,8 @@ class TenantService:
 
     # -- helpers -------------------------------------------------------------------------
 
-    def missing_scopes(self, granted: frozenset[str]) -> tuple[str, ...]:
-        return tuple(scope for scope in self.required_scopes if scope not in granted)
-
     def _lock(self, tenant: str) -> asyncio.Lock:
-        lock = self._locks.get(tenant)
-        if lock is None:
-            lock = self._locks[tenant] = asyncio.Lock()
-        return lock
-
-    async def _single_flight(
-        self, tenant: str, work: Callable[[], Awaitable[TenantRecord]]
-    ) -> TenantRecord:
-        running = self._checks.get(tenant)
-        if running is not None:
-            return await asyncio.shield(running)
-        future: asyncio.Future[TenantRecord] = asyncio.get_running_loop().create_future()
-        self._checks[tenant] = future
-        try:
-            result = await work()
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: waiters re-raise it themselves
-            raise
-        else:
-            future.set_result(result)
-            return result
-        finally:
-            del self._checks[tenant]
+        return self._locks[tenant]
 
     async def _write(self, record: TenantRecord) -> TenantRecord:
         stored = await self.store.put(record)
@@ -464,22 +361,6 @@ BROKEN_MESSAGES = {
         " from the tenant's own company."
     ),
 }
-
-
-def _same_client(client_id: str | None, expected: str) -> bool:
-    return client_id is not None and client_id.strip().lower() == expected.strip().lower()
-
-
-def _wrong_integration(info: Introspection) -> errors.KeyWrongIntegration:
-    """The refusal of a key made for another integration, naming it when Pleo did."""
-    if not info.application_name:
-        return errors.KeyWrongIntegration()
-    return errors.KeyWrongIntegration(
-        f"This key was made for another integration ({info.application_name[:80]!r})."
-        " In Pleo, open Settings → Integrations, choose this integration, copy its API key"
-        " and paste that key here.",
-        key_application_name=info.application_name[:80],
-    )
 
 
 def _require_valid(tenant: str) -> None:

@@ -231,3 +231,37 @@ def test_a_tenant_argument_that_is_not_an_id_is_refused_before_any_call(
     assert result.returncode == 1
     assert "is not a tenant id" in result.stderr
     assert "active" in broker_cli(broker, "show", "acme").stdout  # untouched
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["serve"], ["tenants", "migrate", "--from", "local", "--to", "vault"]],
+    ids=["serve", "migrate"],
+)
+def test_a_bad_master_key_file_stops_as_a_setting(tmp_path: Path, command: list[str]) -> None:
+    """A ConfigError found while a command opens the store is reported as a setting
+    (exit 2, its own one line), not as a failure of the running command (exit 1)."""
+    store = tmp_path / "store"
+    store.mkdir(mode=0o700)
+    key_file = store / "master.key"
+    key_file.write_text(base64.b64encode(os.urandom(32)).decode())
+    key_file.chmod(0o644)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    env |= {
+        "BROKER_ADMIN_TOKEN": "t" * 32,
+        "BROKER_STORE_PATH": str(store),
+        "BROKER_PROXY_PORT": "0",
+        "BROKER_ADMIN_PORT": "0",
+        "BROKER_VAULT_ADDR": "http://127.0.0.1:9",
+        "BROKER_VAULT_TOKEN": "unused",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", *command],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "chmod 600" in result.stderr
+    assert not result.stderr.startswith("error:")

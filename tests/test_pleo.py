@@ -7,12 +7,15 @@ import httpx
 import pytest
 import respx
 
+from broker import errors
 from broker.pleo import (
     PleoClient,
+    PleoError,
     PleoKeyRejected,
     PleoUnexpectedAnswer,
     PleoUnreachable,
     basic_auth,
+    explain,
 )
 from broker.records import ApiKey
 
@@ -244,3 +247,40 @@ async def test_installation_failures(
     with pytest.raises(error):
         await client.introspect(_key())
     await client.aclose()
+
+
+CHECK_LATER = "Pleo could not be reached to check the key. Try again in a few minutes."
+NOT_UNDERSTOOD = (
+    "Pleo gave an answer the broker did not understand while checking the key."
+    " Try again in a few minutes; if it persists, contact support."
+)
+
+
+@pytest.mark.parametrize(
+    ("failure", "tenant", "code", "message"),
+    [
+        (PleoKeyRejected(401), None, "key_invalid", errors.KeyInvalid.default_message),
+        (PleoKeyRejected(403), None, "key_invalid", errors.KeyInvalid.default_message),
+        (PleoUnreachable("Pleo answered HTTP 503"), None, "pleo_unavailable", CHECK_LATER),
+        (PleoUnexpectedAnswer("Pleo answered HTTP 302"), None, "pleo_unavailable", NOT_UNDERSTOOD),
+        (PleoUnreachable("Pleo did not answer in time"), "acme", "pleo_unavailable", CHECK_LATER),
+        (PleoUnexpectedAnswer("not understood"), "acme", "pleo_unavailable", CHECK_LATER),
+    ],
+    ids=[
+        "activation-401",
+        "activation-403",
+        "activation-unreachable",
+        "activation-not-understood",
+        "check-unreachable",
+        "check-not-understood",
+    ],
+)
+def test_pleo_failures_are_explained_once(
+    failure: PleoError, tenant: str | None, code: str, message: str
+) -> None:
+    """The one translation of the client's failures into the admin API's errors: activating a
+    key (no tenant) and checking a tenant's stored key."""
+    explained = explain(failure, tenant=tenant)
+    assert isinstance(explained, errors.ActivationError)
+    assert (explained.code, explained.message, explained.tenant) == (code, message, tenant)
+    assert explained.details == {}

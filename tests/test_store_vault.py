@@ -591,17 +591,17 @@ async def test_a_change_reaches_another_replica_through_the_journal(
     try:
         names = [f"tenant-{n:05d}" for n in range(JOURNALED_TENANTS)]
         stored = await asyncio.gather(*(writer.put(active(name)) for name in names))
-        assert await tenants.refresh()
-        assert len(tenants.all()) == JOURNALED_TENANTS
+        assert await tenants.registry.refresh()
+        assert len(tenants.registry.all()) == JOURNALED_TENANTS
         assert (operations("list"), operations("get")) == (1, None)  # list reads inside
 
         rotated = await writer.put(stored[1_000].evolve(api_key=new_key()))
         await writer.delete("tenant-00007")
-        assert await tenants.refresh()
+        assert await tenants.registry.refresh()
 
-        assert tenants.get("tenant-01000") == rotated
-        assert tenants.get("tenant-00007") is None
-        assert len(tenants.all()) == JOURNALED_TENANTS - 1
+        assert tenants.registry.get("tenant-01000") == rotated
+        assert tenants.registry.get("tenant-00007") is None
+        assert len(tenants.registry.all()) == JOURNALED_TENANTS - 1
         assert operations("list") == 1
         assert operations("get") == 2
         assert operations("changes") == 2

@@ -1,4 +1,4 @@
-"""TenantRegistry.refresh (through TenantService): full reloads and the change journal.
+"""TenantRegistry.refresh (a TenantService's registry): full reloads and the change journal.
 
 A real LocalStore on a temporary directory; a second LocalStore on the same file plays
 another replica. No call reaches Pleo.
@@ -118,21 +118,21 @@ async def test_changes_by_another_replica_are_read_from_the_journal(
     acme = await other.put(active("acme"))
     await other.put(active("globex"))
     tenants = service(mine, pleo)
-    assert await tenants.refresh()
-    assert mine.calls["list"] == 1 and len(tenants.all()) == 42
+    assert await tenants.registry.refresh()
+    assert mine.calls["list"] == 1 and len(tenants.registry.all()) == 42
     mine.read.clear()
 
     broken = await other.put(acme.evolve(state=TenantState.BROKEN, message="revoked"))
     await other.delete("globex")
     initech = await other.put(active("initech"))
-    assert await tenants.refresh()
+    assert await tenants.registry.refresh()
 
     assert mine.calls["list"] == 1
     assert sorted(mine.read) == ["acme", "globex", "initech"]
-    assert tenants.get("acme") == broken
-    assert tenants.get("globex") is None
-    assert tenants.get("initech") == initech
-    assert [r for r in tenants.all() if r.tenant.startswith("tenant-")] == unchanged
+    assert tenants.registry.get("acme") == broken
+    assert tenants.registry.get("globex") is None
+    assert tenants.registry.get("initech") == initech
+    assert [r for r in tenants.registry.all() if r.tenant.startswith("tenant-")] == unchanged
     gauge = tenants.metrics.registry.get_sample_value
     assert gauge("broker_tenants", {"state": "active"}) == 41
     assert gauge("broker_tenants", {"state": "broken"}) == 1
@@ -143,31 +143,31 @@ async def test_a_refresh_with_nothing_changed_reads_no_record(
 ) -> None:
     await other.put(active("acme"))
     tenants = service(mine, pleo)
-    await tenants.refresh()
-    before = tenants.all()
+    await tenants.registry.refresh()
+    before = tenants.registry.all()
 
-    assert await tenants.refresh()
+    assert await tenants.registry.refresh()
 
     assert (mine.calls["list"], mine.calls["get"]) == (1, 0)
-    assert tenants.all() == before
+    assert tenants.registry.all() == before
 
 
 async def test_a_cursor_the_journal_no_longer_reaches_means_a_full_list(
     tmp_path: Path, mine: CountingStore, pleo: PleoClient
 ) -> None:
     tenants = service(mine, pleo)
-    await tenants.refresh()
+    await tenants.registry.refresh()
     busy = LocalStore(tmp_path / "store", journal_size=2)  # prunes the journal to 2 entries
     try:
         written = [await busy.put(active(f"t{n}")) for n in range(3)]
     finally:
         await busy.close()
 
-    assert await tenants.refresh()
+    assert await tenants.registry.refresh()
 
     assert mine.calls["list"] == 2
     assert mine.calls["get"] == 0
-    assert tenants.all() == written
+    assert tenants.registry.all() == written
 
 
 async def test_a_full_reload_comes_every_full_reload_every_refreshes(
@@ -179,11 +179,11 @@ async def test_a_full_reload_comes_every_full_reload_every_refreshes(
 
     lists = []
     for _ in range(7):
-        assert await tenants.refresh()
+        assert await tenants.registry.refresh()
         lists.append(mine.calls["list"])
 
     assert lists == [1, 1, 1, 2, 2, 2, 3]
-    assert [record.tenant for record in tenants.all()] == ["acme"]
+    assert [record.tenant for record in tenants.registry.all()] == ["acme"]
 
 
 async def test_a_change_made_here_while_refreshing_is_not_undone(
@@ -191,7 +191,7 @@ async def test_a_change_made_here_while_refreshing_is_not_undone(
 ) -> None:
     acme = await other.put(active("acme"))
     tenants = service(mine, pleo)
-    await tenants.refresh()
+    await tenants.registry.refresh()
     await other.put(acme.evolve(message="changed elsewhere"))
 
     async def disconnect_meanwhile(tenant: str) -> None:
@@ -199,10 +199,10 @@ async def test_a_change_made_here_while_refreshing_is_not_undone(
         await tenants.disconnect(tenant)
 
     mine.after_get = disconnect_meanwhile
-    assert await tenants.refresh()
+    assert await tenants.registry.refresh()
 
     assert mine.read == ["acme"]
-    assert tenants.get("acme") is None
+    assert tenants.registry.get("acme") is None
     assert await other.get("acme") is None
 
 
@@ -211,18 +211,18 @@ async def test_a_store_outage_while_catching_up_keeps_what_memory_holds(
 ) -> None:
     acme = await other.put(active("acme"))
     tenants = service(mine, pleo)
-    await tenants.refresh()
+    await tenants.registry.refresh()
     changed = await other.put(acme.evolve(message="changed elsewhere"))
 
     mine.down = True
-    assert await tenants.refresh() is False
-    assert tenants.store_problem == "the store is down"
-    assert tenants.get("acme") == acme
+    assert await tenants.registry.refresh() is False
+    assert tenants.registry.store_problem == "the store is down"
+    assert tenants.registry.get("acme") == acme
 
     mine.down = False
-    assert await tenants.refresh()
-    assert tenants.store_problem is None
-    assert tenants.get("acme") == changed
+    assert await tenants.registry.refresh()
+    assert tenants.registry.store_problem is None
+    assert tenants.registry.get("acme") == changed
     assert mine.calls["list"] == 1
 
 
@@ -249,18 +249,18 @@ async def test_an_unreadable_record_is_skipped_not_fatal(
     await other.put(active("globex"))
     corrupt(tmp_path / "store", "globex")
     tenants = service(mine, pleo)
-    assert await tenants.refresh()  # a full reload: globex is reported and left out
-    assert tenants.get("acme") == good
-    assert tenants.get("globex") is None
-    assert tenants.store_problem is None
+    assert await tenants.registry.refresh()  # a full reload: globex is reported and left out
+    assert tenants.registry.get("acme") == good
+    assert tenants.registry.get("globex") is None
+    assert tenants.registry.store_problem is None
 
     initech = await other.put(active("initech"))  # the journal now names initech...
     await other.put(active("hooli"))
     corrupt(tmp_path / "store", "hooli")  # ...and hooli, which no longer decrypts
-    assert await tenants.refresh()  # incremental: the bad one is dropped, the rest served
-    assert tenants.get("initech") == initech
-    assert tenants.get("hooli") is None
-    assert tenants.get("acme") == good
+    assert await tenants.registry.refresh()  # incremental: the bad one is dropped, the rest served
+    assert tenants.registry.get("initech") == initech
+    assert tenants.registry.get("hooli") is None
+    assert tenants.registry.get("acme") == good
     unreadable = [r for r in caplog.records if r.getMessage() == "store.record_unreadable"]
     assert {getattr(r, "fields", {}).get("tenant") for r in unreadable} == {"globex", "hooli"}
 
@@ -270,20 +270,20 @@ async def test_a_break_the_store_cannot_take_is_served_at_once_and_saved_later(
 ) -> None:
     tenants = service(mine, pleo)
     acme = await mine.put(active("acme"))
-    assert await tenants.refresh()
+    assert await tenants.registry.refresh()
     mine.down = True
     broken = await tenants.key_rejected(acme)
     assert broken.state is TenantState.BROKEN
-    assert tenants.get("acme") == broken  # no longer served, though nothing was written
-    assert not await tenants.refresh()  # the store is still down: the break is kept
-    assert tenants.get("acme") == broken
+    assert tenants.registry.get("acme") == broken  # no longer served, though nothing was written
+    assert not await tenants.registry.refresh()  # the store is still down: the break is kept
+    assert tenants.registry.get("acme") == broken
     mine.down = False
-    assert await tenants.refresh()  # back: the held break is written
+    assert await tenants.registry.refresh()  # back: the held break is written
     stored = await mine.inner.get("acme")
     assert stored is not None and stored.state is TenantState.BROKEN
     assert stored.reason is not None and stored.reason.value == "key_rejected"
-    assert await tenants.refresh()
-    assert tenants.get("acme") == stored
+    assert await tenants.registry.refresh()
+    assert tenants.registry.get("acme") == stored
 
 
 async def test_a_held_break_yields_to_a_rotation_made_elsewhere(
@@ -291,12 +291,14 @@ async def test_a_held_break_yields_to_a_rotation_made_elsewhere(
 ) -> None:
     tenants = service(mine, pleo)
     acme = await mine.put(active("acme"))
-    assert await tenants.refresh()
+    assert await tenants.registry.refresh()
     mine.down = True
     await tenants.key_rejected(acme)
     rotated = await other.put(acme.evolve(api_key=ApiKey(f"pls_{secrets.token_hex(20)}")))
     mine.down = False
-    assert await tenants.refresh()
-    assert tenants.get("acme") == rotated  # the new key is served; the old break is dropped
+    assert await tenants.registry.refresh()
+    assert (
+        tenants.registry.get("acme") == rotated
+    )  # the new key is served; the old break is dropped
     stored = await mine.inner.get("acme")
     assert stored == rotated

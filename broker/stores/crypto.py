@@ -19,15 +19,12 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from broker.errors import UnsealError as UnsealError  # its home is errors.py; imported here
 from broker.settings import ConfigError
 
 MASTER_KEY_BYTES = 32
 NONCE_BYTES = 12
 KEY_FILE_NAME = "master.key"
-
-
-class UnsealError(Exception):
-    """A sealed value did not open: wrong master key, wrong context, or altered bytes."""
 
 
 class Sealer:
