@@ -17,6 +17,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_SECRETS_DIR = Path("/run/secrets")
+MIN_ADMIN_TOKEN_LENGTH = 32
 
 
 class ConfigError(Exception):
@@ -112,6 +113,23 @@ class Settings(BaseSettings):
             if len(raw) != 32:
                 raise ValueError("must decode to exactly 32 bytes")
         return value
+
+    @field_validator("admin_token")
+    @classmethod
+    def _admin_token(cls, value: SecretStr | None) -> SecretStr | None:
+        # A guessable token guards every tenant's key: refuse it at start-up. Surrounding
+        # whitespace (a Secret made from a file ends in a newline) is not part of the token.
+        if value is None:
+            return None
+        token = value.get_secret_value().strip()
+        if len(token) < MIN_ADMIN_TOKEN_LENGTH:
+            raise ValueError(
+                f"must be at least {MIN_ADMIN_TOKEN_LENGTH} characters"
+                " (e.g. `openssl rand -hex 32`)"
+            )
+        if any(c.isspace() for c in token):
+            raise ValueError("must not contain whitespace")
+        return SecretStr(token)
 
     @model_validator(mode="after")
     def _vault_complete(self) -> Settings:

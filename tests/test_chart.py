@@ -31,7 +31,7 @@ CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 
 MASTER_KEY = base64.b64encode(bytes(range(32))).decode()
 SECRET_VALUES = {
-    "adminToken": "admin-token-Zq8w1xK3tPp0",
+    "adminToken": "admin-token-Zq8w1xK3tPp0-Hn4vR7sLc2Wd",
     "masterKey": MASTER_KEY,
     "vaultToken": "hvs.vault-token-Ut5eQ9",
     "vaultSecretId": "secret-id-Lm2nB7cX4",
@@ -539,6 +539,8 @@ def test_impossible_configurations_fail_with_a_clear_message(
         {"broker": {"logLevel": "TRACE"}},
         {"brokr": {}},
         {"broker": {"pleoBaseUrl": "external.pleo.io"}},
+        {"secrets": {"adminToken": "too-short"}},
+        {"secrets": {"adminToken": "a" * 20 + " " + "b" * 20}},
     ],
 )
 def test_schema_rejects_bad_values(values: dict[str, Any]) -> None:
