@@ -69,6 +69,12 @@ class Settings(BaseSettings):
     upstream_connect_timeout: float = Field(5.0, gt=0)
     upstream_timeout: float = Field(30.0, gt=0)
     max_inspected_body: int = Field(1_048_576, ge=1024)
+    max_header_bytes: int = Field(32_768, ge=1024)
+    header_timeout: float = Field(10.0, gt=0)
+    idle_timeout: float = Field(5.0, gt=0)
+    proxy_max_connections: int = Field(4096, ge=1)
+    admin_max_connections: int = Field(64, ge=1)
+    shutdown_drain_seconds: float = Field(20.0, ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
 
