@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -83,7 +84,16 @@ def create_admin_app(broker: Broker) -> Starlette:
     async def put_key(request: Request) -> Response:
         authorize(request)
         tenant = request.path_params["tenant"]
-        submission = await _read_submission(request)
+        # The body is small: it gets the time the headers had, so a client that sends
+        # headers and then trickles (or never sends) the body cannot hold the connection.
+        try:
+            async with asyncio.timeout(broker.settings.header_timeout):
+                submission = await _read_submission(request)
+        except TimeoutError:
+            raise errors.RequestTimeout(
+                "The request body did not arrive within BROKER_HEADER_TIMEOUT"
+                f" ({broker.settings.header_timeout:g} s); send it at once."
+            ) from None
         record = await tenants.activate(
             tenant,
             ApiKey(submission.api_key.strip()),
@@ -117,7 +127,9 @@ def create_admin_app(broker: Broker) -> Starlette:
 
     async def broker_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, errors.BrokerError)
-        return JSONResponse(exc.to_body(), status_code=exc.status)
+        # A request refused for how it arrived leaves the connection in no state to reuse.
+        headers = {"connection": "close"} if isinstance(exc, errors.ListenerRefusal) else None
+        return JSONResponse(exc.to_body(), status_code=exc.status, headers=headers)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)

@@ -30,6 +30,7 @@
     ├── RequestInvalid               400 request_invalid (a malformed admin request body)
     └── ListenerRefusal              (answered by a listener itself, before or instead of the app)
         ├── HeaderTimeout            408 header_timeout
+        ├── RequestTimeout           408 request_timeout (an admin request body too slow)
         ├── TargetTooLong            414 target_too_long
         ├── HeaderTooLarge           431 header_too_large
         ├── TooManyConnections       503 too_many_connections
@@ -251,6 +252,12 @@ class HeaderTimeout(ListenerRefusal):
     status = 408
     code = "header_timeout"
     default_message = "The request headers did not arrive in time; the connection is closed."
+
+
+class RequestTimeout(ListenerRefusal):
+    status = 408
+    code = "request_timeout"
+    default_message = "The request body did not arrive in time; send it at once."
 
 
 class TargetTooLong(ListenerRefusal):

@@ -215,6 +215,20 @@ def test_blank_lines_between_requests_do_not_keep_a_connection(quick: RunningBro
     assert elapsed < 3
 
 
+def test_an_admin_body_that_never_arrives_is_408(quick: RunningBroker) -> None:
+    with connect(quick.admin_port) as sock:
+        sock.sendall(
+            b"PUT /v1/tenants/acme/key HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {quick.token}\r\n".encode()
+            + b'Content-Length: 100\r\n\r\n{"api_key": '
+        )
+        started = time.monotonic()
+        answer = read_answer(sock)
+    assert status_of(answer) == 408
+    assert error_code(answer) == "request_timeout"
+    assert time.monotonic() - started < 3
+
+
 def test_an_idle_keep_alive_connection_is_closed(quick: RunningBroker) -> None:
     with connect(quick.admin_port) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
