@@ -29,6 +29,7 @@
     ├── StoreIntegrityError          500 store_integrity (wrong master key or tampered record)
     ├── RequestInvalid               400 request_invalid (a malformed admin request body)
     └── ListenerRefusal              (answered by a listener itself, before or instead of the app)
+        ├── RequestMalformed         400 request_malformed
         ├── HeaderTimeout            408 header_timeout
         ├── RequestTimeout           408 request_timeout (an admin request body too slow)
         ├── TargetTooLong            414 target_too_long
@@ -246,6 +247,12 @@ class StoreIntegrityError(BrokerError):
 
 class ListenerRefusal(BrokerError):
     """A listener refuses a connection or request before (or instead of) its app."""
+
+
+class RequestMalformed(ListenerRefusal):
+    status = 400
+    code = "request_malformed"
+    default_message = "The request is not valid HTTP/1.1; the connection is closed."
 
 
 class HeaderTimeout(ListenerRefusal):

@@ -117,8 +117,7 @@ class _TargetPreservingProtocol(HttpToolsProtocol):
             if self._refusal is not None:
                 self._refuse(self._refusal)
                 return
-            self.logger.warning("Invalid HTTP request received.")
-            self.send_400_response("Invalid HTTP request received.")
+            self._refuse(errors.RequestMalformed())
             return
         if self._in_head and not self._refused:
             if self._head_bytes > self.limits.max_head_bytes:
