@@ -10,6 +10,7 @@ import logging
 import resource
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable, Generator, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -63,6 +64,37 @@ class _Refused(Exception):
     """Raised in a parser callback to stop parsing; the protocol answers `error`."""
 
 
+class RefusalLog:
+    """Logs a listener's refusals, at most one line per code every `every` seconds.
+
+    A flood (ten thousand idle sockets) would otherwise write ten thousand lines; each
+    line says how many refusals of its code it stands for.
+    """
+
+    def __init__(self, listener: str, every: float = 1.0) -> None:
+        self.listener = listener
+        self.every = every
+        self._last: dict[str, float] = {}
+        self._unlogged: dict[str, int] = {}
+
+    def note(self, code: str, client: str | None) -> None:
+        now = time.monotonic()
+        count = self._unlogged.get(code, 0) + 1
+        if now - self._last.get(code, -self.every) < self.every:
+            self._unlogged[code] = count
+            return
+        self._last[code] = now
+        self._unlogged[code] = 0
+        emit(
+            "listener.refused",
+            level=logging.WARNING,
+            listener=self.listener,
+            code=code,
+            client=client,
+            count=count,
+        )
+
+
 class _TargetPreservingProtocol(HttpToolsProtocol):
     """httptools parsing with the listener's limits, keeping a non-origin-form target.
 
@@ -78,6 +110,7 @@ class _TargetPreservingProtocol(HttpToolsProtocol):
     """
 
     limits: ClassVar[Limits] = Limits()
+    refusals: ClassVar[RefusalLog] = RefusalLog("listener")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -195,13 +228,7 @@ class _TargetPreservingProtocol(HttpToolsProtocol):
         """Answer `error` and close, unless an earlier request is still being answered."""
         self._refused = True
         self._cancel_head_timer()
-        emit(
-            "listener.refused",
-            level=logging.WARNING,
-            listener=self.limits.listener,
-            code=error.code,
-            client=self.client[0] if self.client else None,
-        )
+        self.refusals.note(error.code, self.client[0] if self.client else None)
         if self.transport.is_closing():
             return
         if self.cycle is not None and not self.cycle.response_complete:
@@ -300,7 +327,7 @@ async def run_listeners(
                 http=type(
                     f"{listener.name.title()}Protocol",
                     (_TargetPreservingProtocol,),
-                    {"limits": listener.limits},
+                    {"limits": listener.limits, "refusals": RefusalLog(listener.name)},
                 ),
                 ws="none",
                 lifespan="auto",

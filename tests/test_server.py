@@ -24,7 +24,7 @@ import pytest
 from servers import RunningBroker, broker_settings, start_app, start_broker
 from upstream import RecordingUpstream
 
-from broker.server import connection_caps, raise_file_limit
+from broker.server import RefusalLog, connection_caps, raise_file_limit
 from broker.settings import Settings
 
 pytestmark = pytest.mark.real
@@ -273,6 +273,23 @@ def test_the_proxy_refuses_beyond_its_cap_while_the_admin_listener_answers(
         if response.status_code != 503 or time.monotonic() > deadline:
             break
     assert response.json()["error"]["code"] == "tenant_missing"
+
+
+def test_refusals_are_logged_at_most_once_a_second_per_code(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    log = RefusalLog("proxy", every=60)
+    for _ in range(1000):
+        log.note("too_many_connections", "127.0.0.1")
+    log.note("header_timeout", "127.0.0.1")
+    lines = [r for r in caplog.records if getattr(r, "event", None) == "listener.refused"]
+    assert [r.fields["code"] for r in lines] == [  # type: ignore[attr-defined]
+        "too_many_connections",
+        "header_timeout",
+    ]
+    log.every = 0
+    log.note("too_many_connections", "127.0.0.1")
+    assert caplog.records[-1].fields["count"] == 1000  # type: ignore[attr-defined]
 
 
 def test_the_admin_listener_has_its_own_cap(make_broker: Callable[..., RunningBroker]) -> None:
