@@ -231,18 +231,31 @@ class _TargetPreservingProtocol(HttpToolsProtocol):
         self.refusals.note(error.code, self.client[0] if self.client else None)
         if self.transport.is_closing():
             return
-        if self.cycle is not None and not self.cycle.response_complete:
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            if cycle.more_body:
+                # The request's own body broke off: the app must see the caller gone (and
+                # abort anything it forwards), as when the connection drops.
+                cycle.disconnected = True
+                cycle.message_event.set()
+                if not cycle.response_started:
+                    self._write_error(error)
+                self.transport.close()
+                return
             # Finish the response in flight on this connection, then close it.
-            self.cycle.keep_alive = False
+            cycle.keep_alive = False
             self.flow.pause_reading()
             return
+        self._write_error(error)
+        self.transport.close()
+
+    def _write_error(self, error: errors.ListenerRefusal) -> None:
         body = json.dumps(error.to_body()).encode()
         head = (
             b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
             % len(body)
         )
         self.transport.write(STATUS_LINE[error.status] + head + body)
-        self.transport.close()
 
 
 class _AnswerCancelled:

@@ -558,3 +558,27 @@ def test_malformed_http_is_a_json_400(
     assert answer.startswith(b"HTTP/1.1 4"), answer
     if b"request_malformed" not in answer:
         assert request_bytes.startswith(b"POST"), answer
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'5\r\n{"api\r\nzz\r\n', b'5\r\n{"api\r\n3\r\nabcdef'],
+    ids=["bad-size", "overlong-chunk"],
+)
+def test_a_body_that_breaks_off_mid_request_is_answered_at_once(
+    broker: RunningBroker, body: bytes
+) -> None:
+    """The app is waiting for the body: it must learn at once that none will come, not
+    after a timeout (and the proxy must not forward what it has as if it were whole)."""
+    with connect(broker.admin_port) as sock:
+        sock.sendall(
+            b"PUT /v1/tenants/acme/key HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {broker.token}\r\n".encode()
+            + b"Transfer-Encoding: chunked\r\n\r\n"
+            + body
+        )
+        started = time.monotonic()
+        answer = read_answer(sock)
+    assert status_of(answer) == 400, answer
+    assert error_code(answer) == "request_malformed"
+    assert time.monotonic() - started < 2
