@@ -58,6 +58,10 @@ class Limits:
     idle_timeout: float = 5.0
     # Open connections beyond this are answered 503 and closed (None: no cap).
     max_connections: int | None = None
+    # At the cap, close the oldest connection with no request in flight (an idle or
+    # half-sent one) to make room, rather than refusing the new one: the admin listener's
+    # probes then always get in while a flood of idle sockets only pushes itself out.
+    evict_idle: bool = False
 
 
 class _Refused(Exception):
@@ -121,10 +125,13 @@ class _TargetPreservingProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._refusal: errors.ListenerRefusal | None = None
         self._refused = False
+        self._opened_at = time.monotonic()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         cap = self.limits.max_connections
         full = cap is not None and len(self.connections) >= cap
+        if full and self.limits.evict_idle:
+            full = not self._evict_oldest_idle()
         super().connection_made(transport)
         if full:
             self._refuse(errors.TooManyConnections())
@@ -134,6 +141,23 @@ class _TargetPreservingProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
         super().connection_lost(exc)
+
+    def _evict_oldest_idle(self) -> bool:
+        idle = [
+            c
+            for c in self.connections
+            if isinstance(c, _TargetPreservingProtocol)
+            and not c._refused
+            and (c.cycle is None or c.cycle.response_complete)
+        ]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda c: c._opened_at)
+        oldest._refused = True
+        oldest._cancel_head_timer()
+        oldest.transport.close()
+        self.refusals.note("evicted_idle", oldest.client[0] if oldest.client else None)
+        return True
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -423,6 +447,7 @@ async def serve(
             head_timeout=settings.header_timeout,
             idle_timeout=settings.idle_timeout,
             max_connections=cap,
+            evict_idle=listener == "admin",
         )
 
     proxy_sock = bind(settings.proxy_host, settings.proxy_port)

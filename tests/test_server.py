@@ -292,15 +292,48 @@ def test_refusals_are_logged_at_most_once_a_second_per_code(
     assert caplog.records[-1].fields["count"] == 1000  # type: ignore[attr-defined]
 
 
-def test_the_admin_listener_has_its_own_cap(make_broker: Callable[..., RunningBroker]) -> None:
+def test_the_admin_listener_pushes_out_idle_sockets_for_its_probes(
+    make_broker: Callable[..., RunningBroker],
+) -> None:
     broker = make_broker(admin_max_connections=3, header_timeout=30)
     idle = [connect(broker.admin_port) for _ in range(3)]
+    half = connect(broker.admin_port)
+    half.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # a head that never ends
     try:
-        with connect(broker.admin_port) as extra:
-            extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert error_code(read_answer(extra)) == "too_many_connections"
+        for _ in range(5):
+            assert httpx.get(broker.admin_url + "/healthz").status_code == 200
+        # The oldest idle sockets were closed to make room.
+        assert read_answer(idle[0]) == b""
     finally:
-        for sock in idle:
+        for sock in [*idle, half]:
+            sock.close()
+
+
+def test_the_admin_listener_refuses_when_every_connection_is_busy(
+    make_broker: Callable[..., RunningBroker],
+) -> None:
+    broker = make_broker(admin_max_connections=3, header_timeout=30)
+    busy = []
+    for _ in range(3):
+        # A key submission whose body is still on its way is a request in flight.
+        sock = connect(broker.admin_port)
+        sock.sendall(
+            b"PUT /v1/tenants/acme/key HTTP/1.1\r\nHost: x\r\n"
+            + f"Authorization: Bearer {broker.token}\r\n".encode()
+            + b"Content-Length: 50\r\n\r\n"
+        )
+        busy.append(sock)
+    try:
+        deadline = time.monotonic() + 5
+        while True:
+            with connect(broker.admin_port) as extra:
+                extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                answer = read_answer(extra)
+            if b"too_many_connections" in answer or time.monotonic() > deadline:
+                break
+        assert error_code(answer) == "too_many_connections"
+    finally:
+        for sock in busy:
             sock.close()
 
 
