@@ -42,7 +42,14 @@
     │   └── PleoUnexpectedAnswer     (any other answer, or a body that is not an introspection)
     ├── ConfigError                  (a setting is missing or wrong: start-up stops)
     ├── CatalogError                 (the route catalog is unreadable; also a ValueError)
-    └── RequestInvalid               400 request_invalid (a malformed admin request body)
+    ├── RequestInvalid               400 request_invalid (a malformed admin request body)
+    └── ListenerRefusal              (answered by a listener itself, before or instead of the app)
+        ├── RequestMalformed         400 request_malformed
+        ├── HeaderTimeout            408 header_timeout
+        ├── TargetTooLong            414 target_too_long
+        ├── HeaderTooLarge           431 header_too_large
+        ├── TooManyConnections       503 too_many_connections
+        └── ShuttingDown             503 shutting_down
 
 `to_body()` is the one place an error becomes the JSON body
 `{"error": {"code", "message", "tenant", ...details}}`. The classes drawn without a status
@@ -346,3 +353,43 @@ class ConfigError(BrokerError):
 
 class CatalogError(BrokerError, ValueError):
     """The catalog file is unreadable or malformed; the message is one line."""
+
+
+class ListenerRefusal(BrokerError):
+    """A listener refuses a connection or request before (or instead of) its app."""
+
+
+class RequestMalformed(ListenerRefusal):
+    status = 400
+    code = "request_malformed"
+    default_message = "The request is not valid HTTP/1.1; the connection is closed."
+
+
+class HeaderTimeout(ListenerRefusal):
+    status = 408
+    code = "header_timeout"
+    default_message = "The request headers did not arrive in time; the connection is closed."
+
+
+class TargetTooLong(ListenerRefusal):
+    status = 414
+    code = "target_too_long"
+    default_message = "The request target (path and query) is longer than the broker accepts."
+
+
+class HeaderTooLarge(ListenerRefusal):
+    status = 431
+    code = "header_too_large"
+    default_message = "The request headers are larger than the broker accepts."
+
+
+class TooManyConnections(ListenerRefusal):
+    status = 503
+    code = "too_many_connections"
+    default_message = "This listener has as many connections open as it allows; retry shortly."
+
+
+class ShuttingDown(ListenerRefusal):
+    status = 503
+    code = "shutting_down"
+    default_message = "The broker is shutting down; retry the request."

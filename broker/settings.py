@@ -23,6 +23,7 @@ from broker.errors import ConfigError as ConfigError  # its home is errors.py; i
 DEFAULT_SECRETS_DIR = Path("/run/secrets")
 # A host name, an IPv4 address, a bracketed IPv6 address, '*', or '*.' and a name.
 _HOST_PATTERN = re.compile(r"\*|(\*\.)?[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?|\[[0-9a-f:.]+\]")
+MIN_ADMIN_TOKEN_LENGTH = 32
 
 
 class Settings(BaseSettings):
@@ -77,6 +78,12 @@ class Settings(BaseSettings):
     proxy_allow_control_plane: bool = False
     request_body_timeout: float = Field(30.0, gt=0)
     upstream_pool_timeout: float = Field(5.0, gt=0)
+    max_header_bytes: int = Field(32_768, ge=1024)
+    header_timeout: float = Field(10.0, gt=0)
+    idle_timeout: float = Field(5.0, gt=0)
+    proxy_max_connections: int = Field(4096, ge=1)
+    admin_max_connections: int = Field(64, ge=1)
+    shutdown_drain_seconds: float = Field(20.0, ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
 
@@ -163,6 +170,23 @@ class Settings(BaseSettings):
         if parts.path not in ("", "/") or parts.query or parts.fragment:
             raise ValueError("must be only scheme, optional user:password@, host and port")
         return SecretStr(value.get_secret_value().strip())
+
+    @field_validator("admin_token")
+    @classmethod
+    def _admin_token(cls, value: SecretStr | None) -> SecretStr | None:
+        # A guessable token guards every tenant's key: refuse it at start-up. Surrounding
+        # whitespace (a Secret made from a file ends in a newline) is not part of the token.
+        if value is None:
+            return None
+        token = value.get_secret_value().strip()
+        if len(token) < MIN_ADMIN_TOKEN_LENGTH:
+            raise ValueError(
+                f"must be at least {MIN_ADMIN_TOKEN_LENGTH} characters"
+                " (e.g. `openssl rand -hex 32`)"
+            )
+        if any(c.isspace() for c in token):
+            raise ValueError("must not contain whitespace")
+        return SecretStr(token)
 
     @model_validator(mode="after")
     def _vault_complete(self) -> Settings:

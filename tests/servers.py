@@ -107,6 +107,14 @@ class RunningBroker:
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
 
+    @property
+    def proxy_port(self) -> int:
+        return int(self.proxy_url.rsplit(":", 1)[1])
+
+    @property
+    def admin_port(self) -> int:
+        return int(self.admin_url.rsplit(":", 1)[1])
+
 
 def broker_settings(pleo_url: str, store_path: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {

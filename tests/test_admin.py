@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import builtins
 import concurrent.futures
+import json
 import secrets
+import socket
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +15,7 @@ import httpx
 import pytest
 from servers import RunningBroker, RunningSandbox
 
+from broker.records import TenantRecord
 from broker.sandbox import ALL_SCOPES
 
 REQUIRED = ["export-jobs:read", "export-jobs:write"]
@@ -394,3 +398,171 @@ def test_two_tenants_racing_for_one_company_get_one_binding(
     assert error_of(refused)["code"] == "company_in_use"
     listed = httpx.get(f"{broker.admin_url}/v1/tenants?state=active", headers=broker.auth)
     assert len(listed.json()["tenants"]) == 1
+
+
+# -- hostile requests: every one answers JSON with a code, never a bare 500 ------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 5000,
+        b'{"a":' * 5000,
+        b'{"api_key": "pik_x", "allow_company_change": ' + b"[" * 100_000,
+        b'{"api_key": ' + b"[" * 3000 + b"]" * 3000 + b"}",
+        b'{"api_key": "pik_\xff\xfe"}',
+        b"",
+        b"null",
+    ],
+    ids=["array", "objects", "huge-unclosed", "closed", "not-utf8", "empty", "null"],
+)
+def test_hostile_key_submissions_are_request_invalid(
+    broker: RunningBroker, sandbox: RunningSandbox, body: bytes
+) -> None:
+    response = httpx.put(
+        broker.admin_url + "/v1/tenants/acme/key",
+        content=body,
+        headers={**broker.auth, "Content-Type": "application/json"},
+    )
+    assert response.status_code == 400, response.text
+    assert error_of(response)["code"] == "request_invalid"
+    assert "Traceback" not in response.text
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "text/plain, application/json",
+        "application/json, text/plain",
+        "multipart/form-data; boundary=x",
+    ],
+)
+def test_key_submission_must_be_sent_as_json(
+    broker: RunningBroker, sandbox: RunningSandbox, content_type: str
+) -> None:
+    key = sandbox.state.create_key(scopes=REQUIRED)
+    response = httpx.put(
+        broker.admin_url + "/v1/tenants/acme/key",
+        content=json.dumps({"api_key": key.api_key}).encode(),
+        headers={**broker.auth, "Content-Type": content_type},
+    )
+    assert response.status_code == 400, response.text
+    assert error_of(response)["code"] == "request_invalid"
+    assert "application/json" in error_of(response)["message"]
+    assert key.api_key not in response.text
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/json", "application/json; charset=utf-8", None]
+)
+def test_key_submission_as_json_is_accepted(
+    broker: RunningBroker, sandbox: RunningSandbox, content_type: str | None
+) -> None:
+    key = sandbox.state.create_key(scopes=REQUIRED)
+    headers = dict(broker.auth)
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    response = httpx.put(
+        broker.admin_url + "/v1/tenants/acme/key",
+        content=json.dumps({"api_key": key.api_key}).encode(),
+        headers=headers,
+    )
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/v1/tenants?state=%ff%fe",
+        "/v1/tenants?state=active&state=broken",
+        "/v1/tenants?state[]=active",
+        "/v1/tenants?" + "&" * 5000,
+        "/v1/tenants?%00=%00",
+        "/v1/tenants/" + "a" * 20_000,
+        "/v1/tenants/%ff",
+        "/v1/tenants/%00",
+        "/v1/tenants/acme%2F..%2Fother",
+        "/v1/tenants/" + "%" * 100,
+        "/v1/tenants/acme/key?x=" + "[" * 5000,
+    ],
+)
+def test_unusual_targets_never_give_a_server_error(broker: RunningBroker, target: str) -> None:
+    with socket.create_connection(("127.0.0.1", broker.admin_port), timeout=5) as sock:
+        request = f"GET {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {broker.token}\r\n"
+        sock.sendall(request.encode() + b"Connection: close\r\n\r\n")
+        answer = read_all(sock)
+    status = int(answer.split(b" ", 2)[1])
+    assert status < 500, answer[:300]
+    assert b"Traceback" not in answer
+
+
+def test_an_unexpected_failure_is_a_json_internal_error(
+    make_broker: Callable[..., RunningBroker], caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = make_broker(store=ExplodingStore())
+    response = httpx.get(broker.admin_url + "/v1/tenants/acme", headers=broker.auth)
+    assert response.status_code == 500
+    assert response.headers["content-type"] == "application/json"
+    assert error_of(response)["code"] == "internal_error"
+    assert "Traceback" not in response.text
+    assert "pik_" not in response.text
+    assert "exploded" not in response.text
+    # The listener keeps serving.
+    assert httpx.get(broker.admin_url + "/healthz").status_code == 200
+    logged = [r for r in caplog.records if getattr(r, "event", None) == "admin.internal_error"]
+    assert [r.fields["error_type"] for r in logged] == ["OSError"]  # type: ignore[attr-defined]
+    assert all("pik_" not in str(vars(record)) for record in caplog.records)
+
+
+def test_a_websocket_upgrade_on_the_admin_listener_is_not_a_server_error(
+    broker: RunningBroker,
+) -> None:
+    with socket.create_connection(("127.0.0.1", broker.admin_port), timeout=5) as sock:
+        sock.sendall(
+            b"GET /v1/tenants HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        answer = read_all(sock)
+    status = int(answer.split(b" ", 2)[1])
+    assert status < 500 and status != 101, answer[:300]
+
+
+class ExplodingStore:
+    """A store whose reads fail with an error the broker does not know, carrying a secret."""
+
+    backend = "exploding"
+
+    async def get(self, tenant: str) -> TenantRecord | None:
+        raise OSError("the disk exploded while reading pik_live_secret")
+
+    async def list(self) -> list[TenantRecord]:
+        return []
+
+    async def put(self, record: TenantRecord) -> TenantRecord:
+        raise OSError("the disk exploded")
+
+    async def delete(self, tenant: str) -> bool:
+        raise OSError("the disk exploded")
+
+    async def changes_since(self, cursor: str | None) -> tuple[str, builtins.list[str] | None]:
+        return "c", []
+
+    async def close(self) -> None:
+        return None
+
+
+def read_all(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (or stays silent 5 s)."""
+    chunks = []
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)

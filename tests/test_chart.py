@@ -31,7 +31,7 @@ CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 
 MASTER_KEY = base64.b64encode(bytes(range(32))).decode()
 SECRET_VALUES = {
-    "adminToken": "admin-token-Zq8w1xK3tPp0",
+    "adminToken": "admin-token-Zq8w1xK3tPp0-Hn4vR7sLc2Wd",
     "masterKey": MASTER_KEY,
     "vaultToken": "hvs.vault-token-Ut5eQ9",
     "vaultSecretId": "secret-id-Lm2nB7cX4",
@@ -311,11 +311,15 @@ CHART_SETTINGS: dict[str, Any] = {
         "proxyAllowControlPlane": True,
         "requestBodyTimeout": 12.5,
         "upstreamPoolTimeout": 2.5,
+        "maxHeaderBytes": 16384,
+        "headerTimeout": 2.5,
+        "idleTimeout": 15,
+        "shutdownDrainSeconds": 12.5,
         "logLevel": "DEBUG",
         "logFormat": "text",
     },
-    "proxy": {"port": 18080, "allowedHosts": ["broker.example.test"]},
-    "admin": {"port": 18081},
+    "proxy": {"port": 18080, "allowedHosts": ["broker.example.test"], "maxConnections": 500},
+    "admin": {"port": 18081, "maxConnections": 32},
     "vault": {
         "addr": "https://vault.example.test:8200",
         "kubernetesRole": "broker-role",
@@ -356,6 +360,12 @@ EXPECTED_SETTINGS = {
         "rel-pleo-broker.apps.svc.cluster.local",
         "broker.example.test",
     ),
+    "max_header_bytes": 16384,
+    "header_timeout": 2.5,
+    "idle_timeout": 15.0,
+    "shutdown_drain_seconds": 12.5,
+    "proxy_max_connections": 500,
+    "admin_max_connections": 32,
     "log_level": "DEBUG",
     "log_format": "text",
     "proxy_host": "127.0.0.1",
@@ -542,6 +552,18 @@ def test_config_changes_roll_the_pods() -> None:
             {"vault": {"caCert": {"configMap": "a", "secret": "b"}}},
             "not both",
         ),
+        (
+            {"broker": {"shutdownDrainSeconds": 30}},
+            "must stay below terminationGracePeriodSeconds",
+        ),
+        (
+            {"broker": {"shutdownDrainSeconds": 50}, "terminationGracePeriodSeconds": 45},
+            "must stay below terminationGracePeriodSeconds",
+        ),
+        (
+            {"mode": "sidecar", "broker": {"shutdownDrainSeconds": 25.5}},
+            "must stay below terminationGracePeriodSeconds",
+        ),
     ],
 )
 def test_impossible_configurations_fail_with_a_clear_message(
@@ -560,6 +582,8 @@ def test_impossible_configurations_fail_with_a_clear_message(
         {"broker": {"logLevel": "TRACE"}},
         {"brokr": {}},
         {"broker": {"pleoBaseUrl": "external.pleo.io"}},
+        {"secrets": {"adminToken": "too-short"}},
+        {"secrets": {"adminToken": "a" * 20 + " " + "b" * 20}},
     ],
 )
 def test_schema_rejects_bad_values(values: dict[str, Any]) -> None:
@@ -638,9 +662,17 @@ def test_sidecar_example_adds_the_broker_to_the_application_pod(
         assert [c["name"] for c in pod["containers"]] == ["app"]
         assert [c["name"] for c in pod["initContainers"]] == ["pleo-broker"]
         assert pod["initContainers"][0]["restartPolicy"] == "Always"
+        # The kubelet stops a native sidecar after the application: no sleep needed.
+        assert "lifecycle" not in pod["initContainers"][0]
     else:
         assert [c["name"] for c in pod["containers"]] == ["app", "pleo-broker"]
         assert "restartPolicy" not in pod["containers"][1]
+        # Every container gets SIGTERM at once: the broker sleeps first, so the
+        # application can still call Pleo through it while it shuts down.
+        assert pod["containers"][1]["lifecycle"] == {
+            "preStop": {"exec": {"command": ["sleep", "5"]}}
+        }
+    assert pod["terminationGracePeriodSeconds"] == 30
     broker = broker_container(manifests)
     configmap = only(manifests, "ConfigMap")
     assert broker["envFrom"][0]["configMapRef"]["name"] == configmap["metadata"]["name"]
@@ -681,3 +713,35 @@ def test_the_upstream_proxy_comes_from_the_secret_and_may_be_absent() -> None:
         assert var["valueFrom"]["secretKeyRef"]["key"] == "upstream-proxy"
         assert var["valueFrom"]["secretKeyRef"]["optional"] is True
         assert "BROKER_UPSTREAM_PROXY" not in only(manifests, "ConfigMap")["data"]
+
+
+def test_shutdown_values_reach_the_broker_and_fit_the_grace_period() -> None:
+    manifests = render()
+    env = settings_env(manifests)
+    assert env["BROKER_SHUTDOWN_DRAIN_SECONDS"] == "20"
+    pod = only(manifests, "Deployment")["spec"]["template"]["spec"]
+    assert float(env["BROKER_SHUTDOWN_DRAIN_SECONDS"]) < pod["terminationGracePeriodSeconds"]
+    # A Deployment's broker stops on SIGTERM: no preStop sleep outside sidecar mode.
+    assert "lifecycle" not in broker_container(manifests)
+    longer = render({"terminationGracePeriodSeconds": 90, "broker": {"shutdownDrainSeconds": 60}})
+    assert settings_env(longer)["BROKER_SHUTDOWN_DRAIN_SECONDS"] == "60"
+
+
+def test_sidecar_pre_stop_sleep_is_configurable(tmp_path: Path) -> None:
+    app = example_chart(tmp_path)
+    pod = only(
+        render({"pleo-broker": {"sidecar": {"preStopSleepSeconds": 8}}}, chart=app), "Deployment"
+    )
+    broker = next(
+        c for c in pod["spec"]["template"]["spec"]["containers"] if c["name"] == "pleo-broker"
+    )
+    assert broker["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "8"]
+    pod = only(
+        render({"pleo-broker": {"sidecar": {"preStopSleepSeconds": 0}}}, chart=app), "Deployment"
+    )
+    broker = next(
+        c for c in pod["spec"]["template"]["spec"]["containers"] if c["name"] == "pleo-broker"
+    )
+    assert "lifecycle" not in broker
+    with pytest.raises(helm.HelmError, match="below terminationGracePeriodSeconds"):
+        render({"pleo-broker": {"sidecar": {"preStopSleepSeconds": 12}}}, chart=app)

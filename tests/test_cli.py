@@ -96,7 +96,7 @@ def test_connect_never_takes_the_key_as_an_argument(broker: RunningBroker) -> No
 
 def test_unreachable_admin_api_is_explained(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
-    env["BROKER_ADMIN_TOKEN"] = "t"
+    env["BROKER_ADMIN_TOKEN"] = "a-token-long-enough-for-the-admin-api"
     result = subprocess.run(
         [sys.executable, "-m", "broker", "tenants", "--admin-url", "http://127.0.0.1:9", "list"],
         capture_output=True,

@@ -10,6 +10,8 @@ import pytest
 
 from broker.settings import ConfigError, load_settings
 
+TOKEN = "an-admin-token-of-forty-characters-0123"
+
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -42,12 +44,12 @@ def test_env_file_and_secrets_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     Path(".env").write_text("BROKER_ADMIN_PORT=9001\n")
     secrets_dir = tmp_path / "secrets"
     secrets_dir.mkdir()
-    (secrets_dir / "broker_admin_token").write_text("from-a-secret-file")
+    (secrets_dir / "broker_admin_token").write_text("from-a-secret-file-of-32-chars-or-more\n")
     monkeypatch.setenv("BROKER_SECRETS_DIR", str(secrets_dir))
     settings = load_settings()
     assert settings.admin_port == 9001
     assert settings.admin_token is not None
-    assert settings.admin_token.get_secret_value() == "from-a-secret-file"
+    assert settings.admin_token.get_secret_value() == "from-a-secret-file-of-32-chars-or-more"
 
 
 @pytest.mark.parametrize(
@@ -62,6 +64,10 @@ def test_env_file_and_secrets_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
         ("BROKER_TENANT_HEADER", "X Broker", "BROKER_TENANT_HEADER"),
         ("BROKER_CACHE_TTL", "-1", "BROKER_CACHE_TTL"),
         ("BROKER_LOG_LEVEL", "loud", "BROKER_LOG_LEVEL"),
+        ("BROKER_ADMIN_TOKEN", "short", "at least 32 characters"),
+        ("BROKER_ADMIN_TOKEN", " " * 40, "at least 32 characters"),
+        ("BROKER_ADMIN_TOKEN", "a" * 20 + " " * 20, "at least 32 characters"),
+        ("BROKER_ADMIN_TOKEN", "a" * 20 + " " + "b" * 20, "must not contain whitespace"),
     ],
 )
 def test_bad_setting_is_one_line_naming_it(
@@ -127,7 +133,7 @@ def test_serve_stops_with_one_line_on_bad_config(tmp_path: Path) -> None:
 def test_serve_stops_with_one_line_on_a_bad_catalog(tmp_path: Path) -> None:
     catalog = tmp_path / "catalog.json"
     catalog.write_text('{"routes": [{"method": "FETCH", "path": "/x", "scope": null}]}')
-    result = serve_with(tmp_path, BROKER_ADMIN_TOKEN="t", BROKER_CATALOG_PATH=str(catalog))
+    result = serve_with(tmp_path, BROKER_ADMIN_TOKEN=TOKEN, BROKER_CATALOG_PATH=str(catalog))
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
     assert "BROKER_CATALOG_PATH" in result.stderr
@@ -161,3 +167,22 @@ def test_proxy_allowed_hosts_refuse_urls_and_ports(
     with pytest.raises(ConfigError) as caught:
         load_settings()
     assert str(caught.value).startswith("configuration error: BROKER_PROXY_ALLOWED_HOSTS: must be")
+
+
+def test_admin_token_is_stripped_of_surrounding_whitespace(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A token stored with a trailing newline (a Secret made from a file) still matches
+    # what a client sends, which is stripped too.
+    monkeypatch.setenv("BROKER_ADMIN_TOKEN", f"  {TOKEN}\n")
+    settings = load_settings()
+    assert settings.admin_token is not None
+    assert settings.admin_token.get_secret_value() == TOKEN
+
+
+def test_serve_refuses_a_short_admin_token_in_one_line(tmp_path: Path) -> None:
+    result = serve_with(tmp_path, BROKER_ADMIN_TOKEN="   tiny   ")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "BROKER_ADMIN_TOKEN" in result.stderr
+    assert "at least 32 characters" in result.stderr
+    assert "tiny" not in result.stderr
+    assert "Traceback" not in result.stderr

@@ -116,6 +116,18 @@ proxy.allowedHosts (BROKER_PROXY_ALLOWED_HOSTS; any other Host is refused, again
 {{- if and .Values.vault.caCert.configMap .Values.vault.caCert.secret }}
 {{- fail "set vault.caCert.configMap or vault.caCert.secret, not both" }}
 {{- end }}
+{{- $stopping := float64 .Values.broker.shutdownDrainSeconds }}
+{{- if include "pleo-broker.preStopSleep" . }}
+{{- $stopping = addf $stopping (float64 .Values.sidecar.preStopSleepSeconds) }}
+{{- end }}
+{{- if ge $stopping (float64 .Values.terminationGracePeriodSeconds) }}
+{{- fail (printf "broker.shutdownDrainSeconds (plus sidecar.preStopSleepSeconds in sidecar mode) must stay below terminationGracePeriodSeconds (%v), or the kubelet kills the broker mid-drain" .Values.terminationGracePeriodSeconds) }}
+{{- end }}
+{{- end }}
+
+{{/* A preStop sleep keeps a sidecar serving while its application shuts down (not native). */}}
+{{- define "pleo-broker.preStopSleep" -}}
+{{- if and (eq .Values.mode "sidecar") (not .Values.sidecar.native) (gt (float64 .Values.sidecar.preStopSleepSeconds) 0.0) }}true{{ end }}
 {{- end }}
 
 {{/* Non-secret settings, as BROKER_* variables (DESIGN §7). */}}
@@ -143,6 +155,12 @@ BROKER_PROXY_ALLOW_CONTROL_PLANE: {{ .Values.broker.proxyAllowControlPlane | toS
 BROKER_REQUEST_BODY_TIMEOUT: {{ .Values.broker.requestBodyTimeout | toString | quote }}
 BROKER_UPSTREAM_POOL_TIMEOUT: {{ .Values.broker.upstreamPoolTimeout | toString | quote }}
 BROKER_PROXY_ALLOWED_HOSTS: {{ include "pleo-broker.proxyAllowedHosts" . | quote }}
+BROKER_MAX_HEADER_BYTES: {{ int64 .Values.broker.maxHeaderBytes | quote }}
+BROKER_HEADER_TIMEOUT: {{ .Values.broker.headerTimeout | toString | quote }}
+BROKER_IDLE_TIMEOUT: {{ .Values.broker.idleTimeout | toString | quote }}
+BROKER_SHUTDOWN_DRAIN_SECONDS: {{ .Values.broker.shutdownDrainSeconds | toString | quote }}
+BROKER_PROXY_MAX_CONNECTIONS: {{ int64 .Values.proxy.maxConnections | quote }}
+BROKER_ADMIN_MAX_CONNECTIONS: {{ int64 .Values.admin.maxConnections | quote }}
 BROKER_LOG_LEVEL: {{ .Values.broker.logLevel | quote }}
 BROKER_LOG_FORMAT: {{ .Values.broker.logFormat | quote }}
 {{- if eq .Values.store.type "vault" }}
@@ -179,6 +197,12 @@ BROKER_VAULT_CACERT: {{ printf "%s/%s" (include "pleo-broker.vaultCaMountPath" .
   args: ["serve"]
   {{- if and (eq .Values.mode "sidecar") .Values.sidecar.native }}
   restartPolicy: Always
+  {{- end }}
+  {{- if include "pleo-broker.preStopSleep" . }}
+  lifecycle:
+    preStop:
+      exec:
+        command: ["sleep", {{ .Values.sidecar.preStopSleepSeconds | toString | quote }}]
   {{- end }}
   envFrom:
     - configMapRef:
