@@ -86,6 +86,11 @@ class TenantService:
         """Why the store could not be read at the last refresh, or None."""
         return self.registry.store_problem
 
+    @property
+    def write_problem(self) -> str | None:
+        """Why the store takes no writes (read-only, or the last write failed), or None."""
+        return self.store.read_only or self.registry.write_problem
+
     async def start(self) -> None:
         await self.registry.start()
 
@@ -110,9 +115,18 @@ class TenantService:
             if record is None and not self.registry.loaded:
                 raise
         else:
+            # Show what the proxy enforces: a break not saved yet, a disconnect under way.
+            record = self.registry.enforced(tenant, record)
             if remember:
                 self.registry.remember(tenant, record)
         if record is None:
+            if self.registry.disconnecting(tenant):
+                raise errors.TenantUnknown(
+                    "This tenant is being disconnected: the broker no longer uses its key, but"
+                    " the store has not confirmed that the key is destroyed. Retry"
+                    f" DELETE /v1/tenants/{tenant}.",
+                    tenant=tenant,
+                )
             raise errors.TenantUnknown(tenant=tenant)
         return record
 
@@ -394,8 +408,25 @@ class TenantService:
         """Forget the tenant and destroy its key material."""
         _require_valid(tenant)
         async with self._lock(tenant):
-            existed = await self.store.delete(tenant)
-            known = self.registry.remember(tenant, None)
+            # Stop using the key before its destruction starts: if the store fails midway (or
+            # answers too late), the proxy must not go on injecting a key that may be gone.
+            known = self.registry.forget(tenant)
+            try:
+                existed = await self.registry.delete(tenant)
+            except errors.StoreUnavailable as exc:
+                emit(
+                    "tenant.disconnect_incomplete",
+                    level=logging.WARNING,
+                    tenant=tenant,
+                    error=exc.message,
+                )
+                raise errors.StoreUnavailable(
+                    "The broker stopped using this tenant's key, but the store could not"
+                    f" confirm that the key is destroyed ({exc.message}) Retry"
+                    f" DELETE /v1/tenants/{tenant}.",
+                    tenant=tenant,
+                ) from exc
+            self.registry.disconnected(tenant)
             if not existed and not known:
                 raise errors.TenantUnknown(tenant=tenant)
             emit("tenant.disconnected", tenant=tenant)
@@ -432,7 +463,7 @@ class TenantService:
             del self._checks[tenant]
 
     async def _write(self, record: TenantRecord) -> TenantRecord:
-        stored = await self.store.put(record)
+        stored = await self.registry.put(record)
         self.registry.remember(record.tenant, stored)
         return stored
 

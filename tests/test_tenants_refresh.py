@@ -44,6 +44,10 @@ class CountingStore:
         if self.down:
             raise StoreUnavailable("the store is down")
 
+    @property
+    def read_only(self) -> str | None:
+        return self.inner.read_only
+
     async def get(self, tenant: str) -> TenantRecord | None:
         self._count("get")
         self.read.append(tenant)
