@@ -94,8 +94,10 @@ def create_admin_app(broker: Broker) -> Starlette:
         if not tenants.loaded:
             body: dict[str, Any] = {"status": "unavailable", "store": tenants.store_problem}
             return JSONResponse(body, status_code=503)
-        if tenants.store_problem is not None:
-            return JSONResponse({"status": "degraded", "store": tenants.store_problem})
+        # Unreadable, or readable but refusing writes (read-only, full): served from memory.
+        problem = tenants.store_problem or tenants.write_problem
+        if problem is not None:
+            return JSONResponse({"status": "degraded", "store": problem})
         return JSONResponse({"status": "ok"})
 
     async def metrics(request: Request) -> Response:
