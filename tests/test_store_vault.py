@@ -807,6 +807,44 @@ async def test_a_destroy_that_failed_is_retried_at_the_next_full_reload(
     )
 
 
+@pytest.mark.real
+async def test_a_write_answered_too_late_has_its_history_checked_at_the_next_full_reload(
+    openbao: OpenBao, root: hvac.Client
+) -> None:
+    store = VaultStore(
+        openbao.settings(vault_prefix=f"late-{secrets.token_hex(6)}", vault_timeout=0.5)
+    )
+    path = f"{store._base}/acme"
+    answered = threading.Event()
+    write = store._kv.create_or_update_secret
+
+    def lands_but_answers_late(**kwargs: Any) -> Any:
+        response = write(**kwargs)
+        answered.wait(10)  # the broker stops waiting first
+        return response
+
+    try:
+        first = await store.put(active("acme"))
+        await store.list()  # the start-up check: nothing to destroy yet
+        await eventually_async(lambda: not store._checks, what="the start-up check ends")
+        store._kv.create_or_update_secret = lands_but_answers_late
+        try:
+            with pytest.raises(StoreUnavailable, match="did not answer"):
+                await store.put(first.evolve(api_key=new_key()))
+        finally:
+            answered.set()
+            store._kv.create_or_update_secret = write
+        assert versions_of(root, path) == {1: True, 2: True}  # it landed; the old key stayed
+
+        await store.list()  # the next full reload
+
+        await eventually_async(
+            lambda: versions_of(root, path) == {1: False, 2: True}, what="the late destroy"
+        )
+    finally:
+        await store.close()
+
+
 def refreshes_seen(broker: RunningBroker) -> float:
     """How many journal reads (refreshes) the broker has made so far."""
     metrics = httpx.get(f"{broker.admin_url}/metrics").text

@@ -158,17 +158,11 @@ class VaultStore:
         tenant = record.tenant
         if not valid_tenant_id(tenant):
             raise ValueError("not a valid tenant id")
-        data = _encode(record)
         try:
-            version = await self._call(partial(self._write, tenant, data, record.version))
-        except StoreConflict:
-            if record.version != 0:
-                raise
-            # "Must not exist" holds too for a tenant whose disconnect was interrupted.
-            gone_at = await self._gone_at(tenant)
-            if gone_at is None:
-                raise
-            version = await self._call(partial(self._write, tenant, data, gone_at))
+            version = await self._put(tenant, _encode(record), record.version)
+        except StoreUnavailable:
+            self._undestroyed.add(tenant)  # it may have landed, answered too late: check it
+            raise
         if version > 1:
             # Every older version is obsolete: destroy them all on every write, not only on a
             # rotation, so a key a failed destroy left behind goes at the next write (even
@@ -180,30 +174,19 @@ class VaultStore:
     async def delete(self, tenant: str) -> bool:
         if not valid_tenant_id(tenant):
             return False
-        for _ in range(DELETE_ATTEMPTS):
-            versions = await self._call(partial(self._versions, tenant))
-            if versions is None:
-                return False
-            tombstone = _tombstone()
-            try:
-                # The point of no return: from here on the tenant reads as gone everywhere.
-                written = await self._call(
-                    partial(self._write, tenant, tombstone, versions.current)
-                )
-                break
-            except StoreConflict:
-                continue  # written meanwhile: bury the newer version
-        else:
-            raise StoreConflict(
-                f"Tenant {tenant!r} kept changing while it was being disconnected; retry.",
-                tenant=tenant,
-            )
         try:
-            await self._bury(tenant, written)
-        finally:
-            # Even if the rest failed, replicas re-read the tenant, find the tombstone and stop
-            # using its key within their cache TTL.
-            await self._journal(tenant)
+            tombstone = await self._lay_tombstone(tenant)
+            if tombstone is None:
+                return False
+            try:
+                await self._bury(tenant, tombstone)
+            finally:
+                # Even if the rest failed, replicas re-read the tenant, find the tombstone and
+                # stop using its key within their cache TTL.
+                await self._journal(tenant)
+        except StoreUnavailable:
+            self._undestroyed.add(tenant)  # the history check destroys what is left
+            raise
         return True
 
     async def changes_since(self, cursor: str | None) -> tuple[str, builtins.list[str] | None]:
@@ -222,6 +205,37 @@ class VaultStore:
         await asyncio.gather(*self._checks, return_exceptions=True)
         await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
         self._client.adapter.close()
+
+    async def _put(self, tenant: str, data: dict[str, Any], cas: int) -> int:
+        """Write `data` with check-and-set; its new version."""
+        try:
+            return await self._call(partial(self._write, tenant, data, cas))
+        except StoreConflict:
+            if cas != 0:
+                raise
+            # "Must not exist" holds too for a tenant whose disconnect was interrupted.
+            gone_at = await self._gone_at(tenant)
+            if gone_at is None:
+                raise
+            return await self._call(partial(self._write, tenant, data, gone_at))
+
+    async def _lay_tombstone(self, tenant: str) -> int | None:
+        """Write a tombstone as the tenant's newest version; its version (None: no tenant)."""
+        for _ in range(DELETE_ATTEMPTS):
+            versions = await self._call(partial(self._versions, tenant))
+            if versions is None:
+                return None
+            try:
+                # The point of no return: from here on the tenant reads as gone everywhere.
+                return await self._call(
+                    partial(self._write, tenant, _tombstone(), versions.current)
+                )
+            except StoreConflict:
+                continue  # written meanwhile: bury the newer version
+        raise StoreConflict(
+            f"Tenant {tenant!r} kept changing while it was being disconnected; retry.",
+            tenant=tenant,
+        )
 
     async def _gone_at(self, tenant: str) -> int | None:
         """The newest version of a tenant that reads as gone (tombstone, destroyed), or None."""
