@@ -420,10 +420,12 @@ class TenantService:
                     tenant=tenant,
                     error=exc.message,
                 )
+                retry = f"Retry DELETE /v1/tenants/{tenant}."
+                if not known:
+                    raise errors.StoreUnavailable(f"{exc.message} {retry}", tenant=tenant) from exc
                 raise errors.StoreUnavailable(
-                    "The broker stopped using this tenant's key, but the store could not"
-                    f" confirm that the key is destroyed ({exc.message}) Retry"
-                    f" DELETE /v1/tenants/{tenant}.",
+                    "The broker stopped using this tenant's key, but the store could not confirm"
+                    f" its destruction: {exc.message} {retry}",
                     tenant=tenant,
                 ) from exc
             self.registry.disconnected(tenant)
