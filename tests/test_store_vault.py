@@ -654,14 +654,16 @@ async def test_a_disconnect_interrupted_midway_leaves_no_tenant_and_reconnecting
         "destroy_secret_versions": "destroy_secret_versions",
         "delete_metadata": "delete_metadata_and_all_versions",
     }[interrupted_before]
+    cursor, _ = await root_store.changes_since(None)
     with monkeypatch.context() as patched:
         patched.setattr(root_store._kv, hvac_method, cut)
         with pytest.raises(StoreUnavailable):
             await root_store.delete(tenant)
 
-    # Once a disconnect has begun, the tenant is gone for every reader...
+    # Once a disconnect has begun, the tenant is gone for every reader (replicas hear of it)...
     assert await root_store.get(tenant) is None
     assert await root_store.list() == []
+    assert (await root_store.changes_since(cursor))[1] == [tenant]
     # ...a writer still holding the old record cannot bring it back...
     with pytest.raises(StoreConflict):
         await root_store.put(current.evolve(message="a stale writer"))
