@@ -45,7 +45,7 @@ class TenantRegistry:
         self._records: dict[str, TenantRecord] = {}
         self._touched: set[str] = set()
         self._held: dict[str, TenantRecord] = {}
-        self._disconnecting: set[str] = set()
+        self._disconnecting: dict[str, TenantRecord] = {}  # the record each disconnect hides
         self._cursor: str | None = None
         self._incremental_left = 0
         self._refresher: asyncio.Task[None] | None = None
@@ -72,7 +72,7 @@ class TenantRegistry:
         if record is None:
             known = self._records.pop(tenant, None) is not None
         else:
-            self._disconnecting.discard(tenant)  # connected again
+            self._disconnecting.pop(tenant, None)  # connected again
             known = tenant in self._records
             self._records[tenant] = record
         self._update_gauge()
@@ -81,20 +81,23 @@ class TenantRegistry:
     def forget(self, tenant: str) -> bool:
         """Stop serving `tenant` now: its disconnect begins (True if it was known).
 
-        Until `disconnected` confirms that the store destroyed it (or the tenant is connected
-        again), no refresh brings it back and no held record of it is written.
+        Until `disconnected` confirms that the store destroyed it, no refresh brings back the
+        record being disconnected, and no held record of it is written. Any other record (the
+        tenant connected again, here or by another replica) ends that.
         """
-        known = tenant in self._disconnecting
-        self._disconnecting.add(tenant)
+        hidden = self._disconnecting.get(tenant) or self._records.get(tenant)
         self._held.pop(tenant, None)
-        return self.remember(tenant, None) or known
+        known = self.remember(tenant, None) or hidden is not None
+        if hidden is not None:
+            self._disconnecting[tenant] = hidden
+        return known
 
     def disconnected(self, tenant: str) -> None:
         """The store destroyed `tenant`: nothing is left to hide."""
-        self._disconnecting.discard(tenant)
+        self._disconnecting.pop(tenant, None)
 
     def disconnecting(self, tenant: str) -> bool:
-        """True while a disconnect of `tenant` began here and the store has not confirmed it."""
+        """True while a disconnect of `tenant` that began here hides a record the store holds."""
         return tenant in self._disconnecting
 
     def enforced(self, tenant: str, stored: TenantRecord | None) -> TenantRecord | None:
@@ -103,7 +106,7 @@ class TenantRegistry:
         A break not saved yet wins over the older stored record, and a tenant being
         disconnected is gone, whatever the store still holds.
         """
-        if tenant in self._disconnecting:
+        if self._hides(tenant, stored):
             return None
         held = self._held.get(tenant)
         if held is not None and stored is not None and stored.version <= held.version:
@@ -210,7 +213,7 @@ class TenantRegistry:
             cursor, _ = await self.store.changes_since(None)
         listed = await self.store.list()
         fresh = {record.tenant: record for record in listed}
-        for tenant in self._touched | self._held.keys() | self._disconnecting:
+        for tenant in self._touched | self._held.keys() | self._disconnecting.keys():
             kept = self._kept(tenant, fresh.get(tenant))
             if kept is None:
                 fresh.pop(tenant, None)
@@ -251,8 +254,10 @@ class TenantRegistry:
 
     def _kept(self, tenant: str, fresh: TenantRecord | None) -> TenantRecord | None:
         """What memory keeps of `tenant` after a read: ours if it changed here meanwhile."""
-        if tenant in self._disconnecting:
-            return None
+        if self._disconnecting.get(tenant) is not None:
+            if self._hides(tenant, fresh):
+                return None
+            del self._disconnecting[tenant]  # gone from the store, or connected again
         held = self._held.get(tenant)
         if held is not None:
             if fresh is None or fresh.version > held.version:
@@ -265,6 +270,15 @@ class TenantRegistry:
         if mine is None or fresh is None or fresh.version <= mine.version:
             return mine
         return fresh
+
+    def _hides(self, tenant: str, stored: TenantRecord | None) -> bool:
+        """True if `stored` is the record a disconnect under way hides."""
+        hidden = self._disconnecting.get(tenant)
+        if hidden is None:
+            return False
+        return stored is not None and (
+            stored.version == hidden.version and stored.api_key == hidden.api_key
+        )
 
     async def _refresh_forever(self) -> None:
         while True:

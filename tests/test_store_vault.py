@@ -942,7 +942,8 @@ def interrupted_disconnect(
     assert "Retry DELETE /v1/tenants/acme" in refused.json()["error"]["message"]
     shown = admin.get("/v1/tenants/acme")
     assert (shown.status_code, shown.json()["error"]["code"]) == (404, "tenant_unknown")
-    assert "being disconnected" in shown.json()["error"]["message"]
+    if failure == "tombstone_breaks":  # the store still holds the record: say why it is hidden
+        assert "being disconnected" in shown.json()["error"]["message"]
 
     # Connecting the tenant again works at once (it was 409 store_conflict, "retry", forever).
     second = sandbox.state.create_key(company_id=first.company_id, scopes=REQUIRED_SCOPES)

@@ -388,3 +388,23 @@ async def test_a_disconnect_the_store_failed_keeps_the_tenant_gone_until_it_is_r
     assert await mine.inner.get("acme") is None
     with pytest.raises(TenantUnknown):
         await tenants.disconnect("acme")
+
+
+async def test_a_tenant_connected_again_elsewhere_ends_a_failed_disconnect(
+    mine: CountingStore, other: LocalStore, pleo: PleoClient
+) -> None:
+    tenants = service(mine, pleo)
+    acme = await mine.put(active("acme"))
+    assert await tenants.refresh()
+    mine.full = True
+    with pytest.raises(StoreUnavailable):
+        await tenants.disconnect("acme")
+    mine.full = False
+    assert await tenants.refresh()
+    assert tenants.get("acme") is None
+
+    reconnected = await other.put(acme.evolve(api_key=ApiKey(f"pls_{secrets.token_hex(20)}")))
+    assert await tenants.refresh()
+
+    assert tenants.get("acme") == reconnected
+    assert await tenants.fetch("acme") == reconnected
