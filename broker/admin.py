@@ -119,8 +119,10 @@ def create_admin_app(broker: Broker) -> Starlette:
         if not registry.loaded:
             body: dict[str, Any] = {"status": "unavailable", "store": registry.store_problem}
             return JSONResponse(body, status_code=503)
-        if registry.store_problem is not None:
-            return JSONResponse({"status": "degraded", "store": registry.store_problem})
+        # Unreadable, or readable but refusing writes (read-only, full): served from memory.
+        problem = registry.store_problem or tenants.write_problem
+        if problem is not None:
+            return JSONResponse({"status": "degraded", "store": problem})
         return JSONResponse({"status": "ok"})
 
     async def metrics(request: Request) -> Response:

@@ -6,6 +6,13 @@ which is how a change made by another replica reaches this one. Most refreshes a
 store's change journal which tenants changed and re-read only those; the first refresh, one
 every `FULL_RELOAD_SECONDS`, and any the journal cannot answer re-read every record.
 A change made in this process (`remember`) wins over a refresh that read the store before it.
+
+Two things memory knows better than the store: a state change the store could not take yet
+(`hold`: a broken tenant is not served while the store is full or down), and a disconnect that
+began (`forget`): the tenant is not served from the moment its key's destruction starts, and a
+refresh does not bring it back even if the store could not finish destroying it.
+Writes go through `put` and `delete`, which note whether the store takes writes
+(`write_problem`, cleared by the next write that succeeds).
 """
 
 from __future__ import annotations
@@ -34,9 +41,11 @@ class TenantRegistry:
         self.full_reload_every = max(1, int(FULL_RELOAD_SECONDS / cache_ttl))
         self.loaded = False
         self.store_problem: str | None = None
+        self.write_problem: str | None = None
         self._records: dict[str, TenantRecord] = {}
         self._touched: set[str] = set()
         self._held: dict[str, TenantRecord] = {}
+        self._disconnecting: dict[str, TenantRecord] = {}  # the record each disconnect hides
         self._cursor: str | None = None
         self._incremental_left = 0
         self._refresher: asyncio.Task[None] | None = None
@@ -57,13 +66,77 @@ class TenantRegistry:
         arrive here in the order they were made.
         """
         self._touched.add(tenant)
+        held = self._held.get(tenant)
+        if held is not None and (record is None or record.version > held.version):
+            del self._held[tenant]  # a newer write (or the tenant's removal) supersedes it
         if record is None:
             known = self._records.pop(tenant, None) is not None
         else:
+            self._disconnecting.pop(tenant, None)  # connected again
             known = tenant in self._records
             self._records[tenant] = record
         self._update_gauge()
         return known
+
+    def forget(self, tenant: str) -> bool:
+        """Stop serving `tenant` now: its disconnect begins (True if it was known).
+
+        Until `disconnected` confirms that the store destroyed it, no refresh brings back the
+        record being disconnected, and no held record of it is written. Any other record (the
+        tenant connected again, here or by another replica) ends that.
+        """
+        hidden = self._disconnecting.get(tenant) or self._records.get(tenant)
+        self._held.pop(tenant, None)
+        known = self.remember(tenant, None) or hidden is not None
+        if hidden is not None:
+            self._disconnecting[tenant] = hidden
+        return known
+
+    def disconnected(self, tenant: str) -> None:
+        """The store destroyed `tenant`: nothing is left to hide."""
+        self._disconnecting.pop(tenant, None)
+
+    def disconnecting(self, tenant: str) -> bool:
+        """True while a disconnect of `tenant` that began here hides a record the store holds."""
+        return tenant in self._disconnecting
+
+    def enforced(self, tenant: str, stored: TenantRecord | None) -> TenantRecord | None:
+        """What the proxy enforces for `tenant`, given its record as just read from the store.
+
+        A break not saved yet wins over the older stored record, and a tenant being
+        disconnected is gone, whatever the store still holds.
+        """
+        if self._hides(tenant, stored):
+            return None
+        held = self._held.get(tenant)
+        if held is not None and stored is not None and stored.version <= held.version:
+            return held
+        return stored
+
+    async def put(self, record: TenantRecord) -> TenantRecord:
+        """`store.put`, noting whether the store takes writes."""
+        try:
+            stored = await self.store.put(record)
+        except errors.StoreUnavailable as exc:
+            self._write_failed(exc)
+            raise
+        self.write_problem = None
+        return stored
+
+    async def delete(self, tenant: str) -> bool:
+        """`store.delete`, noting whether the store takes writes."""
+        try:
+            existed = await self.store.delete(tenant)
+        except errors.StoreUnavailable as exc:
+            self._write_failed(exc)
+            raise
+        self.write_problem = None
+        return existed
+
+    def _write_failed(self, exc: errors.StoreUnavailable) -> None:
+        if self.write_problem != exc.message:
+            emit("store.write_failed", level=logging.WARNING, reason=exc.message)
+        self.write_problem = exc.message
 
     async def start(self) -> None:
         """Load every record once (best effort) and start the background refresh."""
@@ -102,6 +175,8 @@ class TenantRegistry:
             return False
         if self.store_problem is not None:
             emit("store.recovered")
+            # The writes that failed while the store was unreachable failed for that reason.
+            self.write_problem = None
         self.store_problem = None
         await self._save_held()
         self._update_gauge()
@@ -122,7 +197,7 @@ class TenantRegistry:
             if self._held.get(tenant) is not record:
                 continue
             try:
-                stored = await self.store.put(record)
+                stored = await self.put(record)
             except errors.StoreConflict:
                 del self._held[tenant]  # the store moved on; the next refresh brings it
                 continue
@@ -138,7 +213,7 @@ class TenantRegistry:
             cursor, _ = await self.store.changes_since(None)
         listed = await self.store.list()
         fresh = {record.tenant: record for record in listed}
-        for tenant in self._touched | self._held.keys():
+        for tenant in self._touched | self._held.keys() | self._disconnecting.keys():
             kept = self._kept(tenant, fresh.get(tenant))
             if kept is None:
                 fresh.pop(tenant, None)
@@ -179,6 +254,10 @@ class TenantRegistry:
 
     def _kept(self, tenant: str, fresh: TenantRecord | None) -> TenantRecord | None:
         """What memory keeps of `tenant` after a read: ours if it changed here meanwhile."""
+        if self._disconnecting.get(tenant) is not None:
+            if self._hides(tenant, fresh):
+                return None
+            del self._disconnecting[tenant]  # gone from the store, or connected again
         held = self._held.get(tenant)
         if held is not None:
             if fresh is None or fresh.version > held.version:
@@ -191,6 +270,15 @@ class TenantRegistry:
         if mine is None or fresh is None or fresh.version <= mine.version:
             return mine
         return fresh
+
+    def _hides(self, tenant: str, stored: TenantRecord | None) -> bool:
+        """True if `stored` is the record a disconnect under way hides."""
+        hidden = self._disconnecting.get(tenant)
+        if hidden is None:
+            return False
+        return stored is not None and (
+            stored.version == hidden.version and stored.api_key == hidden.api_key
+        )
 
     async def _refresh_forever(self) -> None:
         while True:

@@ -66,6 +66,11 @@ class TenantService:
 
     # -- reading --------------------------------------------------------------------------
 
+    @property
+    def write_problem(self) -> str | None:
+        """Why the store takes no writes (read-only, or the last write failed), or None."""
+        return self.store.read_only or self.registry.write_problem
+
     async def fetch(self, tenant: str, *, remember: bool = False) -> TenantRecord:
         """The tenant's record, fresh from the store when it answers, else from memory.
 
@@ -80,9 +85,18 @@ class TenantService:
             if record is None and not self.registry.loaded:
                 raise
         else:
+            # Show what the proxy enforces: a break not saved yet, a disconnect under way.
+            record = self.registry.enforced(tenant, record)
             if remember:
                 self.registry.remember(tenant, record)
         if record is None:
+            if self.registry.disconnecting(tenant):
+                raise errors.TenantUnknown(
+                    "This tenant is being disconnected: the broker no longer uses its key, but"
+                    " the store has not confirmed that the key is destroyed. Retry"
+                    f" DELETE /v1/tenants/{tenant}.",
+                    tenant=tenant,
+                )
             raise errors.TenantUnknown(tenant=tenant)
         return record
 
@@ -327,8 +341,27 @@ class TenantService:
         """Forget the tenant and destroy its key material."""
         _require_valid(tenant)
         async with self._lock(tenant):
-            existed = await self.store.delete(tenant)
-            known = self.registry.remember(tenant, None)
+            # Stop using the key before its destruction starts: if the store fails midway (or
+            # answers too late), the proxy must not go on injecting a key that may be gone.
+            known = self.registry.forget(tenant)
+            try:
+                existed = await self.registry.delete(tenant)
+            except errors.StoreUnavailable as exc:
+                emit(
+                    "tenant.disconnect_incomplete",
+                    level=logging.WARNING,
+                    tenant=tenant,
+                    error=exc.message,
+                )
+                retry = f"Retry DELETE /v1/tenants/{tenant}."
+                if not known:
+                    raise errors.StoreUnavailable(f"{exc.message} {retry}", tenant=tenant) from exc
+                raise errors.StoreUnavailable(
+                    "The broker stopped using this tenant's key, but the store could not confirm"
+                    f" its destruction: {exc.message} {retry}",
+                    tenant=tenant,
+                ) from exc
+            self.registry.disconnected(tenant)
             if not existed and not known:
                 raise errors.TenantUnknown(tenant=tenant)
             emit("tenant.disconnected", tenant=tenant)
@@ -339,7 +372,7 @@ class TenantService:
         return self._locks[tenant]
 
     async def _write(self, record: TenantRecord) -> TenantRecord:
-        stored = await self.store.put(record)
+        stored = await self.registry.put(record)
         self.registry.remember(record.tenant, stored)
         return stored
 

@@ -10,6 +10,8 @@ from typing import Any
 
 import httpx
 import pytest
+import requests
+from hvac.api.secrets_engines.kv_v2 import KvV2
 from openbao_persistent import PersistentOpenBao
 from openbao_server import _require_binary
 from servers import RunningBroker, RunningSandbox, broker_settings, start_broker
@@ -187,3 +189,38 @@ def test_vault_outage_keeps_known_tenants_served(
         r'broker_store_operations_total\{backend="vault",op="(list|changes)",result="error"\}',
         metrics,
     )
+
+
+def test_an_interrupted_disconnect_stops_every_replica_and_the_tenant_reconnects(
+    replicas: tuple[RunningBroker, RunningBroker],
+    sandbox: RunningSandbox,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    a, b = replicas
+    first = sandbox.state.create_key(scopes=REQUIRED)
+    assert put_key(a, first.api_key).status_code == 200
+    eventually(lambda: proxied(b).status_code == 200, within=TTL + 2, what="b learns the tenant")
+    destroy = KvV2.destroy_secret_versions
+
+    def destroy_then_break(self: KvV2, *args: Any, **kwargs: Any) -> Any:
+        destroy(self, *args, **kwargs)
+        raise requests.ConnectionError("connection reset by peer")  # before the metadata goes
+
+    with monkeypatch.context() as patched:
+        patched.setattr(KvV2, "destroy_secret_versions", destroy_then_break)
+        refused = httpx.delete(f"{a.admin_url}/v1/tenants/acme", headers=a.auth, timeout=10)
+    assert (refused.status_code, refused.json()["error"]["code"]) == (503, "store_unavailable")
+
+    assert proxied(a).status_code == 404  # at once here...
+    eventually(
+        lambda: proxied(b).status_code == 404, within=TTL + 1.5, what="b stops"
+    )  # ...soon there
+    sandbox.state.clear_requests()
+    assert proxied(b).status_code == 404
+    assert list(sandbox.state.requests) == []
+
+    # Reconnecting through the other replica works (it was 409 store_conflict, forever).
+    second = sandbox.state.create_key(company_id=first.company_id, scopes=REQUIRED)
+    assert put_key(b, second.api_key).status_code == 200
+    eventually(lambda: proxied(a).status_code == 200, within=TTL + 1.5, what="a serves again")
+    assert sandbox.state.requests[-1].key_id == second.key_id

@@ -6,13 +6,19 @@ import asyncio
 import base64
 import os
 import secrets
+import shutil
 import sqlite3
 import stat
 import sys
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import httpx
 import pytest
+from conftest import REQUIRED_SCOPES
+from filesystems import fill, freeze, tmpfs, writable_until_frozen
+from servers import RunningBroker, RunningSandbox
 
 from broker.errors import StoreConflict, StoreIntegrityError, StoreUnavailable
 from broker.records import ApiKey, TenantRecord, TenantState
@@ -446,3 +452,179 @@ async def test_a_store_made_before_the_integration_fields_opens_and_keeps_workin
         assert (stored.client_id, stored.application_name) == ("c-1", "Acme ERP")
     finally:
         await reopened.close()
+
+
+# -- a read-only store (issue 8, item 17) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("shutdown", ["clean", "crashed"])
+async def test_a_read_only_store_serves_every_record_and_refuses_writes(
+    tmp_path: Path, shutdown: str
+) -> None:
+    master_key = os.urandom(32)
+    source = tmp_path / "source"
+    writer = LocalStore(source, master_key=master_key)
+    acme = await writer.put(record("acme"))
+    globex = await writer.put(record("globex"))
+    with writable_until_frozen(tmp_path / "read-only") as directory:
+        if shutdown == "clean":  # SQLite removed the -wal and -shm files
+            await writer.close()
+        for name in names_in(source):  # after a crash they are still there
+            shutil.copy2(source / name, directory / name)
+        await writer.close()
+        freeze(directory)
+
+        store = LocalStore(directory, master_key=master_key)
+        try:
+            assert store.read_only is not None and "cannot be written" in store.read_only
+            assert await store.get("acme") == acme
+            assert await store.list() == [acme, globex]
+            cursor, _ = await store.changes_since(None)
+            assert (await store.changes_since(cursor))[1] == []
+            with pytest.raises(StoreUnavailable, match="read-only"):
+                await store.put(record("initech"))
+            with pytest.raises(StoreUnavailable, match="read-only"):
+                await store.put(acme.evolve(message="changed"))
+            with pytest.raises(StoreUnavailable, match="read-only"):
+                await store.delete("acme")
+        finally:
+            await store.close()
+
+
+async def test_a_read_only_store_with_the_wrong_master_key_is_still_refused(
+    tmp_path: Path,
+) -> None:
+    with writable_until_frozen(tmp_path / "read-only") as directory:
+        writer = LocalStore(directory, master_key=os.urandom(32))
+        await writer.put(record("acme"))
+        await writer.close()
+        freeze(directory)
+
+        with pytest.raises(StoreIntegrityError, match="master key"):
+            LocalStore(directory, master_key=os.urandom(32))
+
+
+def test_a_broker_on_a_read_only_store_starts_serves_and_says_degraded(
+    make_broker: Callable[..., RunningBroker], sandbox: RunningSandbox, tmp_path: Path
+) -> None:
+    tenant = {"X-Broker-Tenant": "acme"}
+    with writable_until_frozen(tmp_path / "store") as directory:
+        first = make_broker(store_path=directory)
+        key = sandbox.state.create_key(scopes=REQUIRED_SCOPES)
+        connected = httpx.put(
+            f"{first.admin_url}/v1/tenants/acme/key",
+            headers=first.auth,
+            json={"api_key": key.api_key},
+        )
+        assert connected.status_code == 200
+        first.thread.stop()
+        freeze(directory)
+
+        assert first.settings.master_key is not None
+        broker = make_broker(
+            store_path=directory, master_key=first.settings.master_key.get_secret_value()
+        )
+        try:
+            ready = httpx.get(f"{broker.admin_url}/readyz")
+            assert ready.status_code == 200
+            assert ready.json()["status"] == "degraded"
+            assert "cannot be written" in ready.json()["store"]
+            assert (
+                httpx.get(f"{broker.proxy_url}/v3/export-jobs", headers=tenant).status_code == 200
+            )
+            assert sandbox.state.requests[-1].key_id == key.key_id
+            shown = httpx.get(f"{broker.admin_url}/v1/tenants/acme", headers=broker.auth)
+            assert shown.json()["state"] == "active"
+            other = sandbox.state.create_key(scopes=REQUIRED_SCOPES)
+            refused = httpx.put(
+                f"{broker.admin_url}/v1/tenants/newco/key",
+                headers=broker.auth,
+                json={"api_key": other.api_key},
+            )
+            assert (refused.status_code, refused.json()["error"]["code"]) == (
+                503,
+                "store_unavailable",
+            )
+            assert "read-only" in refused.json()["error"]["message"]
+        finally:
+            broker.thread.stop()
+
+
+# -- a full disk (issue 8, item 18) ---------------------------------------------------------------
+
+
+def test_a_full_disk_makes_the_broker_degraded_and_its_views_show_what_the_proxy_enforces(
+    make_broker: Callable[..., RunningBroker], sandbox: RunningSandbox, tmp_path: Path
+) -> None:
+    tenant = {"X-Broker-Tenant": "acme"}
+    with tmpfs(tmp_path / "store", size="1m") as directory:
+        broker = make_broker(store_path=directory)
+        try:
+            admin = httpx.Client(base_url=broker.admin_url, headers=broker.auth, trust_env=False)
+            with admin:
+                full_disk(broker, admin, sandbox, directory, tenant)
+        finally:
+            broker.thread.stop()
+
+
+def full_disk(
+    broker: RunningBroker,
+    admin: httpx.Client,
+    sandbox: RunningSandbox,
+    directory: Path,
+    tenant: dict[str, str],
+) -> None:
+    key = sandbox.state.create_key(scopes=REQUIRED_SCOPES)
+    assert admin.put("/v1/tenants/acme/key", json={"api_key": key.api_key}).status_code == 200
+    filler = fill(directory)
+    other = sandbox.state.create_key(scopes=REQUIRED_SCOPES)
+    refused = admin.put("/v1/tenants/newco/key", json={"api_key": other.api_key})
+    assert (refused.status_code, refused.json()["error"]["code"]) == (503, "store_unavailable")
+    assert "full" in refused.json()["error"]["message"]
+
+    # Pleo revokes the key: the proxy stops using it although the break cannot be saved...
+    sandbox.state.revoke(key.key_id)
+    httpx.get(f"{broker.proxy_url}/v3/export-jobs", headers=tenant)
+    blocked = httpx.get(f"{broker.proxy_url}/v3/export-jobs", headers=tenant)
+    assert blocked.status_code == 424
+    # ...and the admin views say so, not what the store still holds.
+    shown = admin.get("/v1/tenants/acme").json()
+    assert (shown["state"], shown["reason"]) == ("broken", "key_rejected")
+    assert [t["state"] for t in admin.get("/v1/tenants").json()["tenants"]] == ["broken"]
+    ready = httpx.get(f"{broker.admin_url}/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["status"] == "degraded"
+    assert "full" in ready.json()["store"]
+
+    filler.unlink()  # space again: the held break is written at the next refresh
+    deadline = time.monotonic() + 5
+    while httpx.get(f"{broker.admin_url}/readyz").json()["status"] != "ok":
+        assert time.monotonic() < deadline, "readiness did not recover"
+        time.sleep(0.02)
+    shown = admin.get("/v1/tenants/acme").json()
+    assert (shown["state"], shown["reason"]) == ("broken", "key_rejected")
+
+
+async def test_a_read_only_store_made_before_the_integration_fields_is_served(
+    tmp_path: Path,
+) -> None:
+    # The columns added since the first release cannot be added to a read-only file:
+    # such a store still serves every record, the new fields unknown.
+    master_key = os.urandom(32)
+    with writable_until_frozen(tmp_path / "read-only") as directory:
+        writer = LocalStore(directory, master_key=master_key)
+        old = await writer.put(record("acme"))
+        await writer.close()
+        with sqlite3.connect(directory / "tenants.db") as conn:
+            conn.execute("ALTER TABLE tenants DROP COLUMN client_id")
+            conn.execute("ALTER TABLE tenants DROP COLUMN application_name")
+        conn.close()
+        freeze(directory)
+
+        store = LocalStore(directory, master_key=master_key)
+        try:
+            assert store.read_only is not None
+            assert await store.get("acme") == old
+            assert await store.list() == [old]
+        finally:
+            await store.close()

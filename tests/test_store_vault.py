@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import hvac
 import hvac.exceptions
 import hvac.v1
 import pytest
+import requests
+from conftest import REQUIRED_SCOPES
 from k8s_tokenreview import TokenReviewServer
 from openbao_server import BROKER_POLICY, OpenBao, vault_settings
+from servers import RunningBroker, RunningSandbox
 
 from broker.errors import StoreConflict, StoreUnavailable
 from broker.events import LOGGER_NAME
@@ -620,3 +627,341 @@ def test_a_vault_record_written_before_the_integration_fields_still_decodes() ->
     assert _decode("acme", data, 3) == record
     del data["client_id"], data["application_name"]
     assert _decode("acme", data, 3) == record.evolve(client_id=None, application_name=None)
+
+
+# -- interrupted disconnects and unfinished destroys (issue 8, items 15 and 16) ------------------
+
+
+def versions_of(root: hvac.Client, path: str) -> dict[int, bool]:
+    """Each KV v2 version of `path` and whether it holds readable data (not destroyed/deleted)."""
+    try:
+        metadata = root.secrets.kv.v2.read_secret_metadata(path=path, mount_point="secret")
+    except hvac.exceptions.InvalidPath:
+        return {}
+    return {
+        int(number): not (meta["destroyed"] or meta["deletion_time"])
+        for number, meta in metadata["data"]["versions"].items()
+    }
+
+
+def cut(*args: object, **kwargs: object) -> None:
+    """Stands in for an hvac call: the connection to Vault breaks."""
+    raise requests.ConnectionError("connection reset by peer")
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("interrupted_before", ["destroy_secret_versions", "delete_metadata"])
+async def test_a_disconnect_interrupted_midway_leaves_no_tenant_and_reconnecting_works(
+    root_store: VaultStore,
+    root: hvac.Client,
+    monkeypatch: pytest.MonkeyPatch,
+    interrupted_before: str,
+) -> None:
+    tenant = "acme"
+    path = f"{root_store._base}/{tenant}"
+    first = await root_store.put(active(tenant))
+    current = await root_store.put(first.evolve(message="checked"))
+    hvac_method = {
+        "destroy_secret_versions": "destroy_secret_versions",
+        "delete_metadata": "delete_metadata_and_all_versions",
+    }[interrupted_before]
+    cursor, _ = await root_store.changes_since(None)
+    with monkeypatch.context() as patched:
+        patched.setattr(root_store._kv, hvac_method, cut)
+        with pytest.raises(StoreUnavailable):
+            await root_store.delete(tenant)
+
+    # Once a disconnect has begun, the tenant is gone for every reader (replicas hear of it)...
+    assert await root_store.get(tenant) is None
+    assert await root_store.list() == []
+    assert (await root_store.changes_since(cursor))[1] == [tenant]
+    # ...a writer still holding the old record cannot bring it back...
+    with pytest.raises(StoreConflict):
+        await root_store.put(current.evolve(message="a stale writer"))
+    # ...and connecting it again works (it was a 409 store_conflict "retry", forever).
+    again = await root_store.put(active(tenant))
+    assert await root_store.get(tenant) == again
+    assert [n for n, readable in versions_of(root, path).items() if readable] == [again.version]
+    assert current.api_key is not None
+    assert current.api_key.reveal() not in repr(
+        [read_version(root, path, n) for n in versions_of(root, path)]
+    )
+
+
+@pytest.mark.real
+async def test_a_disconnect_can_be_retried_after_an_interruption(
+    root_store: VaultStore, root: hvac.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tenant = "acme"
+    path = f"{root_store._base}/{tenant}"
+    await root_store.put(active(tenant))
+    with monkeypatch.context() as patched:
+        patched.setattr(root_store._kv, "destroy_secret_versions", cut)
+        with pytest.raises(StoreUnavailable):
+            await root_store.delete(tenant)
+
+    assert await root_store.delete(tenant) is True
+
+    assert versions_of(root, path) == {}
+    assert await root_store.delete(tenant) is False
+
+
+@pytest.mark.real
+async def test_a_tenant_whose_every_version_was_destroyed_can_be_connected_again(
+    root_store: VaultStore, root: hvac.Client
+) -> None:
+    # What an older broker left when its disconnect stopped after destroying the versions (or
+    # an operator's `bao kv destroy`): metadata whose versions hold nothing.
+    tenant = "acme"
+    path = f"{root_store._base}/{tenant}"
+    first = await root_store.put(active(tenant))
+    await root_store.put(first.evolve(message="checked"))
+    root.secrets.kv.v2.destroy_secret_versions(path=path, versions=[1, 2], mount_point="secret")
+    assert await root_store.get(tenant) is None
+
+    racing = await asyncio.gather(
+        *(root_store.put(active(tenant, new_key())) for _ in range(4)), return_exceptions=True
+    )
+
+    winners = [r for r in racing if isinstance(r, TenantRecord)]
+    assert len(winners) == 1
+    assert all(isinstance(r, StoreConflict) for r in racing if r is not winners[0])
+    assert await root_store.get(tenant) == winners[0]
+    assert winners[0].version == 3
+
+
+@pytest.mark.real
+async def test_a_soft_deleted_latest_version_is_no_tenant(
+    root_store: VaultStore, root: hvac.Client
+) -> None:
+    tenant = "acme"
+    path = f"{root_store._base}/{tenant}"
+    await root_store.put(active(tenant))
+    root.secrets.kv.v2.delete_latest_version_of_secret(path=path, mount_point="secret")
+    assert await root_store.get(tenant) is None
+
+    again = await root_store.put(active(tenant))
+
+    assert again.version == 2
+    assert versions_of(root, path) == {1: False, 2: True}
+
+
+def eventually(check: Callable[[], bool], *, within: float = 5.0, what: str) -> None:
+    """Poll `check` (a few ms apart) until it holds."""
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, f"not within {within}s: {what}"
+        time.sleep(0.01)
+
+
+async def eventually_async(check: Callable[[], bool], *, within: float = 5.0, what: str) -> None:
+    """`eventually`, yielding to the event loop between polls (background work runs there)."""
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, f"not within {within}s: {what}"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.real
+async def test_history_a_crash_left_readable_is_destroyed_at_start_up(
+    openbao: OpenBao, root: hvac.Client, events: Events, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = openbao.settings(vault_prefix=f"crash-{secrets.token_hex(6)}")
+    crashed = VaultStore(settings)
+
+    async def crash_before_destroying(tenant: str, *, below: int) -> None:
+        return None  # the process died between the write and the destroy
+
+    monkeypatch.setattr(crashed, "_destroy_history", crash_before_destroying)
+    old_key = new_key()
+    first = await crashed.put(active("acme", old_key))
+    await crashed.put(first.evolve(api_key=new_key()))
+    await crashed.put(active("globex"))
+    await crashed.close()
+    path = f"{crashed._base}/acme"
+    assert (read_version(root, path, 1) or {}).get("api_key") == old_key.reveal()
+
+    metrics = Metrics()
+    pleo = PleoClient("http://127.0.0.1:9")  # never called: loading does not talk to Pleo
+    restarted = TenantService(VaultStore(settings), pleo, metrics)
+    try:
+        await restarted.registry.start()  # the broker's start-up: one full reload
+        await eventually_async(
+            lambda: versions_of(root, path) == {1: False, 2: True},
+            what="the old version is destroyed",
+        )
+    finally:
+        await restarted.registry.stop()
+        await restarted.store.close()
+        await pleo.aclose()
+    destroyed = [fields for name, fields in events.seen if name == "store.history_destroyed"]
+    assert destroyed == [{"tenant": "acme", "backend": "vault", "versions": 1}]
+    assert old_key.reveal() not in repr(events.seen)
+
+
+@pytest.mark.real
+async def test_a_destroy_that_failed_is_retried_at_the_next_full_reload(
+    root_store: VaultStore, root: hvac.Client, events: Events, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = f"{root_store._base}/acme"
+    first = await root_store.put(active("acme"))
+    await root_store.list()  # the start-up check: nothing to destroy yet
+    await eventually_async(lambda: not root_store._checks, what="the start-up check ends")
+    with monkeypatch.context() as patched:
+        patched.setattr(root_store._kv, "destroy_secret_versions", cut)
+        await root_store.put(first.evolve(api_key=new_key()))
+    assert versions_of(root, path) == {1: True, 2: True}
+    assert [name for name, _ in events.seen].count("store.destroy_failed") == 1
+
+    await root_store.list()  # the next full reload
+
+    await eventually_async(
+        lambda: versions_of(root, path) == {1: False, 2: True}, what="the retried destroy"
+    )
+
+
+@pytest.mark.real
+async def test_a_write_answered_too_late_has_its_history_checked_at_the_next_full_reload(
+    openbao: OpenBao, root: hvac.Client
+) -> None:
+    store = VaultStore(
+        openbao.settings(vault_prefix=f"late-{secrets.token_hex(6)}", vault_timeout=0.5)
+    )
+    path = f"{store._base}/acme"
+    answered = threading.Event()
+    write = store._kv.create_or_update_secret
+
+    def lands_but_answers_late(**kwargs: Any) -> Any:
+        response = write(**kwargs)
+        answered.wait(10)  # the broker stops waiting first
+        return response
+
+    try:
+        first = await store.put(active("acme"))
+        await store.list()  # the start-up check: nothing to destroy yet
+        await eventually_async(lambda: not store._checks, what="the start-up check ends")
+        store._kv.create_or_update_secret = lands_but_answers_late
+        try:
+            with pytest.raises(StoreUnavailable, match="did not answer"):
+                await store.put(first.evolve(api_key=new_key()))
+        finally:
+            answered.set()
+            store._kv.create_or_update_secret = write
+        assert versions_of(root, path) == {1: True, 2: True}  # it landed; the old key stayed
+
+        await store.list()  # the next full reload
+
+        await eventually_async(
+            lambda: versions_of(root, path) == {1: False, 2: True}, what="the late destroy"
+        )
+    finally:
+        await store.close()
+
+
+def refreshes_seen(broker: RunningBroker) -> float:
+    """How many journal reads (refreshes) the broker has made so far."""
+    metrics = httpx.get(f"{broker.admin_url}/metrics").text
+    found = re.search(
+        r'broker_store_operations_total\{backend="vault",op="changes",result="ok"\} (\S+)', metrics
+    )
+    return float(found.group(1)) if found else 0.0
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("failure", ["tombstone_breaks", "destroy_breaks", "destroy_times_out"])
+def test_an_interrupted_disconnect_stops_the_key_at_once_and_the_tenant_reconnects(
+    openbao: OpenBao,
+    root: hvac.Client,
+    sandbox: RunningSandbox,
+    make_broker: Callable[..., RunningBroker],
+    monkeypatch: pytest.MonkeyPatch,
+    failure: str,
+) -> None:
+    settings = openbao.settings(vault_prefix=f"e2e-{secrets.token_hex(6)}", vault_timeout=1.0)
+    store = VaultStore(settings)
+    broker = make_broker(store=store)
+    admin = httpx.Client(base_url=broker.admin_url, headers=broker.auth, trust_env=False)
+    with admin:
+        interrupted_disconnect(store, broker, admin, root, sandbox, monkeypatch, failure)
+
+
+def interrupted_disconnect(
+    store: VaultStore,
+    broker: RunningBroker,
+    admin: httpx.Client,
+    root: hvac.Client,
+    sandbox: RunningSandbox,
+    monkeypatch: pytest.MonkeyPatch,
+    failure: str,
+) -> None:
+    path = f"{store._base}/acme"
+    tenant = {"X-Broker-Tenant": "acme"}
+    first = sandbox.state.create_key(scopes=REQUIRED_SCOPES)
+    assert admin.put("/v1/tenants/acme/key", json={"api_key": first.api_key}).status_code == 200
+    assert httpx.get(f"{broker.proxy_url}/v3/export-jobs", headers=tenant).status_code == 200
+    assert sandbox.state.requests[-1].key_id == first.key_id
+
+    # The store call at `failure` starts, then fails once the test has looked at the proxy.
+    entered, proceed = threading.Event(), threading.Event()
+    write, destroy = store._kv.create_or_update_secret, store._kv.destroy_secret_versions
+
+    def tombstone_breaks(**kwargs: Any) -> Any:
+        if not kwargs["secret"].get("tombstone"):
+            return write(**kwargs)
+        entered.set()
+        proceed.wait(10)
+        raise requests.ConnectionError("connection reset by peer")
+
+    def destroy_breaks(**kwargs: Any) -> Any:
+        destroy(**kwargs)
+        entered.set()
+        proceed.wait(10)
+        raise requests.ConnectionError("connection reset by peer")
+
+    def destroy_times_out(**kwargs: Any) -> Any:
+        destroy(**kwargs)
+        entered.set()
+        proceed.wait(10)  # Vault did the work, but answers after the broker gave up waiting
+
+    if failure == "tombstone_breaks":
+        monkeypatch.setattr(store._kv, "create_or_update_secret", tombstone_breaks)
+    else:
+        monkeypatch.setattr(store._kv, "destroy_secret_versions", locals()[failure])
+    with ThreadPoolExecutor(1) as background:
+        try:
+            deleting = background.submit(admin.delete, "/v1/tenants/acme")
+            assert entered.wait(10)
+            sandbox.state.clear_requests()
+            # The key's destruction has started: the proxy no longer injects it.
+            during = httpx.get(f"{broker.proxy_url}/v3/export-jobs", headers=tenant)
+            assert (during.status_code, during.json()["error"]["code"]) == (404, "tenant_unknown")
+            if failure != "destroy_times_out":
+                proceed.set()
+            refused = deleting.result(10)
+        finally:
+            proceed.set()
+            monkeypatch.undo()
+
+    assert (refused.status_code, refused.json()["error"]["code"]) == (503, "store_unavailable")
+    sandbox.state.clear_requests()
+    seen = refreshes_seen(broker)
+    eventually(lambda: refreshes_seen(broker) >= seen + 2, what="two refreshes")
+    unknown = httpx.get(f"{broker.proxy_url}/v3/export-jobs", headers=tenant)
+    assert (unknown.status_code, unknown.json()["error"]["code"]) == (404, "tenant_unknown")
+    assert list(sandbox.state.requests) == []  # the key is never sent again
+    assert "stopped using this tenant's key" in refused.json()["error"]["message"]
+    assert "Retry DELETE /v1/tenants/acme" in refused.json()["error"]["message"]
+    shown = admin.get("/v1/tenants/acme")
+    assert (shown.status_code, shown.json()["error"]["code"]) == (404, "tenant_unknown")
+    if failure == "tombstone_breaks":  # the store still holds the record: say why it is hidden
+        assert "being disconnected" in shown.json()["error"]["message"]
+
+    # Connecting the tenant again works at once (it was 409 store_conflict, "retry", forever).
+    second = sandbox.state.create_key(company_id=first.company_id, scopes=REQUIRED_SCOPES)
+    assert admin.put("/v1/tenants/acme/key", json={"api_key": second.api_key}).status_code == 200
+    assert httpx.get(f"{broker.proxy_url}/v3/export-jobs", headers=tenant).status_code == 200
+    assert sandbox.state.requests[-1].key_id == second.key_id
+    assert admin.get("/v1/tenants/acme").json()["state"] == "active"
+    readable = [n for n, live in versions_of(root, path).items() if live]
+    assert len(readable) == 1
+    assert read_version(root, path, readable[0])["api_key"] == second.api_key  # type: ignore[index]

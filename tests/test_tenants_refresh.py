@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.errors import StoreUnavailable
+from broker.errors import StoreUnavailable, TenantUnknown
 from broker.metrics import Metrics
 from broker.pleo import PleoClient
 from broker.records import ApiKey, TenantRecord, TenantState
@@ -38,11 +38,16 @@ class CountingStore:
         self.read: builtins.list[str] = []
         self.after_get: Callable[[str], Awaitable[None]] | None = None
         self.down = False
+        self.full = False  # reads work, writes fail (a full disk)
 
     def _count(self, op: str) -> None:
         self.calls[op] += 1
         if self.down:
             raise StoreUnavailable("the store is down")
+
+    @property
+    def read_only(self) -> str | None:
+        return self.inner.read_only
 
     async def get(self, tenant: str) -> TenantRecord | None:
         self._count("get")
@@ -58,11 +63,17 @@ class CountingStore:
 
     async def put(self, record: TenantRecord) -> TenantRecord:
         self._count("put")
+        self._refuse_if_full()
         return await self.inner.put(record)
 
     async def delete(self, tenant: str) -> bool:
         self._count("delete")
+        self._refuse_if_full()
         return await self.inner.delete(tenant)
+
+    def _refuse_if_full(self) -> None:
+        if self.full:
+            raise StoreUnavailable("database or disk is full")
 
     async def changes_since(self, cursor: str | None) -> tuple[str, builtins.list[str] | None]:
         self._count("changes")
@@ -302,3 +313,102 @@ async def test_a_held_break_yields_to_a_rotation_made_elsewhere(
     )  # the new key is served; the old break is dropped
     stored = await mine.inner.get("acme")
     assert stored == rotated
+
+
+# -- what memory knows better than the store (issue 8, items 15 and 18) ---------------------------
+# The same with a real full disk and a real interrupted Vault disconnect, end to end:
+# test_store_local.py and test_store_vault.py.
+
+
+async def test_writes_failing_make_a_write_problem_until_one_succeeds(
+    mine: CountingStore, pleo: PleoClient
+) -> None:
+    tenants = service(mine, pleo)
+    acme = await mine.put(active("acme"))
+    assert await tenants.registry.refresh()
+    mine.full = True
+
+    broken = await tenants.key_rejected(acme)
+
+    assert tenants.write_problem == "database or disk is full"
+    assert await tenants.registry.refresh()  # reads work: the store is readable, still not writable
+    assert tenants.registry.store_problem is None
+    assert tenants.write_problem == "database or disk is full"
+    assert await tenants.fetch("acme") == broken  # what the proxy enforces, not the store
+    assert await tenants.fetch("acme", remember=True) == broken
+    assert tenants.registry.get("acme") == broken
+    mine.full = False
+    assert await tenants.registry.refresh()  # the held break is written
+    assert tenants.write_problem is None
+    saved = await mine.inner.get("acme")
+    assert saved is not None and saved.state is TenantState.BROKEN
+    assert await tenants.fetch("acme") == saved
+
+
+async def test_a_write_problem_of_an_outage_ends_with_the_outage(
+    mine: CountingStore, pleo: PleoClient
+) -> None:
+    tenants = service(mine, pleo)
+    acme = await mine.put(active("acme"))
+    assert await tenants.registry.refresh()
+    mine.down = True
+    await tenants.key_rejected(acme)
+    mine.down = False
+    mine.full = True  # the held break cannot be written when the outage ends...
+    assert await tenants.registry.refresh()
+    assert tenants.write_problem == "database or disk is full"
+    mine.full = False
+    mine.down = True
+    assert not await tenants.registry.refresh()
+    mine.down = False
+    assert await tenants.registry.refresh()  # ...an outage that ends takes its write failures along
+    assert tenants.write_problem is None
+
+
+async def test_a_disconnect_the_store_failed_keeps_the_tenant_gone_until_it_is_retried(
+    mine: CountingStore, pleo: PleoClient
+) -> None:
+    tenants = service(mine, pleo)
+    acme = await mine.put(active("acme"))
+    assert await tenants.registry.refresh()
+    mine.down = True
+    await tenants.key_rejected(acme)  # a held break, too
+    mine.full, mine.down = True, False
+
+    with pytest.raises(StoreUnavailable, match="stopped using this tenant's key"):
+        await tenants.disconnect("acme")
+
+    assert tenants.registry.get("acme") is None
+    assert await tenants.registry.refresh() and await tenants.registry.refresh()
+    assert (
+        tenants.registry.get("acme") is None
+    )  # the store still holds it; memory does not serve it
+    with pytest.raises(TenantUnknown, match="being disconnected"):
+        await tenants.fetch("acme")
+    mine.full = False
+    assert await tenants.registry.refresh()
+    assert await mine.inner.get("acme") == acme  # the held break was not written back
+    await tenants.disconnect("acme")  # the retry
+    assert await mine.inner.get("acme") is None
+    with pytest.raises(TenantUnknown):
+        await tenants.disconnect("acme")
+
+
+async def test_a_tenant_connected_again_elsewhere_ends_a_failed_disconnect(
+    mine: CountingStore, other: LocalStore, pleo: PleoClient
+) -> None:
+    tenants = service(mine, pleo)
+    acme = await mine.put(active("acme"))
+    assert await tenants.registry.refresh()
+    mine.full = True
+    with pytest.raises(StoreUnavailable):
+        await tenants.disconnect("acme")
+    mine.full = False
+    assert await tenants.registry.refresh()
+    assert tenants.registry.get("acme") is None
+
+    reconnected = await other.put(acme.evolve(api_key=ApiKey(f"pls_{secrets.token_hex(20)}")))
+    assert await tenants.registry.refresh()
+
+    assert tenants.registry.get("acme") == reconnected
+    assert await tenants.fetch("acme") == reconnected

@@ -3,7 +3,9 @@
 Every store implements `SecretStore`. Writes are compare-and-set on `TenantRecord.version`:
 `put(record)` succeeds only if the stored version still equals `record.version` (0 for a
 tenant that must not exist yet), stores the record with version + 1 and returns it, or raises
-`StoreConflict`. `delete` destroys the key material, not only the newest copy of it. Failures
+`StoreConflict`. `delete` destroys the key material, not only the newest copy of it. A store
+that can be read but not written (a read-only file system) opens anyway, says why in
+`read_only`, and answers every write with `StoreUnavailable`. Failures
 to reach the backing service raise `StoreUnavailable`. A record that cannot be read back
 (wrong master key, tampered or hand-edited) makes `get` raise `StoreIntegrityError`; `list`
 skips it and reports it (`report_unreadable`), so one bad record never hides the others.
@@ -46,6 +48,11 @@ class SecretStore(Protocol):
     """The seam between the tenant service and where keys are kept."""
 
     backend: str
+
+    @property
+    def read_only(self) -> str | None:
+        """None, or why this store takes no writes at all (opened read-only)."""
+        ...
 
     async def get(self, tenant: str) -> TenantRecord | None:
         """The tenant's record, or None."""

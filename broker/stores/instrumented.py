@@ -22,6 +22,10 @@ class InstrumentedStore:
         self.backend = inner.backend
         self._counter = metrics.store_operations
 
+    @property
+    def read_only(self) -> str | None:
+        return self.inner.read_only
+
     async def _count(self, op: str, call: Awaitable[T]) -> T:
         try:
             result = await call

@@ -10,6 +10,12 @@ order them (WAL, busy_timeout). Replaced and deleted ciphertexts are overwritten
 (`secure_delete`), and the WAL is checkpointed and truncated after each write, so old key
 material does not linger in either file.
 
+A database that can be read but not written (a read-only file system or mount, a file the
+broker's user may only read) is opened read-only: the store serves every record, answers every
+write with `StoreUnavailable`, and says why in `read_only` (the broker reports it on /readyz).
+A read-only WAL database whose `-shm` file cannot be created (the usual case after a clean
+shutdown) is opened `immutable`: SQLite then assumes no one changes the file meanwhile.
+
 Each put and delete appends `(revision, tenant)` to the `changes` table in the same
 transaction as the write, and prunes it to the newest `journal_size` entries. Cursors name
 the database by a random id stored in it when it is created, so a cursor from another file,
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import errno
 import json
 import os
 import secrets
@@ -43,7 +50,7 @@ from broker.stores.crypto import (
     load_or_create_master_key,
     tenant_context,
 )
-from broker.stores.journal import Cursor, readable_from, tenants_of
+from broker.stores.journal import NO_INSTANCE, Cursor, readable_from, tenants_of
 
 T = TypeVar("T")
 
@@ -89,16 +96,24 @@ _INSERT = (
     " message, activated_at, updated_at, last_checked_at, sealed_key, client_id,"
     " application_name) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_SELECT_ONE = (
-    "SELECT tenant, version, state, company_id, scopes, missing_scopes, reason, message,"
-    " activated_at, updated_at, last_checked_at, sealed_key, client_id, application_name"
-    " FROM tenants WHERE tenant = ?"
+_FIRST_COLUMNS = (
+    "tenant, version, state, company_id, scopes, missing_scopes, reason, message,"
+    " activated_at, updated_at, last_checked_at, sealed_key"
 )
-_SELECT_ALL = (
-    "SELECT tenant, version, state, company_id, scopes, missing_scopes, reason, message,"
-    " activated_at, updated_at, last_checked_at, sealed_key, client_id, application_name"
-    " FROM tenants ORDER BY tenant"
-)
+
+
+def _selects(present: set[str]) -> tuple[str, str]:
+    """The queries reading one record and all of them; NULL for a column the file lacks
+    (a store made before it, opened read-only, so it cannot be added)."""
+    added = ", ".join(name if name in present else f"NULL AS {name}" for name, _ in _ADDED_COLUMNS)
+    columns = f"{_FIRST_COLUMNS}, {added}"
+    return (
+        f"SELECT {columns} FROM tenants WHERE tenant = ?",  # noqa: S608 - constant columns
+        f"SELECT {columns} FROM tenants ORDER BY tenant",  # noqa: S608
+    )
+
+
+_SELECT_ONE, _SELECT_ALL = _selects({name for name, _ in _ADDED_COLUMNS})
 _UPDATE = (
     "UPDATE tenants SET version = ?, state = ?, company_id = ?, scopes = ?, missing_scopes = ?,"
     " reason = ?, message = ?, activated_at = ?, updated_at = ?, last_checked_at = ?,"
@@ -127,6 +142,8 @@ class LocalStore:
         self._journal_size = journal_size
         self._instance = ""
         self._closed = False
+        self.read_only: str | None = None
+        self._select_one, self._select_all = _SELECT_ONE, _SELECT_ALL
         try:
             self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
@@ -161,10 +178,12 @@ class LocalStore:
             raise ValueError("not a valid tenant id")
         if record.version < 0:
             raise ValueError("a record version is never negative")
+        self._refuse_if_read_only()
         return await self._run(lambda conn: self._put(conn, record))
 
     async def delete(self, tenant: str) -> bool:
         """Delete the tenant and overwrite its key material; False if there was none."""
+        self._refuse_if_read_only()
         return await self._run(lambda conn: self._delete(conn, tenant))
 
     async def changes_since(self, cursor: str | None) -> tuple[str, builtins.list[str] | None]:
@@ -182,6 +201,14 @@ class LocalStore:
         finally:
             # The close job has run, so the worker is idle and exits at once.
             self._executor.shutdown(wait=True)
+
+    def _refuse_if_read_only(self) -> None:
+        if self.read_only is not None:
+            raise StoreUnavailable(
+                f"The local store is read-only: {self.read_only}. Tenants are served as"
+                " stored, but none can be connected, changed or disconnected until the store"
+                " directory is writable and the broker restarted."
+            )
 
     async def _run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
         # Cancelling the caller does not stop a job the worker has begun: a write either
@@ -215,11 +242,50 @@ class LocalStore:
 
     def _connect(self) -> sqlite3.Connection:
         try:
-            # Create the file private before SQLite does (its -wal and -shm files copy the mode).
-            os.close(os.open(self.db_path, os.O_RDWR | os.O_CREAT, 0o600))
-            conn = sqlite3.connect(self.db_path, timeout=self._busy_timeout, isolation_level=None)
+            return self._connect_writable()
         except (OSError, sqlite3.Error) as exc:
-            raise StoreUnavailable(f"Cannot open the local store {self.db_path}: {exc}") from exc
+            unwritable = exc
+        if not (_is_read_only_error(unwritable) and self.db_path.is_file()):
+            raise StoreUnavailable(
+                f"Cannot open the local store {self.db_path}: {unwritable}"
+            ) from unwritable
+        try:
+            conn = self._connect_read_only()
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreUnavailable(
+                f"Cannot open the local store {self.db_path}: {unwritable}; nor read-only: {exc}"
+            ) from exc
+        self.read_only = f"{self.db_path} cannot be written ({_describe(unwritable)})"
+        return conn
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        failure: sqlite3.Error | None = None
+        # A WAL database is read through its -shm file: first use the one a running (or
+        # crashed) writer left; without one, and no right to create it, read it as immutable.
+        for query in ("mode=ro", "mode=ro&immutable=1"):
+            uri = f"{self.db_path.absolute().as_uri()}?{query}"
+            conn = sqlite3.connect(uri, uri=True, timeout=self._busy_timeout, isolation_level=None)
+            try:
+                conn.execute("SELECT count(*) FROM tenants").fetchone()
+                present = {row[1] for row in conn.execute("PRAGMA table_info(tenants)")}
+                self._select_one, self._select_all = _selects(present)
+                self._check_master_key(conn, writable=False)
+                self._instance = self._instance_id(conn, writable=False)
+            except sqlite3.Error as exc:
+                conn.close()
+                failure = exc
+                continue
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+        assert failure is not None
+        raise failure
+
+    def _connect_writable(self) -> sqlite3.Connection:
+        # Create the file private before SQLite does (its -wal and -shm files copy the mode).
+        os.close(os.open(self.db_path, os.O_RDWR | os.O_CREAT, 0o600))
+        conn = sqlite3.connect(self.db_path, timeout=self._busy_timeout, isolation_level=None)
         try:
             mode = self._when_unlocked(
                 lambda: str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
@@ -238,9 +304,6 @@ class LocalStore:
                 _add_missing_columns(conn)
                 self._check_master_key(conn)
                 self._instance = self._instance_id(conn)
-        except sqlite3.Error as exc:
-            conn.close()
-            raise StoreUnavailable(f"Cannot open the local store {self.db_path}: {exc}") from exc
         except BaseException:
             conn.close()
             raise
@@ -261,11 +324,16 @@ class LocalStore:
                     raise
                 time.sleep(0.01)
 
-    def _check_master_key(self, conn: sqlite3.Connection) -> None:
+    def _check_master_key(self, conn: sqlite3.Connection, *, writable: bool = True) -> None:
         """Refuse at start-up, not at the first read, a master key the store was not made with."""
-        check = self._sealer.seal(_KEY_CHECK_PLAINTEXT, _KEY_CHECK_CONTEXT)
-        conn.execute("INSERT OR IGNORE INTO meta (name, value) VALUES ('key_check', ?)", (check,))
+        if writable:
+            check = self._sealer.seal(_KEY_CHECK_PLAINTEXT, _KEY_CHECK_CONTEXT)
+            conn.execute(
+                "INSERT OR IGNORE INTO meta (name, value) VALUES ('key_check', ?)", (check,)
+            )
         row = conn.execute("SELECT value FROM meta WHERE name = 'key_check'").fetchone()
+        if row is None:
+            return  # read-only and never written: no record to open either
         try:
             self._sealer.open(bytes(row[0]), _KEY_CHECK_CONTEXT)
         except (UnsealError, TypeError) as exc:
@@ -275,14 +343,15 @@ class LocalStore:
                 f" {self.path / KEY_FILE_NAME})."
             ) from exc
 
-    def _instance_id(self, conn: sqlite3.Connection) -> str:
+    def _instance_id(self, conn: sqlite3.Connection, *, writable: bool = True) -> str:
         """The random id of this database, made when the database is."""
-        conn.execute(
-            "INSERT OR IGNORE INTO meta (name, value) VALUES ('instance', ?)",
-            (secrets.token_hex(8),),
-        )
+        if writable:
+            conn.execute(
+                "INSERT OR IGNORE INTO meta (name, value) VALUES ('instance', ?)",
+                (secrets.token_hex(8),),
+            )
         row = conn.execute("SELECT value FROM meta WHERE name = 'instance'").fetchone()
-        return str(row[0])
+        return NO_INSTANCE if row is None else str(row[0])
 
     @contextmanager
     def _transaction(self, conn: sqlite3.Connection) -> Iterator[None]:
@@ -325,12 +394,12 @@ class LocalStore:
         return str(current), tenants_of(rows, after)
 
     def _get(self, conn: sqlite3.Connection, tenant: str) -> TenantRecord | None:
-        row = conn.execute(_SELECT_ONE, (tenant,)).fetchone()
+        row = conn.execute(self._select_one, (tenant,)).fetchone()
         return self._record(row) if row is not None else None
 
     def _list(self, conn: sqlite3.Connection) -> builtins.list[TenantRecord]:
         records = []
-        for row in conn.execute(_SELECT_ALL).fetchall():
+        for row in conn.execute(self._select_all).fetchall():
             try:
                 records.append(self._record(row))
             except StoreIntegrityError as exc:
@@ -451,6 +520,22 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
     for name, kind in _ADDED_COLUMNS:
         if name not in present:
             conn.execute(f"ALTER TABLE tenants ADD COLUMN {name} {kind}")
+
+
+def _is_read_only_error(exc: OSError | sqlite3.Error) -> bool:
+    """True if `exc` says the database (or its directory) may be read but not written."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+    text = str(exc).lower()
+    return any(
+        sign in text for sign in ("readonly database", "read-only", "unable to open database file")
+    )
+
+
+def _describe(exc: OSError | sqlite3.Error) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc)
 
 
 def _unreadable(tenant: str) -> StoreIntegrityError:

@@ -2,11 +2,21 @@
 
 A tenant lives at `<mount>/data/<prefix>/tenants/<tenant>`; the record's `version` is the KV v2
 version of that secret, and every write carries `cas=<version read>` (0: must not exist), so
-Vault itself refuses a stale write. KV v2 keeps old versions: after a write that replaced the
-key (a rotation) every older version is destroyed, and `delete` destroys all versions and the
-metadata, so an old key cannot be read back from history. Destruction runs only after the new
-write succeeded; if it fails the write stands, a `store.destroy_failed` event is logged and the
-next write of that tenant destroys again.
+Vault itself refuses a stale write. KV v2 keeps old versions: after every write each older
+version is destroyed, so an old key cannot be read back from history. Destruction runs only
+after the new write succeeded; if it fails (or the process dies first) the write stands, a
+`store.destroy_failed` event is logged, and the history is destroyed at the tenant's next write
+or by the history check: the first `list` of a store (the broker's start-up) reads every tenant's
+version list in the background and destroys what a crash left (`store.history_destroyed`), and
+each later `list` (a full reload) retries the destroys that failed in this process.
+
+`delete` takes several calls and may stop after any of them, so it first writes a tombstone as
+the newest version: from then on the tenant reads as gone (`get` None, absent from `list`), and a
+writer still holding an older version cannot write it back (its check-and-set fails). Then every
+older version is destroyed and the metadata deleted. A tenant whose newest version is a
+tombstone, destroyed or soft-deleted is no tenant: `put` with version 0 writes over it (with
+check-and-set on that newest version, so concurrent creators still let exactly one win), and
+`delete` again finishes the job.
 
 hvac is synchronous: every call runs in a bounded thread pool, one call per thread slot,
 each bounded by `vault_timeout` (also the HTTP timeout). Transport errors, timeouts, a sealed
@@ -31,7 +41,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
@@ -55,6 +65,8 @@ JOURNAL_SIZE = 500
 JOURNAL_SIZE_LIMIT = 900
 JOURNAL_ATTEMPTS = 10
 JOURNAL_VERSIONS_KEPT = 2
+DELETE_ATTEMPTS = 5  # tombstone writes tried while other writers keep changing the tenant
+HISTORY_CHECKS = 4  # version lists read at once by the history check (leaves slots for others)
 
 _SERVER_TROUBLE = (
     hvac.exceptions.InternalServerError,
@@ -68,6 +80,7 @@ class VaultStore:
     """Tenant records in HashiCorp Vault or OpenBao (KV v2)."""
 
     backend = "vault"
+    read_only: str | None = None
 
     def __init__(
         self,
@@ -93,6 +106,12 @@ class VaultStore:
         self._slots = asyncio.Semaphore(settings.vault_threads)
         self._keeper = TokenKeeper(self._client, settings, self._run, clock=clock)
         self._where = f"{settings.vault_addr} {self._mount}/{self._base}"
+        # The history check: whether every tenant's versions were checked once, the tenants
+        # whose destroy failed since, and the checks running in the background.
+        self._history_checked = False
+        self._checking_everything = False
+        self._undestroyed: set[str] = set()
+        self._checks: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         return f"VaultStore({self._where!r})"
@@ -106,7 +125,9 @@ class VaultStore:
         if not valid_tenant_id(tenant):
             return None
         found = await self._call(lambda: self._read(tenant, None))
-        return None if found is None else _decode(tenant, *found)
+        if found is None or _is_tombstone(found[0]):
+            return None
+        return _decode(tenant, *found)
 
     async def _get_readable(self, tenant: str) -> TenantRecord | None:
         """`get`, but a record that cannot be read is reported and skipped (for `list`)."""
@@ -127,13 +148,21 @@ class VaultStore:
             failure = failed.exceptions[0]
         if failure is not None:
             raise failure
+        if not self._history_checked and not self._checking_everything:
+            self._check_history_later(names, everything=True)
+        elif self._undestroyed:
+            self._check_history_later(sorted(self._undestroyed), everything=False)
         return [record for task in reads if (record := task.result()) is not None]
 
     async def put(self, record: TenantRecord) -> TenantRecord:
         tenant = record.tenant
         if not valid_tenant_id(tenant):
             raise ValueError("not a valid tenant id")
-        version = await self._call(lambda: self._write(record))
+        try:
+            version = await self._put(tenant, _encode(record), record.version)
+        except StoreUnavailable:
+            self._undestroyed.add(tenant)  # it may have landed, answered too late: check it
+            raise
         if version > 1:
             # Every older version is obsolete: destroy them all on every write, not only on a
             # rotation, so a key a failed destroy left behind goes at the next write (even
@@ -145,17 +174,19 @@ class VaultStore:
     async def delete(self, tenant: str) -> bool:
         if not valid_tenant_id(tenant):
             return False
-        versions = await self._call(lambda: self._live_versions(tenant, below=None))
-        if versions is None:
-            return False
-        if versions:
-            await self._call(partial(self._destroy, tenant, versions))
-        await self._call(
-            lambda: self._kv.delete_metadata_and_all_versions(
-                path=self._path(tenant), mount_point=self._mount
-            )
-        )
-        await self._journal(tenant)
+        try:
+            tombstone = await self._lay_tombstone(tenant)
+            if tombstone is None:
+                return False
+            try:
+                await self._bury(tenant, tombstone)
+            finally:
+                # Even if the rest failed, replicas re-read the tenant, find the tombstone and
+                # stop using its key within their cache TTL.
+                await self._journal(tenant)
+        except StoreUnavailable:
+            self._undestroyed.add(tenant)  # the history check destroys what is left
+            raise
         return True
 
     async def changes_since(self, cursor: str | None) -> tuple[str, builtins.list[str] | None]:
@@ -169,15 +200,80 @@ class VaultStore:
         return str(current), None if after is None else tenants_of(journal.entries, after)
 
     async def close(self) -> None:
+        for task in self._checks:
+            task.cancel()
+        await asyncio.gather(*self._checks, return_exceptions=True)
         await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
         self._client.adapter.close()
 
+    async def _put(self, tenant: str, data: dict[str, Any], cas: int) -> int:
+        """Write `data` with check-and-set; its new version."""
+        try:
+            return await self._call(partial(self._write, tenant, data, cas))
+        except StoreConflict:
+            if cas != 0:
+                raise
+            # "Must not exist" holds too for a tenant whose disconnect was interrupted.
+            gone_at = await self._gone_at(tenant)
+            if gone_at is None:
+                raise
+            return await self._call(partial(self._write, tenant, data, gone_at))
+
+    async def _lay_tombstone(self, tenant: str) -> int | None:
+        """Write a tombstone as the tenant's newest version; its version (None: no tenant)."""
+        for _ in range(DELETE_ATTEMPTS):
+            versions = await self._call(partial(self._versions, tenant))
+            if versions is None:
+                return None
+            try:
+                # The point of no return: from here on the tenant reads as gone everywhere.
+                return await self._call(
+                    partial(self._write, tenant, _tombstone(), versions.current)
+                )
+            except StoreConflict:
+                continue  # written meanwhile: bury the newer version
+        raise StoreConflict(
+            f"Tenant {tenant!r} kept changing while it was being disconnected; retry.",
+            tenant=tenant,
+        )
+
+    async def _gone_at(self, tenant: str) -> int | None:
+        """The newest version of a tenant that reads as gone (tombstone, destroyed), or None."""
+        versions = await self._call(partial(self._versions, tenant))
+        if versions is None or versions.current == 0:
+            return None
+        if not versions.current_readable:
+            return versions.current
+        found = await self._call(partial(self._read, tenant, versions.current))
+        if found is None or _is_tombstone(found[0]):
+            return versions.current
+        return None
+
+    async def _bury(self, tenant: str, tombstone: int) -> None:
+        """Destroy every version below the tombstone, then the metadata (unless rewritten)."""
+        versions = await self._call(partial(self._versions, tenant))
+        if versions is None:
+            return  # another disconnect finished it
+        older = versions.live_below(tombstone)
+        if older:
+            await self._call(partial(self._destroy, tenant, older))
+        if versions.current == tombstone:  # else connected again meanwhile: keep the new record
+            await self._call(
+                lambda: self._kv.delete_metadata_and_all_versions(
+                    path=self._path(tenant), mount_point=self._mount
+                )
+            )
+
     async def _destroy_history(self, tenant: str, *, below: int) -> None:
         try:
-            versions = await self._call(lambda: self._live_versions(tenant, below=below))
-            if versions:
-                await self._call(partial(self._destroy, tenant, versions))
+            versions = await self._call(partial(self._versions, tenant))
+            # Metadata missing or restarted below us: deleted (and perhaps created anew) since.
+            if versions is not None and versions.current >= below:
+                older = versions.live_below(below)
+                if older:
+                    await self._call(partial(self._destroy, tenant, older))
         except StoreUnavailable as exc:
+            self._undestroyed.add(tenant)
             emit(
                 "store.destroy_failed",
                 level=logging.WARNING,
@@ -185,6 +281,59 @@ class VaultStore:
                 backend=self.backend,
                 error=exc.message,
             )
+
+    def _check_history_later(self, tenants: Iterable[str], *, everything: bool) -> None:
+        """Start a background history check of `tenants` (see the module docstring)."""
+        if everything:
+            self._checking_everything = True
+        task = asyncio.create_task(
+            self._check_history(tuple(tenants), everything), name="vault-history-check"
+        )
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
+
+    async def _check_history(self, tenants: tuple[str, ...], everything: bool) -> None:
+        pending = iter(tenants)
+
+        async def checker() -> None:
+            for tenant in pending:  # shared by the checkers: each tenant is checked once
+                await self._destroy_leftovers(tenant)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(min(HISTORY_CHECKS, len(tenants))):
+                    group.create_task(checker())
+        except* StoreUnavailable as failed:
+            # Vault is in trouble: stop here; the next full reload checks again.
+            emit(
+                "store.destroy_failed",
+                level=logging.WARNING,
+                backend=self.backend,
+                error=failed.exceptions[0].message,
+            )
+        except* Exception:
+            logging.getLogger(__name__).exception("the Vault history check failed")
+        else:
+            if everything:
+                self._history_checked = True
+        finally:
+            if everything:
+                self._checking_everything = False
+
+    async def _destroy_leftovers(self, tenant: str) -> None:
+        """Destroy every version of `tenant` but the newest (left by a crash or a failure)."""
+        versions = await self._call(partial(self._versions, tenant))
+        older = () if versions is None else versions.live_below(versions.current)
+        if older:
+            await self._call(partial(self._destroy, tenant, older))
+            emit(
+                "store.history_destroyed",
+                level=logging.WARNING,
+                tenant=tenant,
+                backend=self.backend,
+                versions=len(older),
+            )
+        self._undestroyed.discard(tenant)
 
     async def _journal(self, tenant: str) -> None:
         """Append `tenant`'s change to the journal; log, never raise, if that fails."""
@@ -270,17 +419,14 @@ class VaultStore:
         data = response["data"]
         return data["data"], int(data["metadata"]["version"])
 
-    def _write(self, record: TenantRecord) -> int:
+    def _write(self, tenant: str, data: dict[str, Any], cas: int) -> int:
         try:
             response = self._kv.create_or_update_secret(
-                path=self._path(record.tenant),
-                secret=_encode(record),
-                cas=record.version,
-                mount_point=self._mount,
+                path=self._path(tenant), secret=data, cas=cas, mount_point=self._mount
             )
         except hvac.exceptions.InvalidRequest as exc:
             if "check-and-set" in str(exc):
-                raise StoreConflict(tenant=record.tenant) from None
+                raise StoreConflict(tenant=tenant) from None
             raise
         return int(response["data"]["version"])
 
@@ -325,25 +471,44 @@ class VaultStore:
         keys: Iterable[str] = response["data"]["keys"]
         return tuple(key for key in keys if valid_tenant_id(key))
 
-    def _live_versions(self, tenant: str, *, below: int | None) -> tuple[int, ...] | None:
+    def _versions(self, tenant: str) -> _Versions | None:
+        """The tenant's version list (None: no metadata at all)."""
         try:
             response = self._kv.read_secret_metadata(
                 path=self._path(tenant), mount_point=self._mount
             )
         except hvac.exceptions.InvalidPath:
             return None
-        versions: dict[str, dict[str, Any]] = response["data"]["versions"]
-        return tuple(
-            sorted(
-                int(number)
-                for number, meta in versions.items()
-                if not meta.get("destroyed") and (below is None or int(number) < below)
-            )
-        )
+        return _Versions.decode(response["data"])
 
     def _destroy(self, tenant: str, versions: tuple[int, ...]) -> None:
         self._kv.destroy_secret_versions(
             path=self._path(tenant), versions=list(versions), mount_point=self._mount
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Versions:
+    """A tenant's KV v2 metadata: its newest version and the versions still holding data."""
+
+    current: int
+    current_readable: bool  # neither destroyed nor soft-deleted
+    undestroyed: tuple[int, ...]  # a soft-deleted version still holds data (it can be undeleted)
+
+    def live_below(self, version: int) -> tuple[int, ...]:
+        return tuple(number for number in self.undestroyed if number < version)
+
+    @classmethod
+    def decode(cls, metadata: dict[str, Any]) -> _Versions:
+        versions: dict[str, dict[str, Any]] = metadata.get("versions") or {}
+        current = int(metadata.get("current_version") or 0)
+        newest = versions.get(str(current), {})
+        return cls(
+            current=current,
+            current_readable=bool(newest) and not (newest["destroyed"] or newest["deletion_time"]),
+            undestroyed=tuple(
+                sorted(int(number) for number, meta in versions.items() if not meta["destroyed"])
+            ),
         )
 
 
@@ -386,6 +551,15 @@ class _Journal:
                 return None
             entries.append((number, tenant))
         return cls(epoch, revision, tuple(entries))
+
+
+def _tombstone() -> dict[str, Any]:
+    """The newest version of a tenant being disconnected: holds nothing but the moment."""
+    return {"tombstone": True, "disconnected_at": datetime.now(UTC).isoformat()}
+
+
+def _is_tombstone(data: dict[str, Any]) -> bool:
+    return data.get("tombstone") is True
 
 
 def _encode(record: TenantRecord) -> dict[str, Any]:
