@@ -320,9 +320,13 @@ def test_the_admin_listener_refuses_when_every_connection_is_busy(
         sock.sendall(
             b"PUT /v1/tenants/acme/key HTTP/1.1\r\nHost: x\r\n"
             + f"Authorization: Bearer {broker.token}\r\n".encode()
+            + b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
             + b"Content-Length: 50\r\n\r\n"
         )
         busy.append(sock)
+        # The interim answer comes once the app waits for the body: the request is in flight
+        # (before it, the connection would count as idle and could be pushed out).
+        assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue")
     try:
         deadline = time.monotonic() + 5
         while True:
