@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from broker.headers import INVALID, JSON, OTHER, HostNames, body_kind
+from broker.headers import INVALID, JSON, OTHER, BodyKind, HostNames, body_kind
 
-CONTENT_TYPES: list[tuple[bytes | None, str]] = [
+CONTENT_TYPES: list[tuple[bytes | None, BodyKind]] = [
     (None, JSON),  # undeclared: may be sniffed as JSON, so inspected
     (b"application/json", JSON),
     (b"Application/JSON; charset=utf-8", JSON),
@@ -33,8 +33,8 @@ CONTENT_TYPES: list[tuple[bytes | None, str]] = [
 
 
 @pytest.mark.parametrize(("content_type", "kind"), CONTENT_TYPES)
-def test_body_kind(content_type: bytes | None, kind: str) -> None:
-    assert body_kind(content_type) == kind
+def test_body_kind(content_type: bytes | None, kind: BodyKind) -> None:
+    assert body_kind(content_type) is kind
 
 
 DEFAULT = HostNames((), bind="127.0.0.1")
