@@ -1,4 +1,4 @@
-"""Request header rules of the proxy (DESIGN §4): pure values and functions, table-tested.
+"""Request header rules of the proxy (docs/contract.md): pure values and functions, table-tested.
 
 - `Host` must name the broker (`HostNames`, from `BROKER_PROXY_ALLOWED_HOSTS`; by default the
   loopback names and the bind address): a web page that rebinds its DNS name to 127.0.0.1 sends
