@@ -41,6 +41,7 @@ from broker.headers import (
     named_tenant,
     new_request_id,
 )
+from broker.metrics import Metrics
 from broker.policy import BodyHandling, Decision, check_body, decide
 from broker.records import ActiveTenant, TenantRecord, TenantState
 from broker.registry import not_active
@@ -69,9 +70,7 @@ class ProxyApp:
         self.max_body = settings.max_inspected_body
         self.body_timeout = settings.request_body_timeout
         self.allow_control_plane = settings.proxy_allow_control_plane
-        self._requests_total = self.metrics.proxy_requests
-        self._counters: dict[tuple[str, str, int], Counter] = {}
-        self._durations: dict[str, Histogram] = {}
+        self.counts = ProxyMetrics(broker.metrics)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -95,7 +94,7 @@ class ProxyApp:
         except Exception as exc:
             status = 500
             await self._fail(send, exc, head, tenant)
-        self._count(scope["method"], route, status)
+        self.counts.count(scope["method"], route, status)
 
     def _decide(self, scope: Scope, active: ActiveTenant, content: BodyKind | None) -> Decision:
         return decide(
@@ -136,7 +135,7 @@ class ProxyApp:
         except BaseException:
             self.upstream.release()
             raise
-        self._observe(decision.route.template, time.perf_counter() - started)
+        self.counts.observe(decision.route.template, time.perf_counter() - started)
         return response
 
     async def _body(
@@ -248,7 +247,7 @@ class ProxyApp:
     ) -> None:
         if exc.tenant is None:
             exc.tenant = tenant if tenant is not None else named_tenant(head)
-        self._deny(exc)
+        self.counts.deny(exc)
         body = json.dumps(exc.to_body()).encode()
         headers = [*JSON_HEADERS, (b"x-request-id", head.request_id)]
         headers.append((b"content-length", str(len(body)).encode()))
@@ -280,8 +279,8 @@ class ProxyApp:
         exc = errors.RouteNotAllowed(
             "The broker forwards plain HTTP requests to Pleo, not WebSocket connections."
         )
-        self._deny(exc)
-        self._count(scope.get("method", "GET"), UNMATCHED, exc.status)
+        self.counts.deny(exc)
+        self.counts.count(scope.get("method", "GET"), UNMATCHED, exc.status)
         if "websocket.http.response" not in scope.get("extensions", {}):
             await send({"type": "websocket.close", "code": 1008})
             return
@@ -293,26 +292,34 @@ class ProxyApp:
         )
         await send({"type": "websocket.http.response.body", "body": body})
 
-    # -- metrics (children cached: labels() is too slow for every request) ---------------
 
-    def _count(self, method: str, route: str, status: int) -> None:
+class ProxyMetrics:
+    """The proxy's counters and timings, children cached: labels() is too slow for every
+    request."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self._counters: dict[tuple[str, str, int], Counter] = {}
+        self._durations: dict[str, Histogram] = {}
+
+    def count(self, method: str, route: str, status: int) -> None:
         if method not in METHODS:
             method = "OTHER"  # before the cache key too: made-up methods must not grow it
         key = (method, route, status)
         child = self._counters.get(key)
         if child is None:
-            child = self._counters[key] = self._requests_total.labels(
+            child = self._counters[key] = self.metrics.proxy_requests.labels(
                 method=method, route=route, code=str(status)
             )
         child.inc()
 
-    def _observe(self, route: str, seconds: float) -> None:
+    def observe(self, route: str, seconds: float) -> None:
         child = self._durations.get(route)
         if child is None:
             child = self._durations[route] = self.metrics.upstream_duration.labels(route=route)
         child.observe(seconds)
 
-    def _deny(self, exc: errors.BrokerError) -> None:
+    def deny(self, exc: errors.BrokerError) -> None:
         self.metrics.proxy_denials.labels(reason=exc.code).inc()
         level = logging.WARNING if exc.status >= 500 else logging.INFO
         emit("proxy.refused", level=level, code=exc.code, tenant=exc.tenant, status=exc.status)
