@@ -16,8 +16,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from starlette.types import Message
 
 from broker import errors, upstream
+from broker.proxy import create_proxy_app
+from broker.runtime import open_broker
 from broker.settings import Settings
 from broker.upstream import Upstream, map_exceptions
 
@@ -201,3 +204,20 @@ async def test_close_closes_the_session(opened: Callable[..., Awaitable[Upstream
     pleo = await opened()
     await pleo.close()
     assert pleo.session.closed
+
+
+async def test_the_one_lifespan_opens_and_closes_the_session(tmp_path: Path) -> None:
+    async with open_broker(_settings(tmp_path, "http://127.0.0.1:9")) as broker:
+        session = broker.upstream.session
+        assert not session.closed
+        app = create_proxy_app(broker)
+
+        async def receive() -> Message:
+            raise AssertionError("the proxy has no lifespan of its own")
+
+        async def send(message: Message) -> None:
+            raise AssertionError("the proxy has no lifespan of its own")
+
+        await app({"type": "lifespan"}, receive, send)
+        assert app.upstream is broker.upstream
+    assert session.closed
