@@ -9,7 +9,8 @@
 - Method overrides (`METHOD_OVERRIDE`) earn a refusal: the policy decides on the real method.
 - A body with `Upgrade` earns a refusal: the server reads what follows the headers of an upgrade
   as the new protocol's (the body would be lost or misread). `Upgrade` without a body is dropped
-  like every hop-by-hop header; a WebSocket handshake is refused by the proxy itself.
+  like every hop-by-hop header, except a WebSocket handshake (`Upgrade: websocket`), which is
+  refused: the listeners speak no WebSocket, and Pleo's API has none.
 - Headers that make a server, or a proxy in front of it, use another URL, host, scheme or client
   (`REROUTING`, `REROUTING_PREFIXES`) are dropped before Pleo.
 - `Content-Type` (`body_kind`): one media type, given once. A subtype containing `json`
@@ -18,9 +19,18 @@
   what they parse as JSON and an undeclared body may be sniffed; any other media type streams
   untouched. A list (`text/plain, application/json`), an empty or a malformed media type is
   refused, since servers differ in which member of a list they believe.
+- Forwarded both ways: every header but hop-by-hop ones (and those `Connection` names), cookies
+  and the request id; towards Pleo also credentials, the tenant header, rerouting headers and
+  method overrides (`forwarded_request_headers`, `forwarded_response_headers`).
 """
 
 from __future__ import annotations
+
+import enum
+import os
+
+from broker import errors
+from broker.records import valid_tenant_id
 
 METHOD_OVERRIDE = frozenset(
     {b"x-http-method-override", b"x-method-override", b"x-http-method", b"x-original-method"}
@@ -39,13 +49,43 @@ REROUTING = frozenset(
 REROUTING_PREFIXES = (b"x-forwarded-", b"x-original-", b"x-envoy-")
 BROWSER_ONLY = frozenset({b"origin", b"sec-fetch-site", b"sec-fetch-dest", b"sec-fetch-user"})
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+REQUEST_DROP = (
+    HOP_BY_HOP
+    | REROUTING
+    | METHOD_OVERRIDE
+    | {b"host", b"authorization", b"cookie", b"x-request-id", b"expect"}
+)
+RESPONSE_DROP = HOP_BY_HOP | {b"set-cookie", b"x-request-id"}
 
-JSON = "json"
-OTHER = "other"
-INVALID = "invalid"
+
+class BodyKind(enum.Enum):
+    """What a request's Content-Type makes of its body."""
+
+    JSON = "json"  # read and checked
+    OTHER = "other"  # streamed untouched
+    INVALID = "invalid"  # refused
 
 
-def body_kind(content_type: bytes | None) -> str:
+JSON = BodyKind.JSON
+OTHER = BodyKind.OTHER
+INVALID = BodyKind.INVALID
+
+
+def body_kind(content_type: bytes | None) -> BodyKind:
     """`JSON` (inspect), `OTHER` (stream untouched) or `INVALID` (refuse) for one Content-Type."""
     if content_type is None:
         return JSON
@@ -108,3 +148,201 @@ class HostNames:
         if allowed and len(self._seen) < 1024:
             self._seen.add(host)
         return allowed
+
+
+def forwarded_request_headers(
+    headers: list[tuple[bytes, bytes]], *, tenant_header: bytes, request_id: bytes
+) -> dict[str, str]:
+    """The caller's headers to send to Pleo: less credentials, hop-by-hop and rerouting ones,
+    the tenant header and the request id (which becomes `request_id`); a repeated header is
+    joined as HTTP allows. The key is added at the moment of sending."""
+    named_in_connection: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            named_in_connection.update(t.strip().lower() for t in value.split(b","))
+    out: dict[str, str] = {}
+    for name, value in headers:
+        if (
+            name in REQUEST_DROP
+            or name == tenant_header
+            or name in named_in_connection
+            or name.startswith(REROUTING_PREFIXES)
+        ):
+            continue
+        key = name.decode("latin-1")
+        if key in out:
+            out[key] += ", " + value.decode("latin-1")
+        else:
+            out[key] = value.decode("latin-1")
+    out["X-Request-Id"] = request_id.decode("latin-1")
+    return out
+
+
+def forwarded_response_headers(
+    headers: list[tuple[bytes, bytes]] | tuple[tuple[bytes, bytes], ...],
+    *,
+    connection: str | None,
+    request_id: bytes,
+) -> list[tuple[bytes, bytes]]:
+    """Pleo's headers to relay (`connection`: its Connection header, whose names are
+    hop-by-hop too), with the broker's request id."""
+    drop = RESPONSE_DROP
+    if connection:
+        drop = drop | {t.strip().lower().encode("latin-1") for t in connection.split(",")}
+    out = [(name, value) for name, value in headers if name.lower() not in drop]
+    out.append((b"x-request-id", request_id))
+    return out
+
+
+def new_request_id() -> bytes:
+    """A random UUID4 as 32 hex digits: what `uuid.uuid4().hex` gives, at a third of its cost."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40
+    raw[8] = raw[8] & 0x3F | 0x80
+    return raw.hex().encode()
+
+
+_BODY_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+# Request headers that earn a refusal (or, for Upgrade, may): rare, looked at apart.
+_RARE = frozenset({b"upgrade", *BROWSER_ONLY, *METHOD_OVERRIDE})
+
+
+def _usable_request_id(request_id: bytes) -> bool:
+    return bool(request_id) and len(request_id) <= 128 and request_id.isascii()
+
+
+class RequestHead:
+    """What the header rules need from one request's headers, gathered in one pass."""
+
+    __slots__ = (
+        "browser",
+        "content_type",
+        "content_types",
+        "has_body",
+        "host",
+        "lookalike",
+        "override",
+        "request_id",
+        "tenant",
+        "tenants",
+        "upgrade",
+        "websocket",
+    )
+
+    def __init__(self) -> None:
+        self.request_id = b""
+        self.tenant: bytes | None = None
+        self.tenants = 0
+        self.lookalike = False
+        self.host: bytes | None = None
+        self.content_type: bytes | None = None
+        self.content_types = 0
+        self.has_body = False
+        self.browser = False
+        self.upgrade = False
+        self.websocket = False
+        self.override: bytes | None = None
+
+    def watch(self, name: bytes, value: bytes) -> None:
+        """Take one header of `_RARE`: their presence is what counts (and Upgrade's protocol)."""
+        if name in BROWSER_ONLY:
+            self.browser = True
+        elif name == b"upgrade":
+            self.upgrade = True
+            self.websocket = self.websocket or b"websocket" in value.lower()
+        else:
+            self.override = name
+
+
+class HeaderRules:
+    """The request header rules above, for one tenant header and one set of host names."""
+
+    def __init__(self, tenant_header: str, host_names: HostNames) -> None:
+        self.tenant_header_name = tenant_header
+        self.tenant_header = tenant_header.lower().encode("latin-1")
+        self.tenant_lookalike = self.tenant_header.replace(b"-", b"_")
+        self.host_names = host_names
+        self._kinds: dict[bytes | None, BodyKind] = {}  # body_kind of Content-Types seen (bounded)
+
+    def read(self, headers: list[tuple[bytes, bytes]]) -> RequestHead:
+        """One pass over the request headers; a request id is made up if none usable came."""
+        head = RequestHead()
+        tenant_header = self.tenant_header
+        for name, value in headers:
+            if name == tenant_header:
+                head.tenant = value
+                head.tenants += 1
+            elif name == b"host":
+                head.host = value if head.host is None else b""  # twice: matches no name
+            elif name == b"content-type":
+                head.content_type = value
+                head.content_types += 1
+            elif name in _BODY_FRAMING:
+                head.has_body = head.has_body or value != b"0"
+            elif name == b"x-request-id":
+                head.request_id = value
+            elif name in _RARE:
+                head.watch(name, value)
+            elif name == self.tenant_lookalike:
+                head.lookalike = True
+        if not _usable_request_id(head.request_id):
+            head.request_id = new_request_id()
+        return head
+
+    def check(self, head: RequestHead) -> BodyKind | None:
+        """Refuse what the headers earn; else what kind of body follows (None: no body)."""
+        if not self.host_names.allows(head.host):
+            raise errors.HostNotAllowed()
+        if head.browser:
+            raise errors.BrowserRequestRefused()
+        if head.override is not None:
+            raise errors.RouteNotAllowed(
+                f"The broker forwards the request's own method only; send it as that method"
+                f" instead of naming one in {head.override.decode('latin-1').title()}."
+            )
+        if head.websocket:
+            raise errors.RouteNotAllowed(
+                "The broker forwards plain HTTP requests to Pleo, not WebSocket connections."
+            )
+        if head.upgrade and head.has_body:
+            # The server reads what follows the headers of an upgrade as the new protocol's,
+            # not as the body: the body would be lost or misread.
+            raise errors.RouteNotAllowed(
+                "The broker forwards plain HTTP/1.1 requests; send this one without the"
+                " Upgrade header."
+            )
+        if head.content_types > 1:
+            raise errors.ContentTypeInvalid(
+                "Content-Type is given more than once; give it once, with one media type."
+            )
+        kind = self._kinds.get(head.content_type)
+        if kind is None:
+            kind = body_kind(head.content_type)
+            if len(self._kinds) < 256:
+                self._kinds[head.content_type] = kind
+        if kind is BodyKind.INVALID:
+            raise errors.ContentTypeInvalid()
+        return kind if head.has_body else None
+
+    def tenant(self, head: RequestHead) -> str:
+        """The tenant the request names, or the refusal its tenant header earns."""
+        if head.lookalike:
+            raise errors.TenantInvalid(
+                "The tenant header must be spelled with dashes, not underscores."
+            )
+        if head.tenant is None:
+            raise errors.TenantMissing(f"Name the tenant in the {self.tenant_header_name} header.")
+        if head.tenants > 1:
+            raise errors.TenantInvalid("Give the tenant header only once.")
+        text = head.tenant.decode("latin-1")
+        if not valid_tenant_id(text):
+            raise errors.TenantInvalid(tenant=text[:80])
+        return text
+
+
+def named_tenant(head: RequestHead) -> str | None:
+    """The well-formed tenant id the request names once, if any (to attribute a refusal)."""
+    if head.tenant is None or head.tenants > 1 or head.lookalike:
+        return None
+    text = head.tenant.decode("latin-1")
+    return text if valid_tenant_id(text) else None

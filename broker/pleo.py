@@ -16,7 +16,6 @@ The data plane does not use this module: it forwards with aiohttp (see proxy.py)
 
 from __future__ import annotations
 
-import base64
 import re
 from dataclasses import dataclass, replace
 
@@ -58,8 +57,8 @@ def explain(failure: PleoError, *, tenant: str | None = None) -> errors.Activati
 
 
 def basic_auth(key: ApiKey) -> str:
-    """The Authorization header value Pleo expects: the key as user name, empty password."""
-    return "Basic " + base64.b64encode(key.reveal().encode() + b":").decode("ascii")
+    """The Authorization header value Pleo expects (`ApiKey.basic_auth`)."""
+    return key.basic_auth()
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +158,7 @@ class PleoClient:
 
     async def _get(self, path: str, key: ApiKey) -> httpx.Response:
         try:
-            return await self._client.get(path, headers={"Authorization": basic_auth(key)})
+            return await self._client.get(path, headers={"Authorization": key.basic_auth()})
         except httpx.TimeoutException as exc:
             raise PleoUnreachable("Pleo did not answer in time") from exc
         except httpx.TransportError as exc:

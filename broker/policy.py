@@ -17,6 +17,9 @@ In order:
    object only (anything else is `body_invalid`); on other routes a top-level array has each of
    its objects checked like a body, so no company id hides in a list. A `_method` query
    parameter (a method override) is refused: the decision is made on the request's own method.
+4. What to do with a body (`BodyHandling`): read and check it as JSON where the route carries
+   the company in it (on a body method) and wherever the body is declared JSON or not declared
+   at all (`broker.headers.body_kind`); stream any other body untouched.
 
 Query parameters are split on `&` and `;` for checking, so a server that treats `;` as a
 separator cannot be handed a company id the broker did not see. The forwarded path and query
@@ -25,16 +28,18 @@ stay byte-identical to the caller's except for a filled-in company id.
 
 from __future__ import annotations
 
+import enum
 import json
 from dataclasses import dataclass
 from typing import Any, NoReturn
 from urllib.parse import quote, unquote, unquote_to_bytes
 
-from broker.catalog import Catalog, Route
+from broker.catalog import METHODS, Catalog, Route
 from broker.errors import BodyInvalid, CompanyMismatch, RouteNotAllowed, ScopeNotGranted
+from broker.headers import BodyKind
 
 REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
-BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+BODY_METHODS = METHODS - {"GET", "HEAD", "OPTIONS"}
 
 # RFC 3986 `pchar` plus `/`: unreserved, sub-delims, ':', '@', and '%' for escapes.
 _PATH_BYTES = frozenset(
@@ -47,14 +52,37 @@ _ORGANIZATION_NAMES = frozenset({"organizationid", "organisationid"})
 _NOT_CANONICAL = "The request target is not a canonical Pleo path"
 
 
+class BodyHandling(enum.Enum):
+    """What the proxy does with a request's body."""
+
+    NONE = "none"  # there is none: send none
+    STREAM = "stream"  # stream it to Pleo untouched
+    INSPECT_JSON = "inspect_json"  # read it whole, check it (`check_body`), send the result
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """What to forward: the route, the path as received, and the query to send."""
+    """What to forward: the route, the path as received, the query to send, and what to do
+    with the body."""
 
     route: Route
     path: str
     query_string: bytes
-    inspect_body: bool
+    body: BodyHandling
+
+    @property
+    def inspect_body(self) -> bool:
+        """True if the body is read and checked before it is sent."""
+        return self.body is BodyHandling.INSPECT_JSON
+
+
+def body_handling(route: Route, method: str, content: BodyKind | None) -> BodyHandling:
+    """What to do with the body of `method` on `route`, given its kind (None: no body)."""
+    if (route.body_company is not None and method in BODY_METHODS) or content is BodyKind.JSON:
+        return BodyHandling.INSPECT_JSON
+    if content is BodyKind.OTHER:
+        return BodyHandling.STREAM
+    return BodyHandling.NONE
 
 
 def decide(
@@ -66,8 +94,11 @@ def decide(
     company_id: str,
     scopes: frozenset[str],
     allow_control_plane: bool = False,
+    content: BodyKind | None = None,
 ) -> Decision:
-    """Allow, rewrite or refuse one request; raises a PolicyDenied error to refuse."""
+    """Allow, rewrite or refuse one request; raises a PolicyDenied error to refuse.
+
+    `content` is the kind of body the request has (None: none)."""
     if method in REFUSED_METHODS:
         raise RouteNotAllowed(f"The broker does not forward {method} requests.")
     path = _canonical_path(raw_path)
@@ -107,7 +138,7 @@ def decide(
         route=route,
         path=raw_path.decode("ascii"),
         query_string=query_string,
-        inspect_body=route.body_company is not None and method in BODY_METHODS,
+        body=body_handling(route, method, content),
     )
 
 
@@ -192,6 +223,15 @@ def _canonical_path(raw_path: bytes) -> str:
     for segment in raw_path.split(b"/"):
         if segment in (b".", b".."):
             raise RouteNotAllowed(f"{_NOT_CANONICAL}: it contains a '.' or '..' segment.")
+    _check_escapes(raw_path)
+    try:
+        return unquote_to_bytes(raw_path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise RouteNotAllowed(f"{_NOT_CANONICAL}: it does not decode to UTF-8.") from None
+
+
+def _check_escapes(raw_path: bytes) -> None:
+    """Refuse a malformed percent escape, or one of a character no canonical path encodes."""
     position = raw_path.find(b"%")
     while position != -1:
         escape = raw_path[position + 1 : position + 3]
@@ -203,10 +243,6 @@ def _canonical_path(raw_path: bytes) -> str:
                 " or a control character."
             )
         position = raw_path.find(b"%", position + 3)
-    try:
-        return unquote_to_bytes(raw_path).decode("utf-8")
-    except UnicodeDecodeError:
-        raise RouteNotAllowed(f"{_NOT_CANONICAL}: it does not decode to UTF-8.") from None
 
 
 def _checked_query(route: Route, query_string: bytes, company_id: str) -> bytes:

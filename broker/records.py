@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import enum
 import re
 from dataclasses import dataclass, field, replace
@@ -43,6 +44,10 @@ class ApiKey:
 
     def reveal(self) -> str:
         return self._value
+
+    def basic_auth(self) -> str:
+        """The Authorization header value Pleo expects: the key as user name, empty password."""
+        return "Basic " + base64.b64encode(self._value.encode() + b":").decode("ascii")
 
     @property
     def hint(self) -> str:
@@ -109,6 +114,30 @@ class TenantRecord:
             "client_id": self.client_id,
             "application_name": self.application_name,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveTenant:
+    """An active tenant as the proxy serves it: built once per record, not per request.
+
+    `authorization` is the header value the key makes (kept out of the repr); `record` is the
+    record it was built from, which the proxy hands back when Pleo rejects the key.
+    """
+
+    tenant: str
+    key: ApiKey
+    company_id: str
+    scopes: frozenset[str]
+    authorization: str = field(repr=False)
+    record: TenantRecord = field(repr=False, compare=False)
+
+    @classmethod
+    def of(cls, record: TenantRecord) -> ActiveTenant | None:
+        """The active tenant `record` describes, or None if it is not an active one."""
+        key, company_id = record.api_key, record.company_id
+        if record.state is not TenantState.ACTIVE or key is None or company_id is None:
+            return None
+        return cls(record.tenant, key, company_id, record.scopes, key.basic_auth(), record)
 
 
 def _iso(moment: datetime | None) -> str | None:

@@ -24,7 +24,7 @@ import logging
 from broker import errors
 from broker.events import emit
 from broker.metrics import Metrics
-from broker.records import TenantRecord, TenantState
+from broker.records import ActiveTenant, TenantRecord, TenantState
 from broker.stores import SecretStore, report_unreadable
 
 FULL_RELOAD_SECONDS = 600.0  # a full reload at least this often repairs a missed journal entry
@@ -43,6 +43,7 @@ class TenantRegistry:
         self.store_problem: str | None = None
         self.write_problem: str | None = None
         self._records: dict[str, TenantRecord] = {}
+        self._active: dict[str, ActiveTenant] = {}  # built once per record, on first use
         self._touched: set[str] = set()
         self._held: dict[str, TenantRecord] = {}
         self._disconnecting: dict[str, TenantRecord] = {}  # the record each disconnect hides
@@ -53,6 +54,23 @@ class TenantRegistry:
     def get(self, tenant: str) -> TenantRecord | None:
         """The tenant's record (the proxy's hot path)."""
         return self._records.get(tenant)
+
+    def active(self, tenant: str) -> ActiveTenant:
+        """The tenant as the proxy serves it; refused if unknown or not active (hot path)."""
+        record = self._records.get(tenant)
+        if record is None:
+            if not self.loaded:
+                raise errors.StoreUnavailable(
+                    "No tenant records could be loaded from the key store yet.", tenant=tenant
+                )
+            raise errors.TenantUnknown(tenant=tenant)
+        active = self._active.get(tenant)
+        if active is None or active.record is not record:
+            active = ActiveTenant.of(record)
+            if active is None:
+                raise not_active(record)
+            self._active[tenant] = active
+        return active
 
     def all(self, state: TenantState | None = None) -> list[TenantRecord]:
         """Every known tenant, sorted by id, optionally only those in `state`."""
@@ -71,6 +89,7 @@ class TenantRegistry:
             del self._held[tenant]  # a newer write (or the tenant's removal) supersedes it
         if record is None:
             known = self._records.pop(tenant, None) is not None
+            self._active.pop(tenant, None)
         else:
             self._disconnecting.pop(tenant, None)  # connected again
             known = tenant in self._records
@@ -220,6 +239,7 @@ class TenantRegistry:
             else:
                 fresh[tenant] = kept
         self._records = fresh
+        self._active = {t: a for t, a in self._active.items() if fresh.get(t) is a.record}
         self._cursor = cursor
         self._incremental_left = self.full_reload_every - 1
         self.loaded = True
@@ -297,3 +317,15 @@ class TenantRegistry:
             counts[record.state] += 1
         for state, count in counts.items():
             self.metrics.tenants.labels(state=state.value).set(count)
+
+
+def not_active(record: TenantRecord) -> errors.TenantNotActive:
+    """The refusal a tenant earns while `record` is not active."""
+    message = record.message or "This tenant has not been connected with a working key yet."
+    return errors.TenantNotActive(
+        message,
+        tenant=record.tenant,
+        state=record.state.value,
+        reason=record.reason.value if record.reason is not None else None,
+        since=record.view()["updated_at"],
+    )

@@ -20,6 +20,7 @@ from broker.stores import SecretStore
 from broker.stores.factory import open_store
 from broker.stores.instrumented import InstrumentedStore
 from broker.tenants import TenantService
+from broker.upstream import Upstream
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Broker:
     catalog: Catalog
     tenants: TenantService
     pleo: PleoClient
+    upstream: Upstream
 
 
 @contextlib.asynccontextmanager
@@ -41,7 +43,8 @@ async def open_broker(
     metrics: Metrics | None = None,
     pleo_transport: httpx.AsyncBaseTransport | None = None,
 ) -> AsyncIterator[Broker]:
-    """Open the store, the Pleo client and the tenant service; close them on exit."""
+    """Open the store, the Pleo clients (control plane and data plane) and the tenant
+    service; close them on exit."""
     metrics = metrics if metrics is not None else Metrics()
     catalog = load_catalog(settings.catalog_path)
     raw_store = store if store is not None else open_store(settings)
@@ -63,12 +66,19 @@ async def open_broker(
         requirements=Requirements(settings.required_scopes, settings.pleo_client_id),
         cache_ttl=settings.cache_ttl,
     )
+    upstream = Upstream(settings)
     try:
         await tenants.registry.start()
         yield Broker(
-            settings=settings, metrics=metrics, catalog=catalog, tenants=tenants, pleo=pleo
+            settings=settings,
+            metrics=metrics,
+            catalog=catalog,
+            tenants=tenants,
+            pleo=pleo,
+            upstream=upstream,
         )
     finally:
         await tenants.registry.stop()
+        await upstream.close()
         await pleo.aclose()
         await raw_store.close()

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.catalog import Route, load_catalog
+from broker.catalog import METHODS, Route, load_catalog
 from broker.errors import (
     BodyInvalid,
     CompanyMismatch,
@@ -17,7 +17,16 @@ from broker.errors import (
     RouteNotAllowed,
     ScopeNotGranted,
 )
-from broker.policy import Decision, check_body, decide
+from broker.headers import BodyKind
+from broker.policy import (
+    BODY_METHODS,
+    REFUSED_METHODS,
+    BodyHandling,
+    Decision,
+    body_handling,
+    check_body,
+    decide,
+)
 
 CATALOG = load_catalog()
 ROUTES = {(r.method, r.template): r for r in CATALOG.routes}
@@ -464,3 +473,47 @@ def test_filled_in_body_is_the_callers_object_plus_the_company(
         assert forwarded == body
     else:
         assert json.loads(forwarded) == {"companyId": COMPANY, **document}
+
+
+BODIES: list[tuple[str, str, BodyKind | None, BodyHandling]] = [
+    # method, route template, body kind (None: no body), what the proxy does with the body
+    ("POST", "/v1/vendors", None, BodyHandling.INSPECT_JSON),  # company in the body: always
+    ("POST", "/v1/vendors", BodyKind.OTHER, BodyHandling.INSPECT_JSON),
+    ("POST", "/v1/vendors", BodyKind.JSON, BodyHandling.INSPECT_JSON),
+    ("PUT", "/v1/vendors/{id}", None, BodyHandling.INSPECT_JSON),
+    ("DELETE", "/v0/tags", None, BodyHandling.INSPECT_JSON),
+    ("GET", "/v3/export-jobs", None, BodyHandling.NONE),
+    ("GET", "/v3/export-jobs", BodyKind.JSON, BodyHandling.INSPECT_JSON),  # every JSON body
+    ("GET", "/v3/export-jobs", BodyKind.OTHER, BodyHandling.STREAM),
+    ("PUT", "/v3/export-jobs/{jobId}/items", None, BodyHandling.NONE),
+    ("PUT", "/v3/export-jobs/{jobId}/items", BodyKind.JSON, BodyHandling.INSPECT_JSON),
+    ("PUT", "/v3/export-jobs/{jobId}/items", BodyKind.OTHER, BodyHandling.STREAM),
+    ("POST", "/v1/vendors/{id}:archive", BodyKind.OTHER, BodyHandling.STREAM),
+]
+
+
+@pytest.mark.parametrize(("method", "template", "kind", "handling"), BODIES)
+def test_body_handling(
+    method: str, template: str, kind: BodyKind | None, handling: BodyHandling
+) -> None:
+    assert body_handling(ROUTES[(method, template)], method, kind) is handling
+
+
+def test_decide_says_what_to_do_with_the_body() -> None:
+    path = b"/v3/export-jobs/j1/items"
+    for kind, handling in [
+        (None, BodyHandling.NONE),
+        (BodyKind.JSON, BodyHandling.INSPECT_JSON),
+        (BodyKind.OTHER, BodyHandling.STREAM),
+    ]:
+        decision = decide(
+            CATALOG, "PUT", path, b"", company_id=COMPANY, scopes=ALL_SCOPES, content=kind
+        )
+        assert decision.body is handling
+        assert decision.inspect_body is (handling is BodyHandling.INSPECT_JSON)
+
+
+def test_body_methods_are_the_catalogs_methods_that_carry_a_body() -> None:
+    assert {"POST", "PUT", "PATCH", "DELETE"} == BODY_METHODS
+    assert BODY_METHODS < METHODS
+    assert not REFUSED_METHODS & METHODS

@@ -1129,7 +1129,7 @@ def test_an_unexpected_failure_is_a_json_500(
 def test_a_full_connection_pool_answers_upstream_busy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("broker.proxy.UPSTREAM_CONNECTIONS", 1)
+    monkeypatch.setattr("broker.upstream.UPSTREAM_CONNECTIONS", 1)
     upstream = RecordingUpstream()
     url, thread = start_app(upstream)
     key = "pik_" + secrets.token_hex(20)
