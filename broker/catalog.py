@@ -255,6 +255,33 @@ def load_catalog(path: Path | None = None) -> Catalog:
 
 
 def _route_from_entry(entry: object) -> Route:
+    fields = _entry_fields(entry)
+    method, template = fields["method"], fields["path"]
+    if method not in METHODS:
+        raise CatalogError(f"method {method!r} is not one of {', '.join(sorted(METHODS))}")
+    if not isinstance(template, str):
+        raise CatalogError("'path' is not a string")
+    segments = _parse_template(template)
+    operation_id = fields.get("operation_id", "")
+    if not isinstance(operation_id, str):
+        raise CatalogError("'operation_id' is not a string")
+    scope = fields["scope"]
+    if scope is not None and not (isinstance(scope, str) and _SCOPE.fullmatch(scope)):
+        raise CatalogError(f"scope {scope!r} is not of the form resource:action (or null)")
+    company = _company_fields(fields.get("company", []), {n for _, n, _ in segments if n})
+    return Route(
+        method,
+        template,
+        operation_id,
+        scope,
+        company,
+        _flag(fields, "bearer_only"),
+        _flag(fields, "control_plane"),
+    )
+
+
+def _entry_fields(entry: object) -> dict[str, Any]:
+    """The entry as an object with only known fields and every required one."""
     if not isinstance(entry, dict):
         raise CatalogError("is not an object")
     unknown = set(entry) - _ENTRY_KEYS
@@ -263,26 +290,14 @@ def _route_from_entry(entry: object) -> Route:
     for required in ("method", "path", "scope"):
         if required not in entry:
             raise CatalogError(f"lacks {required!r}")
-    method, template = entry["method"], entry["path"]
-    if method not in METHODS:
-        raise CatalogError(f"method {method!r} is not one of {', '.join(sorted(METHODS))}")
-    if not isinstance(template, str):
-        raise CatalogError("'path' is not a string")
-    segments = _parse_template(template)
-    operation_id = entry.get("operation_id", "")
-    if not isinstance(operation_id, str):
-        raise CatalogError("'operation_id' is not a string")
-    scope = entry["scope"]
-    if scope is not None and not (isinstance(scope, str) and _SCOPE.fullmatch(scope)):
-        raise CatalogError(f"scope {scope!r} is not of the form resource:action (or null)")
-    bearer_only = entry.get("bearer_only", False)
-    if not isinstance(bearer_only, bool):
-        raise CatalogError("'bearer_only' is not true or false")
-    control_plane = entry.get("control_plane", False)
-    if not isinstance(control_plane, bool):
-        raise CatalogError("'control_plane' is not true or false")
-    company = _company_fields(entry.get("company", []), {n for _, n, _ in segments if n})
-    return Route(method, template, operation_id, scope, company, bearer_only, control_plane)
+    return entry
+
+
+def _flag(fields: dict[str, Any], name: str) -> bool:
+    value = fields.get(name, False)
+    if not isinstance(value, bool):
+        raise CatalogError(f"{name!r} is not true or false")
+    return value
 
 
 def _company_fields(raw: object, path_params: set[str]) -> tuple[CompanyField, ...]:

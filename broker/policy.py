@@ -85,61 +85,67 @@ def body_handling(route: Route, method: str, content: BodyKind | None) -> BodyHa
     return BodyHandling.NONE
 
 
-def decide(
-    catalog: Catalog,
-    method: str,
-    raw_path: bytes,
-    query_string: bytes,
-    *,
-    company_id: str,
-    scopes: frozenset[str],
-    allow_control_plane: bool = False,
-    content: BodyKind | None = None,
-) -> Decision:
-    """Allow, rewrite or refuse one request; raises a PolicyDenied error to refuse.
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The policy over one route catalog, with what the operator allows beyond it."""
 
-    `content` is the kind of body the request has (None: none)."""
-    if method in REFUSED_METHODS:
-        raise RouteNotAllowed(f"The broker does not forward {method} requests.")
-    path = _canonical_path(raw_path)
-    found = catalog.match(method, path)
-    if found is None:
-        raise RouteNotAllowed(
-            f"{method} {_shorten(path)} is not a Pleo route the broker forwards"
-            " (see `broker catalog`)."
+    catalog: Catalog
+    allow_control_plane: bool = False
+
+    def decide(
+        self,
+        method: str,
+        raw_path: bytes,
+        query_string: bytes,
+        *,
+        company_id: str,
+        scopes: frozenset[str],
+        content: BodyKind | None = None,
+    ) -> Decision:
+        """Allow, rewrite or refuse one request; raises a PolicyDenied error to refuse.
+
+        `content` is the kind of body the request has (None: none)."""
+        if method in REFUSED_METHODS:
+            raise RouteNotAllowed(f"The broker does not forward {method} requests.")
+        path = _canonical_path(raw_path)
+        found = self.catalog.match(method, path)
+        if found is None:
+            raise RouteNotAllowed(
+                f"{method} {_shorten(path)} is not a Pleo route the broker forwards"
+                " (see `broker catalog`)."
+            )
+        route = found.route
+        if route.bearer_only:
+            raise RouteNotAllowed(
+                f"{method} {route.template} accepts only OAuth bearer tokens;"
+                " the broker holds API keys."
+            )
+        if route.control_plane and not self.allow_control_plane:
+            raise RouteNotAllowed(
+                f"{method} {route.template} belongs to the integration's control plane (its"
+                " installation in Pleo), which the proxy does not forward; an operator can allow"
+                " it with BROKER_PROXY_ALLOW_CONTROL_PLANE=true."
+            )
+        if route.scope is not None and route.scope not in scopes:
+            raise ScopeNotGranted(
+                f"{method} {route.template} needs the scope {route.scope!r},"
+                " which this tenant's key was not granted.",
+                required_scope=route.scope,
+            )
+        tenant_company = company_id.lower()
+        path_param = route.path_company
+        if path_param is not None and found.params[path_param].lower() != tenant_company:
+            raise CompanyMismatch(
+                f"The path names company {_shorten(found.params[path_param])!r}"
+                f" but this tenant is connected to company {company_id!r}."
+            )
+        query_string = _checked_query(route, query_string, company_id)
+        return Decision(
+            route=route,
+            path=raw_path.decode("ascii"),
+            query_string=query_string,
+            body=body_handling(route, method, content),
         )
-    route = found.route
-    if route.bearer_only:
-        raise RouteNotAllowed(
-            f"{method} {route.template} accepts only OAuth bearer tokens;"
-            " the broker holds API keys."
-        )
-    if route.control_plane and not allow_control_plane:
-        raise RouteNotAllowed(
-            f"{method} {route.template} belongs to the integration's control plane (its"
-            " installation in Pleo), which the proxy does not forward; an operator can allow"
-            " it with BROKER_PROXY_ALLOW_CONTROL_PLANE=true."
-        )
-    if route.scope is not None and route.scope not in scopes:
-        raise ScopeNotGranted(
-            f"{method} {route.template} needs the scope {route.scope!r},"
-            " which this tenant's key was not granted.",
-            required_scope=route.scope,
-        )
-    tenant_company = company_id.lower()
-    path_param = route.path_company
-    if path_param is not None and found.params[path_param].lower() != tenant_company:
-        raise CompanyMismatch(
-            f"The path names company {_shorten(found.params[path_param])!r}"
-            f" but this tenant is connected to company {company_id!r}."
-        )
-    query_string = _checked_query(route, query_string, company_id)
-    return Decision(
-        route=route,
-        path=raw_path.decode("ascii"),
-        query_string=query_string,
-        body=body_handling(route, method, content),
-    )
 
 
 def check_body(route: Route, body: bytes, *, company_id: str) -> bytes:

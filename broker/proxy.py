@@ -42,7 +42,7 @@ from broker.headers import (
     new_request_id,
 )
 from broker.metrics import Metrics
-from broker.policy import BodyHandling, Decision, check_body, decide
+from broker.policy import BodyHandling, Decision, Policy, check_body
 from broker.records import ActiveTenant, TenantRecord, TenantState
 from broker.registry import not_active
 from broker.runtime import Broker
@@ -69,7 +69,7 @@ class ProxyApp:
         )
         self.max_body = settings.max_inspected_body
         self.body_timeout = settings.request_body_timeout
-        self.allow_control_plane = settings.proxy_allow_control_plane
+        self.policy = Policy(broker.catalog, settings.proxy_allow_control_plane)
         self.counts = ProxyMetrics(broker.metrics)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -97,14 +97,12 @@ class ProxyApp:
         self.counts.count(scope["method"], route, status)
 
     def _decide(self, scope: Scope, active: ActiveTenant, content: BodyKind | None) -> Decision:
-        return decide(
-            self.catalog,
+        return self.policy.decide(
             scope["method"],
             scope.get("raw_path") or scope["path"].encode(),
             scope["query_string"],
             company_id=active.company_id,
             scopes=active.scopes,
-            allow_control_plane=self.allow_control_plane,
             content=content,
         )
 

@@ -25,37 +25,39 @@ def _spec_operations() -> dict[tuple[str, str], dict[str, Any]]:
     operations: dict[tuple[str, str], dict[str, Any]] = {}
     for spec_file in sorted(OPENAPI.glob("*.yml")):
         spec = yaml.safe_load(spec_file.read_text("utf-8"))
-
-        def resolve(node: Any, spec: Any = spec) -> Any:
-            while isinstance(node, dict) and "$ref" in node:
-                target = spec
-                for part in node["$ref"].removeprefix("#/").split("/"):
-                    target = target[part]
-                node = target
-            return node
-
         for template, item in spec["paths"].items():
             for method in HTTP_METHODS:
-                if method not in item:
-                    continue
-                operation = item[method]
-                company: set[CompanyField] = set()
-                for parameter in [*item.get("parameters", []), *operation.get("parameters", [])]:
-                    parameter = resolve(parameter)
-                    if parameter["name"] in ("company_id", "companyId"):
-                        company.add(CompanyField(parameter["in"], parameter["name"]))
-                body = resolve(operation.get("requestBody")) or {}
-                for media in body.get("content", {}).values():
-                    if "companyId" in resolve(media.get("schema", {})).get("properties", {}):
-                        company.add(CompanyField("body", "companyId"))
-                security = operation.get("security", spec.get("security")) or []
-                operations[(method.upper(), template)] = {
-                    "operation_id": operation.get("operationId"),
-                    "company": company,
-                    "bearer_only": bool(security)
-                    and all(set(s) == {"bearerAuth"} for s in security),
-                }
+                if method in item:
+                    operations[(method.upper(), template)] = _operation_facts(spec, item, method)
     return operations
+
+
+def _resolve(spec: Any, node: Any) -> Any:
+    while isinstance(node, dict) and "$ref" in node:
+        target = spec
+        for part in node["$ref"].removeprefix("#/").split("/"):
+            target = target[part]
+        node = target
+    return node
+
+
+def _operation_facts(spec: Any, item: Any, method: str) -> dict[str, Any]:
+    operation = item[method]
+    company: set[CompanyField] = set()
+    for parameter in [*item.get("parameters", []), *operation.get("parameters", [])]:
+        parameter = _resolve(spec, parameter)
+        if parameter["name"] in ("company_id", "companyId"):
+            company.add(CompanyField(parameter["in"], parameter["name"]))
+    body = _resolve(spec, operation.get("requestBody")) or {}
+    for media in body.get("content", {}).values():
+        if "companyId" in _resolve(spec, media.get("schema", {})).get("properties", {}):
+            company.add(CompanyField("body", "companyId"))
+    security = operation.get("security", spec.get("security")) or []
+    return {
+        "operation_id": operation.get("operationId"),
+        "company": company,
+        "bearer_only": bool(security) and all(set(s) == {"bearerAuth"} for s in security),
+    }
 
 
 SPEC = _spec_operations()
@@ -417,7 +419,7 @@ def test_format_table_of_the_shipped_catalog_lists_every_route() -> None:
 
 def test_decide_refuses_the_control_plane_unless_allowed() -> None:
     from broker.errors import RouteNotAllowed
-    from broker.policy import decide
+    from broker.policy import Policy
 
     company = "0b7e3c1a-5d2f-4e8b-9a61-3f0c2d4e5a6b"
     for method, path in [
@@ -426,13 +428,12 @@ def test_decide_refuses_the_control_plane_unless_allowed() -> None:
         ("PUT", b"/v1/installations/completions"),
     ]:
         with pytest.raises(RouteNotAllowed, match="control plane"):
-            decide(CATALOG, method, path, b"", company_id=company, scopes=frozenset())
-        allowed = decide(
-            CATALOG, method, path, b"", company_id=company, scopes=frozenset(),
-            allow_control_plane=True,
-        )  # fmt: skip
+            Policy(CATALOG).decide(method, path, b"", company_id=company, scopes=frozenset())
+        allowed = Policy(CATALOG, allow_control_plane=True).decide(
+            method, path, b"", company_id=company, scopes=frozenset()
+        )
         assert allowed.route.control_plane
-    read = decide(
-        CATALOG, "GET", b"/v1/installations/me", b"", company_id=company, scopes=frozenset()
+    read = Policy(CATALOG).decide(
+        "GET", b"/v1/installations/me", b"", company_id=company, scopes=frozenset()
     )
     assert read.query_string == f"company_id={company}".encode()

@@ -23,9 +23,9 @@ from broker.policy import (
     REFUSED_METHODS,
     BodyHandling,
     Decision,
+    Policy,
     body_handling,
     check_body,
-    decide,
 )
 
 CATALOG = load_catalog()
@@ -41,7 +41,7 @@ O = OTHER.encode()  # noqa: E741
 def _decide(
     method: str, path: bytes, query: bytes = b"", scopes: frozenset[str] = ALL_SCOPES
 ) -> Decision:
-    return decide(CATALOG, method, path, query, company_id=COMPANY, scopes=scopes)
+    return Policy(CATALOG).decide(method, path, query, company_id=COMPANY, scopes=scopes)
 
 
 DENIED: list[tuple[str, bytes, bytes, type[PolicyDenied], str]] = [
@@ -406,7 +406,7 @@ def test_forwarded_requests_stay_inside_the_tenants_company(
 ) -> None:
     method, path = request
     try:
-        decision = decide(CATALOG, method, path, query, company_id=COMPANY, scopes=scopes)
+        decision = Policy(CATALOG).decide(method, path, query, company_id=COMPANY, scopes=scopes)
         forwarded_body = (
             check_body(decision.route, body, company_id=COMPANY) if decision.inspect_body else None
         )
@@ -506,8 +506,8 @@ def test_decide_says_what_to_do_with_the_body() -> None:
         (BodyKind.JSON, BodyHandling.INSPECT_JSON),
         (BodyKind.OTHER, BodyHandling.STREAM),
     ]:
-        decision = decide(
-            CATALOG, "PUT", path, b"", company_id=COMPANY, scopes=ALL_SCOPES, content=kind
+        decision = Policy(CATALOG).decide(
+            "PUT", path, b"", company_id=COMPANY, scopes=ALL_SCOPES, content=kind
         )
         assert decision.body is handling
         assert decision.inspect_body is (handling is BodyHandling.INSPECT_JSON)
