@@ -57,6 +57,7 @@ def create_admin_app(broker: Broker) -> Starlette:
 
 
 def _broker(request: Request) -> Broker:
+    """The opened broker this app serves (set by `create_admin_app`)."""
     broker: Broker = request.app.state.broker
     return broker
 
