@@ -6,9 +6,9 @@ import argparse
 import asyncio
 import getpass
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 import httpx
 
@@ -16,6 +16,8 @@ from broker import __version__
 from broker.errors import BrokerError
 from broker.records import valid_tenant_id
 from broker.settings import ConfigError, Settings, load_settings
+
+T = TypeVar("T")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -153,7 +155,7 @@ def _catalog(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(coro: Any) -> Any:
+def _run(coro: Coroutine[object, None, T]) -> T:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency via uvicorn[standard]
@@ -183,9 +185,16 @@ class AdminClient:
             trust_env=False,
         )
 
-    def call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        json: object = None,
+    ) -> httpx.Response:
         try:
-            return self._client.request(method, path, **kwargs)
+            return self._client.request(method, path, params=params, json=json)
         except httpx.TransportError as exc:
             raise SystemExit(
                 f"error: cannot reach the broker's admin API at {self.base_url}"
@@ -280,7 +289,7 @@ def _read_key(key_file: Path | None) -> str:
 
 def _tenants_migrate(args: argparse.Namespace) -> int:
     from broker.stores.factory import open_store
-    from broker.stores.migrate import migrate
+    from broker.stores.migrate import MigrationReport, migrate
 
     if args.source == args.target:
         print("error: --from and --to name the same store", file=sys.stderr)
@@ -288,7 +297,7 @@ def _tenants_migrate(args: argparse.Namespace) -> int:
     source_settings = load_settings(store=args.source)
     target_settings = load_settings(store=args.target)
 
-    async def run() -> Any:
+    async def run() -> MigrationReport:
         source = open_store(source_settings)
         try:
             target = open_store(target_settings)
@@ -318,7 +327,7 @@ def _tenants_migrate(args: argparse.Namespace) -> int:
 COLUMNS = ("tenant", "state", "company_id", "key_hint", "reason", "updated_at")
 
 
-def format_tenants(views: list[dict[str, Any]]) -> str:
+def format_tenants(views: Sequence[Mapping[str, object]]) -> str:
     """Tenant views as an aligned table."""
     if not views:
         return "No tenants."
@@ -332,7 +341,7 @@ def format_tenants(views: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def format_tenant(view: dict[str, Any]) -> str:
+def format_tenant(view: Mapping[str, object]) -> str:
     """One tenant view as aligned `name: value` lines."""
     width = max(len(name) for name in view)
     lines = []

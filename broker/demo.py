@@ -14,8 +14,8 @@ import os
 import secrets
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 
@@ -26,6 +26,16 @@ from broker.settings import Settings
 
 DEMO_SCOPES = ["export-jobs:read", "export-jobs:write", "export-items:read", "users:read"]
 TENANT = "acme-accounting"
+
+
+@dataclass(frozen=True)
+class SandboxKey:
+    """A key the sandbox generated, as its control API describes it."""
+
+    api_key: str
+    key_id: str
+    company_id: str
+    scopes: tuple[str, ...]
 
 
 class Narrator:
@@ -132,20 +142,34 @@ class Story:
 
     async def new_key(
         self, company_id: str | None = None, scopes: list[str] | None = None
-    ) -> dict[str, Any]:
-        body: dict[str, Any] = {"scopes": scopes or DEMO_SCOPES}
+    ) -> SandboxKey:
+        body: dict[str, object] = {"scopes": scopes or DEMO_SCOPES}
         if company_id:
             body["company_id"] = company_id
         response = await self.sandbox.post("/_sandbox/keys", json=body)
         response.raise_for_status()
-        result: dict[str, Any] = response.json()
-        return result
+        key = response.json()
+        return SandboxKey(
+            api_key=key["api_key"],
+            key_id=key["key_id"],
+            company_id=key["company_id"],
+            scopes=tuple(key["scopes"]),
+        )
 
-    async def connect(self, api_key: str, **extra: Any) -> httpx.Response:
-        return await self.admin.put(f"/v1/tenants/{TENANT}/key", json={"api_key": api_key, **extra})
+    async def connect(self, api_key: str) -> httpx.Response:
+        return await self.admin.put(f"/v1/tenants/{TENANT}/key", json={"api_key": api_key})
 
-    async def via_proxy(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        return await self.proxy.request(method, path, headers={"X-Broker-Tenant": TENANT}, **kwargs)
+    async def via_proxy(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        json: object = None,
+    ) -> httpx.Response:
+        return await self.proxy.request(
+            method, path, headers={"X-Broker-Tenant": TENANT}, params=params, json=json
+        )
 
     def show_error(self, response: httpx.Response) -> None:
         error = response.json()["error"]
@@ -158,11 +182,11 @@ class Story:
 
         n.title("A customer installs the integration; Pleo generates their key")
         first = await self.new_key()
-        company = first["company_id"]
-        n.say(f"Sandbox company {company}, scopes: {', '.join(first['scopes'])}")
+        company = first.company_id
+        n.say(f"Sandbox company {company}, scopes: {', '.join(first.scopes)}")
 
         n.title(f"Connect tenant '{TENANT}' with that key (PUT /v1/tenants/{TENANT}/key)")
-        response = await self.connect(first["api_key"])
+        response = await self.connect(first.api_key)
         view = response.json()
         self.expect("activation answers 200", response.status_code == 200)
         n.say(
@@ -173,7 +197,7 @@ class Story:
         self.expect("company bound", view.get("company_id") == company)
 
         n.title("A mistyped key is refused, and the working key stays in place")
-        response = await self.connect(first["api_key"][:-3] + "xyz")
+        response = await self.connect(first.api_key[:-3] + "xyz")
         self.show_error(response)
         self.expect("wrong key → 422 key_invalid", response.status_code == 422)
         still = (await self.admin.get(f"/v1/tenants/{TENANT}")).json()
@@ -182,7 +206,7 @@ class Story:
 
         n.title("A key of another Pleo company is refused (no silent switch of customer)")
         other = await self.new_key()
-        response = await self.connect(other["api_key"])
+        response = await self.connect(other.api_key)
         self.show_error(response)
         self.expect("foreign company → 409", response.status_code == 409)
 
@@ -194,7 +218,7 @@ class Story:
 
         n.title("The proxy keeps the service inside the tenant's company and scopes")
         response = await self.via_proxy(
-            "GET", "/v3/export-jobs", params={"company_id": other["company_id"]}
+            "GET", "/v3/export-jobs", params={"company_id": other.company_id}
         )
         n.say("GET /v3/export-jobs?company_id=<another company>")
         self.show_error(response)
@@ -206,13 +230,13 @@ class Story:
 
         n.title("The customer rotates their key in Pleo; the operator pastes the new one")
         rotated = await self.new_key(company_id=company)
-        response = await self.connect(rotated["api_key"])
+        response = await self.connect(rotated.api_key)
         view = response.json()
         n.say(f"→ {response.status_code} state={view.get('state')} key_hint={view.get('key_hint')}")
         self.expect("rotation → 200", response.status_code == 200)
 
         n.title("The key is revoked in Pleo; a check finds the tenant broken")
-        await self.sandbox.post(f"/_sandbox/keys/{rotated['key_id']}/revoke")
+        await self.sandbox.post(f"/_sandbox/keys/{rotated.key_id}/revoke")
         response = await self.admin.post(f"/v1/tenants/{TENANT}/check")
         view = response.json()
         n.say(f"→ state={view.get('state')} reason={view.get('reason')}")
@@ -225,7 +249,7 @@ class Story:
 
         n.title("The customer reconnects with a fresh key; the tenant is active again")
         fresh = await self.new_key(company_id=company)
-        response = await self.connect(fresh["api_key"])
+        response = await self.connect(fresh.api_key)
         view = response.json()
         n.say(f"→ {response.status_code} state={view.get('state')} key_hint={view.get('key_hint')}")
         self.expect("reconnect → active", view.get("state") == "active")

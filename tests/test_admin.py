@@ -82,6 +82,27 @@ def test_admin_routes_need_the_token(
     assert error_of(response)["code"] == "admin_unauthorized"
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        ("GET", "/v1", 404, "not_found"),
+        ("GET", "/v1/nothing", 404, "not_found"),
+        ("GET", "/v1/tenants/acme/nothing", 404, "not_found"),
+        ("POST", "/v1/tenants", 405, "method_not_allowed"),
+        ("PATCH", "/v1/tenants/acme", 405, "method_not_allowed"),
+        ("GET", "/v1/tenants/acme/key", 405, "method_not_allowed"),
+    ],
+)
+@pytest.mark.parametrize("with_token", [False, True])
+def test_a_path_or_method_no_route_takes_is_refused_alike_with_or_without_token(
+    broker: RunningBroker, method: str, path: str, status: int, code: str, with_token: bool
+) -> None:
+    headers = broker.auth if with_token else {}
+    response = httpx.request(method, broker.admin_url + path, headers=headers)
+    assert response.status_code == status
+    assert error_of(response)["code"] == code
+
+
 def test_health_and_metrics_need_no_token(broker: RunningBroker) -> None:
     assert httpx.get(broker.admin_url + "/healthz").json() == {"status": "ok"}
     assert httpx.get(broker.admin_url + "/readyz").json() == {"status": "ok"}

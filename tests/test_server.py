@@ -24,7 +24,8 @@ import pytest
 from servers import RunningBroker, broker_settings, start_app, start_broker
 from upstream import RecordingUpstream
 
-from broker.server import RefusalLog, connection_caps, raise_file_limit
+from broker.protocol import RefusalLog
+from broker.server import connection_caps, raise_file_limit
 from broker.settings import Settings
 
 pytestmark = pytest.mark.real
