@@ -10,9 +10,9 @@ blocking call cannot be interrupted. `translate` turns a library's exception (or
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -68,3 +68,9 @@ class BlockingRunner:
     def shutdown(self) -> None:
         """Stop the threads at once, blocking (when set-up failed)."""
         self._pool.shutdown(wait=True)
+
+
+class Run(Protocol):
+    """What runs a blocking call off the event loop: `await run(fn)` (a runner, or a wrapper)."""
+
+    def __call__(self, fn: Callable[[], T], /) -> Awaitable[T]: ...
