@@ -3,12 +3,8 @@
 A tenant lives at `<mount>/data/<prefix>/tenants/<tenant>`; the record's `version` is the KV v2
 version of that secret, and every write carries `cas=<version read>` (0: must not exist), so
 Vault itself refuses a stale write. KV v2 keeps old versions: after every write each older
-version is destroyed, so an old key cannot be read back from history. Destruction runs only
-after the new write succeeded; if it fails (or the process dies first) the write stands, a
-`store.destroy_failed` event is logged, and the history is destroyed at the tenant's next write
-or by the history check: the first `list` of a store (the broker's start-up) reads every tenant's
-version list in the background and destroys what a crash left (`store.history_destroyed`), and
-each later `list` (a full reload) retries the destroys that failed in this process.
+version is destroyed, so an old key cannot be read back from history (and what a failure or a
+crash left is destroyed later: `broker.stores.vault_history`).
 
 `delete` takes several calls and may stop after any of them, so it first writes a tombstone as
 the newest version: from then on the tenant reads as gone (`get` None, absent from `list`), and a
@@ -28,11 +24,9 @@ The change journal is one more secret, `<mount>/data/<prefix>/journal`: see
 
 from __future__ import annotations
 
-import asyncio
 import builtins
-import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
@@ -42,11 +36,11 @@ import hvac.exceptions
 import requests
 
 from broker.errors import StoreConflict, StoreIntegrityError, StoreUnavailable
-from broker.events import emit
 from broker.records import TenantRecord, valid_tenant_id
 from broker.stores import report_unreadable
 from broker.stores.runner import BlockingRunner
 from broker.stores.vault_auth import TokenKeeper, VaultLogin
+from broker.stores.vault_history import VersionHistory
 from broker.stores.vault_journal import (
     JOURNAL_SIZE,
     JOURNAL_SIZE_LIMIT,
@@ -61,7 +55,6 @@ __all__ = ["JOURNAL_SIZE", "JOURNAL_VERSIONS_KEPT", "VaultOptions", "VaultStore"
 T = TypeVar("T")
 
 DELETE_ATTEMPTS = 5  # tombstone writes tried while other writers keep changing the tenant
-HISTORY_CHECKS = 4  # version lists read at once by the history check (leaves slots for others)
 
 _SERVER_TROUBLE = (
     hvac.exceptions.InternalServerError,
@@ -121,13 +114,8 @@ class VaultStore:
             path=f"{prefix}/journal",
             size=options.journal_size,
         )
+        self._history = VersionHistory(self._secrets, self._call, backend=self.backend)
         self._where = f"{client.url} {self._mount}/{self._base}"
-        # The history check: whether every tenant's versions were checked once, the tenants
-        # whose destroy failed since, and the checks running in the background.
-        self._history_checked = False
-        self._checking_everything = False
-        self._undestroyed: set[str] = set()
-        self._checks: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         return f"VaultStore({self._where!r})"
@@ -151,10 +139,7 @@ class VaultStore:
     async def list(self) -> builtins.list[TenantRecord]:
         names = await self._call(self._secrets.names)
         records = await map_all(self._get_readable, names)
-        if not self._history_checked and not self._checking_everything:
-            self._check_history_later(names, everything=True)
-        elif self._undestroyed:
-            self._check_history_later(sorted(self._undestroyed), everything=False)
+        self._history.listed(names)
         return [record for record in records if record is not None]
 
     async def put(self, record: TenantRecord) -> TenantRecord:
@@ -164,13 +149,13 @@ class VaultStore:
         try:
             version = await self._put(tenant, encode(record), record.version)
         except StoreUnavailable:
-            self._undestroyed.add(tenant)  # it may have landed, answered too late: check it
+            self._history.unsure(tenant)  # it may have landed, answered too late: check it
             raise
         if version > 1:
             # Every older version is obsolete: destroy them all on every write, not only on a
             # rotation, so a key a failed destroy left behind goes at the next write (even
             # one made by another process or after a restart).
-            await self._destroy_history(tenant, below=version)
+            await self._history.destroy_below(tenant, below=version)
         await self._journal.record(tenant, backend=self.backend)
         return record.evolve(version=version)
 
@@ -180,7 +165,7 @@ class VaultStore:
         try:
             buried = await self._tombstone_and_bury(tenant)
         except StoreUnavailable:
-            self._undestroyed.add(tenant)  # the history check destroys what is left
+            self._history.unsure(tenant)  # the history check destroys what is left
             raise
         return buried
 
@@ -201,9 +186,7 @@ class VaultStore:
         return await self._journal.changes_since(cursor, backend=self.backend)
 
     async def close(self) -> None:
-        for task in self._checks:
-            task.cancel()
-        await asyncio.gather(*self._checks, return_exceptions=True)
+        await self._history.close()
         await self._runner.close()
         self._client.adapter.close()
 
@@ -260,69 +243,6 @@ class VaultStore:
             await self._call(partial(self._secrets.destroy, tenant, older))
         if versions.current == tombstone_version:  # else connected again: keep the new record
             await self._call(partial(self._secrets.forget, tenant))
-
-    async def _destroy_history(self, tenant: str, *, below: int) -> None:
-        try:
-            versions = await self._call(partial(self._secrets.versions, tenant))
-            # Metadata missing or restarted below us: deleted (and perhaps created anew) since.
-            if versions is not None and versions.current >= below:
-                older = versions.live_below(below)
-                if older:
-                    await self._call(partial(self._secrets.destroy, tenant, older))
-        except StoreUnavailable as exc:
-            self._undestroyed.add(tenant)
-            emit(
-                "store.destroy_failed",
-                level=logging.WARNING,
-                tenant=tenant,
-                backend=self.backend,
-                error=exc.message,
-            )
-
-    def _check_history_later(self, tenants: Iterable[str], *, everything: bool) -> None:
-        """Start a background history check of `tenants` (see the module docstring)."""
-        if everything:
-            self._checking_everything = True
-        task = asyncio.create_task(
-            self._check_history(tuple(tenants), everything), name="vault-history-check"
-        )
-        self._checks.add(task)
-        task.add_done_callback(self._checks.discard)
-
-    async def _check_history(self, tenants: tuple[str, ...], everything: bool) -> None:
-        try:
-            await map_all(self._destroy_leftovers, tenants, limit=HISTORY_CHECKS)
-        except StoreUnavailable as exc:
-            # Vault is in trouble: stop here; the next full reload checks again.
-            emit(
-                "store.destroy_failed",
-                level=logging.WARNING,
-                backend=self.backend,
-                error=exc.message,
-            )
-        except Exception:
-            logging.getLogger(__name__).exception("the Vault history check failed")
-        else:
-            if everything:
-                self._history_checked = True
-        finally:
-            if everything:
-                self._checking_everything = False
-
-    async def _destroy_leftovers(self, tenant: str) -> None:
-        """Destroy every version of `tenant` but the newest (left by a crash or a failure)."""
-        versions = await self._call(partial(self._secrets.versions, tenant))
-        older = () if versions is None else versions.live_below(versions.current)
-        if older:
-            await self._call(partial(self._secrets.destroy, tenant, older))
-            emit(
-                "store.history_destroyed",
-                level=logging.WARNING,
-                tenant=tenant,
-                backend=self.backend,
-                versions=len(older),
-            )
-        self._undestroyed.discard(tenant)
 
     async def _call(self, fn: Callable[[], T]) -> T:
         """Run one Vault call with a valid token; after a 403, log in again and retry once."""

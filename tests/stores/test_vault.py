@@ -774,7 +774,7 @@ async def test_history_a_crash_left_readable_is_destroyed_at_start_up(
     async def crash_before_destroying(tenant: str, *, below: int) -> None:
         return None  # the process died between the write and the destroy
 
-    monkeypatch.setattr(crashed, "_destroy_history", crash_before_destroying)
+    monkeypatch.setattr(crashed._history, "destroy_below", crash_before_destroying)
     old_key = new_key()
     first = await crashed.put(active("acme", old_key))
     await crashed.put(first.evolve(api_key=new_key()))
@@ -808,7 +808,7 @@ async def test_a_destroy_that_failed_is_retried_at_the_next_full_reload(
     path = f"{root_store._base}/acme"
     first = await root_store.put(active("acme"))
     await root_store.list()  # the start-up check: nothing to destroy yet
-    await eventually_async(lambda: not root_store._checks, what="the start-up check ends")
+    await eventually_async(lambda: not root_store._history.checks, what="the start-up check ends")
     with monkeypatch.context() as patched:
         patched.setattr(root_store._kv, "destroy_secret_versions", cut)
         await root_store.put(first.evolve(api_key=new_key()))
@@ -841,7 +841,7 @@ async def test_a_write_answered_too_late_has_its_history_checked_at_the_next_ful
     try:
         first = await store.put(active("acme"))
         await store.list()  # the start-up check: nothing to destroy yet
-        await eventually_async(lambda: not store._checks, what="the start-up check ends")
+        await eventually_async(lambda: not store._history.checks, what="the start-up check ends")
         store._kv.create_or_update_secret = lands_but_answers_late
         try:
             with pytest.raises(StoreUnavailable, match="did not answer"):
