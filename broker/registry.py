@@ -26,6 +26,7 @@ from broker.events import emit
 from broker.metrics import Metrics
 from broker.records import ActiveTenant, TenantRecord, TenantState
 from broker.stores import SecretStore, report_unreadable
+from broker.tasks import map_all
 
 FULL_RELOAD_SECONDS = 600.0  # a full reload at least this often repairs a missed journal entry
 CHANGED_READS = 16  # store reads in flight while re-reading the tenants the journal names
@@ -246,27 +247,17 @@ class TenantRegistry:
 
     async def _reload_some(self, tenants: list[str]) -> None:
         """Re-read the records of `tenants` (named by the change journal)."""
-        slots = asyncio.Semaphore(CHANGED_READS)
 
         async def read(tenant: str) -> TenantRecord | None:
-            async with slots:
-                try:
-                    return await self.store.get(tenant)
-                except errors.StoreIntegrityError as exc:
-                    report_unreadable(self.store.backend, tenant, exc)
-                    return None  # not served until it is fixed
+            try:
+                return await self.store.get(tenant)
+            except errors.StoreIntegrityError as exc:
+                report_unreadable(self.store.backend, tenant, exc)
+                return None  # not served until it is fixed
 
-        failure: Exception | None = None
-        try:
-            # A TaskGroup, not gather: the first failure cancels the reads still queued.
-            async with asyncio.TaskGroup() as group:
-                reads = [group.create_task(read(tenant)) for tenant in tenants]
-        except ExceptionGroup as failed:
-            failure = failed.exceptions[0]
-        if failure is not None:
-            raise failure
-        for tenant, task in zip(tenants, reads, strict=True):
-            kept = self._kept(tenant, task.result())
+        fresh = await map_all(read, tenants, limit=CHANGED_READS)
+        for tenant, record in zip(tenants, fresh, strict=True):
+            kept = self._kept(tenant, record)
             if kept is None:
                 self._records.pop(tenant, None)
             else:

@@ -10,14 +10,13 @@ import httpx
 import pytest
 from openbao_server import *  # noqa: F403
 from servers import (
+    REQUIRED_SCOPES,
     RunningBroker,
     RunningSandbox,
     broker_settings,
     start_broker,
     start_sandbox,
 )
-
-REQUIRED_SCOPES = ("export-jobs:read", "export-jobs:write")
 
 
 @pytest.fixture

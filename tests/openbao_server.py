@@ -29,7 +29,7 @@ import pytest
 from k8s_tokenreview import TokenReviewServer
 
 from broker.settings import Settings
-from broker.stores.vault_auth import build_client
+from broker.stores.factory import vault_client
 
 __all__ = ["openbao", "openbao_outage", "tokenreview"]  # the fixtures conftest re-exports
 
@@ -185,7 +185,7 @@ class OpenBao:
 
     @contextmanager
     def root_client(self) -> Iterator[hvac.Client]:
-        client = build_client(self.settings())
+        client = vault_client(self.settings())
         client.token = self.root_token
         try:
             yield client

@@ -19,6 +19,8 @@ from broker.stores import SecretStore
 
 StartFn = Callable[[asyncio.Event, Callable[..., None]], Coroutine[Any, Any, None]]
 
+REQUIRED_SCOPES = ("export-jobs:read", "export-jobs:write")  # what test brokers require
+
 
 class ThreadedLoop:
     """Runs one server coroutine on a private event loop in a daemon thread."""

@@ -317,7 +317,7 @@ async def test_a_held_break_yields_to_a_rotation_made_elsewhere(
 
 # -- what memory knows better than the store (issue 8, items 15 and 18) ---------------------------
 # The same with a real full disk and a real interrupted Vault disconnect, end to end:
-# test_store_local.py and test_store_vault.py.
+# stores/test_local.py and stores/test_vault.py.
 
 
 async def test_writes_failing_make_a_write_problem_until_one_succeeds(

@@ -8,11 +8,11 @@ exist only in the target are kept. Nothing is printed or logged; the report hold
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 from broker.records import TenantRecord
 from broker.stores import SecretStore
+from broker.tasks import map_all
 
 MIGRATION_CONCURRENCY = 16
 
@@ -34,7 +34,6 @@ async def migrate(source: SecretStore, target: SecretStore) -> MigrationReport:
     """Copy every tenant of `source` into `target`; safe to run again."""
     wanted = await source.list()
     existing = {record.tenant: record for record in await target.list()}
-    slots = asyncio.Semaphore(MIGRATION_CONCURRENCY)
     outcomes: list[str] = []
 
     async def copy(record: TenantRecord) -> None:
@@ -42,19 +41,10 @@ async def migrate(source: SecretStore, target: SecretStore) -> MigrationReport:
         if current is not None and current.evolve(version=0) == record.evolve(version=0):
             outcomes.append("unchanged")
             return
-        async with slots:
-            await target.put(record.evolve(version=current.version if current else 0))
+        await target.put(record.evolve(version=current.version if current else 0))
         outcomes.append("copied" if current is None else "updated")
 
-    failure: Exception | None = None
-    try:
-        async with asyncio.TaskGroup() as group:
-            for record in wanted:
-                group.create_task(copy(record))
-    except ExceptionGroup as failed:
-        failure = failed.exceptions[0]
-    if failure is not None:
-        raise failure
+    await map_all(copy, wanted, limit=MIGRATION_CONCURRENCY)
     return MigrationReport(
         copied=outcomes.count("copied"),
         updated=outcomes.count("updated"),

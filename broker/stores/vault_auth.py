@@ -1,10 +1,11 @@
-"""Talking to Vault as the broker: an hvac client built from settings alone, and its token.
+"""Talking to Vault as the broker: an hvac client built from its arguments alone, and its token.
 
 hvac falls back to the environment wherever an argument is missing: `VAULT_ADDR`,
 `VAULT_TOKEN` and `~/.vault-token` (token None), `VAULT_CACERT`/`VAULT_CAPATH` (verify None),
 `VAULT_CLIENT_CERT` (cert None), and its requests session reads `REQUESTS_CA_BUNDLE`,
 `*_PROXY` and `.netrc`. `build_client` passes every one of them explicitly and turns
-`trust_env` off, so only `Settings` decides where the broker connects and who it is.
+`trust_env` off, so only the broker's settings (read by `broker.stores.factory`) decide where
+the broker connects and who it is (`VaultLogin`).
 
 `TokenKeeper` logs in lazily, renews the token when less than a third of its lease is left
 (checked before each call, so no background task), and logs in again when renewal fails or
@@ -15,45 +16,51 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, Literal
 
 import hvac
 import hvac.adapters
 import hvac.exceptions
 import requests
 import requests.adapters
+from pydantic import SecretStr
 
 from broker.errors import StoreUnavailable
-from broker.settings import Settings
-
-T = TypeVar("T")
-Runner = Callable[[Callable[[], T]], Awaitable[T]]
+from broker.stores.runner import Run
 
 RENEW_WHEN_LEFT = 1 / 3
 
 
-def build_client(settings: Settings) -> hvac.Client:
-    """An hvac client for `settings.vault_addr` that reads nothing from the environment."""
-    if settings.vault_addr is None:
+def build_client(
+    address: str | None,
+    *,
+    cacert: Path | None = None,
+    namespace: str | None = None,
+    timeout: float = 5.0,
+    connections: int = 8,
+) -> hvac.Client:
+    """An hvac client for `address` that reads nothing from the environment."""
+    if address is None:
         raise ValueError("BROKER_VAULT_ADDR is required for the vault store")
     session = requests.Session()
     session.trust_env = False
-    pool = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=settings.vault_threads)
+    pool = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=connections)
     session.mount("http://", pool)
     session.mount("https://", pool)
-    verify: bool | str = str(settings.vault_cacert) if settings.vault_cacert is not None else True
+    verify: bool | str = str(cacert) if cacert is not None else True
     session.verify = verify
     session.proxies = {}
     return hvac.Client(
-        url=settings.vault_addr,
+        url=address,
         token="",
         verify=verify,
-        timeout=settings.vault_timeout,
+        timeout=timeout,
         proxies={},
         session=session,
-        namespace=settings.vault_namespace,
+        namespace=namespace,
         adapter=_adapter_without_client_cert,
     )
 
@@ -80,34 +87,61 @@ class TokenLease:
         return cls(float(data.get("ttl") or 0), bool(data.get("renewable")))
 
 
-def login(client: hvac.Client, settings: Settings) -> TokenLease:
+@dataclass(frozen=True, slots=True)
+class VaultLogin:
+    """How the broker logs in to Vault: the method and what it needs (secrets stay masked)."""
+
+    method: Literal["token", "approle", "kubernetes"] = "token"
+    token: SecretStr | None = None
+    role_id: str | None = None
+    secret_id: SecretStr | None = None
+    approle_mount: str = "approle"
+    k8s_role: str | None = None
+    k8s_mount: str = "kubernetes"
+    k8s_token_path: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+
+
+def login(client: hvac.Client, credentials: VaultLogin) -> TokenLease:
     """Authenticate with the configured method and set the client's token (blocking)."""
-    method = settings.vault_auth
-    if method == "token":
-        if settings.vault_token is None:
-            raise StoreUnavailable("BROKER_VAULT_TOKEN is not set.")
-        client.token = settings.vault_token.get_secret_value()
-        return TokenLease.from_lookup(client.auth.token.lookup_self()["data"])
-    if method == "approle":
-        if settings.vault_role_id is None or settings.vault_secret_id is None:
-            raise StoreUnavailable("BROKER_VAULT_ROLE_ID and BROKER_VAULT_SECRET_ID are required.")
-        response = client.auth.approle.login(
-            role_id=settings.vault_role_id,
-            secret_id=settings.vault_secret_id.get_secret_value(),
-            mount_point=settings.vault_approle_mount,
-        )
-        return TokenLease.from_auth(response["auth"])
-    if settings.vault_k8s_role is None:
+    match credentials.method:
+        case "token":
+            return _token_login(client, credentials)
+        case "approle":
+            return _approle_login(client, credentials)
+        case "kubernetes":
+            return _kubernetes_login(client, credentials)
+
+
+def _token_login(client: hvac.Client, credentials: VaultLogin) -> TokenLease:
+    if credentials.token is None:
+        raise StoreUnavailable("BROKER_VAULT_TOKEN is not set.")
+    client.token = credentials.token.get_secret_value()
+    return TokenLease.from_lookup(client.auth.token.lookup_self()["data"])
+
+
+def _approle_login(client: hvac.Client, credentials: VaultLogin) -> TokenLease:
+    if credentials.role_id is None or credentials.secret_id is None:
+        raise StoreUnavailable("BROKER_VAULT_ROLE_ID and BROKER_VAULT_SECRET_ID are required.")
+    response = client.auth.approle.login(
+        role_id=credentials.role_id,
+        secret_id=credentials.secret_id.get_secret_value(),
+        mount_point=credentials.approle_mount,
+    )
+    return TokenLease.from_auth(response["auth"])
+
+
+def _kubernetes_login(client: hvac.Client, credentials: VaultLogin) -> TokenLease:
+    if credentials.k8s_role is None:
         raise StoreUnavailable("BROKER_VAULT_K8S_ROLE is required.")
     try:
         # Read on every login: projected service account tokens are rotated by the kubelet.
-        jwt = settings.vault_k8s_token_path.read_text().strip()
+        jwt = credentials.k8s_token_path.read_text().strip()
     except OSError as exc:
         raise StoreUnavailable(
-            f"Cannot read the Kubernetes service account token at {settings.vault_k8s_token_path}."
+            f"Cannot read the Kubernetes service account token at {credentials.k8s_token_path}."
         ) from exc
     response = client.auth.kubernetes.login(
-        role=settings.vault_k8s_role, jwt=jwt, mount_point=settings.vault_k8s_mount
+        role=credentials.k8s_role, jwt=jwt, mount_point=credentials.k8s_mount
     )
     return TokenLease.from_auth(response["auth"])
 
@@ -123,13 +157,13 @@ class TokenKeeper:
     def __init__(
         self,
         client: hvac.Client,
-        settings: Settings,
-        run: Runner[TokenLease],
+        credentials: VaultLogin,
+        run: Run,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
-        self._settings = settings
+        self._credentials = credentials
         self._run = run
         self._clock = clock
         self._lock = asyncio.Lock()
@@ -168,10 +202,10 @@ class TokenKeeper:
 
     async def _login(self) -> None:
         try:
-            lease = await self._run(lambda: login(self._client, self._settings))
+            lease = await self._run(lambda: login(self._client, self._credentials))
         except hvac.exceptions.VaultError as exc:
             raise StoreUnavailable(
-                f"Vault refused the broker's {self._settings.vault_auth} login;"
+                f"Vault refused the broker's {self._credentials.method} login;"
                 " check the broker's Vault credentials and role."
             ) from exc
         self._accept(lease)

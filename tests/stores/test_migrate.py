@@ -12,6 +12,7 @@ import pytest
 from openbao_server import OpenBao
 
 from broker.records import ApiKey, BrokenReason, TenantRecord, TenantState
+from broker.stores.factory import open_vault_store
 from broker.stores.local import LocalStore
 from broker.stores.migrate import MigrationReport, migrate
 from broker.stores.vault import VaultStore
@@ -28,7 +29,7 @@ async def local(tmp_path: Path) -> AsyncIterator[LocalStore]:
 
 @pytest.fixture
 async def vault(openbao: OpenBao) -> AsyncIterator[VaultStore]:
-    store = VaultStore(openbao.settings(vault_prefix=f"migrate-{secrets.token_hex(6)}"))
+    store = open_vault_store(openbao.settings(vault_prefix=f"migrate-{secrets.token_hex(6)}"))
     yield store
     await store.close()
 

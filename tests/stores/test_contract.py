@@ -37,10 +37,11 @@ async def open_backend(
         from openbao_server import OpenBao
 
         from broker.stores import vault
+        from broker.stores.factory import open_vault_store
 
         server: OpenBao = request.getfixturevalue("openbao")
         prefix = "contract-" + hashlib.sha256(str(data).encode()).hexdigest()[:16]
-        return vault.VaultStore(
+        return open_vault_store(
             server.settings(vault_prefix=prefix), journal_size=journal_size or vault.JOURNAL_SIZE
         )
     raise ValueError(f"no store backend named {name!r}")

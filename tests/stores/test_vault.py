@@ -21,10 +21,9 @@ import hvac.exceptions
 import hvac.v1
 import pytest
 import requests
-from conftest import REQUIRED_SCOPES
 from k8s_tokenreview import TokenReviewServer
 from openbao_server import BROKER_POLICY, OpenBao, vault_settings
-from servers import RunningBroker, RunningSandbox
+from servers import REQUIRED_SCOPES, RunningBroker, RunningSandbox
 
 from broker.errors import StoreConflict, StoreUnavailable
 from broker.events import LOGGER_NAME
@@ -32,9 +31,10 @@ from broker.metrics import Metrics
 from broker.pleo import PleoClient
 from broker.records import ApiKey, TenantRecord, TenantState
 from broker.settings import Settings
+from broker.stores.factory import open_vault_store, vault_client, vault_login
 from broker.stores.instrumented import InstrumentedStore
 from broker.stores.vault import JOURNAL_VERSIONS_KEPT, VaultStore
-from broker.stores.vault_auth import build_client, login
+from broker.stores.vault_auth import login
 from broker.tenants import TenantService
 
 T0 = datetime(2025, 3, 14, 9, 26, 53, tzinfo=UTC)
@@ -80,7 +80,7 @@ def active(tenant: str, key: ApiKey | None = None) -> TenantRecord:
 @pytest.fixture
 async def root_store(openbao: OpenBao) -> AsyncIterator[VaultStore]:
     """A store with the root token on a prefix of its own."""
-    store = VaultStore(openbao.settings(vault_prefix=f"test-{secrets.token_hex(6)}"))
+    store = open_vault_store(openbao.settings(vault_prefix=f"test-{secrets.token_hex(6)}"))
     yield store
     await store.close()
 
@@ -134,7 +134,7 @@ async def test_every_auth_method_logs_in_and_round_trips(
     if auth == "token":
         token = root.auth.token.create(policies=[BROKER_POLICY], ttl="1h", no_default_policy=True)
         overrides["vault_token"] = token["auth"]["client_token"]
-    store = VaultStore(vault_settings(openbao, auth, **overrides))
+    store = open_vault_store(vault_settings(openbao, auth, **overrides))
     record = active(new_tenant())
     try:
         stored = await store.put(record)
@@ -153,7 +153,7 @@ async def test_kubernetes_login_with_an_unknown_service_account_token_is_refused
     token = tokenreview.issue("payments", "pleo-broker")
     tokenreview.revoke(token)
     token_path.write_text(token)
-    store = VaultStore(vault_settings(openbao, "kubernetes", vault_k8s_token_path=token_path))
+    store = open_vault_store(vault_settings(openbao, "kubernetes", vault_k8s_token_path=token_path))
     try:
         with pytest.raises(StoreUnavailable, match="kubernetes login"):
             await store.get(new_tenant())
@@ -193,7 +193,7 @@ async def test_vault_environment_and_token_file_are_ignored(
 
     for auth in ("token", "approle"):
         settings = vault_settings(openbao, auth, vault_prefix=BROKER_POLICY)
-        client = build_client(settings)
+        client = vault_client(settings)
         try:
             assert client.url == openbao.addr
             assert client.token == ""
@@ -201,7 +201,7 @@ async def test_vault_environment_and_token_file_are_ignored(
             assert client.adapter._kwargs["verify"] is True
         finally:
             client.adapter.close()
-        store = VaultStore(settings)
+        store = open_vault_store(settings)
         record = active(new_tenant())
         try:
             assert await store.put(record) == record.evolve(version=1)
@@ -213,7 +213,7 @@ async def test_vault_environment_and_token_file_are_ignored(
 @pytest.mark.real
 async def test_stale_write_from_another_instance_conflicts(openbao: OpenBao) -> None:
     settings = openbao.settings(vault_prefix=f"test-{secrets.token_hex(6)}")
-    first, second = VaultStore(settings), VaultStore(settings)
+    first, second = open_vault_store(settings), open_vault_store(settings)
     try:
         created = await first.put(active("acme"))
         seen_by_second = await second.get("acme")
@@ -282,9 +282,9 @@ async def test_broker_policy_confines_the_token_to_its_prefix(
         path="other-app/secret", secret={"password": "x"}, mount_point="secret"
     )
     settings = vault_settings(openbao, "approle")
-    client = build_client(settings)
+    client = vault_client(settings)
     try:
-        login(client, settings)
+        login(client, vault_login(settings))
         kv = client.secrets.kv.v2
         kv.create_or_update_secret(
             path="pleo-broker/tenants/policy-probe", secret={"ok": "1"}, mount_point="secret"
@@ -336,7 +336,7 @@ async def test_broker_policy_confines_the_token_to_its_prefix(
     finally:
         client.adapter.close()
 
-    elsewhere = VaultStore(vault_settings(openbao, "approle", vault_prefix="other-app"))
+    elsewhere = open_vault_store(vault_settings(openbao, "approle", vault_prefix="other-app"))
     try:
         with pytest.raises(StoreUnavailable, match="policy"):
             await elsewhere.put(active(new_tenant()))
@@ -350,7 +350,9 @@ async def test_token_is_renewed_before_expiry_and_relogged_when_renewal_fails(
 ) -> None:
     role = f"renew-{secrets.token_hex(4)}"
     clock = FakeClock()
-    store = VaultStore(vault_settings(openbao, "approle", **approle_for(root, role)), clock=clock)
+    store = open_vault_store(
+        vault_settings(openbao, "approle", **approle_for(root, role)), clock=clock
+    )
     record = await store.put(active(new_tenant()))
     try:
         (token,) = tokens_of(root, role)
@@ -378,7 +380,7 @@ async def test_revoked_token_is_replaced_by_a_new_login(
     openbao: OpenBao, root: hvac.Client
 ) -> None:
     role = f"relogin-{secrets.token_hex(4)}"
-    store = VaultStore(vault_settings(openbao, "approle", **approle_for(root, role)))
+    store = open_vault_store(vault_settings(openbao, "approle", **approle_for(root, role)))
     try:
         record = await store.put(active(new_tenant()))
         (token,) = tokens_of(root, role)
@@ -394,7 +396,7 @@ async def test_revoked_token_is_replaced_by_a_new_login(
 
 @pytest.mark.real
 async def test_stopped_vault_is_unavailable_quickly_and_recovers(openbao_outage: OpenBao) -> None:
-    store = VaultStore(openbao_outage.settings(vault_timeout=1.0))
+    store = open_vault_store(openbao_outage.settings(vault_timeout=1.0))
     try:
         await store.put(active("acme"))
         openbao_outage.stop()
@@ -415,7 +417,7 @@ async def test_stopped_vault_is_unavailable_quickly_and_recovers(openbao_outage:
 
 @pytest.mark.real
 async def test_sealed_vault_is_unavailable_until_unsealed(openbao_outage: OpenBao) -> None:
-    store = VaultStore(openbao_outage.settings(vault_timeout=1.0))
+    store = open_vault_store(openbao_outage.settings(vault_timeout=1.0))
     try:
         stored = await store.put(active("acme"))
         openbao_outage.seal()
@@ -441,7 +443,7 @@ async def test_vault_that_never_answers_is_unavailable_within_the_timeout() -> N
             vault_token="s.unused",
             vault_timeout=0.5,
         )
-        store = VaultStore(settings)
+        store = open_vault_store(settings)
         try:
             started = time.monotonic()
             with pytest.raises(StoreUnavailable, match="did not answer"):
@@ -462,7 +464,7 @@ async def test_malformed_tenant_ids_never_reach_vault(root_store: VaultStore) ->
 @pytest.mark.real
 @pytest.mark.slow
 async def test_listing_many_tenants(openbao: OpenBao) -> None:
-    store = VaultStore(
+    store = open_vault_store(
         openbao.settings(vault_prefix=f"many-{secrets.token_hex(6)}", vault_threads=32)
     )
     names = [f"tenant-{n:05d}" for n in range(MANY_TENANTS)]
@@ -503,7 +505,7 @@ def events() -> Iterator[Events]:
 
 @pytest.mark.real
 async def test_the_broker_policy_allows_the_journal(openbao: OpenBao, root: hvac.Client) -> None:
-    store = VaultStore(vault_settings(openbao, "approle"))
+    store = open_vault_store(vault_settings(openbao, "approle"))
     try:
         cursor, _ = await store.changes_since(None)
         tenant = new_tenant()
@@ -565,7 +567,7 @@ async def test_a_failed_journal_append_is_logged_and_the_write_stands(
         """,
     )
     token = root.auth.token.create(policies=[policy], ttl="1h")["auth"]["client_token"]
-    store = VaultStore(openbao.settings(vault_prefix=prefix, vault_token=token))
+    store = open_vault_store(openbao.settings(vault_prefix=prefix, vault_token=token))
     record = active(new_tenant())
     try:
         stored = await store.put(record)
@@ -585,9 +587,9 @@ async def test_a_change_reaches_another_replica_through_the_journal(
     openbao: OpenBao, events: Events
 ) -> None:
     settings = openbao.settings(vault_prefix=f"journal-{secrets.token_hex(6)}", vault_threads=32)
-    writer = VaultStore(settings)
+    writer = open_vault_store(settings)
     metrics = Metrics()
-    reader = InstrumentedStore(VaultStore(settings), metrics)
+    reader = InstrumentedStore(open_vault_store(settings), metrics)
     pleo = PleoClient("http://127.0.0.1:9")  # never called: refresh does not talk to Pleo
     tenants = TenantService(reader, pleo, metrics, cache_ttl=10.0)
 
@@ -620,13 +622,13 @@ async def test_a_change_reaches_another_replica_through_the_journal(
 
 
 def test_a_vault_record_written_before_the_integration_fields_still_decodes() -> None:
-    from broker.stores.vault import _decode, _encode
+    from broker.stores.vault_kv import decode, encode
 
     record = active("acme").evolve(client_id="c-1", application_name="Acme ERP", version=3)
-    data = _encode(record)
-    assert _decode("acme", data, 3) == record
+    data = encode(record)
+    assert decode("acme", data, 3) == record
     del data["client_id"], data["application_name"]
-    assert _decode("acme", data, 3) == record.evolve(client_id=None, application_name=None)
+    assert decode("acme", data, 3) == record.evolve(client_id=None, application_name=None)
 
 
 # -- interrupted disconnects and unfinished destroys (issue 8, items 15 and 16) ------------------
@@ -767,12 +769,12 @@ async def test_history_a_crash_left_readable_is_destroyed_at_start_up(
     openbao: OpenBao, root: hvac.Client, events: Events, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = openbao.settings(vault_prefix=f"crash-{secrets.token_hex(6)}")
-    crashed = VaultStore(settings)
+    crashed = open_vault_store(settings)
 
     async def crash_before_destroying(tenant: str, *, below: int) -> None:
         return None  # the process died between the write and the destroy
 
-    monkeypatch.setattr(crashed, "_destroy_history", crash_before_destroying)
+    monkeypatch.setattr(crashed._history, "destroy_below", crash_before_destroying)
     old_key = new_key()
     first = await crashed.put(active("acme", old_key))
     await crashed.put(first.evolve(api_key=new_key()))
@@ -783,7 +785,7 @@ async def test_history_a_crash_left_readable_is_destroyed_at_start_up(
 
     metrics = Metrics()
     pleo = PleoClient("http://127.0.0.1:9")  # never called: loading does not talk to Pleo
-    restarted = TenantService(VaultStore(settings), pleo, metrics)
+    restarted = TenantService(open_vault_store(settings), pleo, metrics)
     try:
         await restarted.registry.start()  # the broker's start-up: one full reload
         await eventually_async(
@@ -806,7 +808,7 @@ async def test_a_destroy_that_failed_is_retried_at_the_next_full_reload(
     path = f"{root_store._base}/acme"
     first = await root_store.put(active("acme"))
     await root_store.list()  # the start-up check: nothing to destroy yet
-    await eventually_async(lambda: not root_store._checks, what="the start-up check ends")
+    await eventually_async(lambda: not root_store._history.checks, what="the start-up check ends")
     with monkeypatch.context() as patched:
         patched.setattr(root_store._kv, "destroy_secret_versions", cut)
         await root_store.put(first.evolve(api_key=new_key()))
@@ -824,7 +826,7 @@ async def test_a_destroy_that_failed_is_retried_at_the_next_full_reload(
 async def test_a_write_answered_too_late_has_its_history_checked_at_the_next_full_reload(
     openbao: OpenBao, root: hvac.Client
 ) -> None:
-    store = VaultStore(
+    store = open_vault_store(
         openbao.settings(vault_prefix=f"late-{secrets.token_hex(6)}", vault_timeout=0.5)
     )
     path = f"{store._base}/acme"
@@ -839,7 +841,7 @@ async def test_a_write_answered_too_late_has_its_history_checked_at_the_next_ful
     try:
         first = await store.put(active("acme"))
         await store.list()  # the start-up check: nothing to destroy yet
-        await eventually_async(lambda: not store._checks, what="the start-up check ends")
+        await eventually_async(lambda: not store._history.checks, what="the start-up check ends")
         store._kv.create_or_update_secret = lands_but_answers_late
         try:
             with pytest.raises(StoreUnavailable, match="did not answer"):
@@ -878,7 +880,7 @@ def test_an_interrupted_disconnect_stops_the_key_at_once_and_the_tenant_reconnec
     failure: str,
 ) -> None:
     settings = openbao.settings(vault_prefix=f"e2e-{secrets.token_hex(6)}", vault_timeout=1.0)
-    store = VaultStore(settings)
+    store = open_vault_store(settings)
     broker = make_broker(store=store)
     admin = httpx.Client(base_url=broker.admin_url, headers=broker.auth, trust_env=False)
     with admin:

@@ -1,0 +1,96 @@
+"""The one record codec of both stores: a `TenantRecord` as plain JSON values and back.
+
+`encode` gives every field but the key and the version (each store keeps those its own way:
+sealed in a column, or in the secret beside the fields, and as a row or KV version);
+`decode` reads them back. Decoding is lenient where a record written by an older broker may
+lack a field (`client_id` and `application_name` came later: absent reads as "not known")
+and strict where a broker record always has one (`state`, `updated_at`): a record missing
+one, or holding a value of the wrong kind, raises `MalformedRecord`, which each store
+translates into its own `StoreIntegrityError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+
+from broker.records import ApiKey, BrokenReason, TenantRecord, TenantState
+
+Field = str | list[str] | None
+Fields = dict[str, Field]
+
+LIST_FIELDS = ("scopes", "missing_scopes")
+
+
+class MalformedRecord(ValueError):
+    """Stored fields that are not a broker record (changed outside the broker)."""
+
+
+def encode(record: TenantRecord) -> Fields:
+    """The record's fields as JSON values: everything but its key and its version."""
+    return {
+        "tenant": record.tenant,
+        "state": record.state.value,
+        "company_id": record.company_id,
+        "scopes": sorted(record.scopes),
+        "missing_scopes": list(record.missing_scopes),
+        "reason": record.reason.value if record.reason is not None else None,
+        "message": record.message,
+        "activated_at": _iso(record.activated_at),
+        "updated_at": _iso(record.updated_at),
+        "last_checked_at": _iso(record.last_checked_at),
+        "client_id": record.client_id,
+        "application_name": record.application_name,
+    }
+
+
+def decode(
+    tenant: str, fields: Mapping[str, object], *, version: int, api_key: ApiKey | None
+) -> TenantRecord:
+    """The record `fields` (as `encode` made them) hold; raises `MalformedRecord`."""
+    try:
+        reason = fields.get("reason")
+        return TenantRecord(
+            tenant=tenant,
+            state=TenantState(_required_text(fields["state"])),
+            api_key=api_key,
+            company_id=_text(fields.get("company_id")),
+            scopes=frozenset(_texts(fields.get("scopes"))),
+            missing_scopes=tuple(_texts(fields.get("missing_scopes"))),
+            reason=BrokenReason(_required_text(reason)) if reason else None,
+            message=_text(fields.get("message")),
+            activated_at=_moment(fields.get("activated_at")),
+            updated_at=datetime.fromisoformat(_required_text(fields["updated_at"])),
+            last_checked_at=_moment(fields.get("last_checked_at")),
+            version=version,
+            client_id=_text(fields.get("client_id")),  # absent from older records
+            application_name=_text(fields.get("application_name")),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MalformedRecord(f"the stored record of tenant {tenant!r} is malformed") from exc
+
+
+def _required_text(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected text, not {type(value).__name__}")
+    return value
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+def _moment(value: object) -> datetime | None:
+    return datetime.fromisoformat(value) if isinstance(value, str) else None
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _texts(value: object) -> list[str]:
+    if not value:
+        return []
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise TypeError("expected a list of text")
+    return value
