@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.processes import Supervisor, http_status, wait_until
+from bench.processes import Supervisor, free_port, http_status, wait_until
 from broker.records import ApiKey, TenantRecord, TenantState
 from broker.stores.local import LocalStore
 
@@ -87,10 +87,10 @@ def start_broker(
     work_dir: Path,
     upstream_url: str,
     tenants: int,
-    proxy_port: int,
-    admin_port: int,
 ) -> RunningBroker:
-    """Pre-load `tenants` tenants, start the broker, and wait until /readyz answers 200."""
+    """Pre-load `tenants` tenants, start the broker on free ports, and wait until /readyz
+    answers 200."""
+    proxy_port, admin_port = free_port(), free_port()
     master_key = secrets.token_bytes(32)
     store_path = work_dir / "store"
     ids = preload(store_path, master_key, tenants)

@@ -160,8 +160,6 @@ def run(args: argparse.Namespace, tmp: Path, supervisor: Supervisor) -> report.R
             work_dir=work,
             upstream_url=upstream_url,
             tenants=count,
-            proxy_port=free_port(),
-            admin_port=free_port(),
         )
         brokers.append(running)
         _say(f"{name}: {count} tenants loaded and serving in {time.monotonic() - started:.1f} s")
@@ -222,18 +220,9 @@ def run(args: argparse.Namespace, tmp: Path, supervisor: Supervisor) -> report.R
 
     _say(f"{args.transfer_mb} MB upload and download through {report.BROKER_ONE}")
     path = "/v2/export-jobs/upload-1/items"
-    up = transfer.upload(
-        one.proxy_url,
-        path,
-        TENANT_HEADER,
-        one.tenants[0],
-        transfer_size,
-        one.pid,
-        data / "uploads" / path.lstrip("/"),
-    )
-    down = transfer.download(
-        one.proxy_url, nginx.DOWNLOAD_PATH, TENANT_HEADER, one.tenants[0], transfer_size, one.pid
-    )
+    through = transfer.Through(one.proxy_url, TENANT_HEADER, one.tenants[0], one.pid)
+    up = transfer.upload(through, path, transfer_size, data / "uploads" / path.lstrip("/"))
+    down = transfer.download(through, nginx.DOWNLOAD_PATH, transfer_size)
     rss_one, hwm_one = process_memory(one.pid)
     rss_many, hwm_many = process_memory(many.pid)
     memory = report.Memory(

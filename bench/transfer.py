@@ -72,12 +72,21 @@ def _zeros(size: int) -> Iterator[bytes]:
         remaining -= step
 
 
-def upload(
-    proxy_url: str, path: str, tenant_header: str, tenant: str, size: int, pid: int, landed: Path
-) -> TransferResult:
+@dataclass(frozen=True)
+class Through:
+    """The broker a transfer goes through: its proxy, the tenant named, its process."""
+
+    proxy_url: str
+    tenant_header: str
+    tenant: str
+    pid: int
+
+
+def upload(through: Through, path: str, size: int, landed: Path) -> TransferResult:
     """PUT `size` bytes as application/octet-stream; `landed` is where the upstream writes them."""
+    proxy_url, pid = through.proxy_url, through.pid
     headers = {
-        tenant_header: tenant,
+        through.tenant_header: through.tenant,
         "Content-Type": "application/octet-stream",
         "Content-Length": str(size),
     }
@@ -92,16 +101,16 @@ def upload(
     )
 
 
-def download(
-    proxy_url: str, path: str, tenant_header: str, tenant: str, size: int, pid: int
-) -> TransferResult:
+def download(through: Through, path: str, size: int) -> TransferResult:
     """GET a `size`-byte body, counting it as it streams."""
+    proxy_url, pid = through.proxy_url, through.pid
+    headers = {through.tenant_header: through.tenant}
     moved = 0
     with httpx.Client(base_url=proxy_url, trust_env=False, timeout=60) as client:
         started = time.perf_counter()
         with (
             MemoryWatch(pid) as watch,
-            client.stream("GET", path, headers={tenant_header: tenant}) as response,
+            client.stream("GET", path, headers=headers) as response,
         ):
             for chunk in response.iter_raw(CHUNK):
                 moved += len(chunk)

@@ -178,7 +178,7 @@ class SandboxState:
 
     # keys
 
-    def create_key(
+    def create_key(  # noqa: PLR0913 - one argument per field of the control API's key body
         self,
         company_id: str | None = None,
         scopes: Iterable[str] = ALL_SCOPES,
