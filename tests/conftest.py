@@ -8,8 +8,8 @@ from typing import Any
 
 import httpx
 import pytest
-from openbao_server import *  # noqa: F403
-from servers import (
+from support.servers import (
+    REQUIRED_SCOPES,
     RunningBroker,
     RunningSandbox,
     broker_settings,
@@ -17,7 +17,10 @@ from servers import (
     start_sandbox,
 )
 
-REQUIRED_SCOPES = ("export-jobs:read", "export-jobs:write")
+# Fixtures of the helper modules in tests/support/: a real OpenBao, and the in-process layer.
+pytest_plugins = ["support.openbao_server", "support.inprocess"]
+
+__all__ = ["REQUIRED_SCOPES"]  # `from conftest import REQUIRED_SCOPES` in older test files
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from openbao_server import OpenBao
-from servers import RunningBroker, RunningSandbox
+from support.openbao_server import OpenBao
+from support.servers import RunningBroker, RunningSandbox
 
 from broker.records import ApiKey, TenantRecord, TenantState
 from broker.stores.local import LocalStore

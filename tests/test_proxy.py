@@ -16,8 +16,8 @@ from typing import Any
 
 import httpx
 import pytest
-from servers import RunningBroker, RunningSandbox, broker_settings, start_app, start_broker
-from upstream import RecordingUpstream
+from support.servers import RunningBroker, RunningSandbox, broker_settings, start_app, start_broker
+from support.upstream import RecordingUpstream
 
 from broker import errors
 from broker.records import TenantRecord
@@ -570,7 +570,10 @@ def test_401_for_a_key_replaced_mid_flight_leaves_the_tenant_active(
         company, scopes = next(iter(upstream.keys.values()))
         fresh = "pik_" + secrets.token_hex(20)
         upstream.add_key(fresh, company, scopes)
-        connect(broker, "acme", fresh)  # rotated while Pleo is answering the old key's call
+        try:
+            connect(broker, "acme", fresh)  # rotated while Pleo is answering the old key's call
+        finally:
+            upstream.reject.set()  # now Pleo answers that call: 401
         answer = slow.result()
     assert answer.status_code == 401  # Pleo's answer to that one call, passed through
     view = httpx.get(f"{broker.admin_url}/v1/tenants/acme", headers=broker.auth).json()

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from sandbox_helpers import basic
-from servers import RunningSandbox
+from support.sandbox_helpers import basic
+from support.servers import RunningSandbox
 
 STARTUP_DEADLINE = 20.0
 

@@ -1,0 +1,202 @@
+"""A recording stand-in for Pleo for proxy tests that need what the sandbox does not do:
+answer any path, stream large or endless bodies, count uploaded bytes, set cookies.
+
+`/v1/introspect` answers for the keys registered in `keys`; every other request is
+recorded (method, raw path, query, headers, body size) and answered by its path."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import threading
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+Scope = MutableMapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Seen:
+    method: str
+    raw_path: bytes
+    query: bytes
+    headers: tuple[tuple[bytes, bytes], ...]
+    body: bytes
+    complete: bool = True  # False: the connection ended before the whole body arrived
+
+    def values(self, name: bytes) -> list[bytes]:
+        return [v for k, v in self.headers if k == name]
+
+
+@dataclass
+class RecordingUpstream:
+    keys: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
+    seen: list[Seen] = field(default_factory=list)
+    endless_closed: threading.Event = field(default_factory=threading.Event)
+    endless_sent: int = 0
+    release: threading.Event = field(default_factory=threading.Event)  # answers `held`
+    reject: threading.Event = field(default_factory=threading.Event)  # answers `slow-401`
+
+    def add_key(self, api_key: str, company_id: str, scopes: list[str]) -> None:
+        self.keys[api_key] = (company_id, scopes)
+
+    async def __call__(self, scope: Scope, receive: Callable[..., Any], send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        path: str = scope["path"]
+        if path == "/v1/introspect":
+            await self._introspect(scope, send)
+            return
+        body = bytearray()
+        received = 0
+        keep = path != "/v3/export-jobs/upload/items"
+        complete = True
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                complete = False
+                break
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if keep:
+                body += chunk
+            if not message.get("more_body", False):
+                break
+        self.seen.append(
+            Seen(
+                scope["method"],
+                scope["raw_path"],
+                scope["query_string"],
+                tuple(scope["headers"]),
+                bytes(body),
+                complete,
+            )
+        )
+        if not complete:
+            return
+        if path == "/v3/export-items" and b"size=" in scope["query_string"]:
+            size = int(scope["query_string"].split(b"size=")[1].split(b"&")[0])
+            await self._stream(send, size)
+        elif path == "/v3/export-items" and b"endless" in scope["query_string"]:
+            await self._endless(send, receive)
+        elif path in ("/v3/export-jobs/401-cut/items", "/v3/export-jobs/403-cut/items"):
+            status = 401 if "401" in path else 403
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": [(b"content-length", b"1000")],
+                }
+            )
+            await send({"type": "http.response.body", "body": b'{"type":', "more_body": True})
+            raise ConnectionAbortedError("the upstream died mid-error")
+        elif path == "/v3/export-jobs/cut-short/items":
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-length", b"1000000")],
+                }
+            )
+            await send({"type": "http.response.body", "body": b"z" * 100_000, "more_body": True})
+            raise ConnectionAbortedError("the upstream died mid-answer")
+        elif path == "/v3/export-jobs/held/items":
+            while not self.release.is_set():  # noqa: ASYNC110 - set from the test's thread
+                await asyncio.sleep(0.005)
+            await _json(send, 200, {"data": {"echo": path}})
+        elif path == "/v3/export-jobs/slow-401/items":
+            while not self.reject.is_set():  # noqa: ASYNC110 - set from the test's thread
+                await asyncio.sleep(0.005)  # the test rotates the key meanwhile, then sets it
+            await _json(send, 401, {"type": "UNAUTHORIZED", "message": "key revoked"})
+        elif not keep:
+            await _json(send, 200, {"received": received})
+        elif path == "/v3/export-jobs/cookie/items":
+            await _json(
+                send,
+                200,
+                {},
+                [
+                    (b"set-cookie", b"session=abc; Path=/"),
+                    (b"x-upstream", b"1"),
+                    (b"connection", b"x-upstream-hop"),
+                    (b"x-upstream-hop", b"for the next hop only"),
+                    (b"keep-alive", b"5"),
+                ],
+            )
+        else:
+            await _json(send, 200, {"data": {"echo": path}})
+
+    async def _introspect(self, scope: Scope, send: Any) -> None:
+        auth = dict(scope["headers"]).get(b"authorization", b"")
+        key = base64.b64decode(auth.removeprefix(b"Basic ")).decode().removesuffix(":")
+        if key not in self.keys:
+            await _json(send, 401, {"type": "UNAUTHORIZED", "message": "bad key"})
+            return
+        company, scopes = self.keys[key]
+        await _json(
+            send,
+            200,
+            {
+                "data": {
+                    "authMethod": "API_KEY",
+                    "clientId": "c",
+                    "scope": " ".join(scopes),
+                    "applicationName": "t",
+                    "subjectURN": f"urn:pleo:company:{company}",
+                }
+            },
+        )
+
+    async def _stream(self, send: Any, size: int) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/octet-stream")],
+            }
+        )
+        chunk = b"x" * 65536
+        left = size
+        while left > 0:
+            part = chunk[: min(left, len(chunk))]
+            left -= len(part)
+            await send({"type": "http.response.body", "body": part, "more_body": left > 0})
+
+    async def _endless(self, send: Any, receive: Callable[..., Any]) -> None:
+        """Streams until the broker closes the connection (uvicorn's send() stays silent
+        after a disconnect, so watch receive() for it)."""
+
+        async def disconnected() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        gone = asyncio.ensure_future(disconnected())
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/octet-stream")],
+            }
+        )
+        try:
+            while not gone.done():
+                await send({"type": "http.response.body", "body": b"y" * 65536, "more_body": True})
+                self.endless_sent += 1
+                await asyncio.sleep(0.001)
+        finally:
+            if gone.done():
+                self.endless_closed.set()
+            gone.cancel()
+
+
+async def _json(
+    send: Any, status: int, body: Any, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    data = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    await send(
+        {"type": "http.response.start", "status": status, "headers": headers + (extra or [])}
+    )
+    await send({"type": "http.response.body", "body": data})
