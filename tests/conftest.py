@@ -13,6 +13,7 @@ from support.servers import (
     RunningBroker,
     RunningSandbox,
     broker_settings,
+    quicken_uvicorn,
     start_broker,
     start_sandbox,
 )
@@ -21,6 +22,14 @@ from support.servers import (
 pytest_plugins = ["support.openbao_server", "support.inprocess"]
 
 __all__ = ["REQUIRED_SCOPES"]  # `from conftest import REQUIRED_SCOPES` in older test files
+
+
+@pytest.fixture(scope="session", autouse=True)
+def quick_server_stops() -> Iterator[None]:
+    """Servers on threads stop in milliseconds (see `quicken_uvicorn`)."""
+    undo = quicken_uvicorn()
+    yield
+    undo()
 
 
 @pytest.fixture

@@ -16,6 +16,8 @@ from support.openbao_persistent import PersistentOpenBao
 from support.openbao_server import _require_binary
 from support.servers import RunningBroker, RunningSandbox, broker_settings, start_broker
 
+pytestmark = pytest.mark.real  # OpenBao, killed and started again
+
 REQUIRED = ["export-jobs:read", "export-jobs:write"]
 TTL = 0.5
 TENANT = {"X-Broker-Tenant": "acme"}

@@ -135,3 +135,17 @@ def test_an_openbao_that_never_gets_ready_is_stopped(
     assert len(started) == 1
     assert started[0].poll() is not None  # terminated, not left running
     assert server.process is None
+
+
+async def test_the_admin_api_runs_in_process(
+    inprocess_admin: httpx.AsyncClient, fake_pleo: FakePleo, memory_store: MemoryStore
+) -> None:
+    key = fake_pleo.add_key(COMPANY)
+    connected = await inprocess_admin.put("/v1/tenants/acme/key", json={"api_key": key.reveal()})
+    assert connected.status_code == 200, connected.text
+    assert (connected.json()["state"], connected.json()["company_id"]) == ("active", COMPANY)
+    listed = await inprocess_admin.get("/v1/tenants")
+    assert [view["tenant"] for view in listed.json()["tenants"]] == ["acme"]
+    assert (await memory_store.get("acme")) is not None
+    refused = await inprocess_admin.get("/v1/tenants", headers={"Authorization": "Bearer no"})
+    assert refused.status_code == 401

@@ -308,6 +308,6 @@ async def inprocess_proxy(inprocess_broker: Broker) -> AsyncIterator[httpx.Async
     (the data plane's aiohttp session is not on the fake)."""
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=create_proxy_app(inprocess_broker)),
-        base_url="http://proxy.test",
+        base_url="http://127.0.0.1",  # a host name the proxy accepts by default
     ) as client:
         yield client
