@@ -8,12 +8,12 @@ from typing import Any
 
 import httpx
 import pytest
+from support.quick import quicken_uvicorn, share_tls_context
 from support.servers import (
     REQUIRED_SCOPES,
     RunningBroker,
     RunningSandbox,
     broker_settings,
-    quicken_uvicorn,
     start_broker,
     start_sandbox,
 )
@@ -25,11 +25,12 @@ __all__ = ["REQUIRED_SCOPES"]  # `from conftest import REQUIRED_SCOPES` in older
 
 
 @pytest.fixture(scope="session", autouse=True)
-def quick_server_stops() -> Iterator[None]:
-    """Servers on threads stop in milliseconds (see `quicken_uvicorn`)."""
-    undo = quicken_uvicorn()
+def quick_servers_and_clients() -> Iterator[None]:
+    """Servers on threads stop in milliseconds; clients share one TLS context (support.quick)."""
+    undo = [quicken_uvicorn(), share_tls_context()]
     yield
-    undo()
+    for step in undo:
+        step()
 
 
 @pytest.fixture

@@ -7,13 +7,10 @@ import asyncio
 import base64
 import secrets
 import threading
-import types
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import uvicorn.server
 
 from broker.sandbox import SandboxState, create_app
 from broker.server import Listener, bind, run_listeners, serve
@@ -23,38 +20,6 @@ from broker.stores import SecretStore
 StartFn = Callable[[asyncio.Event, Callable[..., None]], Coroutine[Any, Any, None]]
 
 REQUIRED_SCOPES = ("export-jobs:read", "export-jobs:write")  # what test brokers require
-
-
-UVICORN_TICK = 0.1  # uvicorn's own polling interval (uvicorn/server.py)
-TEST_TICK = 0.005
-
-
-class _QuickTicks(types.ModuleType):
-    """`asyncio` as uvicorn's server module sees it, with its 0.1 s waits made 5 ms."""
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(asyncio, name)
-
-    @staticmethod
-    async def sleep(delay: float, result: Any = None) -> Any:
-        return await asyncio.sleep(TEST_TICK if delay == UVICORN_TICK else delay, result)
-
-
-def quicken_uvicorn() -> Callable[[], None]:
-    """Make uvicorn notice a stop in 5 ms instead of 0.1-0.3 s; returns the undo.
-
-    A uvicorn server polls its exit flag every 0.1 s and waits 0.1 s more while it shuts
-    down: 0.2-0.3 s for every server a test stops, which was most of the fast suite's time.
-    Only the length of those idle waits changes; everything uvicorn does is the same.
-    """
-    module = vars(uvicorn.server)
-    original = module["asyncio"]
-    module["asyncio"] = _QuickTicks("asyncio")
-
-    def undo() -> None:
-        module["asyncio"] = original
-
-    return undo
 
 
 class ThreadedLoop:
