@@ -8,8 +8,8 @@ from typing import Any
 
 import httpx
 import pytest
-from openbao_server import *  # noqa: F403
-from servers import (
+from support.quick import quicken_uvicorn, share_tls_context
+from support.servers import (
     REQUIRED_SCOPES,
     RunningBroker,
     RunningSandbox,
@@ -17,6 +17,18 @@ from servers import (
     start_broker,
     start_sandbox,
 )
+
+# Fixtures of the helper modules in tests/support/: a real OpenBao, and the in-process layer.
+pytest_plugins = ["support.openbao_server", "support.inprocess"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def quick_servers_and_clients() -> Iterator[None]:
+    """Servers on threads stop in milliseconds; clients share one TLS context (support.quick)."""
+    undo = [quicken_uvicorn(), share_tls_context()]
+    yield
+    for step in undo:
+        step()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from servers import RunningBroker, RunningSandbox
+from support.servers import RunningBroker, RunningSandbox
 
 from broker.records import TenantRecord
 from broker.sandbox import ALL_SCOPES

@@ -131,6 +131,7 @@ def test_nginx_configs_keep_everything_in_their_prefix(tmp_path: Path) -> None:
         assert ("proxy_http_version 1.1;" in proxy) is keepalive
 
 
+@pytest.mark.real  # nginx
 @pytest.mark.skipif(nginx.find_nginx() is None, reason="nginx is not installed")
 def test_nginx_accepts_the_generated_configs(tmp_path: Path) -> None:
     for name in ("up", "proxy", "proxy-keepalive"):

@@ -21,6 +21,8 @@ import yaml
 
 from broker.settings import Settings
 
+pytestmark = pytest.mark.real  # the Helm SDK and Kubernetes' schemas
+
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "pleo-broker"
 EXAMPLE = CHART / "examples" / "app-with-sidecar"

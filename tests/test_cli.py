@@ -14,8 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from openbao_server import OpenBao
-from servers import RunningBroker, RunningSandbox
+from support.openbao_server import OpenBao
+from support.servers import RunningBroker, RunningSandbox
 
 from broker.records import ApiKey, TenantRecord, TenantState
 from broker.stores.local import LocalStore
@@ -119,6 +119,7 @@ def test_catalog_prints_the_route_table() -> None:
     assert any(line.split()[:3] == ["GET", "/v3/export-jobs", "export-jobs:read"] for line in lines)
 
 
+@pytest.mark.real  # a real broker process
 def test_demo_runs_to_the_end() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "broker", "demo"], capture_output=True, text=True, timeout=120
@@ -131,6 +132,7 @@ def test_demo_runs_to_the_end() -> None:
     assert "reason=key_rejected" in result.stdout
 
 
+@pytest.mark.real  # OpenBao
 def test_migrate_local_to_vault_prints_counts_and_no_key(tmp_path: Path, openbao: OpenBao) -> None:
     master = base64.b64encode(secrets.token_bytes(32)).decode()
     keys = ["pik_" + secrets.token_hex(20) for _ in range(2)]
@@ -189,6 +191,7 @@ def test_migrate_refuses_the_same_store_twice() -> None:
     assert "same store" in result.stderr
 
 
+@pytest.mark.real  # a real broker process
 def test_demo_keep_running_leaves_a_usable_broker_and_stops_on_ctrl_c() -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "broker", "demo", "--keep-running"],

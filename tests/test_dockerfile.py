@@ -317,6 +317,7 @@ def hadolint() -> str:
     return path
 
 
+@pytest.mark.real  # hadolint
 def test_hadolint_finds_nothing() -> None:
     result = subprocess.run(
         [hadolint(), "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60

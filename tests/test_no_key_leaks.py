@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from servers import RunningBroker, RunningSandbox
+from support.servers import RunningBroker, RunningSandbox
 
 from broker.events import LOGGER_NAME, JsonFormatter
 

@@ -125,6 +125,7 @@ def test_metric_names_parser_finds_names_and_ignores_functions() -> None:
     assert metric_names(expr) == {"broker_upstream_duration_seconds_bucket", "up"}
 
 
+@pytest.mark.real  # promtool
 def test_rules_pass_promtool_check() -> None:
     result = subprocess.run(
         [promtool(), "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60
@@ -132,6 +133,7 @@ def test_rules_pass_promtool_check() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.real  # promtool
 def test_rules_unit_tests_pass() -> None:
     assert RULE_TESTS, "config/prometheus/tests/ holds no promtool unit tests"
     result = subprocess.run(
@@ -216,6 +218,7 @@ def test_dashboard_shape() -> None:
             assert 'namespace=~"$namespace"' in target["expr"], panel["title"]
 
 
+@pytest.mark.real  # promtool
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     # promtool parses every expression when it checks a rule file, so check them as recording rules.
     concrete = [
@@ -313,6 +316,7 @@ def live_broker(tmp_path: Path) -> Iterator[tuple[str, str]]:
         log.close()
 
 
+@pytest.mark.real  # promtool, a real `broker serve`
 def test_live_metrics_pass_promtool_and_match_the_contract(live_broker: tuple[str, str]) -> None:
     admin, proxy = live_broker
     tool = promtool()

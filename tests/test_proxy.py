@@ -16,8 +16,9 @@ from typing import Any
 
 import httpx
 import pytest
-from servers import RunningBroker, RunningSandbox, broker_settings, start_app, start_broker
-from upstream import RecordingUpstream
+from support.inprocess import FakePleo
+from support.servers import RunningBroker, RunningSandbox, broker_settings, start_app, start_broker
+from support.upstream import RecordingUpstream
 
 from broker import errors
 from broker.records import TenantRecord
@@ -277,6 +278,69 @@ def test_pending_tenant_is_not_active(
     )
     assert error["since"]
     assert len(sandbox.state.requests) == 0
+
+
+# -- the same refusals in process (httpx.ASGITransport): nothing is sent upstream -------------
+
+
+@pytest.fixture
+async def inprocess_acme(inprocess_admin: httpx.AsyncClient, fake_pleo: FakePleo) -> None:
+    """Tenant `acme` connected with a key that may export but not read accounts."""
+    key = fake_pleo.add_key(scopes=tuple(REQUIRED))
+    answer = await inprocess_admin.put("/v1/tenants/acme/key", json={"api_key": key.reveal()})
+    assert answer.status_code == 200, answer.text
+
+
+@pytest.mark.parametrize(
+    ("headers", "code", "status"),
+    [
+        ({}, "tenant_missing", 400),
+        ({"X-Broker-Tenant": "Not Valid"}, "tenant_invalid", 400),
+        ({"X-Broker-Tenant": "ghost"}, "tenant_unknown", 404),
+    ],
+)
+async def test_tenant_header_refusals_in_process(
+    inprocess_proxy: httpx.AsyncClient,
+    inprocess_acme: None,
+    headers: dict[str, str],
+    code: str,
+    status: int,
+) -> None:
+    response = await inprocess_proxy.get("/v3/export-jobs", headers=headers)
+    assert (response.status_code, code_of(response)) == (status, code)
+    assert response.headers["x-request-id"]
+
+
+async def test_route_and_scope_refusals_in_process(
+    inprocess_proxy: httpx.AsyncClient, inprocess_acme: None
+) -> None:
+    unknown = await inprocess_proxy.get("/v9/not-a-route", headers=TENANT)
+    assert (unknown.status_code, code_of(unknown)) == (403, "route_not_allowed")
+    accounts = await inprocess_proxy.post("/v1/chart-of-accounts:search", headers=TENANT, json={})
+    error = accounts.json()["error"]
+    assert (accounts.status_code, error["code"], error["required_scope"], error["tenant"]) == (
+        403,
+        "scope_not_granted",
+        "accounts:read",
+        "acme",
+    )
+
+
+async def test_a_pending_tenant_is_not_active_in_process(
+    inprocess_admin: httpx.AsyncClient, inprocess_proxy: httpx.AsyncClient, fake_pleo: FakePleo
+) -> None:
+    refused = await inprocess_admin.put(
+        "/v1/tenants/acme/key", json={"api_key": "pik_" + secrets.token_hex(20)}
+    )
+    assert code_of(refused) == "key_invalid"
+    response = await inprocess_proxy.get("/v3/export-jobs", headers=TENANT)
+    error = response.json()["error"]
+    assert (response.status_code, error["code"], error["state"]) == (
+        424,
+        "tenant_not_active",
+        "pending",
+    )
+    assert fake_pleo.calls["/v1/introspect"] == 1  # the activation's, none from the proxy
 
 
 # -- failure detection --------------------------------------------------------------------------
@@ -570,7 +634,10 @@ def test_401_for_a_key_replaced_mid_flight_leaves_the_tenant_active(
         company, scopes = next(iter(upstream.keys.values()))
         fresh = "pik_" + secrets.token_hex(20)
         upstream.add_key(fresh, company, scopes)
-        connect(broker, "acme", fresh)  # rotated while Pleo is answering the old key's call
+        try:
+            connect(broker, "acme", fresh)  # rotated while Pleo is answering the old key's call
+        finally:
+            upstream.reject.set()  # now Pleo answers that call: 401
         answer = slow.result()
     assert answer.status_code == 401  # Pleo's answer to that one call, passed through
     view = httpx.get(f"{broker.admin_url}/v1/tenants/acme", headers=broker.auth).json()

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
-from servers import RunningBroker, RunningSandbox
+from support.servers import RunningBroker, RunningSandbox
 
 pytestmark = pytest.mark.real
 

@@ -14,8 +14,8 @@ from urllib.parse import unquote
 import httpx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from servers import broker_settings, start_app, start_broker
-from upstream import RecordingUpstream
+from support.servers import broker_settings, start_app, start_broker
+from support.upstream import RecordingUpstream
 
 from broker.catalog import load_catalog
 

@@ -12,9 +12,11 @@ import httpx
 import pytest
 import requests
 from hvac.api.secrets_engines.kv_v2 import KvV2
-from openbao_persistent import PersistentOpenBao
-from openbao_server import _require_binary
-from servers import RunningBroker, RunningSandbox, broker_settings, start_broker
+from support.openbao_persistent import PersistentOpenBao
+from support.openbao_server import _require_binary
+from support.servers import RunningBroker, RunningSandbox, broker_settings, start_broker
+
+pytestmark = pytest.mark.real  # OpenBao, killed and started again
 
 REQUIRED = ["export-jobs:read", "export-jobs:write"]
 TTL = 0.5

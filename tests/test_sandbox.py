@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sandbox_helpers import assert_matches_spec, basic
+from support.sandbox_helpers import assert_matches_spec, basic
 
 from broker.sandbox import SandboxKey, SandboxState, create_app
 

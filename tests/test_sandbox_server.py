@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from sandbox_helpers import basic
-from servers import RunningSandbox
+from support.sandbox_helpers import basic
+from support.servers import RunningSandbox
 
 STARTUP_DEADLINE = 20.0
 
@@ -102,6 +102,7 @@ def exercise_over_the_wire(url: str) -> None:
         assert created["api_key"] not in str(seen)
 
 
+@pytest.mark.real  # a real server process
 def test_run_serves_the_sandbox_under_uvicorn(sandbox_process: SandboxProcess) -> None:
     exercise_over_the_wire(sandbox_process.url)
     stderr = sandbox_process.stop()

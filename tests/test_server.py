@@ -21,8 +21,8 @@ from typing import Any
 
 import httpx
 import pytest
-from servers import RunningBroker, broker_settings, start_app, start_broker
-from upstream import RecordingUpstream
+from support.servers import RunningBroker, broker_settings, start_app, start_broker
+from support.upstream import RecordingUpstream
 
 from broker.protocol import RefusalLog
 from broker.server import connection_caps, raise_file_limit

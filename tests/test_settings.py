@@ -122,6 +122,7 @@ def serve_with(tmp_path: Path, **settings: str) -> subprocess.CompletedProcess[s
     )
 
 
+@pytest.mark.real  # a real `broker serve`
 def test_serve_stops_with_one_line_on_bad_config(tmp_path: Path) -> None:
     result = serve_with(tmp_path, BROKER_PROXY_PORT="eighty")
     assert result.returncode == 2
@@ -130,6 +131,7 @@ def test_serve_stops_with_one_line_on_bad_config(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.real  # a real `broker serve`
 def test_serve_stops_with_one_line_on_a_bad_catalog(tmp_path: Path) -> None:
     catalog = tmp_path / "catalog.json"
     catalog.write_text('{"routes": [{"method": "FETCH", "path": "/x", "scope": null}]}')
@@ -141,6 +143,7 @@ def test_serve_stops_with_one_line_on_a_bad_catalog(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.real  # a real `broker serve`
 def test_serve_refuses_to_start_without_admin_token(tmp_path: Path) -> None:
     result = serve_with(tmp_path)
     assert result.returncode == 2
@@ -178,6 +181,7 @@ def test_admin_token_is_stripped_of_surrounding_whitespace(monkeypatch: pytest.M
     assert settings.admin_token.get_secret_value() == TOKEN
 
 
+@pytest.mark.real  # a real `broker serve`
 def test_serve_refuses_a_short_admin_token_in_one_line(tmp_path: Path) -> None:
     result = serve_with(tmp_path, BROKER_ADMIN_TOKEN="   tiny   ")
     assert result.returncode == 2

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from servers import RunningBroker, RunningSandbox, ThreadedLoop
+from support.servers import RunningBroker, RunningSandbox, ThreadedLoop
 
 from broker.events import LOGGER_NAME
 from broker.sandbox import SandboxKey

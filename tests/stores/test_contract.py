@@ -34,7 +34,7 @@ async def open_backend(
         # The master key file is made in `data`, so later stores on `data` share it.
         return LocalStore(data, journal_size=journal_size or local.JOURNAL_SIZE)
     if name == "vault":
-        from openbao_server import OpenBao
+        from support.openbao_server import OpenBao
 
         from broker.stores import vault
         from broker.stores.factory import open_vault_store

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from filesystems import fill, freeze, tmpfs, writable_until_frozen
-from servers import REQUIRED_SCOPES, RunningBroker, RunningSandbox
+from support.filesystems import fill, freeze, tmpfs, writable_until_frozen
+from support.servers import REQUIRED_SCOPES, RunningBroker, RunningSandbox
 
 from broker.errors import StoreConflict, StoreIntegrityError, StoreUnavailable
 from broker.records import ApiKey, TenantRecord, TenantState

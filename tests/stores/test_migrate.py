@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from openbao_server import OpenBao
+from support.openbao_server import OpenBao
 
 from broker.records import ApiKey, BrokenReason, TenantRecord, TenantState
 from broker.stores.factory import open_vault_store

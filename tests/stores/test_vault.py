@@ -21,9 +21,9 @@ import hvac.exceptions
 import hvac.v1
 import pytest
 import requests
-from k8s_tokenreview import TokenReviewServer
-from openbao_server import BROKER_POLICY, OpenBao, vault_settings
-from servers import REQUIRED_SCOPES, RunningBroker, RunningSandbox
+from support.k8s_tokenreview import TokenReviewServer
+from support.openbao_server import BROKER_POLICY, OpenBao, vault_settings
+from support.servers import REQUIRED_SCOPES, RunningBroker, RunningSandbox
 
 from broker.errors import StoreConflict, StoreUnavailable
 from broker.events import LOGGER_NAME

@@ -1,7 +1,10 @@
-"""TenantRegistry.refresh (a TenantService's registry): full reloads and the change journal.
+"""TenantRegistry (broker/registry.py): the records the proxy serves, kept in step with the store.
 
-A real LocalStore on a temporary directory; a second LocalStore on the same file plays
-another replica. No call reaches Pleo.
+`active`, the proxy's one read, and its refusals; refreshes (full reloads and the change
+journal); what memory knows better than the store (a held break, a disconnect under way, a
+write problem). Each refresh test runs on the in-memory store and on a real LocalStore (SQLite
+on a temporary directory); a second store object on the same data plays another replica.
+No call reaches Pleo (it is the fake, on MockTransport).
 """
 
 from __future__ import annotations
@@ -11,21 +14,26 @@ import secrets
 import sqlite3
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
+from support.inprocess import MemoryBackend, MemoryStore
 
+from broker import errors
 from broker.errors import StoreUnavailable, TenantUnknown
 from broker.metrics import Metrics
 from broker.pleo import PleoClient
-from broker.records import ApiKey, TenantRecord, TenantState
-from broker.registry import FULL_RELOAD_SECONDS
+from broker.records import ApiKey, BrokenReason, TenantRecord, TenantState
+from broker.registry import FULL_RELOAD_SECONDS, TenantRegistry
 from broker.stores import SecretStore
 from broker.stores.local import LocalStore
 from broker.tenants import TenantService
 
 T0 = datetime(2025, 3, 14, 9, 26, 53, tzinfo=UTC)
+COMPANY = "0b7e3c1a-5d2f-4e8b-9a61-3f0c2d4e5a6b"
 
 
 class CountingStore:
@@ -95,27 +103,68 @@ def active(tenant: str) -> TenantRecord:
     )
 
 
-@pytest.fixture
-async def pleo() -> AsyncIterator[PleoClient]:
-    client = PleoClient("http://127.0.0.1:9")  # never called: refresh does not talk to Pleo
-    yield client
-    await client.aclose()
+@dataclass
+class Backing:
+    """The data replicas share: in memory, or a LocalStore's directory."""
+
+    kind: str
+    directory: Path
+    memory: MemoryBackend = field(default_factory=MemoryBackend)
+    opened: builtins.list[SecretStore] = field(default_factory=list)
+
+    def open(self, journal_size: int | None = None) -> SecretStore:
+        """Another store object on this data (`journal_size`: keep only that many entries)."""
+        store: SecretStore
+        if self.kind == "memory":
+            if journal_size is not None:
+                self.memory.journal_size = journal_size
+            store = MemoryStore(self.memory)
+        else:
+            sized: dict[str, Any] = {} if journal_size is None else {"journal_size": journal_size}
+            store = LocalStore(self.directory, **sized)
+        self.opened.append(store)
+        return store
+
+    def corrupt(self, tenant: str) -> None:
+        """Make the tenant's record unreadable behind the store's back (no journal entry)."""
+        if self.kind == "memory":
+            self.memory.unreadable.add(tenant)
+            return
+        with sqlite3.connect(self.directory / "tenants.db") as conn:
+            (sealed,) = conn.execute(
+                "SELECT sealed_key FROM tenants WHERE tenant = ?", (tenant,)
+            ).fetchone()
+            damaged = bytearray(sealed)
+            damaged[-1] ^= 0x01
+            conn.execute(
+                "UPDATE tenants SET sealed_key = ? WHERE tenant = ?", (bytes(damaged), tenant)
+            )
+        conn.close()
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def backing(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backing]:
+    shared = Backing(request.param, tmp_path / "store")
+    yield shared
+    for store in shared.opened:
+        await store.close()
 
 
 @pytest.fixture
-async def mine(tmp_path: Path) -> AsyncIterator[CountingStore]:
+def pleo(pleo_client: PleoClient) -> PleoClient:
+    return pleo_client  # on the fake Pleo: refresh never calls it
+
+
+@pytest.fixture
+def mine(backing: Backing) -> CountingStore:
     """The store of the service under test."""
-    store = CountingStore(LocalStore(tmp_path / "store"))
-    yield store
-    await store.close()
+    return CountingStore(backing.open())
 
 
 @pytest.fixture
-async def other(mine: CountingStore, tmp_path: Path) -> AsyncIterator[LocalStore]:
-    """Another replica's store on the same file."""
-    store = LocalStore(tmp_path / "store")
-    yield store
-    await store.close()
+def other(mine: CountingStore, backing: Backing) -> SecretStore:
+    """Another replica's store on the same data."""
+    return backing.open()
 
 
 def service(store: SecretStore, pleo: PleoClient, cache_ttl: float = 10.0) -> TenantService:
@@ -123,7 +172,7 @@ def service(store: SecretStore, pleo: PleoClient, cache_ttl: float = 10.0) -> Te
 
 
 async def test_changes_by_another_replica_are_read_from_the_journal(
-    mine: CountingStore, other: LocalStore, pleo: PleoClient
+    mine: CountingStore, other: SecretStore, pleo: PleoClient
 ) -> None:
     unchanged = [await other.put(active(f"tenant-{n:02d}")) for n in range(40)]
     acme = await other.put(active("acme"))
@@ -150,7 +199,7 @@ async def test_changes_by_another_replica_are_read_from_the_journal(
 
 
 async def test_a_refresh_with_nothing_changed_reads_no_record(
-    mine: CountingStore, other: LocalStore, pleo: PleoClient
+    mine: CountingStore, other: SecretStore, pleo: PleoClient
 ) -> None:
     await other.put(active("acme"))
     tenants = service(mine, pleo)
@@ -164,15 +213,12 @@ async def test_a_refresh_with_nothing_changed_reads_no_record(
 
 
 async def test_a_cursor_the_journal_no_longer_reaches_means_a_full_list(
-    tmp_path: Path, mine: CountingStore, pleo: PleoClient
+    backing: Backing, mine: CountingStore, pleo: PleoClient
 ) -> None:
     tenants = service(mine, pleo)
     await tenants.registry.refresh()
-    busy = LocalStore(tmp_path / "store", journal_size=2)  # prunes the journal to 2 entries
-    try:
-        written = [await busy.put(active(f"t{n}")) for n in range(3)]
-    finally:
-        await busy.close()
+    busy = backing.open(journal_size=2)  # prunes the journal to 2 entries
+    written = [await busy.put(active(f"t{n}")) for n in range(3)]
 
     assert await tenants.registry.refresh()
 
@@ -182,7 +228,7 @@ async def test_a_cursor_the_journal_no_longer_reaches_means_a_full_list(
 
 
 async def test_a_full_reload_comes_every_full_reload_every_refreshes(
-    mine: CountingStore, other: LocalStore, pleo: PleoClient
+    mine: CountingStore, other: SecretStore, pleo: PleoClient
 ) -> None:
     tenants = service(mine, pleo, cache_ttl=FULL_RELOAD_SECONDS / 3)
     assert tenants.registry.full_reload_every == 3
@@ -198,7 +244,7 @@ async def test_a_full_reload_comes_every_full_reload_every_refreshes(
 
 
 async def test_a_change_made_here_while_refreshing_is_not_undone(
-    mine: CountingStore, other: LocalStore, pleo: PleoClient
+    mine: CountingStore, other: SecretStore, pleo: PleoClient
 ) -> None:
     acme = await other.put(active("acme"))
     tenants = service(mine, pleo)
@@ -218,7 +264,7 @@ async def test_a_change_made_here_while_refreshing_is_not_undone(
 
 
 async def test_a_store_outage_while_catching_up_keeps_what_memory_holds(
-    mine: CountingStore, other: LocalStore, pleo: PleoClient
+    mine: CountingStore, other: SecretStore, pleo: PleoClient
 ) -> None:
     acme = await other.put(active("acme"))
     tenants = service(mine, pleo)
@@ -237,28 +283,16 @@ async def test_a_store_outage_while_catching_up_keeps_what_memory_holds(
     assert mine.calls["list"] == 1
 
 
-def corrupt(store_dir: Path, tenant: str) -> None:
-    """Flip a byte of the tenant's ciphertext behind the store's back (no journal entry)."""
-    with sqlite3.connect(store_dir / "tenants.db") as conn:
-        (sealed,) = conn.execute(
-            "SELECT sealed_key FROM tenants WHERE tenant = ?", (tenant,)
-        ).fetchone()
-        damaged = bytearray(sealed)
-        damaged[-1] ^= 0x01
-        conn.execute("UPDATE tenants SET sealed_key = ? WHERE tenant = ?", (bytes(damaged), tenant))
-    conn.close()
-
-
 async def test_an_unreadable_record_is_skipped_not_fatal(
     mine: CountingStore,
-    other: LocalStore,
+    other: SecretStore,
     pleo: PleoClient,
-    tmp_path: Path,
+    backing: Backing,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     good = await other.put(active("acme"))
     await other.put(active("globex"))
-    corrupt(tmp_path / "store", "globex")
+    backing.corrupt("globex")
     tenants = service(mine, pleo)
     assert await tenants.registry.refresh()  # a full reload: globex is reported and left out
     assert tenants.registry.get("acme") == good
@@ -267,7 +301,7 @@ async def test_an_unreadable_record_is_skipped_not_fatal(
 
     initech = await other.put(active("initech"))  # the journal now names initech...
     await other.put(active("hooli"))
-    corrupt(tmp_path / "store", "hooli")  # ...and hooli, which no longer decrypts
+    backing.corrupt("hooli")  # ...and hooli, which no longer decrypts
     assert await tenants.registry.refresh()  # incremental: the bad one is dropped, the rest served
     assert tenants.registry.get("initech") == initech
     assert tenants.registry.get("hooli") is None
@@ -298,7 +332,7 @@ async def test_a_break_the_store_cannot_take_is_served_at_once_and_saved_later(
 
 
 async def test_a_held_break_yields_to_a_rotation_made_elsewhere(
-    mine: CountingStore, other: LocalStore, pleo: PleoClient
+    mine: CountingStore, other: SecretStore, pleo: PleoClient
 ) -> None:
     tenants = service(mine, pleo)
     acme = await mine.put(active("acme"))
@@ -395,7 +429,7 @@ async def test_a_disconnect_the_store_failed_keeps_the_tenant_gone_until_it_is_r
 
 
 async def test_a_tenant_connected_again_elsewhere_ends_a_failed_disconnect(
-    mine: CountingStore, other: LocalStore, pleo: PleoClient
+    mine: CountingStore, other: SecretStore, pleo: PleoClient
 ) -> None:
     tenants = service(mine, pleo)
     acme = await mine.put(active("acme"))
@@ -412,3 +446,91 @@ async def test_a_tenant_connected_again_elsewhere_ends_a_failed_disconnect(
 
     assert tenants.registry.get("acme") == reconnected
     assert await tenants.fetch("acme") == reconnected
+
+
+# -- active: the proxy's one read --------------------------------------------------------
+
+
+def _active(tenant: str = "acme", key: str = "pik_" + "k" * 40) -> TenantRecord:
+    return TenantRecord(
+        tenant=tenant, state=TenantState.ACTIVE, api_key=ApiKey(key), company_id=COMPANY
+    )
+
+
+async def _registry(*records: TenantRecord) -> TenantRegistry:
+    store = MemoryStore()
+    for record in records:
+        await store.put(record)
+    return TenantRegistry(store, Metrics())
+
+
+async def test_before_the_first_load_an_unknown_tenant_is_store_unavailable() -> None:
+    with pytest.raises(errors.StoreUnavailable):
+        (await _registry()).active("acme")
+
+
+async def test_an_unknown_tenant_is_tenant_unknown() -> None:
+    registry = await _registry()
+    await registry.refresh()
+    with pytest.raises(errors.TenantUnknown):
+        registry.active("acme")
+
+
+async def test_a_broken_tenant_is_not_active_with_its_reason() -> None:
+    broken = _active().evolve(state=TenantState.BROKEN, reason=BrokenReason.KEY_REJECTED)
+    registry = await _registry(broken)
+    await registry.refresh()
+    with pytest.raises(errors.TenantNotActive) as caught:
+        registry.active("acme")
+    assert caught.value.to_body()["error"]["reason"] == "key_rejected"
+
+
+async def test_a_pending_tenant_is_not_active_with_its_message() -> None:
+    pending = TenantRecord(
+        tenant="acme", state=TenantState.PENDING, api_key=None, message="the key lacks scopes"
+    )
+    registry = await _registry(pending)
+    await registry.refresh()
+    with pytest.raises(errors.TenantNotActive, match="the key lacks scopes") as caught:
+        registry.active("acme")
+    assert caught.value.to_body()["error"]["state"] == "pending"
+
+
+async def test_the_active_tenant_is_built_once_per_record() -> None:
+    registry = await _registry(_active())
+    await registry.refresh()
+    first = registry.active("acme")
+    assert registry.active("acme") is first
+    rotated = _active(key="pik_" + "r" * 40)
+    registry.remember("acme", rotated)
+    second = registry.active("acme")
+    assert second is not first
+    assert second.record is rotated
+    registry.remember("acme", None)
+    with pytest.raises(errors.TenantUnknown):
+        registry.active("acme")
+
+
+async def test_a_store_down_at_start_is_the_store_problem_until_it_answers() -> None:
+    store = MemoryStore()
+    await store.put(_active())
+    registry = TenantRegistry(store, Metrics())
+    store.down = True
+    assert await registry.refresh() is False
+    assert registry.store_problem == "the store is down"
+    with pytest.raises(errors.StoreUnavailable):
+        registry.active("acme")
+    store.down = False
+    assert await registry.refresh()
+    assert registry.store_problem is None
+    assert registry.active("acme").company_id == COMPANY
+
+
+async def test_the_tenant_gauge_counts_states() -> None:
+    broken = _active("globex").evolve(state=TenantState.BROKEN, reason=BrokenReason.KEY_REJECTED)
+    registry = await _registry(_active("acme"), broken, _active("initech"))
+    await registry.refresh()
+    gauge = registry.metrics.registry.get_sample_value
+    assert gauge("broker_tenants", {"state": "active"}) == 2
+    assert gauge("broker_tenants", {"state": "broken"}) == 1
+    assert gauge("broker_tenants", {"state": "pending"}) == 0

@@ -26,14 +26,12 @@ from typing import IO, Any
 
 import hvac
 import pytest
-from k8s_tokenreview import TokenReviewServer
 
 from broker.settings import Settings
 from broker.stores.factory import vault_client
+from support.k8s_tokenreview import TokenReviewServer
 
-__all__ = ["openbao", "openbao_outage", "tokenreview"]  # the fixtures conftest re-exports
-
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BROKER_POLICY = "pleo-broker"
 APPROLE_ROLE = "pleo-broker"
 K8S_ROLE = "pleo-broker"
@@ -101,6 +99,15 @@ class OpenBao:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        """Start the server and wait until it is ready; a start that fails or times out
+        stops the process it began, so no OpenBao outlives the test that wanted it."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
         """Start the server (in-memory storage: a restart begins empty) and wait until ready."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         log_path = self.workdir / "bao.log"

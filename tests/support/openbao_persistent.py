@@ -16,14 +16,14 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from openbao_server import START_DEADLINE, OpenBao
+from support.openbao_server import START_DEADLINE, OpenBao
 
 
 @dataclass
 class PersistentOpenBao(OpenBao):
     initialised: bool = False
 
-    def start(self) -> None:
+    def _start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self.workdir / "bao.hcl"
         data = self.workdir / "data"

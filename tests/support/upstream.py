@@ -36,7 +36,8 @@ class RecordingUpstream:
     seen: list[Seen] = field(default_factory=list)
     endless_closed: threading.Event = field(default_factory=threading.Event)
     endless_sent: int = 0
-    release: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)  # answers `held`
+    reject: threading.Event = field(default_factory=threading.Event)  # answers `slow-401`
 
     def add_key(self, api_key: str, company_id: str, scopes: list[str]) -> None:
         self.keys[api_key] = (company_id, scopes)
@@ -106,7 +107,8 @@ class RecordingUpstream:
                 await asyncio.sleep(0.005)
             await _json(send, 200, {"data": {"echo": path}})
         elif path == "/v3/export-jobs/slow-401/items":
-            await asyncio.sleep(0.5)  # long enough for the test to rotate the key meanwhile
+            while not self.reject.is_set():  # noqa: ASYNC110 - set from the test's thread
+                await asyncio.sleep(0.005)  # the test rotates the key meanwhile, then sets it
             await _json(send, 401, {"type": "UNAUTHORIZED", "message": "key revoked"})
         elif not keep:
             await _json(send, 200, {"received": received})

@@ -13,7 +13,7 @@ from openapi_core import OpenAPI
 from openapi_core.testing import MockRequest, MockResponse
 from werkzeug.datastructures import MultiDict
 
-OPENAPI_DIR = Path(__file__).parent / "openapi"
+OPENAPI_DIR = Path(__file__).parents[1] / "openapi"
 PLEO_HOST = "https://external.pleo.io"
 
 
