@@ -16,6 +16,8 @@ from support.inprocess import FakePleo, MemoryStore
 from support.servers import REQUIRED_SCOPES
 
 from broker import errors
+from broker.metrics import Metrics
+from broker.pleo import PleoClient
 from broker.records import ApiKey, BrokenReason, TenantState
 from broker.rules import Requirements
 from broker.tenants import TenantService
@@ -79,12 +81,13 @@ REFUSALS: list[tuple[str, dict[str, object], type[errors.ActivationError]]] = [
 async def test_a_key_pleo_describes_wrongly_is_refused_and_the_tenant_kept_pending(
     memory_store: MemoryStore,
     fake_pleo: FakePleo,
-    tenant_service: TenantService,
+    pleo_client: PleoClient,
     what: str,
     details: dict[str, object],
     refusal: type[errors.ActivationError],
 ) -> None:
-    tenant_service.requirements = Requirements(REQUIRED_SCOPES, client_id="integration-client")
+    requirements = Requirements(REQUIRED_SCOPES, client_id="integration-client")
+    tenant_service = TenantService(memory_store, pleo_client, Metrics(), requirements=requirements)
     key = fake_pleo.add_key(COMPANY)
     fake_pleo.change(key, **details)
 

@@ -218,22 +218,24 @@ class FakePleo:
             return httpx.Response(401, json={"type": "UNAUTHORIZED", "message": "bad key"})
         urn = f"urn:pleo:company:{known.company_id}" if known.company_id is not None else None
         if request.url.path == "/v1/introspect":
-            data: dict[str, object] = {
-                "authMethod": known.auth_method,
-                "scope": " ".join(known.scopes),
-            }
-            if known.client_id is not None:
-                data["clientId"] = known.client_id
-            if known.application_name is not None:
-                data["applicationName"] = known.application_name
-            if known.subject_in_introspection and urn is not None:
-                data["subjectURN"] = urn
-            return httpx.Response(200, json={"data": data})
+            return httpx.Response(200, json={"data": _introspection(known, urn)})
         if request.url.path == "/v1/installations/me":
             if urn is None:
                 return httpx.Response(404, json={"type": "NOT_FOUND"})
             return httpx.Response(200, content=json.dumps({"resource": urn}).encode())
         return httpx.Response(404, json={"type": "NOT_FOUND"})
+
+
+def _introspection(known: PleoKey, urn: str | None) -> dict[str, object]:
+    """What Pleo's `/v1/introspect` says of a known key (optional fields only when set)."""
+    data: dict[str, object] = {"authMethod": known.auth_method, "scope": " ".join(known.scopes)}
+    if known.client_id is not None:
+        data["clientId"] = known.client_id
+    if known.application_name is not None:
+        data["applicationName"] = known.application_name
+    if known.subject_in_introspection and urn is not None:
+        data["subjectURN"] = urn
+    return data
 
 
 def _key_of(authorization: str) -> str | None:

@@ -49,82 +49,53 @@ class RecordingUpstream:
         if path == "/v1/introspect":
             await self._introspect(scope, send)
             return
-        body = bytearray()
-        received = 0
-        keep = path != "/v3/export-jobs/upload/items"
-        complete = True
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                complete = False
-                break
-            chunk = message.get("body", b"")
-            received += len(chunk)
-            if keep:
-                body += chunk
-            if not message.get("more_body", False):
-                break
+        keep = path != UPLOAD_PATH
+        body, received, complete = await _read_body(receive, keep=keep)
         self.seen.append(
             Seen(
                 scope["method"],
                 scope["raw_path"],
                 scope["query_string"],
                 tuple(scope["headers"]),
-                bytes(body),
+                body,
                 complete,
             )
         )
         if not complete:
             return
-        if path == "/v3/export-items" and b"size=" in scope["query_string"]:
-            size = int(scope["query_string"].split(b"size=")[1].split(b"&")[0])
-            await self._stream(send, size)
-        elif path == "/v3/export-items" and b"endless" in scope["query_string"]:
+        if not keep:
+            await _json(send, 200, {"received": received})
+        elif path == "/v3/export-items":
+            await self._export_items(scope["query_string"], send, receive)
+        else:
+            await self._answer(path, send)
+
+    async def _export_items(self, query: bytes, send: Any, receive: Callable[..., Any]) -> None:
+        if b"size=" in query:
+            await self._stream(send, int(query.split(b"size=")[1].split(b"&")[0]))
+        elif b"endless" in query:
             await self._endless(send, receive)
-        elif path in ("/v3/export-jobs/401-cut/items", "/v3/export-jobs/403-cut/items"):
-            status = 401 if "401" in path else 403
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": status,
-                    "headers": [(b"content-length", b"1000")],
-                }
-            )
+        else:
+            await _json(send, 200, {"data": {"echo": "/v3/export-items"}})
+
+    async def _answer(self, path: str, send: Any) -> None:
+        """The answer of every recorded path but the export items and the upload."""
+        if path in ("/v3/export-jobs/401-cut/items", "/v3/export-jobs/403-cut/items"):
+            await _start(send, 401 if "401" in path else 403, b"1000")
             await send({"type": "http.response.body", "body": b'{"type":', "more_body": True})
             raise ConnectionAbortedError("the upstream died mid-error")
-        elif path == "/v3/export-jobs/cut-short/items":
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [(b"content-length", b"1000000")],
-                }
-            )
+        if path == "/v3/export-jobs/cut-short/items":
+            await _start(send, 200, b"1000000")
             await send({"type": "http.response.body", "body": b"z" * 100_000, "more_body": True})
             raise ConnectionAbortedError("the upstream died mid-answer")
-        elif path == "/v3/export-jobs/held/items":
-            while not self.release.is_set():  # noqa: ASYNC110 - set from the test's thread
-                await asyncio.sleep(0.005)
+        if path == "/v3/export-jobs/held/items":
+            await _until(self.release)
             await _json(send, 200, {"data": {"echo": path}})
         elif path == "/v3/export-jobs/slow-401/items":
-            while not self.reject.is_set():  # noqa: ASYNC110 - set from the test's thread
-                await asyncio.sleep(0.005)  # the test rotates the key meanwhile, then sets it
+            await _until(self.reject)  # the test rotates the key meanwhile, then sets it
             await _json(send, 401, {"type": "UNAUTHORIZED", "message": "key revoked"})
-        elif not keep:
-            await _json(send, 200, {"received": received})
         elif path == "/v3/export-jobs/cookie/items":
-            await _json(
-                send,
-                200,
-                {},
-                [
-                    (b"set-cookie", b"session=abc; Path=/"),
-                    (b"x-upstream", b"1"),
-                    (b"connection", b"x-upstream-hop"),
-                    (b"x-upstream-hop", b"for the next hop only"),
-                    (b"keep-alive", b"5"),
-                ],
-            )
+            await _json(send, 200, {}, COOKIE_HEADERS)
         else:
             await _json(send, 200, {"data": {"echo": path}})
 
@@ -200,3 +171,40 @@ async def _json(
         {"type": "http.response.start", "status": status, "headers": headers + (extra or [])}
     )
     await send({"type": "http.response.body", "body": data})
+
+
+UPLOAD_PATH = "/v3/export-jobs/upload/items"  # counted, not kept
+COOKIE_HEADERS = [
+    (b"set-cookie", b"session=abc; Path=/"),
+    (b"x-upstream", b"1"),
+    (b"connection", b"x-upstream-hop"),
+    (b"x-upstream-hop", b"for the next hop only"),
+    (b"keep-alive", b"5"),
+]
+
+
+async def _read_body(receive: Callable[..., Any], *, keep: bool) -> tuple[bytes, int, bool]:
+    """The body (if kept), its size, and whether it arrived whole (not cut by a disconnect)."""
+    body = bytearray()
+    received = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return bytes(body), received, False
+        chunk = message.get("body", b"")
+        received += len(chunk)
+        if keep:
+            body += chunk
+        if not message.get("more_body", False):
+            return bytes(body), received, True
+
+
+async def _start(send: Any, status: int, length: bytes) -> None:
+    await send(
+        {"type": "http.response.start", "status": status, "headers": [(b"content-length", length)]}
+    )
+
+
+async def _until(event: threading.Event) -> None:
+    while not event.is_set():  # noqa: ASYNC110 - set from the test's thread
+        await asyncio.sleep(0.005)
