@@ -64,6 +64,17 @@ LOCATIONS: tuple[CompanyLocation, ...] = ("path", "query", "body")
 _LITERAL = re.compile(r"[A-Za-z0-9._~-]+(?::[A-Za-z0-9._~-]+)?")
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}(:[A-Za-z0-9._~-]+)?")
 _SCOPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*:[A-Za-z0-9][A-Za-z0-9._-]*")
+# Pleo's routes of the integration's own installation: control plane whatever a catalog file
+# says, so an operator's catalog written before the flag existed cannot forward them.
+CONTROL_PLANE = frozenset(
+    {
+        ("POST", "/v1/installations/me"),
+        ("PUT", "/v1/installations/me"),
+        ("DELETE", "/v1/installations/me"),
+        ("POST", "/v1/installations/me:activate"),
+        ("PUT", "/v1/installations/completions"),
+    }
+)
 _ENTRY_KEYS = frozenset(
     {"method", "path", "operation_id", "scope", "company", "bearer_only", "control_plane"}
 )
@@ -276,7 +287,7 @@ def _route_from_entry(entry: object) -> Route:
         scope,
         company,
         _flag(fields, "bearer_only"),
-        _flag(fields, "control_plane"),
+        _flag(fields, "control_plane") or (method, template) in CONTROL_PLANE,
     )
 
 

@@ -14,7 +14,7 @@ import os
 import secrets
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -32,7 +32,7 @@ TENANT = "acme-accounting"
 class SandboxKey:
     """A key the sandbox generated, as its control API describes it."""
 
-    api_key: str
+    api_key: str = field(repr=False)  # a sandbox key, but a key: kept out of logs all the same
     key_id: str
     company_id: str
     scopes: tuple[str, ...]

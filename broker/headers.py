@@ -150,6 +150,11 @@ class HostNames:
         return allowed
 
 
+# What the body is, as the policy judged it: `Connection` naming one of these must not make Pleo
+# see the body undeclared (an undeclared body may be sniffed as JSON, unchecked).
+DESCRIBES_BODY = frozenset({b"content-type", b"content-length", b"content-encoding"})
+
+
 def forwarded_request_headers(
     headers: list[tuple[bytes, bytes]], *, tenant_header: bytes, request_id: bytes
 ) -> dict[str, str]:
@@ -160,6 +165,7 @@ def forwarded_request_headers(
     for name, value in headers:
         if name == b"connection":
             named_in_connection.update(t.strip().lower() for t in value.split(b","))
+    named_in_connection -= DESCRIBES_BODY
     out: dict[str, str] = {}
     for name, value in headers:
         if (

@@ -101,6 +101,7 @@ class ListenerProtocol(HttpToolsProtocol):
         self._head_bytes = 0  # raw bytes received while in the head
         self._header_bytes = 0  # parsed header lines of the current head
         self._head_timer: asyncio.TimerHandle | None = None
+        self._drain_timer: asyncio.TimerHandle | None = None
         self._refusal: errors.ListenerRefusal | None = None
         self._refused = False
         self._opened_at = time.monotonic()
@@ -118,7 +119,26 @@ class ListenerProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        self._cancel_drain_timer()
         super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.more_body and not self.transport.is_closing():
+            # Answered before its body was read (a refusal): the rest of the body may come
+            # for `head_timeout` seconds at most, or a trickle would hold the socket forever.
+            self._drain_timer = self.loop.call_later(self.limits.head_timeout, self._drained)
+
+    def _drained(self) -> None:
+        self._drain_timer = None
+        self._refused = True
+        self.transport.close()
+
+    def _cancel_drain_timer(self) -> None:
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
 
     def _evict_oldest_idle(self) -> bool:
         idle = [
@@ -157,7 +177,9 @@ class ListenerProtocol(HttpToolsProtocol):
         if self._in_head and not self._refused:
             if self._head_bytes > self.limits.max_head_bytes:
                 self._refuse(errors.HeaderTooLarge())
-            elif self._head_timer is None:
+            elif self._head_timer is None and self._head_bytes > 0:
+                # Bytes since the last request ended that began no message (blank lines,
+                # which the parser skips): the next head's clock runs from them.
                 self._arm_head_timer()
 
     # -- parser callbacks ---------------------------------------------------------------
@@ -165,6 +187,10 @@ class ListenerProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._header_bytes = 0
+        # The head's clock starts with its first byte, not when the previous answer ended
+        # (a slow answer is no slow head; an idle connection is the idle timeout's).
+        if self._head_timer is None:
+            self._arm_head_timer()
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
@@ -188,6 +214,7 @@ class ListenerProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
+        self._cancel_drain_timer()  # the refused request's body came whole in time
         self._in_head = True
         self._head_bytes = 0
 

@@ -219,12 +219,21 @@ class TenantRegistry:
             try:
                 stored = await self.put(record)
             except errors.StoreConflict:
-                del self._held[tenant]  # the store moved on; the next refresh brings it
+                self._drop_held(tenant, record)  # the store moved on; the next refresh brings it
                 continue
             except errors.StoreError:
                 return  # still unreachable: try again at the next refresh
-            del self._held[tenant]
-            self.remember(tenant, stored)
+            # A change made here while the write was on its way (an activation, a disconnect)
+            # already replaced the held record: it wins.
+            if self._drop_held(tenant, record):
+                self.remember(tenant, stored)
+
+    def _drop_held(self, tenant: str, record: TenantRecord) -> bool:
+        """Stop holding `record`; False if it was no longer the one held."""
+        if self._held.get(tenant) is not record:
+            return False
+        del self._held[tenant]
+        return True
 
     async def _reload_all(self, cursor: str | None) -> None:
         """Replace memory with every record; `cursor` (if given) was read just before."""

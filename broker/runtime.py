@@ -47,27 +47,32 @@ async def open_broker(
     service; close them on exit."""
     metrics = metrics if metrics is not None else Metrics()
     catalog = load_catalog(settings.catalog_path)
-    raw_store = store if store is not None else open_store(settings)
-    pleo = PleoClient(
-        settings.pleo_base_url,
-        connect_timeout=settings.upstream_connect_timeout,
-        timeout=settings.upstream_timeout,
-        transport=pleo_transport,
-        proxy=(
-            settings.upstream_proxy.get_secret_value()
-            if settings.upstream_proxy is not None
-            else None
-        ),
-    )
-    tenants = TenantService(
-        InstrumentedStore(raw_store, metrics),
-        pleo,
-        metrics,
-        requirements=Requirements(settings.required_scopes, settings.pleo_client_id),
-        cache_ttl=settings.cache_ttl,
-    )
-    upstream = Upstream(settings)
-    try:
+    # Each part is closed (in reverse order) however opening a later one, or the run, ends.
+    async with contextlib.AsyncExitStack() as parts:
+        raw_store = store if store is not None else open_store(settings)
+        parts.push_async_callback(raw_store.close)
+        pleo = PleoClient(
+            settings.pleo_base_url,
+            connect_timeout=settings.upstream_connect_timeout,
+            timeout=settings.upstream_timeout,
+            transport=pleo_transport,
+            proxy=(
+                settings.upstream_proxy.get_secret_value()
+                if settings.upstream_proxy is not None
+                else None
+            ),
+        )
+        parts.push_async_callback(pleo.aclose)
+        upstream = Upstream(settings)
+        parts.push_async_callback(upstream.close)
+        tenants = TenantService(
+            InstrumentedStore(raw_store, metrics),
+            pleo,
+            metrics,
+            requirements=Requirements(settings.required_scopes, settings.pleo_client_id),
+            cache_ttl=settings.cache_ttl,
+        )
+        parts.push_async_callback(tenants.registry.stop)
         await tenants.registry.start()
         yield Broker(
             settings=settings,
@@ -77,8 +82,3 @@ async def open_broker(
             pleo=pleo,
             upstream=upstream,
         )
-    finally:
-        await tenants.registry.stop()
-        await upstream.close()
-        await pleo.aclose()
-        await raw_store.close()

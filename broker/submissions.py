@@ -11,7 +11,7 @@ import asyncio
 import json
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from broker import errors
 
@@ -98,10 +98,14 @@ async def _read_bounded(request: Request, limit: int) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+    except ClientDisconnect:
+        # The caller hung up mid-body: nothing to answer, and nothing wrong with the broker.
+        raise errors.RequestInvalid("The request body broke off before its end.") from None
     return bytes(body)
 
 

@@ -20,11 +20,23 @@ from broker.settings import Settings
 
 UPSTREAM_CONNECTIONS = 256  # calls in flight to Pleo at once; the next waits for a free one
 
-# First match wins: aiohttp's connect timeout is also a TimeoutError, but nothing was sent.
-EXCEPTION_MAP: tuple[tuple[type[BaseException], type[errors.UpstreamError]], ...] = (
-    (aiohttp.ConnectionTimeoutError, errors.UpstreamUnreachable),
-    (TimeoutError, errors.UpstreamTimeout),  # aiohttp.ServerTimeoutError among them
-    (aiohttp.ClientError, errors.UpstreamUnreachable),
+_EGRESS_REFUSED = (
+    "The egress proxy (BROKER_UPSTREAM_PROXY) refused the call to Pleo; check its address"
+    " and credentials."
+)
+_EGRESS_UNREACHABLE = (
+    "The egress proxy (BROKER_UPSTREAM_PROXY) could not be reached; check its address."
+)
+
+# First match wins: aiohttp's connect timeout is also a TimeoutError, but nothing was sent;
+# the egress proxy's failures are named, since no change at Pleo would fix them. A message of
+# None is the broker error's own.
+EXCEPTION_MAP: tuple[tuple[type[BaseException], type[errors.UpstreamError], str | None], ...] = (
+    (aiohttp.ClientHttpProxyError, errors.UpstreamUnreachable, _EGRESS_REFUSED),
+    (aiohttp.ClientProxyConnectionError, errors.UpstreamUnreachable, _EGRESS_UNREACHABLE),
+    (aiohttp.ConnectionTimeoutError, errors.UpstreamUnreachable, None),
+    (TimeoutError, errors.UpstreamTimeout, None),  # aiohttp.ServerTimeoutError among them
+    (aiohttp.ClientError, errors.UpstreamUnreachable, None),
 )
 
 
@@ -63,9 +75,9 @@ class _ExceptionMap:
             return
         if self.body is not None and self.body.failure is not None:
             raise self.body.failure from None
-        for library_error, broker_error in EXCEPTION_MAP:
+        for library_error, broker_error, message in EXCEPTION_MAP:
             if isinstance(exc, library_error):
-                raise broker_error(tenant=self.tenant) from exc
+                raise broker_error(message, tenant=self.tenant) from exc
 
 
 class Upstream:

@@ -13,9 +13,12 @@ from typing import Any
 
 import httpx
 import pytest
+from starlette.types import Message, Scope
 from support.servers import RunningBroker, RunningSandbox
 
+from broker.admin import create_admin_app
 from broker.records import TenantRecord
+from broker.runtime import Broker
 from broker.sandbox import ALL_SCOPES
 
 REQUIRED = ["export-jobs:read", "export-jobs:write"]
@@ -587,3 +590,45 @@ def read_all(sock: socket.socket) -> bytes:
             break
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def test_a_caller_hanging_up_mid_body_is_no_internal_error(
+    inprocess_broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = create_admin_app(inprocess_broker)
+    token = inprocess_broker.settings.admin_token
+    assert token is not None
+    messages: list[Message] = [
+        {"type": "http.request", "body": b'{"api_key": "pik_', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope: Scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "PUT",
+        "scheme": "http",
+        "path": "/v1/tenants/acme/key",
+        "raw_path": b"/v1/tenants/acme/key",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"admin.test"),
+            (b"authorization", f"Bearer {token.get_secret_value()}".encode()),
+            (b"content-type", b"application/json"),
+            (b"content-length", b"50"),
+        ],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 8081),
+    }
+    await app(scope, receive, send)
+    assert "admin.internal_error" not in caplog.text
+    assert sent[0]["status"] == 400

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from broker.catalog import (
+    CONTROL_PLANE,
     Catalog,
     CatalogError,
     CompanyField,
@@ -106,6 +107,22 @@ def test_control_plane_flag_is_read_from_an_operator_catalog(tmp_path: Path) -> 
     delete = catalog.match("DELETE", "/v1/things/t1")
     assert get is not None and not get.route.control_plane
     assert delete is not None and delete.route.control_plane
+
+
+def test_the_installation_is_control_plane_even_in_a_catalog_without_the_flag(
+    tmp_path: Path,
+) -> None:
+    # An operator's catalog written before `control_plane` existed must not forward them.
+    entries = [
+        _entry(method=method, path=path, scope=None, company=[])
+        for method, path in sorted(CONTROL_PLANE)
+    ]
+    catalog = load_catalog(_write(tmp_path, {"routes": [*entries, _entry()]}))
+    for method, path in CONTROL_PLANE:
+        found = catalog.match(method, path.replace("{", "").replace("}", ""))
+        assert found is not None and found.route.control_plane, (method, path)
+    thing = catalog.match("GET", "/v1/things/t1")
+    assert thing is not None and not thing.route.control_plane
 
 
 # API-NOTES "Scopes": the operations Pleo documents, and the routes that need none.

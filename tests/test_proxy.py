@@ -1222,3 +1222,64 @@ def test_a_full_connection_pool_answers_upstream_busy(
         upstream.release.set()
         broker.thread.stop()
         thread.stop()
+
+
+# -- connections after an answer (a second read of issue 8, item 14) -----------------------------
+
+
+def test_a_refused_request_whose_body_trickles_on_is_closed(
+    make_broker: Callable[..., RunningBroker],
+) -> None:
+    # Refused before its body was read, a request may not keep its connection by sending
+    # the rest of a huge body a byte at a time: it gets the header timeout to finish.
+    broker = make_broker(header_timeout=1)
+    with socket.create_connection(("127.0.0.1", broker.proxy_port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /v3/export-jobs HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n{"
+        )
+        assert sock.recv(65536).startswith(b"HTTP/1.1 400")  # no tenant header
+        sock.settimeout(0.2)
+        deadline = time.monotonic() + 5
+        closed = False
+        while not closed and time.monotonic() < deadline:
+            try:
+                sock.sendall(b" ")
+                closed = sock.recv(1) == b""
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+        assert closed, "the connection stayed open while its refused body trickled in"
+
+
+def test_an_answer_slower_than_the_header_timeout_keeps_its_connection(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The next head's clock starts with its first byte, not when the request before it ended.
+    upstream = RecordingUpstream()
+    url, thread = start_app(upstream)
+    key = "pik_" + secrets.token_hex(20)
+    upstream.add_key(key, str(uuid.uuid4()), REQUIRED)
+    broker = start_broker(
+        broker_settings(url, tmp_path / "store", required_scopes=REQUIRED, header_timeout=0.5)
+    )
+    try:
+        connect(broker, "acme", key)
+        with httpx.Client(base_url=broker.proxy_url, headers=TENANT, timeout=10) as client:
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                slow = pool.submit(client.get, "/v3/export-jobs/held/items")
+                _wait_for(lambda: bool(upstream.seen), "the held call never reached Pleo")
+                held_since = time.monotonic()
+                _wait_for(lambda: time.monotonic() - held_since > 1.0, "time to pass")
+                upstream.release.set()
+                answer = slow.result()
+                assert answer.status_code == 200
+                assert answer.headers.get("connection") != "close"
+            # The same pooled connection serves the next call.
+            assert client.get("/v3/export-jobs").status_code == 200
+        assert "header_timeout" not in caplog.text
+    finally:
+        upstream.release.set()
+        broker.thread.stop()
+        thread.stop()

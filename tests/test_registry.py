@@ -349,6 +349,28 @@ async def test_a_held_break_yields_to_a_rotation_made_elsewhere(
     assert stored == rotated
 
 
+async def test_a_change_made_while_a_held_break_is_saved_wins(
+    mine: CountingStore, pleo: PleoClient
+) -> None:
+    tenants = service(mine, pleo)
+    acme = await mine.put(active("acme"))
+    assert await tenants.registry.refresh()
+    mine.down = True
+    await tenants.key_rejected(acme)
+    mine.down = False
+    rotated = acme.evolve(api_key=ApiKey(f"pls_{secrets.token_hex(20)}"), version=acme.version + 2)
+    put = mine.put
+
+    async def put_while_a_rotation_lands(record: TenantRecord) -> TenantRecord:
+        stored = await put(record)
+        tenants.registry.remember("acme", rotated)  # made in this process meanwhile
+        return stored
+
+    mine.put = put_while_a_rotation_lands  # type: ignore[method-assign]
+    assert await tenants.registry.refresh()  # the held break is saved, the refresh completes
+    assert tenants.registry.get("acme") == rotated
+
+
 # -- what memory knows better than the store (issue 8, items 15 and 18) ---------------------------
 # The same with a real full disk and a real interrupted Vault disconnect, end to end:
 # stores/test_local.py and stores/test_vault.py.

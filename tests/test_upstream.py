@@ -155,6 +155,18 @@ async def test_nothing_listening_is_upstream_unreachable(
     assert isinstance(caught.value.__cause__, aiohttp.ClientConnectionError)
 
 
+async def test_an_egress_proxy_out_of_reach_is_named(
+    opened: Callable[..., Awaitable[Upstream]],
+) -> None:
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(text="never reached")
+
+    pleo = await opened(answer, upstream_proxy=f"http://127.0.0.1:{_closed_port()}")
+    with pytest.raises(errors.UpstreamUnreachable) as caught:
+        await pleo.send("GET", "/", {}, None, tenant="acme")
+    assert "BROKER_UPSTREAM_PROXY" in caught.value.message
+
+
 async def test_no_answer_in_time_is_upstream_timeout(
     opened: Callable[..., Awaitable[Upstream]],
 ) -> None:

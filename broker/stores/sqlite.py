@@ -113,6 +113,14 @@ def _connect_read_only(path: Path, busy_timeout: float, prepare: Prepare) -> sql
     # A WAL database is read through its -shm file: first use the one a running (or
     # crashed) writer left; without one, and no right to create it, read it as immutable.
     for query in ("mode=ro", "mode=ro&immutable=1"):
+        if "immutable" in query and _has_unmerged_log(path):
+            # Immutable reads ignore the log: changes committed there (a disconnect, say)
+            # would be undone, and a destroyed key served again.
+            raise StoreUnavailable(
+                f"The read-only store {path} has changes in its write-ahead log"
+                f" ({path.name}-wal) that only a writable store can read; start the broker"
+                " once where the store directory can be written, then make it read-only."
+            ) from failure
         uri = f"{path.absolute().as_uri()}?{query}"
         conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None)
         try:
@@ -128,6 +136,13 @@ def _connect_read_only(path: Path, busy_timeout: float, prepare: Prepare) -> sql
         return conn
     assert failure is not None
     raise failure
+
+
+def _has_unmerged_log(path: Path) -> bool:
+    try:
+        return path.with_name(path.name + "-wal").stat().st_size > 0
+    except FileNotFoundError:
+        return False
 
 
 def _connect_writable(path: Path, busy_timeout: float, prepare: Prepare) -> sqlite3.Connection:

@@ -627,3 +627,28 @@ async def test_a_read_only_store_made_before_the_integration_fields_is_served(
             assert await store.list() == [old]
         finally:
             await store.close()
+
+
+async def test_a_read_only_store_with_changes_only_in_its_log_is_refused(tmp_path: Path) -> None:
+    # A crash after a commit but before the checkpoint leaves the change in -wal alone. Read
+    # without a -shm file, SQLite would ignore it and serve a deleted tenant's key again.
+    master_key = os.urandom(32)
+    source = tmp_path / "source"
+    writer = LocalStore(source, master_key=master_key)
+    await writer.put(record("acme"))
+    await writer.close()
+    with writable_until_frozen(tmp_path / "read-only") as directory:
+        conn = sqlite3.connect(source / "tenants.db")
+        try:
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
+            conn.execute("DELETE FROM tenants WHERE tenant = 'acme'")
+            conn.commit()
+            for name in ("tenants.db", "tenants.db-wal"):
+                shutil.copy2(source / name, directory / name)
+        finally:
+            conn.close()
+        assert (directory / "tenants.db-wal").stat().st_size > 0
+        freeze(directory)
+
+        with pytest.raises(StoreUnavailable, match="write-ahead log"):
+            LocalStore(directory, master_key=master_key)
