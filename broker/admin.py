@@ -24,7 +24,7 @@ from broker import errors
 from broker.events import emit
 from broker.records import ApiKey, TenantState
 from broker.runtime import Broker
-from broker.submissions import read_key_submission
+from broker.submissions import read_key_submission, read_link_request
 
 
 def create_admin_app(broker: Broker) -> Starlette:
@@ -46,6 +46,24 @@ def create_admin_app(broker: Broker) -> Starlette:
         Route("/v1/tenants/{tenant}", delete_tenant, methods=["DELETE"], middleware=guarded),
         Route("/v1/tenants/{tenant}/key", put_key, methods=["PUT"], middleware=guarded),
         Route("/v1/tenants/{tenant}/check", check_tenant, methods=["POST"], middleware=guarded),
+        Route(
+            "/v1/tenants/{tenant}/connect-sessions",
+            create_connect_session,
+            methods=["POST"],
+            middleware=guarded,
+        ),
+        Route(
+            "/v1/tenants/{tenant}/connect-sessions",
+            list_connect_sessions,
+            methods=["GET"],
+            middleware=guarded,
+        ),
+        Route(
+            "/v1/connect-sessions/{session}",
+            revoke_connect_session,
+            methods=["DELETE"],
+            middleware=guarded,
+        ),
     ]
     app = Starlette(
         routes=routes,
@@ -107,6 +125,34 @@ async def check_tenant(request: Request) -> Response:
 async def delete_tenant(request: Request) -> Response:
     """`DELETE /v1/tenants/{tenant}`: forget the tenant and destroy its key."""
     await _broker(request).tenants.disconnect(request.path_params["tenant"])
+    return Response(status_code=204)
+
+
+# -- /v1: connect sessions (behind AdminToken) --------------------------------------------
+
+
+async def create_connect_session(request: Request) -> Response:
+    """`POST /v1/tenants/{tenant}/connect-sessions`: a one-time link to the connect page."""
+    broker = _broker(request)
+    wanted = await read_link_request(request, within=broker.settings.header_timeout)
+    link = await broker.sessions.create(
+        request.path_params["tenant"],
+        ttl_seconds=wanted.ttl_seconds,
+        return_url=wanted.return_url,
+        allow_company_change=wanted.allow_company_change,
+    )
+    return JSONResponse(link.view(), status_code=201)
+
+
+async def list_connect_sessions(request: Request) -> Response:
+    """`GET /v1/tenants/{tenant}/connect-sessions`: the tenant's open sessions (no tokens)."""
+    sessions = await _broker(request).sessions.open_for(request.path_params["tenant"])
+    return JSONResponse({"sessions": [session.view() for session in sessions]})
+
+
+async def revoke_connect_session(request: Request) -> Response:
+    """`DELETE /v1/connect-sessions/{session}`: end a session now."""
+    await _broker(request).sessions.revoke(request.path_params["session"])
     return Response(status_code=204)
 
 

@@ -81,6 +81,18 @@ def _parser() -> argparse.ArgumentParser:
         help="accept a key of a different Pleo company than the tenant's",
     )
     connect.set_defaults(run=_tenants_connect)
+    link = verbs.add_parser("link", help="make a one-time link to the connect page and print it")
+    link.add_argument("tenant")
+    link.add_argument(
+        "--ttl", type=_duration, default=1800, help="how long the link works (e.g. 30m, 2h, 900s)"
+    )
+    link.add_argument("--return-url", help="where the page sends the customer when done")
+    link.add_argument(
+        "--allow-company-change",
+        action="store_true",
+        help="let the customer confirm a key of another Pleo company than the tenant's",
+    )
+    link.set_defaults(run=_tenants_link)
     migrate = verbs.add_parser("migrate", help="copy every tenant from one store to another")
     migrate.add_argument("--from", dest="source", choices=["local", "vault"], required=True)
     migrate.add_argument("--to", dest="target", choices=["local", "vault"], required=True)
@@ -108,11 +120,12 @@ def _serve(args: argparse.Namespace) -> int:
         )
     configure_logging(settings.log_level, settings.log_format)
 
-    def started(proxy_port: int, admin_port: int) -> None:
+    def started(proxy_port: int, admin_port: int, connect_port: int | None) -> None:
         emit(
             "broker.started",
             proxy=f"{settings.proxy_host}:{proxy_port}",
             admin=f"{settings.admin_host}:{admin_port}",
+            connect=f"{settings.connect_host}:{connect_port}" if connect_port else None,
             store=settings.store,
             version=__version__,
         )
@@ -273,6 +286,31 @@ def _tenants_connect(args: argparse.Namespace) -> int:
     )
     print(format_tenant(view))
     return 0
+
+
+def _tenants_link(args: argparse.Namespace) -> int:
+    body: dict[str, object] = {
+        "ttl_seconds": args.ttl,
+        "allow_company_change": args.allow_company_change,
+    }
+    if args.return_url:
+        body["return_url"] = args.return_url
+    response = _client(args).call("POST", f"/v1/tenants/{args.tenant}/connect-sessions", json=body)
+    if response.status_code != 201:
+        return _fail(response)
+    link = response.json()
+    print(link["url"])
+    print(f"(session {link['id']}, works once, until {link['expires_at']})", file=sys.stderr)
+    return 0
+
+
+def _duration(text: str) -> int:
+    """Seconds in `90`, `900s`, `30m` or `2h`."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    if not number.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 30m, 2h or 900s")
+    return int(number) * units[unit]
 
 
 def _read_key(key_file: Path | None) -> str:

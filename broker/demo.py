@@ -82,7 +82,7 @@ async def run_demo(*, keep_running: bool = False) -> int:
             run_listeners([Listener("sandbox", create_sandbox_app(), sandbox_sock)], stop=stop)
         )
         broker = asyncio.create_task(
-            serve(settings, stop=stop, started=lambda p, a: ports.set_result((p, a)))
+            serve(settings, stop=stop, started=lambda p, a, _c: ports.set_result((p, a)))
         )
         try:
             proxy_port, admin_port = await asyncio.wait_for(ports, 15)

@@ -26,6 +26,9 @@
     │   ├── ContentTypeInvalid       400 content_type_invalid
     │   ├── HostNotAllowed           400 host_not_allowed
     │   └── BrowserRequestRefused    403 browser_request_refused
+    ├── ConnectError                 (connect links: the admin API's connect-sessions routes)
+    │   ├── ConnectDisabled          409 connect_disabled (BROKER_CONNECT_PUBLIC_URL is unset)
+    │   └── ConnectSessionUnknown    404 connect_session_unknown
     ├── RequestTimeout               408 request_timeout (a request body slower than allowed)
     ├── UpstreamError
     │   ├── UpstreamUnreachable      502 upstream_unreachable
@@ -269,6 +272,25 @@ class BrowserRequestRefused(PolicyDenied):
         "The proxy does not serve web browsers (the request carries Origin or Sec-Fetch-Site);"
         " call it from a backend service."
     )
+
+
+class ConnectError(BrokerError):
+    """A connect link cannot be made, found or ended."""
+
+
+class ConnectDisabled(ConnectError):
+    status = 409
+    code = "connect_disabled"
+    default_message = (
+        "Connect links are off: set BROKER_CONNECT_PUBLIC_URL to the address where customers"
+        " reach the connect listener, and restart the broker."
+    )
+
+
+class ConnectSessionUnknown(ConnectError):
+    status = 404
+    code = "connect_session_unknown"
+    default_message = "No open connect session has this id; it may have ended or expired."
 
 
 class RequestTimeout(BrokerError):

@@ -156,6 +156,22 @@ class PleoClient:
             raise PleoUnexpectedAnswer("Pleo's installation resource was not a string")
         return resource
 
+    async def company_name(self, key: ApiKey, company_id: str) -> str | None:
+        """The company's name (`GET /v1/companies/{id}`), or None when the key may not read
+        it or the answer has none; raises a PleoError subclass when Pleo does not answer."""
+        if not company_id.replace("-", "").isalnum():
+            return None
+        response = await self._get(f"/v1/companies/{company_id}", key)
+        if response.status_code != 200:
+            return None
+        try:
+            body = response.json()
+        except ValueError:
+            return None
+        found = body.get("data", body) if isinstance(body, dict) else None
+        name = found.get("name") if isinstance(found, dict) else None
+        return name.strip()[:200] or None if isinstance(name, str) else None
+
     async def _get(self, path: str, key: ApiKey) -> httpx.Response:
         try:
             return await self._client.get(path, headers={"Authorization": key.basic_auth()})

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import httpx
 
 from broker.catalog import Catalog, load_catalog
+from broker.connect_sessions import ConnectSessions, SessionStore, SessionTable
 from broker.metrics import Metrics
 from broker.pleo import PleoClient
 from broker.rules import Requirements
@@ -33,6 +34,7 @@ class Broker:
     tenants: TenantService
     pleo: PleoClient
     upstream: Upstream
+    sessions: ConnectSessions
 
 
 @contextlib.asynccontextmanager
@@ -74,6 +76,8 @@ async def open_broker(
         )
         parts.push_async_callback(tenants.registry.stop)
         await tenants.registry.start()
+        # A store that keeps no connect sessions (a test's fake) gets this process's memory.
+        session_store = raw_store if isinstance(raw_store, SessionStore) else SessionTable()
         yield Broker(
             settings=settings,
             metrics=metrics,
@@ -81,4 +85,5 @@ async def open_broker(
             tenants=tenants,
             pleo=pleo,
             upstream=upstream,
+            sessions=ConnectSessions(session_store, settings),
         )

@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from broker import errors
 from broker.admin import create_admin_app
+from broker.connect import create_connect_app
 from broker.events import emit
 from broker.protocol import Limits, protocol_for
 from broker.proxy import create_proxy_app
@@ -72,12 +73,16 @@ async def serve(
     *,
     store: SecretStore | None = None,
     stop: asyncio.Event | None = None,
-    started: Callable[[int, int], None] | None = None,
+    started: Callable[[int, int, int | None], None] | None = None,
 ) -> None:
-    """`broker serve`: open the broker and run the proxy and admin listeners."""
+    """`broker serve`: open the broker and run the proxy and admin listeners, and the
+    connect listener when BROKER_CONNECT_PUBLIC_URL is set; `started` gets their ports."""
     proxy_cap, admin_cap = fit_connections_to_file_limit(settings)
     proxy_sock = bind(settings.proxy_host, settings.proxy_port)
     admin_sock = bind(settings.admin_host, settings.admin_port)
+    connect_sock = None
+    if settings.connect_public_url is not None:
+        connect_sock = bind(settings.connect_host, settings.connect_port)
     async with open_broker(settings, store=store) as broker:
         admin = Listener(
             "admin",
@@ -93,15 +98,27 @@ async def serve(
             limits=listener_limits(settings, "proxy", proxy_cap),
         )
 
+        listeners = [proxy, admin]
+        if connect_sock is not None:
+            listeners.append(
+                Listener(
+                    "connect",
+                    create_connect_app(broker),
+                    connect_sock,
+                    limits=listener_limits(settings, "connect", admin_cap),
+                )
+            )
+
         def announce() -> None:
             # Everything loaded so far lives as long as the process: keep it out of the
             # collector's full passes, which otherwise walk every tenant record again.
             gc.freeze()
             if started is not None:
-                started(proxy.port, admin.port)
+                connect_port = listeners[2].port if len(listeners) > 2 else None
+                started(proxy.port, admin.port, connect_port)
 
         await run_listeners(
-            [proxy, admin], stop=stop, started=announce, drain=settings.shutdown_drain_seconds
+            listeners, stop=stop, started=announce, drain=settings.shutdown_drain_seconds
         )
 
 
@@ -113,7 +130,7 @@ def listener_limits(settings: Settings, listener: str, max_connections: int) -> 
         head_timeout=settings.header_timeout,
         idle_timeout=settings.idle_timeout,
         max_connections=max_connections,
-        evict_idle=listener == "admin",
+        evict_idle=listener in ("admin", "connect"),
     )
 
 

@@ -84,6 +84,14 @@ class Settings(BaseSettings):
     proxy_max_connections: int = Field(4096, ge=1)
     admin_max_connections: int = Field(64, ge=1)
     shutdown_drain_seconds: float = Field(20.0, ge=0)
+    connect_host: str = "127.0.0.1"
+    connect_port: int = Field(8082, ge=0, le=65535)
+    # None: the connect listener is off and no connect link can be made.
+    connect_public_url: str | None = None
+    connect_return_origins: Annotated[tuple[str, ...], NoDecode] = ()
+    connect_max_attempts: int = Field(10, ge=1, le=1000)
+    connect_frame_ancestors: str = "'none'"
+    connect_integration_name: str = Field("the integration", min_length=1, max_length=80)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
 
@@ -118,6 +126,41 @@ class Settings(BaseSettings):
                     )
             return hosts
         return value
+
+    @field_validator("connect_public_url", mode="before")
+    @classmethod
+    def _public_url(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip().rstrip("/") or None
+        if isinstance(value, str) and not (
+            value.startswith(("http://", "https://")) and urlsplit(value).hostname
+        ):
+            raise ValueError("must be an http:// or https:// URL, e.g. https://connect.example.com")
+        return value
+
+    @field_validator("connect_return_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.replace(" ", ",").split(",")
+        if isinstance(value, list | tuple):
+            origins = tuple(str(part).strip().rstrip("/") for part in value if str(part).strip())
+            for origin in origins:
+                parts = urlsplit(origin)
+                if parts.scheme not in ("http", "https") or not parts.hostname or parts.path:
+                    raise ValueError(
+                        "must be origins separated by commas, scheme and host only"
+                        " (e.g. https://app.example.com,https://admin.example.com)"
+                    )
+            return tuple(origin.lower() for origin in origins)
+        return value
+
+    @field_validator("connect_frame_ancestors")
+    @classmethod
+    def _frame_ancestors(cls, value: str) -> str:
+        if not value.strip() or any(c in value for c in ';,\r\n"'):
+            raise ValueError("must be a CSP source list such as 'none' or https://app.example.com")
+        return value.strip()
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 from starlette.requests import ClientDisconnect, Request
 
 from broker import errors
@@ -30,6 +30,35 @@ class KeySubmission(BaseModel):
 
     api_key: str = Field(min_length=1, max_length=MAX_KEY_LENGTH)
     allow_company_change: StrictBool = False
+
+
+class LinkRequest(BaseModel):
+    """Body of `POST /v1/tenants/{tenant}/connect-sessions` (all optional)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ttl_seconds: StrictInt = Field(1800, ge=60, le=86_400)
+    return_url: str | None = Field(None, max_length=2048)
+    allow_company_change: StrictBool = False
+
+
+async def read_link_request(request: Request, *, within: float) -> LinkRequest:
+    """The connect-link request in the body (an empty body asks for the defaults)."""
+    try:
+        async with asyncio.timeout(within):
+            raw = await _read_json_body(request)
+    except TimeoutError:
+        raise errors.RequestTimeout() from None
+    if not raw.strip():
+        return LinkRequest()
+    if not _nesting_within(raw, MAX_BODY_DEPTH):
+        raise errors.RequestInvalid(f"The JSON body is nested more than {MAX_BODY_DEPTH} deep.")
+    try:
+        return LinkRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors(include_input=False, include_url=False)[0]
+        field = ".".join(str(part) for part in first["loc"]) or "body"
+        raise errors.RequestInvalid(f"{field}: {first['msg']}") from None
 
 
 async def read_key_submission(request: Request, *, within: float) -> KeySubmission:

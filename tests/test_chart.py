@@ -322,6 +322,14 @@ CHART_SETTINGS: dict[str, Any] = {
     },
     "proxy": {"port": 18080, "allowedHosts": ["broker.example.test"], "maxConnections": 500},
     "admin": {"port": 18081, "maxConnections": 32},
+    "connect": {
+        "port": 18082,
+        "publicUrl": "https://connect.example.test",
+        "returnOrigins": ["https://app.example.test"],
+        "maxAttempts": 4,
+        "frameAncestors": "https://app.example.test",
+        "integrationName": "Acme Books",
+    },
     "vault": {
         "addr": "https://vault.example.test:8200",
         "kubernetesRole": "broker-role",
@@ -340,6 +348,12 @@ CHART_SETTINGS: dict[str, Any] = {
 }
 
 EXPECTED_SETTINGS = {
+    "connect_port": 18082,
+    "connect_public_url": "https://connect.example.test",
+    "connect_return_origins": ("https://app.example.test",),
+    "connect_max_attempts": 4,
+    "connect_frame_ancestors": "https://app.example.test",
+    "connect_integration_name": "Acme Books",
     "pleo_base_url": "https://pleo.example.test",
     "pleo_client_id": "d8b8a6d4-3c4b-4b8e-8b2e-1f2a3d4e5f6a",
     "tenant_header": "X-Customer",

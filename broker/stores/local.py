@@ -29,10 +29,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from broker.connect_sessions import ConnectSession
 from broker.errors import StoreConflict, StoreIntegrityError, StoreUnavailable
 from broker.records import ApiKey, TenantRecord, valid_tenant_id
 from broker.settings import ConfigError
-from broker.stores import codec, report_unreadable, sqlite
+from broker.stores import codec, report_unreadable, sqlite, sqlite_sessions
 from broker.stores.crypto import (
     KEY_FILE_NAME,
     Sealer,
@@ -119,6 +120,24 @@ class LocalStore:
     async def changes_since(self, cursor: str | None) -> tuple[str, builtins.list[str] | None]:
         """A new cursor and the tenants changed since `cursor`, or None: reload everything."""
         return await self._run(lambda conn: self._changes_since(conn, cursor))
+
+    async def put_session(self, session: ConnectSession) -> ConnectSession:
+        """Compare-and-set write of a connect session (table `connect_sessions`)."""
+        self._refuse_if_read_only()
+        return await self._run(lambda conn: sqlite_sessions.put(conn, session))
+
+    async def get_session(self, token_hash: str) -> ConnectSession | None:
+        """The connect session of this token hash, or None."""
+        return await self._run(lambda conn: sqlite_sessions.get(conn, token_hash))
+
+    async def list_sessions(self) -> builtins.list[ConnectSession]:
+        """Every stored connect session."""
+        return await self._run(sqlite_sessions.all_sessions)
+
+    async def delete_session(self, token_hash: str) -> bool:
+        """Forget a connect session; False if there was none."""
+        self._refuse_if_read_only()
+        return await self._run(lambda conn: sqlite_sessions.delete(conn, token_hash))
 
     async def close(self) -> None:
         """Close the connection and stop the worker thread; later calls fail."""

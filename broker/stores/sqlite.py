@@ -52,6 +52,11 @@ CREATE TABLE IF NOT EXISTS meta (
     name  TEXT PRIMARY KEY NOT NULL,
     value BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS connect_sessions (
+    token_hash TEXT PRIMARY KEY NOT NULL,
+    version    INTEGER NOT NULL,
+    data       TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS changes (
     revision INTEGER PRIMARY KEY AUTOINCREMENT,
     tenant   TEXT NOT NULL

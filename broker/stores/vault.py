@@ -35,6 +35,7 @@ import hvac
 import hvac.exceptions
 import requests
 
+from broker.connect_sessions import ConnectSession
 from broker.errors import StoreConflict, StoreIntegrityError, StoreUnavailable
 from broker.records import TenantRecord, valid_tenant_id
 from broker.stores import report_unreadable
@@ -48,6 +49,7 @@ from broker.stores.vault_journal import (
     VaultJournal,
 )
 from broker.stores.vault_kv import TenantSecrets, decode, encode, is_tombstone, tombstone
+from broker.stores.vault_sessions import SessionSecrets
 from broker.tasks import map_all
 
 __all__ = ["JOURNAL_SIZE", "JOURNAL_VERSIONS_KEPT", "VaultOptions", "VaultStore"]
@@ -113,6 +115,9 @@ class VaultStore:
             mount=self._mount,
             path=f"{prefix}/journal",
             size=options.journal_size,
+        )
+        self._sessions = SessionSecrets(
+            self._kv, mount=self._mount, base=f"{prefix}/connect-sessions"
         )
         self._history = VersionHistory(self._secrets, self._call, backend=self.backend)
         self._where = f"{client.url} {self._mount}/{self._base}"
@@ -184,6 +189,19 @@ class VaultStore:
     async def changes_since(self, cursor: str | None) -> tuple[str, builtins.list[str] | None]:
         """A new cursor and the tenants changed since `cursor`, or None: reload everything."""
         return await self._journal.changes_since(cursor, backend=self.backend)
+
+    async def put_session(self, session: ConnectSession) -> ConnectSession:
+        return await self._call(partial(self._sessions.write, session))
+
+    async def get_session(self, token_hash: str) -> ConnectSession | None:
+        return await self._call(partial(self._sessions.read, token_hash))
+
+    async def list_sessions(self) -> builtins.list[ConnectSession]:
+        found = [await self.get_session(name) for name in await self._call(self._sessions.names)]
+        return [session for session in found if session is not None]
+
+    async def delete_session(self, token_hash: str) -> bool:
+        return await self._call(partial(self._sessions.forget, token_hash))
 
     async def close(self) -> None:
         await self._history.close()

@@ -34,6 +34,20 @@ path "secret/metadata/pleo-broker/journal" {
   capabilities = ["update"]
 }
 
+# Connect sessions (one-time links to the connect page), one secret each, named by the SHA-256
+# of the link's token. Hold a tenant id, an expiry and a counter, never a key or a token.
+path "secret/data/pleo-broker/connect-sessions/*" {
+  capabilities = ["create", "read", "update"]
+}
+
+path "secret/metadata/pleo-broker/connect-sessions/" {
+  capabilities = ["list"]
+}
+
+path "secret/metadata/pleo-broker/connect-sessions/*" {
+  capabilities = ["read", "delete"]
+}
+
 # The broker's own token: look it up (token auth learns its TTL) and renew it before it expires.
 # Vault's "default" policy grants these too; they are repeated so the broker also works with
 # token_no_default_policy=true.

@@ -1,8 +1,9 @@
 """The in-process layer, as starlette's TestClient and httpx's transports are: no socket, no thread.
 
 - `MemoryStore`: the whole `SecretStore` protocol in memory (compare-and-set, a bounded change
-  journal, `read_only`), with switches for what real stores do badly: `down` (unreachable),
-  `full` (reads work, writes fail), `corrupt(tenant)` (a record that no longer decrypts).
+  journal, `read_only`; connect sessions too), with switches for what real stores do badly:
+  `down` (unreachable), `full` (reads work, writes fail), `corrupt(tenant)` (a record that
+  no longer decrypts).
   Two `MemoryStore`s on one `MemoryBackend` are two replicas sharing a database.
 - `FakePleo`: Pleo's `/v1/introspect` and `/v1/installations/me` as an `httpx.MockTransport`
   handler, for the real `PleoClient`.
@@ -23,13 +24,14 @@ import secrets
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
 import pytest
 
 from broker.admin import create_admin_app
+from broker.connect_sessions import ConnectSession
 from broker.errors import StoreConflict, StoreIntegrityError, StoreUnavailable
 from broker.metrics import Metrics
 from broker.pleo import PleoClient
@@ -56,6 +58,7 @@ class MemoryBackend:
     journal: list[tuple[int, str]] = field(default_factory=list)
     revision: int = 0
     unreadable: set[str] = field(default_factory=set)
+    sessions: dict[str, ConnectSession] = field(default_factory=dict)  # by token hash
 
     def note(self, tenant: str) -> None:
         self.revision += 1
@@ -152,6 +155,27 @@ class MemoryStore:
         if after is None:
             return str(current), None
         return str(current), tenants_of(shared.journal, after)
+
+    async def put_session(self, session: ConnectSession) -> ConnectSession:
+        self._write("put_session")
+        current = self.shared.sessions.get(session.token_hash)
+        if (current.version if current is not None else 0) != session.version:
+            raise StoreConflict(tenant=session.tenant)
+        stored = replace(session, version=session.version + 1)
+        self.shared.sessions[session.token_hash] = stored
+        return stored
+
+    async def get_session(self, token_hash: str) -> ConnectSession | None:
+        self._call("get_session")
+        return self.shared.sessions.get(token_hash)
+
+    async def list_sessions(self) -> builtins.list[ConnectSession]:
+        self._call("list_sessions")
+        return list(self.shared.sessions.values())
+
+    async def delete_session(self, token_hash: str) -> bool:
+        self._write("delete_session")
+        return self.shared.sessions.pop(token_hash, None) is not None
 
     async def close(self) -> None:
         self.closed = True

@@ -101,6 +101,7 @@ class RunningBroker:
     settings: Settings
     proxy_url: str
     admin_url: str
+    connect_url: str | None  # the connect listener, when BROKER_CONNECT_PUBLIC_URL is set
     token: str
     thread: ThreadedLoop
     keys_used: list[str] = field(default_factory=list)
@@ -139,12 +140,13 @@ def start_broker(settings: Settings, *, store: SecretStore | None = None) -> Run
         await serve(settings, store=store, stop=stop, started=started)
 
     thread = ThreadedLoop(start)
-    proxy_port, admin_port = thread.result
+    proxy_port, admin_port, connect_port = thread.result
     assert settings.admin_token is not None
     return RunningBroker(
         settings=settings,
         proxy_url=f"http://127.0.0.1:{proxy_port}",
         admin_url=f"http://127.0.0.1:{admin_port}",
+        connect_url=f"http://127.0.0.1:{connect_port}" if connect_port else None,
         token=settings.admin_token.get_secret_value(),
         thread=thread,
     )

@@ -161,6 +161,13 @@ BROKER_IDLE_TIMEOUT: {{ .Values.broker.idleTimeout | toString | quote }}
 BROKER_SHUTDOWN_DRAIN_SECONDS: {{ .Values.broker.shutdownDrainSeconds | toString | quote }}
 BROKER_PROXY_MAX_CONNECTIONS: {{ int64 .Values.proxy.maxConnections | quote }}
 BROKER_ADMIN_MAX_CONNECTIONS: {{ int64 .Values.admin.maxConnections | quote }}
+BROKER_CONNECT_HOST: "0.0.0.0"
+BROKER_CONNECT_PORT: {{ int64 .Values.connect.port | quote }}
+BROKER_CONNECT_PUBLIC_URL: {{ .Values.connect.publicUrl | quote }}
+BROKER_CONNECT_RETURN_ORIGINS: {{ join "," .Values.connect.returnOrigins | quote }}
+BROKER_CONNECT_MAX_ATTEMPTS: {{ int64 .Values.connect.maxAttempts | quote }}
+BROKER_CONNECT_FRAME_ANCESTORS: {{ .Values.connect.frameAncestors | quote }}
+BROKER_CONNECT_INTEGRATION_NAME: {{ .Values.connect.integrationName | quote }}
 BROKER_LOG_LEVEL: {{ .Values.broker.logLevel | quote }}
 BROKER_LOG_FORMAT: {{ .Values.broker.logFormat | quote }}
 {{- if eq .Values.store.type "vault" }}

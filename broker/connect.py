@@ -1,0 +1,293 @@
+"""The connect listener: the page where a customer pastes the key Pleo made for them.
+
+`GET /connect/{token}` shows the tenant's situation; `POST /connect/{token}` activates the
+pasted key with exactly `TenantService.activate` and shows the result. The token is bound to
+one tenant and names nothing else; an unknown, used, revoked, expired or exhausted link gets
+the same dead-link page. Every answer carries the security headers (`SecurityHeaders`); form
+posts need the session's CSRF token and are refused from a foreign `Origin`. The form's body
+is never logged; events name the session id, never the token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections import deque
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from broker import errors
+from broker.connect_pages import Page, choose_language
+from broker.connect_sessions import ConnectSession
+from broker.connect_view import describe
+from broker.events import emit
+from broker.records import ApiKey
+from broker.runtime import Broker
+from broker.submissions import MAX_KEY_LENGTH
+
+STATIC = Path(__file__).resolve().parent / "connect_static"
+MAX_FORM_BYTES = 8 * 1024
+SUBMISSIONS_PER_MINUTE = 5
+
+
+def create_connect_app(broker: Broker) -> ASGIApp:
+    """The connect listener's ASGI app over an opened broker."""
+    app = Starlette(
+        routes=[
+            Route("/connect/{token}", show, methods=["GET"]),
+            Route("/connect/{token}", submit, methods=["POST"]),
+            Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        ]
+    )
+    app.state.broker = broker
+    app.state.rate = SubmissionRate(SUBMISSIONS_PER_MINUTE, 60.0)
+    return SecurityHeaders(Unexpected(app), broker.settings.connect_frame_ancestors)
+
+
+def _broker(request: Request) -> Broker:
+    broker: Broker = request.app.state.broker
+    return broker
+
+
+def _language(request: Request) -> str:
+    return choose_language(
+        request.query_params.get("lang"), request.headers.get("accept-language", "")
+    )
+
+
+def _answer(request: Request, page: Page, status: int = 200) -> Response:
+    name = _broker(request).settings.connect_integration_name
+    return HTMLResponse(page.render(name), status_code=status)
+
+
+def _dead(request: Request, lang: str, message: str | None = None) -> Response:
+    return _answer(request, Page("dead_link", lang, message=message, alert=True), 404)
+
+
+async def show(request: Request) -> Response:
+    """`GET /connect/{token}`: the tenant's situation and, where it helps, the key form."""
+    lang = _language(request)
+    session = await _broker(request).sessions.find(request.path_params["token"])
+    if session is None:
+        return _dead(request, lang)
+    page = await describe(_broker(request), session, lang)
+    page.action = _action(request)
+    return _answer(request, page)
+
+
+async def submit(request: Request) -> Response:
+    """`POST /connect/{token}`: check the pasted key with Pleo and make it the tenant's."""
+    broker = _broker(request)
+    lang = _language(request)
+    session = await broker.sessions.find(request.path_params["token"])
+    if session is None:
+        return _dead(request, lang)
+    form = await _read_form(request)
+    if form is None or not _same_origin(request) or not _csrf_ok(session, form):
+        emit("connect.post_refused", level=logging.WARNING, session=session.id)
+        page = Page("failed", lang, alert=True, restart=_action(request))
+        page.heading = page_text(request, lang, "refused_heading")
+        page.message = page_text(request, lang, "refused_text")
+        return _answer(request, page, 403)
+    rate: SubmissionRate = request.app.state.rate
+    if not rate.allow(session.id):
+        return _answer(request, _retry(request, session, lang, "rate_limited"), 429)
+    key = form.get("api_key", "").strip()
+    problem = _key_problem(key)
+    if problem is not None:
+        return _answer(request, _retry(request, session, lang, problem))
+    confirmed = session.allow_company_change and form.get("confirm_company_change") == "yes"
+    return await _activate(request, session, ApiKey(key), confirmed, lang)
+
+
+async def _activate(
+    request: Request, session: ConnectSession, key: ApiKey, confirmed: bool, lang: str
+) -> Response:
+    broker = _broker(request)
+    try:
+        record = await broker.tenants.activate(session.tenant, key, allow_company_change=confirmed)
+    except errors.CompanyChanged as exc:
+        if session.allow_company_change:
+            page = _retry(request, session, lang, None)
+            page.state = "confirm_company_change"
+            page.heading = page_text(request, lang, "confirm_heading")
+            page.details = {
+                "new": str(exc.details.get("key_company_id", "")),
+                "old": str(exc.details.get("company_id", "")),
+            }
+            return _answer(request, page)
+        return await _failed(request, session, lang, exc.code)
+    except (errors.ActivationError, errors.StoreError, errors.TenantError) as exc:
+        return await _failed(request, session, lang, exc.code)
+    await broker.sessions.completed(session)
+    page = await describe(broker, session, lang, record=record)
+    page.state, page.return_url = "success", session.return_url
+    return _answer(request, page)
+
+
+async def _failed(request: Request, session: ConnectSession, lang: str, code: str) -> Response:
+    counted = await _broker(request).sessions.failed(session, code)
+    if counted.attempts >= _broker(request).sessions.max_attempts:
+        message = page_text(request, lang, "error.attempts_used")
+        return _answer(request, Page("dead_link", lang, message=message, alert=True))
+    return _answer(request, _retry(request, counted, lang, code))
+
+
+def _retry(request: Request, session: ConnectSession, lang: str, code: str | None) -> Page:
+    """The form again, with the message for `code`."""
+    page = Page("failed", lang, alert=True, csrf=session.csrf, action=_action(request))
+    if code is not None:
+        page.message = page_text(request, lang, f"error.{code}")
+        page.heading = page_text(request, lang, "state_failed")
+    return page
+
+
+def page_text(request: Request, lang: str, key: str) -> str:
+    """One catalog text in `lang`, branded."""
+    from broker.connect_pages import Words
+
+    words = Words(lang, _broker(request).settings.connect_integration_name)
+    if key.startswith("error."):
+        return words.error(key.removeprefix("error."))
+    return words(key)
+
+
+def _action(request: Request) -> str:
+    lang = request.query_params.get("lang")
+    suffix = f"?lang={lang}" if lang in ("en", "da") else ""
+    return f"/connect/{request.path_params['token']}{suffix}"
+
+
+def _key_problem(key: str) -> str | None:
+    if not key:
+        return "key_empty"
+    if len(key) > MAX_KEY_LENGTH or any(c.isspace() or ord(c) < 32 for c in key):
+        return "key_malformed"
+    return None
+
+
+async def _read_form(request: Request) -> dict[str, str] | None:
+    """The url-encoded form, or None if it is not one, too large, or slow (never logged)."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/x-www-form-urlencoded":
+        return None
+    body = bytearray()
+    try:
+        async with asyncio.timeout(_broker(request).settings.header_timeout):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > MAX_FORM_BYTES:
+                    return None
+        fields = parse_qs(body.decode("utf-8"), max_num_fields=8, strict_parsing=False)
+    except (TimeoutError, UnicodeDecodeError, ValueError):
+        return None
+    return {name: values[0] for name, values in fields.items() if len(values) == 1}
+
+
+def _same_origin(request: Request) -> bool:
+    """A browser's post from this page: no foreign `Origin`, no cross-site fetch."""
+    if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+        return False
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    own = {f"{request.url.scheme}://{request.headers.get('host', '')}".lower()}
+    public = _broker(request).settings.connect_public_url
+    if public is not None:
+        parts = urlsplit(public)
+        own.add(f"{parts.scheme}://{parts.netloc}".lower())
+    return origin.lower() in own
+
+
+def _csrf_ok(session: ConnectSession, form: dict[str, str]) -> bool:
+    supplied = form.get("csrf_token", "")
+    return hmac.compare_digest(supplied.encode(), session.csrf.encode())
+
+
+class SubmissionRate:
+    """At most `limit` submissions per session in `window` seconds (in this process)."""
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit = limit
+        self.window = window
+        self._seen: dict[str, deque[float]] = {}
+
+    def allow(self, session_id: str) -> bool:
+        now = time.monotonic()
+        if len(self._seen) > 10_000:
+            self._seen.clear()  # bounded memory; the store's attempt limit still holds
+        recent = self._seen.setdefault(session_id, deque())
+        while recent and recent[0] <= now - self.window:
+            recent.popleft()
+        if len(recent) >= self.limit:
+            return False
+        recent.append(now)
+        return True
+
+
+class SecurityHeaders:
+    """The connect listener's headers on every answer (§12): CSP, no referrer, no caching."""
+
+    def __init__(self, app: ASGIApp, frame_ancestors: str) -> None:
+        self.app = app
+        csp = (
+            "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self';"
+            f" form-action 'self'; base-uri 'none'; frame-ancestors {frame_ancestors}"
+        )
+        self.headers = [
+            (b"content-security-policy", csp.encode()),
+            (b"referrer-policy", b"no-referrer"),
+            (b"cache-control", b"no-store"),
+            (b"x-content-type-options", b"nosniff"),
+        ]
+        if frame_ancestors.strip() == "'none'":
+            self.headers.append((b"x-frame-options", b"DENY"))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ours = {name for name, _ in self.headers}
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                kept = [(n, v) for n, v in message.get("headers", []) if n.lower() not in ours]
+                message = {**message, "headers": kept + self.headers}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+class Unexpected:
+    """A failure no handler expected: a plain page, and a log line naming only its type."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:
+            emit("connect.internal_error", level=logging.ERROR, error_type=type(exc).__name__)
+            if started or scope["type"] != "http":
+                return
+            text = "Something went wrong. Your key was not saved. Please try again later."
+            await HTMLResponse(f"<!doctype html><title>Error</title><p>{text}</p>", 500)(
+                scope, receive, send
+            )
