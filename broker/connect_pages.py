@@ -16,6 +16,7 @@ from typing import Any
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 HERE = Path(__file__).resolve().parent
+DEFAULT_INTEGRATION_NAME = "the integration"  # BROKER_CONNECT_INTEGRATION_NAME's default
 LANGUAGES = ("en", "da")
 STATES = (
     "not_connected",
@@ -97,13 +98,16 @@ class Words:
     def __init__(self, lang: str, integration: str) -> None:
         self.lang = lang
         self._texts = catalog(lang)
-        self._integration = integration
+        # The unbranded default reads in the page's own language ("integrationen").
+        default = integration == DEFAULT_INTEGRATION_NAME
+        self.integration = self._texts["default_integration"] if default else integration
 
     def __call__(self, key: str, **values: str) -> str:
         text: Any = self._texts
         for part in key.split("."):
             text = text[part]
-        return str(text).format(integration=self._integration, **values)
+        filled = str(text).format(integration=self.integration, **values)
+        return filled[:1].upper() + filled[1:]
 
     def error(self, code: str) -> str:
         """The plain-words message for an error code (never the code alone)."""
@@ -138,4 +142,4 @@ class Page:
         assert self.state in STATES
         words = Words(self.lang, integration)
         template = environment().get_template("page.html")
-        return template.render(page=self, t=words, integration=integration)
+        return template.render(page=self, t=words, integration=words.integration)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -268,3 +269,32 @@ def test_a_bad_master_key_file_stops_as_a_setting(tmp_path: Path, command: list[
     assert result.returncode == 2, result.stderr
     assert "chmod 600" in result.stderr
     assert not result.stderr.startswith("error:")
+
+
+def test_link_prints_a_connect_link_that_works(
+    make_broker: Callable[..., RunningBroker],
+) -> None:
+    running = make_broker(
+        connect_public_url="https://connect.example.com",
+        connect_return_origins="https://app.example.com",
+    )
+    result = broker_cli(
+        running, "link", "acme", "--ttl", "45m", "--return-url", "https://app.example.com/x"
+    )
+    assert result.returncode == 0, result.stderr
+    url = result.stdout.strip()
+    assert url.startswith("https://connect.example.com/connect/")
+    assert "session cs_" in result.stderr
+    assert running.connect_url is not None
+    page = httpx.get(running.connect_url + url.removeprefix("https://connect.example.com"))
+    assert page.status_code == 200
+    refused = broker_cli(running, "link", "acme", "--return-url", "https://evil.example.net/")
+    assert refused.returncode == 1 and "(request_invalid)" in refused.stderr
+    bad_ttl = broker_cli(running, "link", "acme", "--ttl", "soon")
+    assert bad_ttl.returncode == 2 and "not a duration" in bad_ttl.stderr
+
+
+def test_link_without_a_public_url_says_how_to_turn_links_on(broker: RunningBroker) -> None:
+    result = broker_cli(broker, "link", "acme")
+    assert result.returncode == 1
+    assert "BROKER_CONNECT_PUBLIC_URL" in result.stderr and "(connect_disabled)" in result.stderr
