@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import html
 import os
+import re
 import secrets
+import socket
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -66,10 +69,14 @@ async def run_demo(*, keep_running: bool = False) -> int:
         sandbox_sock = bind("127.0.0.1", 0)
         sandbox_url = f"http://127.0.0.1:{sandbox_sock.getsockname()[1]}"
         admin_token = secrets.token_urlsafe(24)
+        connect_url = f"http://127.0.0.1:{_free_port()}"
         settings = Settings(
             pleo_base_url=sandbox_url,
             proxy_port=0,
             admin_port=0,
+            connect_port=int(connect_url.rsplit(":", 1)[1]),
+            connect_public_url=connect_url,
+            connect_integration_name="Acme Accounting",
             admin_token=admin_token,
             required_scopes=("export-jobs:read", "export-jobs:write"),
             store_path=Path(data) / "store",
@@ -91,12 +98,15 @@ async def run_demo(*, keep_running: bool = False) -> int:
                 f"http://127.0.0.1:{proxy_port}",
                 f"http://127.0.0.1:{admin_port}",
                 admin_token,
+                connect_url,
             )
             async with story:
                 ok = await story.tell()
+                link = await story.link() if keep_running else ""
             if keep_running:
                 print(
                     f"\nStill running (Ctrl-C to stop):\n"
+                    f"  connect  {link}  (the customer's page: open it in a browser)\n"
                     f"  sandbox  {sandbox_url}  (control API: {sandbox_url}/_sandbox/)\n"
                     f"  proxy    http://127.0.0.1:{proxy_port}  (X-Broker-Tenant: {TENANT})\n"
                     f"  admin    http://127.0.0.1:{admin_port}  (throwaway demo token below)\n"
@@ -116,8 +126,9 @@ async def run_demo(*, keep_running: bool = False) -> int:
 class Story:
     """The narrated steps, each checked against what the design promises."""
 
-    def __init__(self, sandbox: str, proxy: str, admin: str, token: str) -> None:
+    def __init__(self, sandbox: str, proxy: str, admin: str, token: str, connect: str) -> None:
         self.n = Narrator()
+        self.page = httpx.AsyncClient(base_url=connect, trust_env=False, timeout=10)
         self.sandbox = httpx.AsyncClient(base_url=sandbox, trust_env=False, timeout=10)
         self.proxy = httpx.AsyncClient(base_url=proxy, trust_env=False, timeout=10)
         self.admin = httpx.AsyncClient(
@@ -132,7 +143,7 @@ class Story:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        for client in (self.sandbox, self.proxy, self.admin):
+        for client in (self.sandbox, self.proxy, self.admin, self.page):
             await client.aclose()
 
     def expect(self, what: str, condition: bool) -> None:
@@ -247,11 +258,12 @@ class Story:
         self.show_error(response)
         self.expect("broken tenant → 424", response.status_code == 424)
 
-        n.title("The customer reconnects with a fresh key; the tenant is active again")
+        n.title("The customer reconnects on the connect page, with a one-time link")
         fresh = await self.new_key(company_id=company)
-        response = await self.connect(fresh.api_key)
-        view = response.json()
-        n.say(f"→ {response.status_code} state={view.get('state')} key_hint={view.get('key_hint')}")
+        state = await self.reconnect_on_the_page(fresh.api_key, company)
+        n.say(f"the page now says: {state}")
+        view = (await self.admin.get(f"/v1/tenants/{TENANT}")).json()
+        n.say(f"→ state={view.get('state')} key_hint={view.get('key_hint')}")
         self.expect("reconnect → active", view.get("state") == "active")
         response = await self.via_proxy("GET", "/v3/export-jobs")
         n.say(f"GET /v3/export-jobs through the proxy → {response.status_code}")
@@ -262,3 +274,44 @@ class Story:
             return False
         print("\nDemo finished: every step behaved as designed.")
         return True
+
+    async def link(self) -> str:
+        """A fresh one-time link to the tenant's connect page (`POST …/connect-sessions`)."""
+        response = await self.admin.post(f"/v1/tenants/{TENANT}/connect-sessions", json={})
+        response.raise_for_status()
+        url: str = response.json()["url"]
+        return url
+
+    async def reconnect_on_the_page(self, api_key: str, company: str) -> str:
+        """Open a link and paste `api_key` as a customer's browser would; the page's state."""
+        url = await self.link()
+        self.n.say(f"POST /v1/tenants/{TENANT}/connect-sessions → {url[:48]}…")
+        page = await self.page.get(url)
+        self.n.say(f"GET the link → {page.status_code}, the page shows: {_state(page.text)}")
+        self.expect("the page shows the broken tenant", _state(page.text) == "broken")
+        form = {"api_key": api_key, "csrf_token": _field(page.text, "csrf_token")}
+        self.n.say("the customer pastes the new key and presses Connect (a form post)")
+        done = await self.page.post(url, data=form)
+        self.expect("the page says success", _state(done.text) == "success")
+        self.expect("the page names the company", f">{company}<" in done.text)
+        self.expect("the key never comes back", api_key not in done.text)
+        again = await self.page.get(url)
+        self.n.say(f"the link was single use: opening it again → {again.status_code}")
+        self.expect("a used link is dead", again.status_code == 404)
+        return _state(done.text)
+
+
+def _state(page: str) -> str:
+    found = re.search(r'data-state="([a-z_]+)"', page)
+    return found[1] if found else "?"
+
+
+def _field(page: str, name: str) -> str:
+    found = re.search(rf'name="{name}" value="([^"]*)"', page)
+    return html.unescape(found[1]) if found else ""
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

@@ -215,6 +215,9 @@ def test_demo_keep_running_leaves_a_usable_broker_and_stops_on_ctrl_c() -> None:
             headers={"Authorization": f"Bearer {values['BROKER_ADMIN_TOKEN']}"},
         ).json()["tenants"]
         assert [(t["tenant"], t["state"]) for t in listed] == [("acme-accounting", "active")]
+        link = next(line for line in lines if line.strip().startswith("connect ")).split()[1]
+        page = httpx.get(link)
+        assert page.status_code == 200 and 'data-state="connected"' in page.text
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) == 0
     finally:
