@@ -32,7 +32,8 @@ RUN groupadd --system --gid 10001 broker \
 COPY --from=builder /opt/broker /opt/broker
 # The admin listener (health, readiness, metrics, token-protected admin API) listens on every
 # interface; the proxy stays on loopback unless BROKER_PROXY_HOST says otherwise, because anyone
-# who can reach it can spend any tenant's key.
+# who can reach it can spend any tenant's key. The connect page (customers' browsers) runs only
+# when BROKER_CONNECT_PUBLIC_URL is set, and then on every interface, port 8082.
 ENV PATH=/opt/broker/bin:${PATH} \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -40,11 +41,13 @@ ENV PATH=/opt/broker/bin:${PATH} \
     BROKER_ADMIN_HOST=0.0.0.0 \
     BROKER_ADMIN_PORT=8081 \
     BROKER_PROXY_HOST=127.0.0.1 \
-    BROKER_PROXY_PORT=8080
+    BROKER_PROXY_PORT=8080 \
+    BROKER_CONNECT_HOST=0.0.0.0 \
+    BROKER_CONNECT_PORT=8082
 # A working directory nobody can write to: no stray .env can be dropped where settings look.
 WORKDIR /opt/broker
 VOLUME ["/data"]
-EXPOSE 8080 8081
+EXPOSE 8080 8081 8082
 USER 10001:10001
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('BROKER_ADMIN_PORT', '8081') + '/healthz', timeout=4)"]
