@@ -46,7 +46,8 @@ def create_connect_app(broker: Broker) -> ASGIApp:
             Route("/connect/{token}", show, methods=["GET"]),
             Route("/connect/{token}", submit, methods=["POST"]),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
-        ]
+        ],
+        exception_handlers={errors.BrokerError: trouble},
     )
     app.state.broker = broker
     app.state.rate = SubmissionRate(SUBMISSIONS_PER_MINUTE, 60.0)
@@ -140,6 +141,17 @@ async def _failed(request: Request, session: ConnectSession, lang: str, code: st
         message = page_text(request, lang, "error.attempts_used")
         return _answer(request, Page("dead_link", lang, message=message, alert=True))
     return _answer(request, _retry(request, counted, lang, code))
+
+
+async def trouble(request: Request, exc: Exception) -> Response:
+    """A failure of the store (or another refusal) as a plain page; the link stays usable."""
+    assert isinstance(exc, errors.BrokerError)
+    lang = _language(request)
+    page = Page("failed", lang, alert=True, message=page_text(request, lang, f"error.{exc.code}"))
+    if "token" in request.path_params:
+        page.restart = _action(request)
+    emit("connect.page_failed", level=logging.WARNING, error=exc.code)
+    return _answer(request, page, exc.status if exc.status >= 500 else 503)
 
 
 def _retry(request: Request, session: ConnectSession, lang: str, code: str | None) -> Page:

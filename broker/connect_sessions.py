@@ -12,6 +12,7 @@ a store that keeps none falls back to `SessionTable`, in this process's memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import secrets
 from dataclasses import asdict, dataclass, replace
@@ -244,7 +245,9 @@ class ConnectSessions:
 
     async def _still_open(self, session: ConnectSession) -> bool:
         if session.expired(_now()) or session.attempts >= self.max_attempts:
-            await self.store.delete_session(session.token_hash)
+            # Tidying up is best effort: a store that takes no writes still refuses the link.
+            with contextlib.suppress(errors.StoreError):
+                await self.store.delete_session(session.token_hash)
             return False
         return True
 

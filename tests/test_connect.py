@@ -347,3 +347,27 @@ def test_the_catalogs_say_the_same_things() -> None:
         return found
 
     assert keys(catalog("en")) == keys(catalog("da"))
+
+
+async def test_a_store_outage_shows_a_plain_page_not_a_crash(tmp_path: Any) -> None:
+    from support.inprocess import PLEO_URL, FakePleo, MemoryStore
+    from support.servers import broker_settings
+
+    from broker.connect import create_connect_app
+    from broker.runtime import open_broker
+
+    store, pleo = MemoryStore(), FakePleo()
+    settings = broker_settings(PLEO_URL, tmp_path, connect_public_url=PUBLIC)
+    async with open_broker(settings, store=store, pleo_transport=pleo.transport()) as broker:
+        link = await broker.sessions.create("acme")
+        path = link.url.removeprefix(PUBLIC)
+        transport = httpx.ASGITransport(app=create_connect_app(broker))
+        async with httpx.AsyncClient(transport=transport, base_url="http://c.test") as client:
+            store.down = True
+            page = await client.get(path + "?lang=da")
+            assert page.status_code == 503
+            assert_secure_headers(page)
+            assert state_of(page.text) == "failed" and '<html lang="da">' in page.text
+            assert "Vores sikre nøglelager kan ikke nås lige nu" in text_of(page.text, "message")
+            store.down = False
+            assert (await client.get(path)).status_code == 200
