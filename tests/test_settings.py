@@ -190,3 +190,39 @@ def test_serve_refuses_a_short_admin_token_in_one_line(tmp_path: Path) -> None:
     assert "at least 32 characters" in result.stderr
     assert "tiny" not in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_connect_settings_default_to_off_and_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = load_settings()
+    assert settings.connect_public_url is None  # no connect listener, no links
+    assert (settings.connect_host, settings.connect_port) == ("127.0.0.1", 8082)
+    assert settings.connect_max_attempts == 10
+    assert settings.connect_frame_ancestors == "'none'"
+    assert settings.connect_integration_name == "the integration"
+    monkeypatch.setenv("BROKER_CONNECT_PUBLIC_URL", "https://connect.example.com/")
+    monkeypatch.setenv("BROKER_CONNECT_RETURN_ORIGINS", "https://App.example.com, http://x.io:8080")
+    settings = load_settings()
+    assert settings.connect_public_url == "https://connect.example.com"
+    assert settings.connect_return_origins == ("https://app.example.com", "http://x.io:8080")
+    monkeypatch.setenv("BROKER_CONNECT_PUBLIC_URL", "")
+    assert load_settings().connect_public_url is None
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("BROKER_CONNECT_PUBLIC_URL", "connect.example.com"),
+        ("BROKER_CONNECT_PUBLIC_URL", "https://"),
+        ("BROKER_CONNECT_RETURN_ORIGINS", "https://app.example.com/path"),
+        ("BROKER_CONNECT_RETURN_ORIGINS", "app.example.com"),
+        ("BROKER_CONNECT_FRAME_ANCESTORS", "'none'; script-src *"),
+        ("BROKER_CONNECT_MAX_ATTEMPTS", "0"),
+    ],
+)
+def test_bad_connect_settings_stop_start_up(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert name in str(caught.value)
