@@ -114,6 +114,7 @@ async def _activate(
     request: Request, session: ConnectSession, key: ApiKey, confirmed: bool, lang: str
 ) -> Response:
     broker = _broker(request)
+    session = await broker.sessions.claim(session)
     try:
         record = await broker.tenants.activate(session.tenant, key, allow_company_change=confirmed)
     except errors.CompanyChanged as exc:
@@ -125,6 +126,7 @@ async def _activate(
                 "new": str(exc.details.get("key_company_id", "")),
                 "old": str(exc.details.get("company_id", "")),
             }
+            await broker.sessions.release(session)
             return _answer(request, page)
         return await _failed(request, session, lang, exc.code)
     except (errors.ActivationError, errors.StoreError, errors.TenantError) as exc:

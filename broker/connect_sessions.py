@@ -28,6 +28,7 @@ from broker.settings import Settings
 MIN_TTL = 60
 MAX_TTL = 86_400
 DEFAULT_TTL = 1800
+CLAIM_FOR = timedelta(seconds=60)  # longer than a key's check with Pleo may take
 SessionData = dict[str, object]
 
 
@@ -49,6 +50,7 @@ class ConnectSession:
     return_url: str | None = None
     last_error: str | None = None  # the code of the last failed submission
     csrf: str = ""  # the page's form token (random per session; not a secret beyond it)
+    busy_until: datetime | None = None  # a submission is being checked (see `claim`)
     version: int = 0  # compare-and-set: 0 for a session not stored yet
 
     def view(self) -> dict[str, object]:
@@ -71,6 +73,7 @@ class ConnectSession:
         data = asdict(self)
         data.pop("version")
         data["expires_at"] = self.expires_at.isoformat()
+        data["busy_until"] = self.busy_until.isoformat() if self.busy_until else None
         return data
 
     @classmethod
@@ -86,6 +89,9 @@ class ConnectSession:
             return_url=str(data["return_url"]) if data.get("return_url") else None,
             last_error=str(data["last_error"]) if data.get("last_error") else None,
             csrf=str(data.get("csrf") or ""),
+            busy_until=(
+                datetime.fromisoformat(str(data["busy_until"])) if data.get("busy_until") else None
+            ),
             version=version,
         )
 
@@ -222,9 +228,21 @@ class ConnectSessions:
             return None
         return session
 
+    async def claim(self, session: ConnectSession) -> ConnectSession:
+        """Mark the session busy while a submitted key is checked: of two submissions at once,
+        on any replica, one wins and the other gets `StoreConflict` (so a link is used once)."""
+        now = _now()
+        if session.busy_until is not None and session.busy_until > now:
+            raise errors.StoreConflict("Another submission on this link is being checked.")
+        return await self.store.put_session(replace(session, busy_until=now + CLAIM_FOR))
+
+    async def release(self, session: ConnectSession) -> ConnectSession:
+        """The claimed submission ended without counting (a confirmation is asked for)."""
+        return await self.store.put_session(replace(session, busy_until=None))
+
     async def failed(self, session: ConnectSession, code: str) -> ConnectSession:
         """Count a failed submission; the session ends at the attempt limit."""
-        counted = replace(session, attempts=session.attempts + 1, last_error=code)
+        counted = replace(session, attempts=session.attempts + 1, last_error=code, busy_until=None)
         stored = await self.store.put_session(counted)
         emit(
             "connect.attempt_failed",

@@ -207,3 +207,22 @@ async def test_the_vault_policy_lets_the_broker_keep_sessions(
         await sessions.revoke(link.session.id)
     finally:
         await store.close()
+
+
+async def test_two_submissions_at_once_cannot_both_use_a_link(open_replica: OpenSessions) -> None:
+    first = ConnectSessions(await open_replica(), settings())
+    second = ConnectSessions(await open_replica(), settings())
+    token = token_of((await first.create("acme")).url)
+    seen_by_first, seen_by_second = await first.find(token), await second.find(token)
+    assert seen_by_first is not None and seen_by_second is not None
+    claimed = await first.claim(seen_by_first)
+    with pytest.raises(errors.StoreConflict):
+        await second.claim(seen_by_second)  # read before the claim: the write loses
+    fresh = await second.find(token)
+    assert fresh is not None and fresh.busy_until is not None
+    with pytest.raises(errors.StoreConflict):
+        await second.claim(fresh)  # read after it: the link is busy
+    await first.failed(claimed, "key_invalid")
+    again = await second.find(token)
+    assert again is not None and again.busy_until is None
+    await second.release(await second.claim(again))
