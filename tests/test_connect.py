@@ -371,3 +371,44 @@ async def test_a_store_outage_shows_a_plain_page_not_a_crash(tmp_path: Any) -> N
             assert "Vores sikre nøglelager kan ikke nås lige nu" in text_of(page.text, "message")
             store.down = False
             assert (await client.get(path)).status_code == 200
+
+
+def test_no_key_or_token_in_any_log_line_or_answer(
+    admin: httpx.Client, browser: httpx.Client, sandbox: RunningSandbox
+) -> None:
+    import io
+
+    from broker.events import LOGGER_NAME, JsonFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    loggers = [logging.getLogger(name) for name in (LOGGER_NAME, "uvicorn", "starlette")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+    answers: list[str] = []
+    try:
+        first, other = sandbox.state.create_key(), sandbox.state.create_key()
+        wrong = "pik_" + "7" * 48
+        keys = [first.api_key, other.api_key, wrong]
+        links = [make_link(admin), make_link(admin, allow_company_change=True)]
+        for response in (
+            post_key(browser, links[0], wrong),
+            post_key(browser, links[0], first.api_key),
+            post_key(browser, links[1], other.api_key),
+            browser.post(links[1].path, data={"api_key": other.api_key, "csrf_token": "x"}),
+            post_key(browser, links[1], other.api_key, confirm=True),
+        ):
+            answers += [response.text, str(response.headers)]
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+    logged = stream.getvalue()
+    assert "connect.session_completed" in logged
+    for secret in [*keys, *(link.path.rsplit("/", 1)[1] for link in links)]:
+        assert secret not in logged
+    for secret in keys:
+        assert all(secret not in answer for answer in answers)
