@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import time
-from collections import deque
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -23,9 +21,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from broker import errors
+from broker.connect_guards import SecurityHeaders, SubmissionRate, Unexpected
 from broker.connect_pages import Page, choose_language
 from broker.connect_sessions import ConnectSession
 from broker.connect_view import describe
@@ -225,83 +224,3 @@ def _same_origin(request: Request) -> bool:
 def _csrf_ok(session: ConnectSession, form: dict[str, str]) -> bool:
     supplied = form.get("csrf_token", "")
     return hmac.compare_digest(supplied.encode(), session.csrf.encode())
-
-
-class SubmissionRate:
-    """At most `limit` submissions per session in `window` seconds (in this process)."""
-
-    def __init__(self, limit: int, window: float) -> None:
-        self.limit = limit
-        self.window = window
-        self._seen: dict[str, deque[float]] = {}
-
-    def allow(self, session_id: str) -> bool:
-        now = time.monotonic()
-        if len(self._seen) > 10_000:
-            self._seen.clear()  # bounded memory; the store's attempt limit still holds
-        recent = self._seen.setdefault(session_id, deque())
-        while recent and recent[0] <= now - self.window:
-            recent.popleft()
-        if len(recent) >= self.limit:
-            return False
-        recent.append(now)
-        return True
-
-
-class SecurityHeaders:
-    """The connect listener's headers on every answer (§12): CSP, no referrer, no caching."""
-
-    def __init__(self, app: ASGIApp, frame_ancestors: str) -> None:
-        self.app = app
-        csp = (
-            "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self';"
-            f" form-action 'self'; base-uri 'none'; frame-ancestors {frame_ancestors}"
-        )
-        self.headers = [
-            (b"content-security-policy", csp.encode()),
-            (b"referrer-policy", b"no-referrer"),
-            (b"cache-control", b"no-store"),
-            (b"x-content-type-options", b"nosniff"),
-        ]
-        if frame_ancestors.strip() == "'none'":
-            self.headers.append((b"x-frame-options", b"DENY"))
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        ours = {name for name, _ in self.headers}
-
-        async def with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                kept = [(n, v) for n, v in message.get("headers", []) if n.lower() not in ours]
-                message = {**message, "headers": kept + self.headers}
-            await send(message)
-
-        await self.app(scope, receive, with_headers)
-
-
-class Unexpected:
-    """A failure no handler expected: a plain page, and a log line naming only its type."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = False
-
-        async def watch(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, watch)
-        except Exception as exc:
-            emit("connect.internal_error", level=logging.ERROR, error_type=type(exc).__name__)
-            if started or scope["type"] != "http":
-                return
-            text = "Something went wrong. Your key was not saved. Please try again later."
-            await HTMLResponse(f"<!doctype html><title>Error</title><p>{text}</p>", 500)(
-                scope, receive, send
-            )
