@@ -25,7 +25,7 @@ from starlette.types import ASGIApp
 
 from broker import errors
 from broker.connect_guards import SecurityHeaders, SubmissionRate, Unexpected
-from broker.connect_pages import Page, choose_language
+from broker.connect_pages import Page, Words, choose_language
 from broker.connect_sessions import ConnectSession
 from broker.connect_view import describe
 from broker.events import emit
@@ -166,8 +166,6 @@ def _retry(request: Request, session: ConnectSession, lang: str, code: str | Non
 
 def page_text(request: Request, lang: str, key: str) -> str:
     """One catalog text in `lang`, branded."""
-    from broker.connect_pages import Words
-
     words = Words(lang, _broker(request).settings.connect_integration_name)
     if key.startswith("error."):
         return words.error(key.removeprefix("error."))
