@@ -27,7 +27,13 @@ from broker.sandbox import create_app as create_sandbox_app
 from broker.server import Listener, bind, run_listeners, serve
 from broker.settings import Settings
 
-DEMO_SCOPES = ["export-jobs:read", "export-jobs:write", "export-items:read", "users:read"]
+DEMO_SCOPES = [
+    "export-jobs:read",
+    "export-jobs:write",
+    "export-items:read",
+    "users:read",
+    "companies:read",  # lets the connect page show the company's name
+]
 TENANT = "acme-accounting"
 
 
