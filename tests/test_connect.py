@@ -412,3 +412,14 @@ def test_no_key_or_token_in_any_log_line_or_answer(
         assert secret not in logged
     for secret in keys:
         assert all(secret not in answer for answer in answers)
+
+
+def test_a_key_that_may_not_read_its_company_still_gets_the_page(
+    admin: httpx.Client, browser: httpx.Client, sandbox: RunningSandbox
+) -> None:
+    key = sandbox.state.create_key(scopes=["export-jobs:read", "export-jobs:write"])
+    assert admin.put("/v1/tenants/acme/key", json={"api_key": key.api_key}).status_code == 200
+    page = browser.get(make_link(admin).path)
+    assert page.status_code == 200 and state_of(page.text) == "connected"
+    assert text_of(page.text, "company-id") == key.company_id
+    assert 'id="company-name"' not in page.text
