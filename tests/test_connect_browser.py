@@ -137,6 +137,8 @@ def assert_actionable_failure(page: Page) -> None:
 def test_customer_connects_with_the_keyboard_alone(
     connect: Connect, open_tab: Callable[..., Tab], caplog: pytest.LogCaptureFixture
 ) -> None:
+    """The whole way through a real form post: under `Referrer-Policy: no-referrer` Chromium
+    sends `Origin: null` (with `Sec-Fetch-Site: same-origin`), which the page must accept."""
     caplog.set_level(logging.DEBUG)
     key = connect.sandbox.state.create_key(scopes=REQUIRED)
     tab = open_tab(375)
@@ -380,7 +382,15 @@ def test_posts_from_another_origin_or_without_csrf_token_are_refused(connect: Co
             headers={"Origin": connect.url},
         )
         assert forged.status_code == 403
-        for refused in (foreign, missing, forged):
+        # A page whose policy sends no referrer (this one's) posts with `Origin: null`; only
+        # Sec-Fetch-Site then tells a post from this page from one from another site.
+        opaque = client.post(
+            link,
+            data={"api_key": key.api_key, "csrf_token": csrf},
+            headers={"Origin": "null", "Sec-Fetch-Site": "cross-site"},
+        )
+        assert opaque.status_code == 403
+        for refused in (foreign, missing, forged, opaque):
             assert refused.headers["content-type"].startswith("text/html")
             assert key.api_key not in refused.text
             assert refused.headers["content-security-policy"].startswith(CSP_PREFIX)
