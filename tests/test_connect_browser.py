@@ -104,11 +104,16 @@ def tab_to_key_field(page: Page) -> None:
 
 
 def submit_by_keyboard(page: Page, api_key: str) -> None:
-    """Tab to the field, type the key, press Enter; returns once the answer has loaded."""
+    """Tab to the field, type the key, press Enter; returns once the answer has loaded.
+
+    The post itself must be taken (200): a refused one (403) also shows the form again."""
     tab_to_key_field(page)
     page.keyboard.type(api_key)
-    with page.expect_navigation():
+    with page.expect_navigation() as navigation:
         page.keyboard.press("Enter")
+    answer = navigation.value
+    assert answer is not None and answer.request.method == "POST"
+    assert answer.status == 200, page.locator("main").inner_text()
 
 
 def assert_key_never_returned(tab: Tab, api_key: str) -> None:
