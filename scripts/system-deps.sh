@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests and the benchmark use (real components, not mocks):
-# promtool (prometheus), nginx and wrk (benchmark reference and load). Idempotent; needs root.
+# promtool (prometheus), nginx and wrk (benchmark reference and load), and chromium (the connect
+# page's real-browser tests drive /usr/bin/chromium through Playwright). Idempotent; needs root.
 set -euo pipefail
 need=()
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v nginx >/dev/null 2>&1 || need+=(nginx-light)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
+[ -x /usr/bin/chromium ] || need+=(chromium)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 if [ "$(id -u)" != 0 ]; then
   echo "system-deps: missing ${need[*]}; run as root or install them with apt-get" >&2

@@ -18,8 +18,9 @@ from support.servers import (
     start_sandbox,
 )
 
-# Fixtures of the helper modules in tests/support/: a real OpenBao, and the in-process layer.
-pytest_plugins = ["support.openbao_server", "support.inprocess"]
+# Fixtures of the helper modules in tests/support/: a real OpenBao, the in-process layer, and a
+# real Chromium.
+pytest_plugins = ["support.openbao_server", "support.inprocess", "support.browser"]
 
 
 @pytest.fixture(scope="session", autouse=True)
