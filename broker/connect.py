@@ -211,6 +211,10 @@ def _same_origin(request: Request) -> bool:
     origin = request.headers.get("origin")
     if origin is None:
         return True
+    if origin == "null":
+        # Under `Referrer-Policy: no-referrer` a browser posts this page's own form with an
+        # opaque `Origin: null`; it then says the fetch is same-origin (which no page can forge).
+        return request.headers.get("sec-fetch-site") == "same-origin"
     own = {f"{request.url.scheme}://{request.headers.get('host', '')}".lower()}
     public = _broker(request).settings.connect_public_url
     if public is not None:
