@@ -35,23 +35,29 @@ class SubmissionRate:
         return True
 
 
+def security_headers(frame_ancestors: str) -> list[tuple[bytes, bytes]]:
+    """The connect listener's headers on every answer, the listener's own refusals included."""
+    csp = (
+        "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self';"
+        f" form-action 'self'; base-uri 'none'; frame-ancestors {frame_ancestors}"
+    )
+    headers = [
+        (b"content-security-policy", csp.encode()),
+        (b"referrer-policy", b"no-referrer"),
+        (b"cache-control", b"no-store"),
+        (b"x-content-type-options", b"nosniff"),
+    ]
+    if frame_ancestors.strip() == "'none'":
+        headers.append((b"x-frame-options", b"DENY"))
+    return headers
+
+
 class SecurityHeaders:
     """The connect listener's headers on every answer (§12): CSP, no referrer, no caching."""
 
     def __init__(self, app: ASGIApp, frame_ancestors: str) -> None:
         self.app = app
-        csp = (
-            "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self';"
-            f" form-action 'self'; base-uri 'none'; frame-ancestors {frame_ancestors}"
-        )
-        self.headers = [
-            (b"content-security-policy", csp.encode()),
-            (b"referrer-policy", b"no-referrer"),
-            (b"cache-control", b"no-store"),
-            (b"x-content-type-options", b"nosniff"),
-        ]
-        if frame_ancestors.strip() == "'none'":
-            self.headers.append((b"x-frame-options", b"DENY"))
+        self.headers = security_headers(frame_ancestors)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -40,6 +40,8 @@ class Limits:
     # half-sent one) to make room, rather than refusing the new one: the admin listener's
     # probes then always get in while a flood of idle sockets only pushes itself out.
     evict_idle: bool = False
+    # Headers every refusal of the listener itself carries (the connect page's security ones).
+    answer_headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 class _Refused(Exception):
@@ -280,9 +282,12 @@ class ListenerProtocol(HttpToolsProtocol):
 
     def _write_error(self, error: errors.ListenerRefusal) -> None:
         body = json.dumps(error.to_body()).encode()
+        extra = b"".join(b"%s: %s\r\n" % pair for pair in self.limits.answer_headers)
         head = (
-            b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+            b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n"
             % len(body)
+            + extra
+            + b"\r\n"
         )
         self.transport.write(STATUS_LINE[error.status] + head + body)
 

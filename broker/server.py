@@ -17,7 +17,7 @@ import resource
 import signal
 import socket
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from broker import errors
 from broker.admin import create_admin_app
 from broker.connect import create_connect_app
+from broker.connect_guards import security_headers
 from broker.events import emit
 from broker.protocol import Limits, protocol_for
 from broker.proxy import create_proxy_app
@@ -105,7 +106,10 @@ async def serve(
                     "connect",
                     create_connect_app(broker),
                     connect_sock,
-                    limits=listener_limits(settings, "connect", admin_cap),
+                    limits=replace(
+                        listener_limits(settings, "connect", admin_cap),
+                        answer_headers=tuple(security_headers(settings.connect_frame_ancestors)),
+                    ),
                 )
             )
 

@@ -314,6 +314,13 @@ def test_static_files_and_strays_carry_the_headers(browser: httpx.Client) -> Non
     assert_secure_headers(stray)
 
 
+def test_the_listeners_own_refusals_carry_the_headers_too(browser: httpx.Client) -> None:
+    # Refused before the page's code runs (431 for a head over the bound): still no caching,
+    # no referrer, no framing.
+    answer = browser.get("/connect/x", headers={"X-Big": "x" * 40_000})
+    assert answer.status_code == 431
+    assert_secure_headers(answer)
+
 def test_without_a_public_url_there_is_no_connect_listener(broker: RunningBroker) -> None:
     assert broker.connect_url is None
 
