@@ -331,14 +331,21 @@ async def test_a_break_the_store_cannot_take_is_served_at_once_and_saved_later(
     assert tenants.registry.get("acme") == stored
 
 
-async def test_a_held_break_yields_to_a_rotation_made_elsewhere(
-    mine: CountingStore, other: SecretStore, pleo: PleoClient
-) -> None:
+async def held_break(mine: CountingStore, pleo: PleoClient) -> tuple[TenantService, TenantRecord]:
+    """A service whose `acme` broke (Pleo's 401) while the store was down: the break is held
+    in memory, unsaved. The store is still down on return."""
     tenants = service(mine, pleo)
     acme = await mine.put(active("acme"))
     assert await tenants.registry.refresh()
     mine.down = True
     await tenants.key_rejected(acme)
+    return tenants, acme
+
+
+async def test_a_held_break_yields_to_a_rotation_made_elsewhere(
+    mine: CountingStore, other: SecretStore, pleo: PleoClient
+) -> None:
+    tenants, acme = await held_break(mine, pleo)
     rotated = await other.put(acme.evolve(api_key=ApiKey(f"pls_{secrets.token_hex(20)}")))
     mine.down = False
     assert await tenants.registry.refresh()
@@ -352,11 +359,7 @@ async def test_a_held_break_yields_to_a_rotation_made_elsewhere(
 async def test_a_change_made_while_a_held_break_is_saved_wins(
     mine: CountingStore, pleo: PleoClient
 ) -> None:
-    tenants = service(mine, pleo)
-    acme = await mine.put(active("acme"))
-    assert await tenants.registry.refresh()
-    mine.down = True
-    await tenants.key_rejected(acme)
+    tenants, acme = await held_break(mine, pleo)
     mine.down = False
     rotated = acme.evolve(api_key=ApiKey(f"pls_{secrets.token_hex(20)}"), version=acme.version + 2)
     put = mine.put
@@ -404,11 +407,7 @@ async def test_writes_failing_make_a_write_problem_until_one_succeeds(
 async def test_a_write_problem_of_an_outage_ends_with_the_outage(
     mine: CountingStore, pleo: PleoClient
 ) -> None:
-    tenants = service(mine, pleo)
-    acme = await mine.put(active("acme"))
-    assert await tenants.registry.refresh()
-    mine.down = True
-    await tenants.key_rejected(acme)
+    tenants, _ = await held_break(mine, pleo)
     mine.down = False
     mine.full = True  # the held break cannot be written when the outage ends...
     assert await tenants.registry.refresh()
@@ -424,11 +423,7 @@ async def test_a_write_problem_of_an_outage_ends_with_the_outage(
 async def test_a_disconnect_the_store_failed_keeps_the_tenant_gone_until_it_is_retried(
     mine: CountingStore, pleo: PleoClient
 ) -> None:
-    tenants = service(mine, pleo)
-    acme = await mine.put(active("acme"))
-    assert await tenants.registry.refresh()
-    mine.down = True
-    await tenants.key_rejected(acme)  # a held break, too
+    tenants, acme = await held_break(mine, pleo)
     mine.full, mine.down = True, False
 
     with pytest.raises(StoreUnavailable, match="stopped using this tenant's key"):

@@ -165,13 +165,11 @@ def test_introspection_and_proxied_calls_go_through_the_egress_proxy_with_creden
     assert PASSWORD not in logs.getvalue()
 
 
-def test_an_unreachable_egress_proxy_is_pleo_unreachable_and_shows_no_credentials(
-    make_broker: Callable[..., RunningBroker], sandbox: RunningSandbox, logs: io.StringIO
+def _activation_fails_without_credentials_shown(
+    broker: RunningBroker, sandbox: RunningSandbox, logs: io.StringIO
 ) -> None:
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))
-        port = closed.getsockname()[1]
-    broker = make_broker(upstream_proxy=f"http://user:{PASSWORD}@127.0.0.1:{port}")
+    """Activation answers 503 pleo_unavailable, nothing reaches Pleo, and the proxy's
+    password is in neither the answer nor the logs."""
     key = sandbox.state.create_key(scopes=REQUIRED)
     activated = httpx.put(
         f"{broker.admin_url}/v1/tenants/acme/key",
@@ -183,6 +181,16 @@ def test_an_unreachable_egress_proxy_is_pleo_unreachable_and_shows_no_credential
     assert activated.json()["error"]["code"] == "pleo_unavailable"
     assert PASSWORD not in activated.text + logs.getvalue()
     assert list(sandbox.state.requests) == []
+
+
+def test_an_unreachable_egress_proxy_is_pleo_unreachable_and_shows_no_credentials(
+    make_broker: Callable[..., RunningBroker], sandbox: RunningSandbox, logs: io.StringIO
+) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    broker = make_broker(upstream_proxy=f"http://user:{PASSWORD}@127.0.0.1:{port}")
+    _activation_fails_without_credentials_shown(broker, sandbox, logs)
 
 
 def test_without_credentials_no_proxy_authorization_is_sent(
@@ -204,17 +212,7 @@ def test_an_egress_proxy_refusing_the_credentials_is_pleo_unavailable(
 ) -> None:
     forward_proxy.required_authorization = "Basic " + base64.b64encode(b"u:right").decode()
     broker = make_broker(upstream_proxy=f"http://u:{PASSWORD}@127.0.0.1:{forward_proxy.port}")
-    key = sandbox.state.create_key(scopes=REQUIRED)
-    activated = httpx.put(
-        f"{broker.admin_url}/v1/tenants/acme/key",
-        headers=broker.auth,
-        json={"api_key": key.api_key},
-        trust_env=False,
-    )
-    assert activated.status_code == 503, activated.text
-    assert activated.json()["error"]["code"] == "pleo_unavailable"
-    assert PASSWORD not in activated.text + logs.getvalue()
-    assert list(sandbox.state.requests) == []
+    _activation_fails_without_credentials_shown(broker, sandbox, logs)
 
 
 def test_without_the_setting_nothing_goes_through_a_proxy(
