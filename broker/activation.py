@@ -73,11 +73,8 @@ class Activation:
         # activations of different tenants with keys of one company cannot both pass the
         # company_in_use check while the other is being written.
         async with self._binding:
-            others = {
-                other.tenant: other.company_id
-                for other in self.book.registry.all()
-                if other.tenant != tenant
-            }
+            others = self.book.registry.companies()
+            others.pop(tenant, None)
             try:
                 company_id = rules.validate_key(
                     info,

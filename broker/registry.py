@@ -120,6 +120,13 @@ class TenantRegistry:
         """True while a disconnect of `tenant` that began here hides a record the store holds."""
         return tenant in self._disconnecting
 
+    def companies(self) -> dict[str, str | None]:
+        """Each tenant's company, those being disconnected included (their binding stands
+        until the store confirms the disconnect)."""
+        bound = {r.tenant: r.company_id for r in self._disconnecting.values()}
+        bound.update((r.tenant, r.company_id) for r in self._records.values())
+        return bound
+
     def enforced(self, tenant: str, stored: TenantRecord | None) -> TenantRecord | None:
         """What the proxy enforces for `tenant`, given its record as just read from the store.
 
@@ -292,13 +299,12 @@ class TenantRegistry:
         return fresh
 
     def _hides(self, tenant: str, stored: TenantRecord | None) -> bool:
-        """True if `stored` is the record a disconnect under way hides."""
+        """True if `stored` holds the key a disconnect under way stopped serving: by key, not
+        version, since another replica's later write (a check) may carry the same key."""
         hidden = self._disconnecting.get(tenant)
         if hidden is None:
             return False
-        return stored is not None and (
-            stored.version == hidden.version and stored.api_key == hidden.api_key
-        )
+        return stored is not None and stored.api_key == hidden.api_key
 
     async def _refresh_forever(self) -> None:
         while True:

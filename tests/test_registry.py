@@ -465,6 +465,36 @@ async def test_a_tenant_connected_again_elsewhere_ends_a_failed_disconnect(
     assert await tenants.fetch("acme") == reconnected
 
 
+async def test_a_failed_disconnect_keeps_hiding_the_key_when_another_replica_writes_it(
+    mine: CountingStore, other: SecretStore, pleo: PleoClient
+) -> None:
+    # The operator was told the key is no longer used: a later write of the same key by
+    # another replica (its check, say) must not bring it back into service here.
+    tenants = service(mine, pleo)
+    acme = await mine.put(active("acme"))
+    assert await tenants.registry.refresh()
+    mine.full = True
+    with pytest.raises(StoreUnavailable):
+        await tenants.disconnect("acme")
+    mine.full = False
+    await other.put(acme.evolve(last_checked_at=T0.replace(year=2031)))
+    assert await tenants.registry.refresh()
+    assert tenants.registry.get("acme") is None
+
+
+async def test_a_company_stays_bound_while_its_tenants_disconnect_is_unfinished(
+    mine: CountingStore, pleo: PleoClient
+) -> None:
+    tenants = service(mine, pleo)
+    acme = await mine.put(active("acme"))
+    assert await tenants.registry.refresh()
+    mine.full = True
+    with pytest.raises(StoreUnavailable):
+        await tenants.disconnect("acme")
+    mine.full = False
+    assert tenants.registry.companies()["acme"] == acme.company_id
+
+
 # -- active: the proxy's one read --------------------------------------------------------
 
 
