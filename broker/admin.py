@@ -80,6 +80,17 @@ def _broker(request: Request) -> Broker:
     return broker
 
 
+def _actor(request: Request) -> str:
+    """Who the events of this change name: `admin`, or `cli` when the CLI says so
+    (`X-Broker-Actor: cli`; an admin-token holder may claim nothing else)."""
+    claimed = request.headers.get("x-broker-actor")
+    if claimed is None:
+        return "admin"
+    if claimed != "cli":
+        raise errors.RequestInvalid("X-Broker-Actor may only be 'cli' (or left out).")
+    return "cli"
+
+
 # -- /v1: tenants (behind AdminToken) ----------------------------------------------------
 
 
@@ -112,19 +123,22 @@ async def put_key(request: Request) -> Response:
         request.path_params["tenant"],
         ApiKey(submission.api_key.strip()),
         allow_company_change=submission.allow_company_change,
+        actor=_actor(request),
     )
     return JSONResponse(record.view())
 
 
 async def check_tenant(request: Request) -> Response:
     """`POST /v1/tenants/{tenant}/check`: re-validate the tenant's key with Pleo now."""
-    record = await _broker(request).tenants.check(request.path_params["tenant"])
+    record = await _broker(request).tenants.check(
+        request.path_params["tenant"], actor=_actor(request)
+    )
     return JSONResponse(record.view())
 
 
 async def delete_tenant(request: Request) -> Response:
     """`DELETE /v1/tenants/{tenant}`: forget the tenant and destroy its key."""
-    await _broker(request).tenants.disconnect(request.path_params["tenant"])
+    await _broker(request).tenants.disconnect(request.path_params["tenant"], actor=_actor(request))
     return Response(status_code=204)
 
 

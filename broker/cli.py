@@ -193,7 +193,10 @@ class AdminClient:
         self.base_url = (admin_url or f"http://{host}:{settings.admin_port}").rstrip("/")
         self._client = httpx.Client(
             base_url=self.base_url,
-            headers={"Authorization": f"Bearer {settings.admin_token.get_secret_value()}"},
+            headers={
+                "Authorization": f"Bearer {settings.admin_token.get_secret_value()}",
+                "X-Broker-Actor": "cli",  # the events of its changes name the CLI
+            },
             timeout=30.0,
             trust_env=False,
         )

@@ -17,7 +17,7 @@ from broker.checks import Checks
 from broker.events import emit
 from broker.metrics import Metrics
 from broker.pleo import PleoClient
-from broker.records import ApiKey, TenantRecord
+from broker.records import ApiKey, TenantRecord, TenantState
 from broker.registry import TenantRegistry
 from broker.rules import Requirements
 from broker.stores import SecretStore
@@ -56,16 +56,23 @@ class TenantService:
         return await self.book.fetch(tenant, remember=remember)
 
     async def activate(
-        self, tenant: str, api_key: ApiKey, *, allow_company_change: bool = False
+        self,
+        tenant: str,
+        api_key: ApiKey,
+        *,
+        allow_company_change: bool = False,
+        actor: str = "admin",
     ) -> TenantRecord:
-        """Validate `api_key` with Pleo and make it the tenant's key."""
+        """Validate `api_key` with Pleo and make it the tenant's key (`actor`: who asked,
+        as its events name it: `admin`, `cli` or `connect_session:<id>`)."""
         return await self.activation.activate(
-            tenant, api_key, allow_company_change=allow_company_change
+            tenant, api_key, allow_company_change=allow_company_change, actor=actor
         )
 
-    async def check(self, tenant: str) -> TenantRecord:
-        """Re-introspect the tenant's key now and apply what Pleo says (POST …/check)."""
-        return await self.checks.check(tenant)
+    async def check(self, tenant: str, *, actor: str = "admin") -> TenantRecord:
+        """Re-introspect the tenant's key now and apply what Pleo says (POST …/check);
+        `actor` is `admin`, `cli` or `health_check`."""
+        return await self.checks.check(tenant, actor=actor)
 
     async def recheck_after_forbidden(self, tenant: str) -> TenantRecord:
         """Pleo answered 403 for this tenant: find out whether the key or its rights changed."""
@@ -75,15 +82,18 @@ class TenantService:
         """Pleo answered 401 to a call made with `record`'s key: the tenant is broken at once."""
         return await self.checks.key_rejected(record)
 
-    async def disconnect(self, tenant: str) -> None:
-        """Forget the tenant and destroy its key material."""
+    async def disconnect(self, tenant: str, *, actor: str = "admin") -> None:
+        """Forget the tenant and destroy its key material; `tenant.disconnected` is written
+        with the deletion, its data the tenant as it was last seen."""
         require_valid(tenant)
         async with self.book.lock(tenant):
+            last = self.registry.get(tenant) or TenantRecord(tenant, TenantState.PENDING, None)
+            events = self.book.events(last, actor, ["tenant.disconnected"])
             # Stop using the key before its destruction starts: if the store fails midway (or
             # answers too late), the proxy must not go on injecting a key that may be gone.
             known = self.registry.forget(tenant)
             try:
-                existed = await self.registry.delete(tenant)
+                existed = await self.registry.delete(tenant, events=events)
             except errors.StoreUnavailable as exc:
                 emit(
                     "tenant.disconnect_incomplete",
