@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker import errors
 from broker.events import emit
+from broker.feed import list_events
 from broker.records import ApiKey, TenantState
 from broker.runtime import Broker
 from broker.submissions import read_key_submission, read_link_request
@@ -42,6 +43,7 @@ def create_admin_app(broker: Broker) -> Starlette:
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/tenants", list_tenants, methods=["GET"], middleware=guarded),
+        Route("/v1/events", list_events, methods=["GET"], middleware=guarded),
         Route("/v1/tenants/{tenant}", show_tenant, methods=["GET"], middleware=guarded),
         Route("/v1/tenants/{tenant}", delete_tenant, methods=["DELETE"], middleware=guarded),
         Route("/v1/tenants/{tenant}/key", put_key, methods=["PUT"], middleware=guarded),
