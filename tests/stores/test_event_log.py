@@ -193,3 +193,29 @@ async def test_vault_an_event_whose_copy_to_the_log_failed_is_logged_once_later(
     finally:
         await writer.close()
         await reader.close()
+
+
+async def test_local_a_change_whose_event_cannot_be_written_is_not_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One transaction: if the event insert fails, the record write is rolled back too."""
+    import sqlite3
+
+    from broker.stores import sqlite_events
+
+    store = LocalStore(tmp_path / "store")
+    try:
+        acme = await store.put(active("acme"))
+
+        def fails(*args: object) -> None:
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(sqlite_events, "insert", fails)
+        broken = acme.evolve(state=TenantState.BROKEN)
+        with pytest.raises(StoreUnavailable):
+            await store.put(broken, events=[event(broken, "tenant.broken")])
+        with pytest.raises(StoreUnavailable):
+            await store.delete("acme", events=[event(acme, "tenant.disconnected")])
+        assert await store.get("acme") == acme
+    finally:
+        await store.close()
