@@ -219,3 +219,24 @@ async def test_local_a_change_whose_event_cannot_be_written_is_not_made(
         assert await store.get("acme") == acme
     finally:
         await store.close()
+
+
+async def test_replicas_writing_at_once_log_every_event_once(open_store: OpenStore) -> None:
+    """Enough events to fill more than one chunk of Vault's log, from two replicas racing."""
+    import asyncio
+
+    one, two = await open_store(), await open_store()
+    written: dict[str, list[Event]] = {}
+
+    async def churn(store: SecretStore, tenant: str) -> None:
+        record = active(tenant)
+        for kind in ["tenant.activated", *["tenant.key_rotated"] * 7]:
+            events = [event(record, kind), event(record, "tenant.scopes_changed")]
+            written.setdefault(tenant, []).extend(events)
+            record = await store.put(record, events=events)
+
+    await asyncio.gather(churn(one, "t0"), churn(two, "t1"), churn(one, "t2"))
+    logged = await everything(two, page=7)
+    assert len(logged) == len({e.id for e in logged}) == 48
+    for tenant, events in written.items():
+        assert [e.id for e in logged if e.tenant == tenant] == [e.id for e in events]
