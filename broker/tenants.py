@@ -8,6 +8,7 @@ detection) and here (disconnect), over the records of `broker.book`. Reads go to
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from broker import errors
@@ -87,8 +88,7 @@ class TenantService:
         with the deletion, its data the tenant as it was last seen."""
         require_valid(tenant)
         async with self.book.lock(tenant):
-            last = self.registry.get(tenant) or TenantRecord(tenant, TenantState.PENDING, None)
-            events = self.book.events(last, actor, ["tenant.disconnected"])
+            events = self.book.events(await self._last_seen(tenant), actor, ["tenant.disconnected"])
             # Stop using the key before its destruction starts: if the store fails midway (or
             # answers too late), the proxy must not go on injecting a key that may be gone.
             known = self.registry.forget(tenant)
@@ -113,3 +113,11 @@ class TenantService:
             if not existed and not known:
                 raise errors.TenantUnknown(tenant=tenant)
             emit("tenant.disconnected", tenant=tenant)
+
+    async def _last_seen(self, tenant: str) -> TenantRecord:
+        """The tenant as a disconnect's event shows it: from memory, else from the store."""
+        known = self.registry.get(tenant)
+        if known is None:
+            with contextlib.suppress(errors.StoreError):
+                known = await self.store.get(tenant)
+        return known or TenantRecord(tenant, TenantState.PENDING, None)

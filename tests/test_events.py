@@ -222,3 +222,20 @@ async def test_events_older_than_the_retention_are_pruned(
     assert await prune_once(memory_store, retention_days=30) == 1
     events, _ = await memory_store.events_after(None, 10)
     assert [e.type for e in events] == ["tenant.activated"]
+
+
+async def test_a_disconnect_shows_the_tenant_as_the_store_last_had_it(
+    tenant_service: TenantService, fake_pleo: FakePleo, memory_store: MemoryStore
+) -> None:
+    """Connected through another replica, not yet in this one's memory: the event still
+    shows the tenant as it was, not an empty view."""
+    other = memory_store.replica()
+    elsewhere = TenantService(other, tenant_service.pleo, tenant_service.metrics)
+    record = await elsewhere.activate("acme", fake_pleo.add_key())
+    await tenant_service.disconnect("acme", actor="cli")
+    events, _ = await memory_store.events_after(None, 10)
+    assert [(e.type, e.actor) for e in events] == [
+        ("tenant.activated", "admin"),
+        ("tenant.disconnected", "cli"),
+    ]
+    assert events[1].data == record.view()
