@@ -62,6 +62,9 @@ async def prune_once(store: SecretStore, retention_days: int) -> int:
     except errors.StoreError as exc:
         emit("events.prune_failed", level=logging.WARNING, error=exc.message)
         return 0
+    except Exception as exc:  # the background task must outlive one bad pruning
+        emit("events.prune_failed", level=logging.ERROR, error=type(exc).__name__)
+        return 0
     if pruned:
         emit("events.pruned", events=pruned)
     return pruned

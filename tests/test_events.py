@@ -239,3 +239,22 @@ async def test_a_disconnect_shows_the_tenant_as_the_store_last_had_it(
         ("tenant.disconnected", "cli"),
     ]
     assert events[1].data == record.view()
+
+
+async def test_a_failed_pruning_is_logged_and_the_next_one_runs(
+    memory_store: MemoryStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    memory_store.down = True
+    assert await prune_once(memory_store, retention_days=30) == 0
+    memory_store.down = False
+
+    async def broken(before: datetime) -> int:
+        raise KeyError("a chunk that is not one")
+
+    memory_store.prune_events = broken  # type: ignore[method-assign]
+    assert await prune_once(memory_store, retention_days=30) == 0
+    failures = [r for r in caplog.records if getattr(r, "event", "") == "events.prune_failed"]
+    assert [getattr(r, "fields", {})["error"] for r in failures] == [
+        "the store is down",
+        "KeyError",
+    ]
