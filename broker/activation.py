@@ -40,13 +40,18 @@ class Activation:
         self._binding = asyncio.Lock()
 
     async def activate(
-        self, tenant: str, api_key: ApiKey, *, allow_company_change: bool = False
+        self,
+        tenant: str,
+        api_key: ApiKey,
+        *,
+        allow_company_change: bool = False,
+        actor: str = "admin",
     ) -> TenantRecord:
         """Validate `api_key` with Pleo and make it the tenant's key."""
         require_valid(tenant)
         async with self.book.lock(tenant):
             try:
-                record = await self._activate(tenant, api_key, allow_company_change)
+                record = await self._activate(tenant, api_key, allow_company_change, actor)
             except errors.BrokerError as exc:
                 self.book.metrics.activations.labels(result=exc.code).inc()
                 emit(
@@ -61,7 +66,7 @@ class Activation:
         return record
 
     async def _activate(
-        self, tenant: str, api_key: ApiKey, allow_company_change: bool
+        self, tenant: str, api_key: ApiKey, allow_company_change: bool, actor: str
     ) -> TenantRecord:
         current = await self.book.store.get(tenant)
         try:
@@ -86,10 +91,14 @@ class Activation:
             except errors.ActivationError as exc:
                 await self._remember_failure(tenant, current, exc)
                 raise
-            stored = await self._bind(tenant, api_key, info, company_id, current)
+            record = self._bind(tenant, api_key, info, company_id, current)
+            stored = await self.book.write(
+                record, actor=actor, announce=announced(current, company_id, actor)
+            )
+        self._announce(tenant, current, company_id)
         return stored
 
-    async def _bind(
+    def _bind(
         self,
         tenant: str,
         api_key: ApiKey,
@@ -97,7 +106,7 @@ class Activation:
         company_id: str,
         current: TenantRecord | None,
     ) -> TenantRecord:
-        """Store the validated key and bind the company (docs/contract.md, "Tenants")."""
+        """The record binding the validated key and the company (docs/contract.md, "Tenants")."""
         self._new_key(tenant)
         now = utcnow()
         record = TenantRecord(
@@ -113,7 +122,10 @@ class Activation:
             client_id=info.client_id,
             application_name=info.application_name,
         )
-        stored = await self.book.write(record)
+        return record
+
+    def _announce(self, tenant: str, current: TenantRecord | None, company_id: str) -> None:
+        """Log the change (its events went to the store with it) and count it."""
         fields: dict[str, Any] = {"tenant": tenant, "company_id": company_id}
         if current is not None and current.api_key is not None:
             emit("tenant.key_rotated", previous_state=current.state.value, **fields)
@@ -125,7 +137,6 @@ class Activation:
             self.book.transition(TenantState.ACTIVE, "activated")
         else:
             self.book.transition(TenantState.ACTIVE, "rotated")
-        return stored
 
     async def _introspect(self, api_key: ApiKey) -> Introspection:
         try:
@@ -155,3 +166,15 @@ class Activation:
             await self.book.write(pending)
             if current is None:
                 self.book.transition(TenantState.PENDING, exc.code)
+
+
+def announced(current: TenantRecord | None, company_id: str, actor: str) -> list[str]:
+    """The events an activation by `actor` announces (docs/contract.md, "Events")."""
+    kinds = ["tenant.activated"]
+    if current is not None and current.api_key is not None:
+        kinds = ["tenant.key_rotated"]
+        if current.company_id != company_id:
+            kinds.append("tenant.company_changed")
+    if actor.startswith("connect_session:"):
+        kinds.append("connect_session.completed")
+    return kinds

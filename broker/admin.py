@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker import errors
 from broker.events import emit
+from broker.feed import list_events
 from broker.records import ApiKey, TenantState
 from broker.runtime import Broker
 from broker.submissions import read_key_submission, read_link_request
@@ -42,6 +43,7 @@ def create_admin_app(broker: Broker) -> Starlette:
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/tenants", list_tenants, methods=["GET"], middleware=guarded),
+        Route("/v1/events", list_events, methods=["GET"], middleware=guarded),
         Route("/v1/tenants/{tenant}", show_tenant, methods=["GET"], middleware=guarded),
         Route("/v1/tenants/{tenant}", delete_tenant, methods=["DELETE"], middleware=guarded),
         Route("/v1/tenants/{tenant}/key", put_key, methods=["PUT"], middleware=guarded),
@@ -80,6 +82,17 @@ def _broker(request: Request) -> Broker:
     return broker
 
 
+def _actor(request: Request) -> str:
+    """Who the events of this change name: `admin`, or `cli` when the CLI says so
+    (`X-Broker-Actor: cli`; an admin-token holder may claim nothing else)."""
+    claimed = request.headers.get("x-broker-actor")
+    if claimed is None:
+        return "admin"
+    if claimed != "cli":
+        raise errors.RequestInvalid("X-Broker-Actor may only be 'cli' (or left out).")
+    return "cli"
+
+
 # -- /v1: tenants (behind AdminToken) ----------------------------------------------------
 
 
@@ -112,19 +125,22 @@ async def put_key(request: Request) -> Response:
         request.path_params["tenant"],
         ApiKey(submission.api_key.strip()),
         allow_company_change=submission.allow_company_change,
+        actor=_actor(request),
     )
     return JSONResponse(record.view())
 
 
 async def check_tenant(request: Request) -> Response:
     """`POST /v1/tenants/{tenant}/check`: re-validate the tenant's key with Pleo now."""
-    record = await _broker(request).tenants.check(request.path_params["tenant"])
+    record = await _broker(request).tenants.check(
+        request.path_params["tenant"], actor=_actor(request)
+    )
     return JSONResponse(record.view())
 
 
 async def delete_tenant(request: Request) -> Response:
     """`DELETE /v1/tenants/{tenant}`: forget the tenant and destroy its key."""
-    await _broker(request).tenants.disconnect(request.path_params["tenant"])
+    await _broker(request).tenants.disconnect(request.path_params["tenant"], actor=_actor(request))
     return Response(status_code=204)
 
 

@@ -8,10 +8,12 @@ them when their registries next refresh.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 from broker import errors
 from broker.flight import KeyedLocks
 from broker.metrics import Metrics
+from broker.outbox import Event, new_event
 from broker.records import TenantRecord, TenantState, valid_tenant_id
 from broker.registry import TenantRegistry
 from broker.stores import SecretStore
@@ -59,11 +61,20 @@ class TenantBook:
             raise errors.TenantUnknown(tenant=tenant)
         return record
 
-    async def write(self, record: TenantRecord) -> TenantRecord:
-        """Compare-and-set `record` in the store, then serve it from memory."""
-        stored = await self.registry.put(record)
+    async def write(
+        self, record: TenantRecord, *, actor: str = "admin", announce: Sequence[str] = ()
+    ) -> TenantRecord:
+        """Compare-and-set `record` in the store with the events `announce` names, then
+        serve it from memory: the change and its events land together or not at all."""
+        stored = await self.registry.put(record, events=self.events(record, actor, announce))
         self.registry.remember(record.tenant, stored)
         return stored
+
+    def events(self, record: TenantRecord, actor: str, kinds: Sequence[str]) -> list[Event]:
+        """The events of `kinds` about `record`, caused by `actor` (the one place they are
+        built: whatever caused the change, an event carries the view, never the key)."""
+        view = record.view()
+        return [new_event(kind, actor, view) for kind in kinds]
 
     def transition(self, to_state: TenantState, reason: str) -> None:
         """Count a state change."""

@@ -36,10 +36,13 @@ class Checks:
         """A new key became the tenant's: its next 403 earns a fresh check."""
         self._forbidden_checked.pop(tenant, None)
 
-    async def check(self, tenant: str) -> TenantRecord:
-        """Re-introspect the tenant's key now and apply what Pleo says (POST …/check)."""
+    async def check(self, tenant: str, *, actor: str = "admin") -> TenantRecord:
+        """Re-introspect the tenant's key now and apply what Pleo says (POST …/check).
+
+        Checks of one tenant share one flight: the events name the actor of the first.
+        """
         require_valid(tenant)
-        return await self._checks.run(tenant, lambda: self._check(tenant))
+        return await self._checks.run(tenant, lambda: self._check(tenant, actor))
 
     async def recheck_after_forbidden(self, tenant: str) -> TenantRecord:
         """Pleo answered 403 for this tenant: find out whether the key or its rights changed.
@@ -57,7 +60,7 @@ class Checks:
             and time.monotonic() - checked_at < FORBIDDEN_RECHECK_COOLDOWN
         ):
             return current
-        record = await self._checks.run(tenant, lambda: self._check(tenant))
+        record = await self._checks.run(tenant, lambda: self._check(tenant, "proxy"))
         if record.state is TenantState.ACTIVE:
             self._forbidden_checked[tenant] = time.monotonic()
         return record
@@ -71,16 +74,16 @@ class Checks:
             if current.state is TenantState.BROKEN:
                 return current
             try:
-                return await self._break(current, BrokenReason.KEY_REJECTED)
+                return await self._break(current, REJECTED, "proxy")
             except errors.StoreConflict:
                 # Another replica changed the tenant (a rotation, most likely): re-read it and
                 # break it only if it still holds the rejected key.
                 fresh = await self.book.fetch(record.tenant, remember=True)
                 if fresh.api_key != record.api_key or fresh.state is TenantState.BROKEN:
                     return fresh
-                return await self._break(fresh, BrokenReason.KEY_REJECTED)
+                return await self._break(fresh, REJECTED, "proxy")
 
-    async def _check(self, tenant: str) -> TenantRecord:
+    async def _check(self, tenant: str, actor: str) -> TenantRecord:
         async with self.book.lock(tenant):
             record = await self.book.fetch(tenant, remember=True)
             if record.api_key is None:
@@ -95,28 +98,18 @@ class Checks:
                 raise explain(exc, tenant=tenant) from exc
             verdict = rules.judge_check(record, info, self.requirements, now)
             if isinstance(verdict, rules.Broken):
-                return await self._break(
-                    record,
-                    verdict.reason,
-                    scopes=verdict.scopes,
-                    missing=verdict.missing,
-                    company_id_now=verdict.key_company_id,
-                )
-            updated = await self.book.write(verdict.record)
+                return await self._break(record, verdict, actor)
+            announce = ["tenant.recovered"] if verdict.recovered else []
+            if verdict.scopes_changed:
+                announce.append("tenant.scopes_changed")
+            updated = await self.book.write(verdict.record, actor=actor, announce=announce)
             if verdict.recovered:
                 emit("tenant.recovered", tenant=tenant, company_id=record.company_id)
                 self.book.transition(TenantState.ACTIVE, "recovered")
             return updated
 
-    async def _break(
-        self,
-        record: TenantRecord,
-        reason: BrokenReason,
-        *,
-        scopes: frozenset[str] | None = None,
-        missing: tuple[str, ...] = (),
-        company_id_now: str | None = None,
-    ) -> TenantRecord:
+    async def _break(self, record: TenantRecord, verdict: rules.Broken, actor: str) -> TenantRecord:
+        reason, scopes, company_id_now = verdict.reason, verdict.scopes, verdict.key_company_id
         now = utcnow()
         already = record.state is TenantState.BROKEN and record.reason is reason
         broken = record.evolve(
@@ -124,16 +117,18 @@ class Checks:
             reason=reason,
             message=BROKEN_MESSAGES[reason],
             scopes=scopes if scopes is not None else record.scopes,
-            missing_scopes=missing,
+            missing_scopes=verdict.missing,
             updated_at=record.updated_at if already else now,
             last_checked_at=now,
         )
         saved = True
+        announce = [] if already else ["tenant.broken"]
         try:
-            updated = await self.book.write(broken)
+            updated = await self.book.write(broken, actor=actor, announce=announce)
         except errors.StoreUnavailable:
-            # Pleo refuses this key: stop using it now, store or no store.
-            self.book.registry.hold(broken)
+            # Pleo refuses this key: stop using it now, store or no store; its event is saved
+            # with it when the store takes the write.
+            self.book.registry.hold(broken, self.book.events(broken, actor, announce))
             updated, saved = broken, False
         if not already:
             fields: dict[str, Any] = {
@@ -147,6 +142,8 @@ class Checks:
             self.book.transition(TenantState.BROKEN, reason.value)
         return updated
 
+
+REJECTED = rules.Broken(BrokenReason.KEY_REJECTED)
 
 BROKEN_MESSAGES = {
     BrokenReason.KEY_REJECTED: (

@@ -97,7 +97,30 @@ def _parser() -> argparse.ArgumentParser:
     migrate.add_argument("--from", dest="source", choices=["local", "vault"], required=True)
     migrate.add_argument("--to", dest="target", choices=["local", "vault"], required=True)
     migrate.set_defaults(run=_tenants_migrate)
+
+    events = commands.add_parser("events", help="print the event feed (and follow it)")
+    events.add_argument("--admin-url", help="admin API base URL (default: from settings)")
+    events.add_argument("--tenant", help="only this tenant's events")
+    events.add_argument("--follow", action="store_true", help="wait for new events (Ctrl-C ends)")
+    events.add_argument("--json", action="store_true", help="one JSON object a line")
+    events.add_argument(
+        "--interval", type=float, default=2.0, help="seconds between polls when following"
+    )
+    events.set_defaults(run=_events)
     return parser
+
+
+def _events(args: argparse.Namespace) -> int:
+    from broker.cli_events import run_events
+
+    return run_events(
+        _client(args),
+        tenant=args.tenant,
+        follow=args.follow,
+        as_json=args.json,
+        interval=args.interval,
+        fail=_fail,
+    )
 
 
 # -- serving ------------------------------------------------------------------------------
@@ -193,7 +216,10 @@ class AdminClient:
         self.base_url = (admin_url or f"http://{host}:{settings.admin_port}").rstrip("/")
         self._client = httpx.Client(
             base_url=self.base_url,
-            headers={"Authorization": f"Bearer {settings.admin_token.get_secret_value()}"},
+            headers={
+                "Authorization": f"Bearer {settings.admin_token.get_secret_value()}",
+                "X-Broker-Actor": "cli",  # the events of its changes name the CLI
+            },
             timeout=30.0,
             trust_env=False,
         )

@@ -115,7 +115,12 @@ async def _activate(
     broker = _broker(request)
     session = await broker.sessions.claim(session)
     try:
-        record = await broker.tenants.activate(session.tenant, key, allow_company_change=confirmed)
+        record = await broker.tenants.activate(
+            session.tenant,
+            key,
+            allow_company_change=confirmed,
+            actor=f"connect_session:{session.id}",
+        )
     except errors.CompanyChanged as exc:
         if session.allow_company_change:
             page = _retry(request, session, lang, None)

@@ -20,10 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 
 from broker import errors
 from broker.events import emit
 from broker.metrics import Metrics
+from broker.outbox import Event
 from broker.records import ActiveTenant, TenantRecord, TenantState
 from broker.stores import SecretStore, report_unreadable
 from broker.tasks import map_all
@@ -47,6 +49,7 @@ class TenantRegistry:
         self._active: dict[str, ActiveTenant] = {}  # built once per record, on first use
         self._touched: set[str] = set()
         self._held: dict[str, TenantRecord] = {}
+        self._held_events: dict[str, Sequence[Event]] = {}  # saved with the held record
         self._disconnecting: dict[str, TenantRecord] = {}  # the record each disconnect hides
         self._cursor: str | None = None
         self._incremental_left = 0
@@ -88,6 +91,7 @@ class TenantRegistry:
         held = self._held.get(tenant)
         if held is not None and (record is None or record.version > held.version):
             del self._held[tenant]  # a newer write (or the tenant's removal) supersedes it
+            self._held_events.pop(tenant, None)
         if record is None:
             known = self._records.pop(tenant, None) is not None
             self._active.pop(tenant, None)
@@ -140,20 +144,20 @@ class TenantRegistry:
             return held
         return stored
 
-    async def put(self, record: TenantRecord) -> TenantRecord:
-        """`store.put`, noting whether the store takes writes."""
+    async def put(self, record: TenantRecord, *, events: Sequence[Event] = ()) -> TenantRecord:
+        """`store.put` (with the change's events), noting whether the store takes writes."""
         try:
-            stored = await self.store.put(record)
+            stored = await self.store.put(record, events=events)
         except errors.StoreUnavailable as exc:
             self._write_failed(exc)
             raise
         self.write_problem = None
         return stored
 
-    async def delete(self, tenant: str) -> bool:
-        """`store.delete`, noting whether the store takes writes."""
+    async def delete(self, tenant: str, *, events: Sequence[Event] = ()) -> bool:
+        """`store.delete` (with its events), noting whether the store takes writes."""
         try:
-            existed = await self.store.delete(tenant)
+            existed = await self.store.delete(tenant, events=events)
         except errors.StoreUnavailable as exc:
             self._write_failed(exc)
             raise
@@ -209,7 +213,7 @@ class TenantRegistry:
         self._update_gauge()
         return True
 
-    def hold(self, record: TenantRecord) -> None:
+    def hold(self, record: TenantRecord, events: Sequence[Event] = ()) -> None:
         """Serve `record` (a state change the store could not take yet) until it is saved.
 
         A broken tenant must stop being served at once even while the store is down; the
@@ -217,6 +221,7 @@ class TenantRegistry:
         moved on meanwhile (another replica rotated the key), in which case the store wins.
         """
         self._held[record.tenant] = record
+        self._held_events[record.tenant] = events
         self.remember(record.tenant, record)
 
     async def _save_held(self) -> None:
@@ -224,7 +229,7 @@ class TenantRegistry:
             if self._held.get(tenant) is not record:
                 continue
             try:
-                stored = await self.put(record)
+                stored = await self.put(record, events=self._held_events.get(tenant, ()))
             except errors.StoreConflict:
                 self._drop_held(tenant, record)  # the store moved on; the next refresh brings it
                 continue
@@ -240,6 +245,7 @@ class TenantRegistry:
         if self._held.get(tenant) is not record:
             return False
         del self._held[tenant]
+        self._held_events.pop(tenant, None)
         return True
 
     async def _reload_all(self, cursor: str | None) -> None:
@@ -289,6 +295,7 @@ class TenantRegistry:
         if held is not None:
             if fresh is None or fresh.version > held.version:
                 del self._held[tenant]  # deleted or changed elsewhere since: the store wins
+                self._held_events.pop(tenant, None)
                 return fresh
             return held
         if tenant not in self._touched:

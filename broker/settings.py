@@ -92,6 +92,7 @@ class Settings(BaseSettings):
     connect_max_attempts: int = Field(10, ge=1, le=1000)
     connect_frame_ancestors: str = "'none'"
     connect_integration_name: str = Field("the integration", min_length=1, max_length=80)
+    event_retention_days: int = Field(30, ge=1, le=3650)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
 

@@ -8,6 +8,7 @@ detection) and here (disconnect), over the records of `broker.book`. Reads go to
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from broker import errors
@@ -17,7 +18,7 @@ from broker.checks import Checks
 from broker.events import emit
 from broker.metrics import Metrics
 from broker.pleo import PleoClient
-from broker.records import ApiKey, TenantRecord
+from broker.records import ApiKey, TenantRecord, TenantState
 from broker.registry import TenantRegistry
 from broker.rules import Requirements
 from broker.stores import SecretStore
@@ -56,16 +57,23 @@ class TenantService:
         return await self.book.fetch(tenant, remember=remember)
 
     async def activate(
-        self, tenant: str, api_key: ApiKey, *, allow_company_change: bool = False
+        self,
+        tenant: str,
+        api_key: ApiKey,
+        *,
+        allow_company_change: bool = False,
+        actor: str = "admin",
     ) -> TenantRecord:
-        """Validate `api_key` with Pleo and make it the tenant's key."""
+        """Validate `api_key` with Pleo and make it the tenant's key (`actor`: who asked,
+        as its events name it: `admin`, `cli` or `connect_session:<id>`)."""
         return await self.activation.activate(
-            tenant, api_key, allow_company_change=allow_company_change
+            tenant, api_key, allow_company_change=allow_company_change, actor=actor
         )
 
-    async def check(self, tenant: str) -> TenantRecord:
-        """Re-introspect the tenant's key now and apply what Pleo says (POST …/check)."""
-        return await self.checks.check(tenant)
+    async def check(self, tenant: str, *, actor: str = "admin") -> TenantRecord:
+        """Re-introspect the tenant's key now and apply what Pleo says (POST …/check);
+        `actor` is `admin`, `cli` or `health_check`."""
+        return await self.checks.check(tenant, actor=actor)
 
     async def recheck_after_forbidden(self, tenant: str) -> TenantRecord:
         """Pleo answered 403 for this tenant: find out whether the key or its rights changed."""
@@ -75,15 +83,17 @@ class TenantService:
         """Pleo answered 401 to a call made with `record`'s key: the tenant is broken at once."""
         return await self.checks.key_rejected(record)
 
-    async def disconnect(self, tenant: str) -> None:
-        """Forget the tenant and destroy its key material."""
+    async def disconnect(self, tenant: str, *, actor: str = "admin") -> None:
+        """Forget the tenant and destroy its key material; `tenant.disconnected` is written
+        with the deletion, its data the tenant as it was last seen."""
         require_valid(tenant)
         async with self.book.lock(tenant):
+            events = self.book.events(await self._last_seen(tenant), actor, ["tenant.disconnected"])
             # Stop using the key before its destruction starts: if the store fails midway (or
             # answers too late), the proxy must not go on injecting a key that may be gone.
             known = self.registry.forget(tenant)
             try:
-                existed = await self.registry.delete(tenant)
+                existed = await self.registry.delete(tenant, events=events)
             except errors.StoreUnavailable as exc:
                 emit(
                     "tenant.disconnect_incomplete",
@@ -103,3 +113,11 @@ class TenantService:
             if not existed and not known:
                 raise errors.TenantUnknown(tenant=tenant)
             emit("tenant.disconnected", tenant=tenant)
+
+    async def _last_seen(self, tenant: str) -> TenantRecord:
+        """The tenant as a disconnect's event shows it: from memory, else from the store."""
+        known = self.registry.get(tenant)
+        if known is None:
+            with contextlib.suppress(errors.StoreError):
+                known = await self.store.get(tenant)
+        return known or TenantRecord(tenant, TenantState.PENDING, None)

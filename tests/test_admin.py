@@ -565,10 +565,10 @@ class ExplodingStore:
     async def list(self) -> list[TenantRecord]:
         return []
 
-    async def put(self, record: TenantRecord) -> TenantRecord:
+    async def put(self, record: TenantRecord, *, events: object = ()) -> TenantRecord:
         raise OSError("the disk exploded")
 
-    async def delete(self, tenant: str) -> bool:
+    async def delete(self, tenant: str, *, events: object = ()) -> bool:
         raise OSError("the disk exploded")
 
     async def changes_since(self, cursor: str | None) -> tuple[str, builtins.list[str] | None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import secrets
 import signal
@@ -301,3 +302,70 @@ def test_link_without_a_public_url_says_how_to_turn_links_on(broker: RunningBrok
     result = broker_cli(broker, "link", "acme")
     assert result.returncode == 1
     assert "BROKER_CONNECT_PUBLIC_URL" in result.stderr and "(connect_disabled)" in result.stderr
+
+
+def events_cli(broker: RunningBroker, *args: str) -> list[str]:
+    return [sys.executable, "-m", "broker", "events", "--admin-url", broker.admin_url, *args]
+
+
+def test_events_prints_the_feed_with_the_cli_as_actor(
+    broker: RunningBroker, sandbox: RunningSandbox
+) -> None:
+    key = sandbox.state.create_key(scopes=REQUIRED)
+    assert broker_cli(broker, "connect", "acme", stdin=key.api_key + "\n").returncode == 0
+    other = sandbox.state.create_key(scopes=REQUIRED)
+    assert broker_cli(broker, "connect", "globex", stdin=other.api_key + "\n").returncode == 0
+    assert broker_cli(broker, "disconnect", "globex").returncode == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    env["BROKER_ADMIN_TOKEN"] = broker.token
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            events_cli(broker, *args), capture_output=True, text=True, env=env, timeout=60
+        )
+
+    lines = run().stdout.splitlines()
+    assert [line.split()[1:3] for line in lines] == [
+        ["tenant.activated", "acme"],
+        ["tenant.activated", "globex"],
+        ["tenant.disconnected", "globex"],
+    ]
+    assert all(line.endswith("by cli") for line in lines)
+    only = run("--tenant", "acme", "--json")
+    assert only.returncode == 0, only.stderr
+    (event,) = [json.loads(line) for line in only.stdout.splitlines()]
+    assert (event["type"], event["data"]["company_id"]) == ("tenant.activated", key.company_id)
+    output = run().stdout + only.stdout
+    assert key.api_key not in output and other.api_key not in output
+
+
+def test_events_follow_prints_new_events_and_stops_on_ctrl_c(
+    broker: RunningBroker, sandbox: RunningSandbox
+) -> None:
+    key = sandbox.state.create_key(scopes=REQUIRED)
+    assert broker_cli(broker, "connect", "acme", stdin=key.api_key + "\n").returncode == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    env["BROKER_ADMIN_TOKEN"] = broker.token
+    process = subprocess.Popen(
+        events_cli(broker, "--follow", "--interval", "0.05"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        assert "tenant.activated" in process.stdout.readline()
+        sandbox.state.revoke(key.key_id)
+        assert broker_cli(broker, "check", "acme").returncode == 0
+        assert "tenant.broken" in process.stdout.readline()  # found by a later poll
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+        assert "Traceback" not in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()

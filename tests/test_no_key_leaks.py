@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import secrets
+import sqlite3
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,6 +17,14 @@ from support.servers import RunningBroker, RunningSandbox
 from broker.events import LOGGER_NAME, JsonFormatter
 
 REQUIRED = ["export-jobs:read", "export-jobs:write"]
+
+
+def events_as_stored(database: Path) -> str:
+    """Every event the local store keeps, as it keeps them (the outbox rows, in clear)."""
+    with contextlib.closing(sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True)) as conn:
+        rows = conn.execute("SELECT * FROM events").fetchall()
+    assert rows
+    return repr(rows)
 
 
 @pytest.fixture
@@ -78,6 +89,11 @@ def test_whole_lifecycle_leaks_no_key(
     record(admin.get("/v1/tenants"))
     record(admin.get("/metrics"))
     record(admin.delete("/v1/tenants/acme"))
+    feed = record(admin.get("/v1/events", params={"limit": "1000"})).json()["events"]
+    assert {"tenant.activated", "tenant.key_rotated", "tenant.broken", "tenant.disconnected"} <= {
+        event["type"] for event in feed
+    }
+    seen.append(events_as_stored(broker.settings.store_path / "tenants.db"))
     admin.close()
     proxy.close()
 

@@ -468,10 +468,10 @@ class FailingStore:
     async def list(self) -> list[TenantRecord]:
         raise errors.StoreUnavailable("the store is down")
 
-    async def put(self, record: TenantRecord) -> TenantRecord:
+    async def put(self, record: TenantRecord, *, events: object = ()) -> TenantRecord:
         raise errors.StoreUnavailable("the store is down")
 
-    async def delete(self, tenant: str) -> bool:
+    async def delete(self, tenant: str, *, events: object = ()) -> bool:
         raise errors.StoreUnavailable("the store is down")
 
     async def changes_since(self, cursor: str | None) -> tuple[str, builtins.list[str] | None]:

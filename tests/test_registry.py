@@ -13,7 +13,7 @@ import builtins
 import secrets
 import sqlite3
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +25,7 @@ from support.inprocess import MemoryBackend, MemoryStore
 from broker import errors
 from broker.errors import StoreUnavailable, TenantUnknown
 from broker.metrics import Metrics
+from broker.outbox import Event
 from broker.pleo import PleoClient
 from broker.records import ApiKey, BrokenReason, TenantRecord, TenantState
 from broker.registry import FULL_RELOAD_SECONDS, TenantRegistry
@@ -69,15 +70,23 @@ class CountingStore:
         self._count("list")
         return await self.inner.list()
 
-    async def put(self, record: TenantRecord) -> TenantRecord:
+    async def put(self, record: TenantRecord, *, events: Sequence[Event] = ()) -> TenantRecord:
         self._count("put")
         self._refuse_if_full()
-        return await self.inner.put(record)
+        return await self.inner.put(record, events=events)
 
-    async def delete(self, tenant: str) -> bool:
+    async def delete(self, tenant: str, *, events: Sequence[Event] = ()) -> bool:
         self._count("delete")
         self._refuse_if_full()
-        return await self.inner.delete(tenant)
+        return await self.inner.delete(tenant, events=events)
+
+    async def events_after(
+        self, cursor: str | None, limit: int, tenant: str | None = None
+    ) -> tuple[builtins.list[Event], str | None]:
+        return await self.inner.events_after(cursor, limit, tenant)
+
+    async def prune_events(self, before: datetime) -> int:
+        return await self.inner.prune_events(before)
 
     def _refuse_if_full(self) -> None:
         if self.full:
@@ -364,8 +373,10 @@ async def test_a_change_made_while_a_held_break_is_saved_wins(
     rotated = acme.evolve(api_key=ApiKey(f"pls_{secrets.token_hex(20)}"), version=acme.version + 2)
     put = mine.put
 
-    async def put_while_a_rotation_lands(record: TenantRecord) -> TenantRecord:
-        stored = await put(record)
+    async def put_while_a_rotation_lands(
+        record: TenantRecord, *, events: Sequence[Event] = ()
+    ) -> TenantRecord:
+        stored = await put(record, events=events)
         tenants.registry.remember("acme", rotated)  # made in this process meanwhile
         return stored
 

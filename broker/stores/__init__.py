@@ -20,16 +20,24 @@ empty list. It costs one or two round-trips to the backing service, whatever the
 tenants. A reader that reloads everything reads the cursor before calling `list()`, so a
 change made while the list is read is reported again next time. A cursor is good for any
 store object on the same database or Vault prefix (replicas share them).
+
+Every store also keeps the event log (`broker.outbox`): `put` and `delete` take the events
+of the change and store them atomically with it (a failed write leaves none);
+`events_after(cursor, limit, tenant)` reads them in order, each once, with an opaque cursor
+(`ValueError` for one that is not the store's); `prune_events(before)` drops old ones.
 """
 
 from __future__ import annotations
 
 import builtins
 import logging
+from collections.abc import Sequence
+from datetime import datetime
 from typing import Protocol
 
 from broker.errors import StoreIntegrityError
 from broker.events import emit
+from broker.outbox import Event
 from broker.records import TenantRecord
 
 
@@ -62,12 +70,22 @@ class SecretStore(Protocol):
         """Every tenant's record."""
         ...
 
-    async def put(self, record: TenantRecord) -> TenantRecord:
-        """Compare-and-set write; returns the stored record with its new version."""
+    async def put(self, record: TenantRecord, *, events: Sequence[Event] = ()) -> TenantRecord:
+        """Compare-and-set write (with its events); returns the stored record."""
         ...
 
-    async def delete(self, tenant: str) -> bool:
-        """Destroy the tenant and its key material; False if there was none."""
+    async def delete(self, tenant: str, *, events: Sequence[Event] = ()) -> bool:
+        """Destroy the tenant and its key material (writing `events`); False if none."""
+        ...
+
+    async def events_after(
+        self, cursor: str | None, limit: int, tenant: str | None = None
+    ) -> tuple[builtins.list[Event], str | None]:
+        """Up to `limit` events after `cursor`, oldest first, and the cursor to go on from."""
+        ...
+
+    async def prune_events(self, before: datetime) -> int:
+        """Forget the events older than `before`; how many."""
         ...
 
     async def changes_since(self, cursor: str | None) -> tuple[str, builtins.list[str] | None]:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import builtins
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
+from datetime import datetime
 from typing import TypeVar
 
 from broker.errors import StoreConflict
 from broker.metrics import Metrics
+from broker.outbox import Event
 from broker.records import TenantRecord
 from broker.stores import SecretStore
 
@@ -44,11 +46,19 @@ class InstrumentedStore:
     async def list(self) -> list[TenantRecord]:
         return await self._count("list", self.inner.list())
 
-    async def put(self, record: TenantRecord) -> TenantRecord:
-        return await self._count("put", self.inner.put(record))
+    async def put(self, record: TenantRecord, *, events: Sequence[Event] = ()) -> TenantRecord:
+        return await self._count("put", self.inner.put(record, events=events))
 
-    async def delete(self, tenant: str) -> bool:
-        return await self._count("delete", self.inner.delete(tenant))
+    async def delete(self, tenant: str, *, events: Sequence[Event] = ()) -> bool:
+        return await self._count("delete", self.inner.delete(tenant, events=events))
+
+    async def events_after(
+        self, cursor: str | None, limit: int, tenant: str | None = None
+    ) -> tuple[builtins.list[Event], str | None]:
+        return await self._count("events", self.inner.events_after(cursor, limit, tenant))
+
+    async def prune_events(self, before: datetime) -> int:
+        return await self._count("prune_events", self.inner.prune_events(before))
 
     async def changes_since(self, cursor: str | None) -> tuple[str, builtins.list[str] | None]:
         return await self._count("changes", self.inner.changes_since(cursor))

@@ -25,15 +25,17 @@ from __future__ import annotations
 import builtins
 import secrets
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
 from broker.connect_sessions import ConnectSession
 from broker.errors import StoreConflict, StoreIntegrityError, StoreUnavailable
+from broker.outbox import Event
 from broker.records import ApiKey, TenantRecord, valid_tenant_id
 from broker.settings import ConfigError
-from broker.stores import codec, report_unreadable, sqlite, sqlite_sessions
+from broker.stores import codec, report_unreadable, sqlite, sqlite_events, sqlite_sessions
 from broker.stores.crypto import (
     KEY_FILE_NAME,
     Sealer,
@@ -103,19 +105,31 @@ class LocalStore:
         """Every tenant's record, ordered by tenant id."""
         return await self._run(self._list)
 
-    async def put(self, record: TenantRecord) -> TenantRecord:
-        """Compare-and-set write; returns the stored record with its new version."""
+    async def put(self, record: TenantRecord, *, events: Sequence[Event] = ()) -> TenantRecord:
+        """Compare-and-set write with its events, in one transaction; the stored record."""
         if not valid_tenant_id(record.tenant):
             raise ValueError("not a valid tenant id")
         if record.version < 0:
             raise ValueError("a record version is never negative")
         self._refuse_if_read_only()
-        return await self._run(lambda conn: self._put(conn, record))
+        return await self._run(lambda conn: self._put(conn, record, events))
 
-    async def delete(self, tenant: str) -> bool:
-        """Delete the tenant and overwrite its key material; False if there was none."""
+    async def delete(self, tenant: str, *, events: Sequence[Event] = ()) -> bool:
+        """Delete the tenant and overwrite its key material, and write `events` with it (in
+        one transaction); False if there was none."""
         self._refuse_if_read_only()
-        return await self._run(lambda conn: self._delete(conn, tenant))
+        return await self._run(lambda conn: self._delete(conn, tenant, events))
+
+    async def events_after(
+        self, cursor: str | None, limit: int, tenant: str | None = None
+    ) -> tuple[builtins.list[Event], str | None]:
+        """Up to `limit` events after `cursor`, oldest first, and the cursor to go on from."""
+        return await self._run(lambda conn: sqlite_events.after(conn, cursor, limit, tenant))
+
+    async def prune_events(self, before: datetime) -> int:
+        """Forget the events older than `before`; how many."""
+        self._refuse_if_read_only()
+        return await self._run(lambda conn: sqlite_events.prune(conn, before))
 
     async def changes_since(self, cursor: str | None) -> tuple[str, builtins.list[str] | None]:
         """A new cursor and the tenants changed since `cursor`, or None: reload everything."""
@@ -189,6 +203,8 @@ class LocalStore:
 
     def _prepare(self, conn: sqlite3.Connection, writable: bool) -> None:
         self._check_master_key(conn, writable=writable)
+        if writable:
+            sqlite_events.create(conn)
         instance = sqlite.meta_value(conn, "instance", secrets.token_hex(8) if writable else None)
         self._instance = NO_INSTANCE if instance is None else str(instance)
 
@@ -234,7 +250,9 @@ class LocalStore:
                 report_unreadable(self.backend, str(values[0]), exc)
         return records
 
-    def _put(self, conn: sqlite3.Connection, record: TenantRecord) -> TenantRecord:
+    def _put(
+        self, conn: sqlite3.Connection, record: TenantRecord, events: Sequence[Event]
+    ) -> TenantRecord:
         sealed = (
             self._sealer.seal(record.api_key.reveal().encode(), tenant_context(record.tenant))
             if record.api_key is not None
@@ -256,14 +274,16 @@ class LocalStore:
                     tenant=record.tenant,
                 )
             sqlite.journal(conn, record.tenant, keep=self._journal_size)
+            sqlite_events.insert(conn, events)
         sqlite.purge_wal(conn)
         return record.evolve(version=new_version)
 
-    def _delete(self, conn: sqlite3.Connection, tenant: str) -> bool:
+    def _delete(self, conn: sqlite3.Connection, tenant: str, events: Sequence[Event]) -> bool:
         with sqlite.transaction(conn):
             deleted = sqlite.delete(conn, tenant)
             if deleted:
                 sqlite.journal(conn, tenant, keep=self._journal_size)
+                sqlite_events.insert(conn, events)
         if deleted:
             sqlite.purge_wal(conn)
         return deleted

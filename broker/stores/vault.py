@@ -19,15 +19,19 @@ thread slot, each bounded by the timeout (also the HTTP timeout). Transport erro
 sealed Vault and 5xx answers become `StoreUnavailable`.
 
 The change journal is one more secret, `<mount>/data/<prefix>/journal`: see
-`broker.stores.vault_journal`. The KV v2 calls themselves: `broker.stores.vault_kv`.
+`broker.stores.vault_journal`. Events travel in the tenant's secret (`outbox`) and are copied
+to the event log under `<mount>/data/<prefix>/events/`: see `broker.stores.vault_events`.
+The KV v2 calls themselves: `broker.stores.vault_kv`.
 """
 
 from __future__ import annotations
 
 import builtins
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import TypeVar
 
@@ -37,10 +41,13 @@ import requests
 
 from broker.connect_sessions import ConnectSession
 from broker.errors import StoreConflict, StoreIntegrityError, StoreUnavailable
+from broker.events import emit
+from broker.outbox import Event, stamp
 from broker.records import TenantRecord, valid_tenant_id
 from broker.stores import report_unreadable
 from broker.stores.runner import BlockingRunner
 from broker.stores.vault_auth import TokenKeeper, VaultLogin
+from broker.stores.vault_events import EventLog, outbox, pending
 from broker.stores.vault_history import VersionHistory
 from broker.stores.vault_journal import (
     JOURNAL_SIZE,
@@ -57,6 +64,7 @@ __all__ = ["JOURNAL_SIZE", "JOURNAL_VERSIONS_KEPT", "VaultOptions", "VaultStore"
 T = TypeVar("T")
 
 DELETE_ATTEMPTS = 5  # tombstone writes tried while other writers keep changing the tenant
+OUTBOX_RESCUED_ON_READ = timedelta(days=1)  # older outboxes wait for the tenant's next write
 
 _SERVER_TROUBLE = (
     hvac.exceptions.InternalServerError,
@@ -120,6 +128,7 @@ class VaultStore:
             self._kv, mount=self._mount, base=f"{prefix}/connect-sessions"
         )
         self._history = VersionHistory(self._secrets, self._call, backend=self.backend)
+        self._events = EventLog(self._kv, self._call, mount=self._mount, base=f"{prefix}/events")
         self._where = f"{client.url} {self._mount}/{self._base}"
 
     def __repr__(self) -> str:
@@ -129,6 +138,8 @@ class VaultStore:
         if not valid_tenant_id(tenant):
             return None
         found = await self._call(lambda: self._secrets.read(tenant, None))
+        if found is not None:
+            await self._rescue(found[0])
         if found is None or is_tombstone(found[0]):
             return None
         return decode(tenant, *found)
@@ -147,12 +158,17 @@ class VaultStore:
         self._history.listed(names)
         return [record for record in records if record is not None]
 
-    async def put(self, record: TenantRecord) -> TenantRecord:
+    async def put(self, record: TenantRecord, *, events: Sequence[Event] = ()) -> TenantRecord:
         tenant = record.tenant
         if not valid_tenant_id(tenant):
             raise ValueError("not a valid tenant id")
+        if record.version > 0:
+            # This write replaces the outbox: log what the version it replaces carries first.
+            found = await self._call(partial(self._secrets.read, tenant, record.version))
+            if found is not None:
+                await self._events.append(pending(found[0]))
         try:
-            version = await self._put(tenant, encode(record), record.version)
+            version = await self._put(tenant, {**encode(record), **outbox(events)}, record.version)
         except StoreUnavailable:
             self._history.unsure(tenant)  # it may have landed, answered too late: check it
             raise
@@ -162,23 +178,26 @@ class VaultStore:
             # one made by another process or after a restart).
             await self._history.destroy_below(tenant, below=version)
         await self._journal.record(tenant, backend=self.backend)
+        await self._log(events)
         return record.evolve(version=version)
 
-    async def delete(self, tenant: str) -> bool:
+    async def delete(self, tenant: str, *, events: Sequence[Event] = ()) -> bool:
         if not valid_tenant_id(tenant):
             return False
         try:
-            buried = await self._tombstone_and_bury(tenant)
+            buried = await self._tombstone_and_bury(tenant, events)
         except StoreUnavailable:
             self._history.unsure(tenant)  # the history check destroys what is left
             raise
         return buried
 
-    async def _tombstone_and_bury(self, tenant: str) -> bool:
-        tombstone_version = await self._lay_tombstone(tenant)
+    async def _tombstone_and_bury(self, tenant: str, events: Sequence[Event]) -> bool:
+        tombstone_version = await self._lay_tombstone(tenant, events)
         if tombstone_version is None:
             return False
         try:
+            # Burying destroys the tombstone and the events it carries: log them first.
+            await self._events.append(events)
             await self._bury(tenant, tombstone_version)
         finally:
             # Even if the rest failed, replicas re-read the tenant, find the tombstone and
@@ -189,6 +208,32 @@ class VaultStore:
     async def changes_since(self, cursor: str | None) -> tuple[str, builtins.list[str] | None]:
         """A new cursor and the tenants changed since `cursor`, or None: reload everything."""
         return await self._journal.changes_since(cursor, backend=self.backend)
+
+    async def events_after(
+        self, cursor: str | None, limit: int, tenant: str | None = None
+    ) -> tuple[builtins.list[Event], str | None]:
+        """Up to `limit` events after `cursor`, oldest first, and the cursor to go on from."""
+        return await self._events.read(cursor, limit, tenant)
+
+    async def prune_events(self, before: datetime) -> int:
+        """Forget the events older than `before` (whole chunks of the log); how many."""
+        return await self._events.prune(before)
+
+    async def _log(self, events: Sequence[Event]) -> None:
+        """Copy a written change's events to the log; if that fails they wait in its outbox."""
+        try:
+            await self._events.append(events)
+        except StoreUnavailable as exc:
+            emit(
+                "store.events_pending", level=logging.WARNING, events=len(events), error=exc.message
+            )
+
+    async def _rescue(self, data: dict[str, object]) -> None:
+        """Log the recent events a read secret carries (a copy a crash interrupted)."""
+        recent = stamp(datetime.now(UTC) - OUTBOX_RESCUED_ON_READ)
+        waiting = [event for event in pending(data) if event.timestamp >= recent]
+        if waiting:
+            await self._log(waiting)
 
     async def put_session(self, session: ConnectSession) -> ConnectSession:
         return await self._call(partial(self._sessions.write, session))
@@ -221,7 +266,7 @@ class VaultStore:
                 raise
             return await self._call(partial(self._secrets.write, tenant, data, gone_at))
 
-    async def _lay_tombstone(self, tenant: str) -> int | None:
+    async def _lay_tombstone(self, tenant: str, events: Sequence[Event]) -> int | None:
         """Write a tombstone as the tenant's newest version; its version (None: no tenant)."""
         for _ in range(DELETE_ATTEMPTS):
             versions = await self._call(partial(self._secrets.versions, tenant))
@@ -230,7 +275,12 @@ class VaultStore:
             try:
                 # The point of no return: from here on the tenant reads as gone everywhere.
                 return await self._call(
-                    partial(self._secrets.write, tenant, tombstone(), versions.current)
+                    partial(
+                        self._secrets.write,
+                        tenant,
+                        {**tombstone(), **outbox(events)},
+                        versions.current,
+                    )
                 )
             except StoreConflict:
                 continue  # written meanwhile: bury the newer version

@@ -48,6 +48,20 @@ path "secret/metadata/pleo-broker/connect-sessions/*" {
   capabilities = ["read", "delete"]
 }
 
+# The event log (docs/contract.md, "Events"): append-only chunks of events, each a tenant's
+# view (never a key). Appends are check-and-set; retention deletes whole old chunks.
+path "secret/data/pleo-broker/events/*" {
+  capabilities = ["create", "read", "update"]
+}
+
+path "secret/metadata/pleo-broker/events/" {
+  capabilities = ["list"]
+}
+
+path "secret/metadata/pleo-broker/events/*" {
+  capabilities = ["delete"]
+}
+
 # The broker's own token: look it up (token auth learns its TTL) and renew it before it expires.
 # Vault's "default" policy grants these too; they are repeated so the broker also works with
 # token_no_default_policy=true.

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from support.servers import REQUIRED_SCOPES, RunningBroker, RunningSandbox
 from broker.errors import StoreConflict, StoreUnavailable
 from broker.events import LOGGER_NAME
 from broker.metrics import Metrics
+from broker.outbox import new_event
 from broker.pleo import PleoClient
 from broker.records import ApiKey, TenantRecord, TenantState
 from broker.settings import Settings
@@ -139,7 +140,15 @@ async def test_every_auth_method_logs_in_and_round_trips(
     try:
         stored = await store.put(record)
         assert await store.get(record.tenant) == stored == record.evolve(version=1)
-        assert await store.delete(record.tenant) is True
+        # The policy covers the event log too: the outbox, the log, the feed, retention.
+        made = new_event("tenant.broken", "admin", stored.view())
+        stored = await store.put(stored, events=[made])
+        assert await store.get(record.tenant) == stored
+        gone = new_event("tenant.disconnected", "admin", stored.view())
+        assert await store.delete(record.tenant, events=[gone]) is True
+        found, _ = await store.events_after(None, 100, record.tenant)
+        assert found == [made, gone]
+        await store.prune_events(datetime.now(UTC) - timedelta(days=30))
     finally:
         await store.close()
     assert (tokenreview.reviews > reviews_before) is (auth == "kubernetes")

@@ -23,8 +23,9 @@ import json
 import secrets
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -34,6 +35,7 @@ from broker.admin import create_admin_app
 from broker.connect_sessions import ConnectSession
 from broker.errors import StoreConflict, StoreIntegrityError, StoreUnavailable
 from broker.metrics import Metrics
+from broker.outbox import Event, stamp
 from broker.pleo import PleoClient
 from broker.proxy import create_proxy_app
 from broker.records import ApiKey, TenantRecord
@@ -59,6 +61,15 @@ class MemoryBackend:
     revision: int = 0
     unreadable: set[str] = field(default_factory=set)
     sessions: dict[str, ConnectSession] = field(default_factory=dict)  # by token hash
+    events: list[tuple[int, Event]] = field(default_factory=list)  # the event log, in order
+    event_seq: int = 0
+
+    def log(self, events: Sequence[Event]) -> None:
+        known = {event.id for _, event in self.events}
+        for event in events:
+            if event.id not in known:
+                self.event_seq += 1
+                self.events.append((self.event_seq, event))
 
     def note(self, tenant: str) -> None:
         self.revision += 1
@@ -127,7 +138,7 @@ class MemoryStore:
                 listed.append(record)
         return listed
 
-    async def put(self, record: TenantRecord) -> TenantRecord:
+    async def put(self, record: TenantRecord, *, events: Sequence[Event] = ()) -> TenantRecord:
         self._write("put")
         current = self.shared.records.get(record.tenant)
         if (current.version if current is not None else 0) != record.version:
@@ -136,15 +147,41 @@ class MemoryStore:
         self.shared.records[record.tenant] = stored
         self.shared.unreadable.discard(record.tenant)
         self.shared.note(record.tenant)
+        self.shared.log(events)
         return stored
 
-    async def delete(self, tenant: str) -> bool:
+    async def delete(self, tenant: str, *, events: Sequence[Event] = ()) -> bool:
         self._write("delete")
         existed = self.shared.records.pop(tenant, None) is not None
         self.shared.unreadable.discard(tenant)
         if existed:
             self.shared.note(tenant)
+            self.shared.log(events)
         return existed
+
+    async def events_after(
+        self, cursor: str | None, limit: int, tenant: str | None = None
+    ) -> tuple[builtins.list[Event], str | None]:
+        self._call("events")
+        if cursor is not None and not cursor.isdigit():
+            raise ValueError("not a cursor of this store")
+        start = int(cursor or 0)
+        found = [
+            (seq, event)
+            for seq, event in self.shared.events
+            if seq > start and (tenant is None or event.tenant == tenant)
+        ][:limit]
+        if not found:
+            return [], cursor
+        return [event for _, event in found], str(found[-1][0])
+
+    async def prune_events(self, before: datetime) -> int:
+        self._write("prune_events")
+        cut = stamp(before)
+        kept = [(seq, event) for seq, event in self.shared.events if event.timestamp >= cut]
+        pruned = len(self.shared.events) - len(kept)
+        self.shared.events = kept
+        return pruned
 
     async def changes_since(self, cursor: str | None) -> tuple[str, builtins.list[str] | None]:
         self._call("changes")

@@ -170,6 +170,7 @@ BROKER_CONNECT_FRAME_ANCESTORS: {{ .Values.connect.frameAncestors | quote }}
 BROKER_CONNECT_INTEGRATION_NAME: {{ .Values.connect.integrationName | quote }}
 BROKER_LOG_LEVEL: {{ .Values.broker.logLevel | quote }}
 BROKER_LOG_FORMAT: {{ .Values.broker.logFormat | quote }}
+BROKER_EVENT_RETENTION_DAYS: {{ int64 .Values.broker.eventRetentionDays | quote }}
 {{- if eq .Values.store.type "vault" }}
 BROKER_VAULT_ADDR: {{ .Values.vault.addr | quote }}
 BROKER_VAULT_AUTH: {{ .Values.vault.auth | quote }}

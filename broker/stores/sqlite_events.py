@@ -1,0 +1,84 @@
+"""The local store's event log and outbox: table `events`, one row an event, in write order.
+
+Events are inserted in the transaction of the change they describe (`insert`, called by the
+store's put and delete), so a failed write leaves none. `seq` orders the feed; the delivery
+columns (`attempts`, `claimed_by`, `claimed_until`, `delivered_at`) are for a webhook
+deliverer to lease an event (one replica at a time) and mark it delivered. Every function is
+blocking and runs on the store's worker thread.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from datetime import datetime
+
+from broker.outbox import Event, stamp
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+    id            TEXT NOT NULL UNIQUE,
+    tenant        TEXT NOT NULL,
+    created_at    TEXT NOT NULL,
+    body          TEXT NOT NULL,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    claimed_by    TEXT,
+    claimed_until TEXT,
+    delivered_at  TEXT
+)
+"""
+_INDEX = "CREATE INDEX IF NOT EXISTS events_by_tenant ON events (tenant, seq)"
+
+
+def create(conn: sqlite3.Connection) -> None:
+    """Add the table to a store made before it (runs in the open's transaction)."""
+    conn.execute(SCHEMA)
+    conn.execute(_INDEX)
+
+
+def insert(conn: sqlite3.Connection, events: Sequence[Event]) -> None:
+    """Append `events`; runs in the transaction of the change they describe."""
+    conn.executemany(
+        "INSERT OR IGNORE INTO events (id, tenant, created_at, body) VALUES (?, ?, ?, ?)",
+        [(event.id, event.tenant, event.timestamp, event.dumps()) for event in events],
+    )
+
+
+def after(
+    conn: sqlite3.Connection, cursor: str | None, limit: int, tenant: str | None
+) -> tuple[list[Event], str | None]:
+    """Up to `limit` events after `cursor` (None: the oldest kept), of `tenant` if given,
+    oldest first, and the cursor after the last of them."""
+    start = parse_cursor(cursor)
+    query = "SELECT seq, body FROM events WHERE seq > ?"
+    params: list[object] = [start]
+    if tenant is not None:
+        query += " AND tenant = ?"
+        params.append(tenant)
+    query += " ORDER BY seq LIMIT ?"
+    params.append(limit)
+    try:
+        rows = conn.execute(query, params).fetchall()
+    except sqlite3.OperationalError as exc:
+        if "no such table" not in str(exc):
+            raise
+        rows = []  # a read-only store made before events: there are none
+    if not rows:
+        return [], cursor
+    return [Event.loads(str(body)) for _, body in rows], str(rows[-1][0])
+
+
+def prune(conn: sqlite3.Connection, before: datetime) -> int:
+    """Delete the events older than `before`; how many."""
+    deleted = conn.execute("DELETE FROM events WHERE created_at < ?", (stamp(before),)).rowcount
+    return int(deleted)
+
+
+def parse_cursor(cursor: str | None) -> int:
+    """The sequence number a feed cursor names (ValueError: not one of ours)."""
+    if cursor is None:
+        return 0
+    if not cursor.isdigit() or len(cursor) > 19:
+        raise ValueError("not a cursor of this store")
+    return int(cursor)
