@@ -321,6 +321,7 @@ def test_the_listeners_own_refusals_carry_the_headers_too(browser: httpx.Client)
     assert answer.status_code == 431
     assert_secure_headers(answer)
 
+
 def test_without_a_public_url_there_is_no_connect_listener(broker: RunningBroker) -> None:
     assert broker.connect_url is None
 

@@ -1,0 +1,167 @@
+"""Periodic health checks against the real sandbox, on one broker and on two replicas."""
+
+from __future__ import annotations
+
+import base64
+import collections
+import itertools
+import math
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+from support.servers import REQUIRED_SCOPES, RunningBroker, RunningSandbox
+
+from broker.health import next_slot, outcome, plan
+from broker.records import TenantState
+
+INTROSPECT = "/v1/introspect"
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def admin_client(broker: RunningBroker) -> httpx.Client:
+    return httpx.Client(base_url=broker.admin_url, headers=broker.auth, trust_env=False)
+
+
+def state_of(admin: httpx.Client, tenant: str) -> str:
+    return str(admin.get(f"/v1/tenants/{tenant}").json()["state"])
+
+
+def health_checks(broker: RunningBroker, result: str) -> float:
+    text = httpx.get(f"{broker.admin_url}/metrics", trust_env=False).text
+    line = f'broker_health_checks_total{{result="{result}"}} '
+    return sum(float(row.split()[-1]) for row in text.splitlines() if row.startswith(line))
+
+
+def introspections(sandbox: RunningSandbox) -> list[tuple[str | None, float]]:
+    """(key id, Unix time) of every introspection Pleo saw; no key id for a revoked key."""
+    seen = httpx.get(f"{sandbox.url}/_sandbox/requests", trust_env=False).json()["requests"]
+    return [(r["key_id"], r["at"]) for r in seen if r["path"] == INTROSPECT]
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "result"),
+    [
+        (TenantState.ACTIVE, TenantState.ACTIVE, "ok"),
+        (TenantState.ACTIVE, TenantState.BROKEN, "broken"),
+        (TenantState.BROKEN, TenantState.BROKEN, "broken"),
+        (TenantState.BROKEN, TenantState.ACTIVE, "recovered"),
+    ],
+)
+def test_outcome(before: TenantState, after: TenantState, result: str) -> None:
+    assert outcome(before, after) == result
+
+
+def test_schedule_spreads_over_the_interval_and_keeps_the_rate() -> None:
+    assert plan(1000, 60, 20) == (0.06, 60.0)  # spread: one check every 60 ms
+    spacing, length = plan(1000, 30, 20)  # more tenants than rate × interval: a longer round
+    assert spacing == 0.05 and length == 50.0
+    assert next_slot(120.0, 1000, 60, 20) == (120.0, 0)
+    assert next_slot(120.01, 1000, 60, 20) == pytest.approx((120.06, 1))
+    assert next_slot(179.99, 1000, 60, 20) == (180.0, 0)
+
+
+def test_revoked_key_breaks_and_restored_scope_recovers(
+    make_broker: Callable[..., RunningBroker], sandbox: RunningSandbox
+) -> None:
+    broker = make_broker(health_check_interval=0.5, health_check_rate=50)
+    revoked = sandbox.state.create_key(scopes=REQUIRED_SCOPES)
+    narrowed = sandbox.state.create_key(scopes=REQUIRED_SCOPES)
+    with admin_client(broker) as admin:
+        for tenant, key in (("acme", revoked), ("beta", narrowed)):
+            assert admin.put(f"/v1/tenants/{tenant}/key", json={"api_key": key.api_key}).is_success
+        sandbox.state.revoke(revoked.key_id)
+        sandbox.state.set_scopes(narrowed.key_id, REQUIRED_SCOPES[:1])
+        wait_for(lambda: state_of(admin, "acme") == "broken", 3, "the revoked key to break")
+        wait_for(lambda: state_of(admin, "beta") == "broken", 3, "the lost scope to break")
+        assert admin.get("/v1/tenants/acme").json()["reason"] == "key_rejected"
+        assert health_checks(broker, "broken") >= 2
+        sandbox.state.set_scopes(narrowed.key_id, REQUIRED_SCOPES)
+        wait_for(lambda: state_of(admin, "beta") == "active", 3, "the restored scope to recover")
+    assert health_checks(broker, "recovered") == 1
+    assert health_checks(broker, "ok") + health_checks(broker, "broken") >= 2
+
+
+def test_interval_zero_turns_health_checks_off(
+    make_broker: Callable[..., RunningBroker], sandbox: RunningSandbox
+) -> None:
+    broker = make_broker(health_check_interval=0, health_check_rate=100)
+    key = sandbox.state.create_key(scopes=REQUIRED_SCOPES)
+    with admin_client(broker) as admin:
+        assert admin.put("/v1/tenants/acme/key", json={"api_key": key.api_key}).is_success
+        sandbox.state.clear_requests()
+        sandbox.state.revoke(key.key_id)
+        # Proving an absence takes a while: a few would-be intervals of 0.1 s.
+        time_before = time.monotonic()
+        wait_for(lambda: time.monotonic() - time_before > 0.3, 1, "a few would-be intervals")
+        assert state_of(admin, "acme") == "active"
+        assert introspections(sandbox) == []
+        # The on-demand check still works.
+        assert admin.post("/v1/tenants/acme/check").json()["state"] == "broken"
+    assert health_checks(broker, "broken") == 0
+
+
+def two_replicas(make_broker: Callable[..., RunningBroker], **settings: Any) -> list[RunningBroker]:
+    """Two brokers on one SQLite store: replicas, as far as the store can tell."""
+    master_key = base64.b64encode(secrets.token_bytes(32)).decode()
+    path = settings.pop("store_path")
+    return [make_broker(store_path=path, master_key=master_key, **settings) for _ in range(2)]
+
+
+def test_two_replicas_check_each_tenant_once_per_round_within_the_rate(
+    make_broker: Callable[..., RunningBroker], sandbox: RunningSandbox, tmp_path: Any
+) -> None:
+    # 16 tenants, a 1 s interval, 10 checks a second: the rate binds, a round takes 1.6 s.
+    count, interval, rate = 16, 1.0, 10.0
+    spacing, length = plan(count, interval, rate)
+    brokers = two_replicas(
+        make_broker,
+        store_path=tmp_path / "shared",
+        health_check_interval=interval,
+        health_check_rate=rate,
+    )
+    keys: set[str] = set()
+    with admin_client(brokers[0]) as first, admin_client(brokers[1]) as second:
+        for n in range(count):
+            made = sandbox.state.create_key(scopes=REQUIRED_SCOPES)
+            keys.add(made.key_id)
+            assert first.put(f"/v1/tenants/t{n:02d}/key", json={"api_key": made.api_key}).is_success
+        wait_for(
+            lambda: len(second.get("/v1/tenants").json()["tenants"]) == count,
+            5,
+            "the second replica to see every tenant",
+        )
+    started = time.time()
+    sandbox.state.clear_requests()
+
+    def each_seen_twice() -> bool:
+        seen = collections.Counter(key for key, at in introspections(sandbox) if at > started)
+        return len(seen) == count and min(seen.values()) >= 2
+
+    wait_for(each_seen_twice, 3 * length + 2, "every tenant to be checked in two rounds")
+    calls = [(key, at) for key, at in introspections(sandbox) if at > started]
+    assert {key_id for key_id, _ in calls} == keys
+    per_tenant: dict[str | None, list[float]] = collections.defaultdict(list)
+    for key_id, at in calls:
+        per_tenant[key_id].append(at)
+    for times in per_tenant.values():
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        assert all(gap > length / 2 for gap in gaps), "a tenant was checked twice in a round"
+    per_second = collections.Counter(math.floor(at) for _, at in calls)
+    assert max(per_second.values()) <= rate
+    # Both replicas took part: the rounds were shared, not run by one of them alone.
+    for broker in brokers:
+        assert health_checks(broker, "ok") > 0
+    assert spacing == pytest.approx(1 / rate)
