@@ -9,11 +9,19 @@ import math
 import secrets
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from support.servers import REQUIRED_SCOPES, RunningBroker, RunningSandbox
+from support.openbao_server import OpenBao
+from support.servers import (
+    REQUIRED_SCOPES,
+    RunningBroker,
+    RunningSandbox,
+    broker_settings,
+    start_broker,
+)
 
 from broker.health import next_slot, outcome, plan
 from broker.records import TenantState
@@ -113,25 +121,57 @@ def test_interval_zero_turns_health_checks_off(
     assert health_checks(broker, "broken") == 0
 
 
-def two_replicas(make_broker: Callable[..., RunningBroker], **settings: Any) -> list[RunningBroker]:
-    """Two brokers on one SQLite store: replicas, as far as the store can tell."""
-    master_key = base64.b64encode(secrets.token_bytes(32)).decode()
-    path = settings.pop("store_path")
-    return [make_broker(store_path=path, master_key=master_key, **settings) for _ in range(2)]
+COUNT, INTERVAL, RATE = 16, 1.0, 10.0  # the rate binds: a round takes 16 / 10 = 1.6 s
 
 
 def test_two_replicas_check_each_tenant_once_per_round_within_the_rate(
-    make_broker: Callable[..., RunningBroker], sandbox: RunningSandbox, tmp_path: Any
+    make_broker: Callable[..., RunningBroker], sandbox: RunningSandbox, tmp_path: Path
 ) -> None:
-    # 16 tenants, a 1 s interval, 10 checks a second: the rate binds, a round takes 1.6 s.
-    count, interval, rate = 16, 1.0, 10.0
-    spacing, length = plan(count, interval, rate)
-    brokers = two_replicas(
-        make_broker,
-        store_path=tmp_path / "shared",
-        health_check_interval=interval,
-        health_check_rate=rate,
-    )
+    master_key = base64.b64encode(secrets.token_bytes(32)).decode()
+    brokers = [
+        make_broker(
+            store_path=tmp_path / "shared",  # one SQLite database: replicas, to the store
+            master_key=master_key,
+            health_check_interval=INTERVAL,
+            health_check_rate=RATE,
+        )
+        for _ in range(2)
+    ]
+    check_replicas_share_the_rounds(brokers, sandbox)
+
+
+@pytest.mark.real
+def test_two_replicas_on_openbao_share_the_rounds(
+    sandbox: RunningSandbox, openbao: OpenBao, tmp_path: Path
+) -> None:
+    prefix = f"health-{secrets.token_hex(4)}"
+    brokers = [
+        start_broker(
+            broker_settings(
+                sandbox.url,
+                tmp_path / name,
+                store="vault",
+                vault_addr=openbao.addr,
+                vault_token=openbao.root_token,
+                vault_prefix=prefix,
+                required_scopes=REQUIRED_SCOPES,
+                health_check_interval=INTERVAL,
+                health_check_rate=RATE,
+            )
+        )
+        for name in ("a", "b")
+    ]
+    try:
+        check_replicas_share_the_rounds(brokers, sandbox)
+    finally:
+        for broker in brokers:
+            broker.thread.stop()
+
+
+def check_replicas_share_the_rounds(brokers: list[RunningBroker], sandbox: RunningSandbox) -> None:
+    """Pleo sees each tenant once a round from both replicas together, within the rate."""
+    count, rate = COUNT, RATE
+    spacing, length = plan(COUNT, INTERVAL, RATE)
     keys: set[str] = set()
     with admin_client(brokers[0]) as first, admin_client(brokers[1]) as second:
         for n in range(count):
