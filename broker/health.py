@@ -21,7 +21,8 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import timedelta
 
 from broker import errors
@@ -33,6 +34,14 @@ from broker.tenants import TenantService
 CHECKED_STATES = (TenantState.ACTIVE, TenantState.BROKEN)
 LATE = 0.001  # seconds
 IDLE_SECONDS = 1.0  # how often an empty schedule looks for tenants again
+
+
+@dataclass(frozen=True)
+class Timer:
+    """The wall clock the schedule reads and the sleep it waits with (a test's may be virtual)."""
+
+    now: Callable[[], float] = time.time
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
 
 def plan(count: int, interval: float, rate: float) -> tuple[float, float]:
@@ -61,13 +70,13 @@ class HealthChecks:
         *,
         interval: float,
         rate: float,
-        clock: Callable[[], float] = time.time,
+        timer: Timer | None = None,
     ) -> None:
         self.tenants = tenants
         self.metrics = metrics
         self.interval = interval
         self.rate = rate
-        self.clock = clock
+        self.timer = timer if timer is not None else Timer()
         self._runner: asyncio.Task[None] | None = None
         self._checks: set[asyncio.Task[None]] = set()
 
@@ -95,13 +104,13 @@ class HealthChecks:
         while True:
             tenants = self._due()
             if not tenants:
-                await asyncio.sleep(IDLE_SECONDS)
+                await self.timer.sleep(IDLE_SECONDS)
                 continue
             spacing = plan(len(tenants), self.interval, self.rate)[0]
-            earliest = max(self.clock(), taken + spacing / 2)  # never the same slot twice
+            earliest = max(self.timer.now(), taken + spacing / 2)  # never the same slot twice
             slot, index = next_slot(earliest, len(tenants), self.interval, self.rate)
             # A millisecond late rather than early: a slot's call then falls in its second.
-            await asyncio.sleep(max(0.0, slot - self.clock()) + LATE)
+            await self.timer.sleep(max(0.0, slot - self.timer.now()) + LATE)
             taken = slot
             # A slow check must not hold up the next slot: each runs on its own.
             task = asyncio.create_task(self._check_one(tenants[index], len(tenants)))

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import collections
+import hashlib
+import heapq
 import itertools
 import math
+import random
 import secrets
 import time
+import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from support.inprocess import PLEO_URL, FakePleo, MemoryStore
 from support.openbao_server import OpenBao
 from support.servers import (
     REQUIRED_SCOPES,
@@ -23,8 +30,12 @@ from support.servers import (
     start_broker,
 )
 
-from broker.health import next_slot, outcome, plan
-from broker.records import TenantState
+from broker.health import HealthChecks, Timer, next_slot, outcome, plan
+from broker.metrics import Metrics
+from broker.pleo import PleoClient
+from broker.records import TenantRecord, TenantState
+from broker.rules import Requirements
+from broker.tenants import TenantService
 
 INTROSPECT = "/v1/introspect"
 
@@ -205,3 +216,84 @@ def check_replicas_share_the_rounds(brokers: list[RunningBroker], sandbox: Runni
     for broker in brokers:
         assert health_checks(broker, "ok") > 0
     assert spacing == pytest.approx(1 / rate)
+
+
+class VirtualTime:
+    """A wall clock that jumps to the next sleeper's wake-up once every task is idle."""
+
+    def __init__(self, start: float) -> None:
+        self.now = start
+        self._sleepers: list[tuple[float, float, asyncio.Future[None]]] = []
+        self._order = random.Random(11)  # who of two sleepers due at once wakes first
+
+    def time(self) -> float:
+        return self.now
+
+    def utcnow(self) -> datetime:
+        return datetime.fromtimestamp(self.now, UTC)
+
+    async def sleep(self, delay: float) -> None:
+        wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        due = self.now + max(delay, 0.0)
+        heapq.heappush(self._sleepers, (due, self._order.random(), wake))
+        await wake
+
+    async def run_until(self, end: float) -> None:
+        while True:
+            for _ in range(30):  # let every check in flight run to its next sleep
+                await asyncio.sleep(0)
+            if not self._sleepers or self._sleepers[0][0] > end:
+                self.now = end
+                return
+            when, _, wake = heapq.heappop(self._sleepers)
+            self.now = max(self.now, when)
+            wake.set_result(None)
+
+
+async def test_a_thousand_tenants_on_two_replicas_in_virtual_time(
+    fake_pleo: FakePleo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The issue's case: 1,000 tenants, a 60 s interval, 20 checks a second, two replicas."""
+    count, interval, rate = 1000, 60.0, 20.0
+    start = 1_800_000_000.0  # on a round's boundary: 60 s rounds from the epoch
+    virtual = VirtualTime(start - 120)
+    monkeypatch.setattr("broker.health.utcnow", virtual.utcnow)
+    monkeypatch.setattr("broker.checks.utcnow", virtual.utcnow)
+    seen: list[tuple[str, float]] = []
+    handle = fake_pleo.handle
+
+    async def timed(request: httpx.Request) -> httpx.Response:
+        # A digest, not the header: a failing assertion must not print a key.
+        digest = hashlib.sha256(request.headers["authorization"].encode()).hexdigest()[:12]
+        seen.append((digest, virtual.now))
+        return await handle(request)
+
+    shared = MemoryStore()
+    for n in range(count):
+        company = str(uuid.uuid4())
+        key = fake_pleo.add_key(company, scopes=REQUIRED_SCOPES)
+        record = TenantRecord(f"t{n:04d}", TenantState.ACTIVE, key, company_id=company)
+        await shared.put(record)
+    replicas: list[HealthChecks] = []
+    pleo = PleoClient(PLEO_URL, transport=httpx.MockTransport(timed))
+    timer = Timer(now=virtual.time, sleep=virtual.sleep)
+    for store in (shared, shared.replica()):
+        service = TenantService(store, pleo, Metrics(), requirements=Requirements(REQUIRED_SCOPES))
+        assert await service.registry.refresh()
+        replicas.append(HealthChecks(service, service.metrics, interval=60, rate=20, timer=timer))
+    for checks in replicas:
+        checks.start()
+    try:
+        await virtual.run_until(start + 2 * interval)
+    finally:
+        for checks in replicas:
+            await checks.stop()
+        await pleo.aclose()
+    calls = [at for _, at in seen if at >= start]
+    per_key = collections.Counter(key for key, at in seen if at >= start)
+    assert len(per_key) == count and set(per_key.values()) == {2}  # once a minute, in total
+    per_second = collections.Counter(math.floor(at) for at in calls)
+    assert max(per_second.values()) <= rate
+    assert len(per_second) == 2 * interval  # spread over every second, not in bursts
+    done = [checks.metrics.health_checks.labels(result="ok")._value.get() for checks in replicas]
+    assert sum(done) == len(seen) and min(done) > 0.2 * len(seen)  # both replicas took part
