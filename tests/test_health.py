@@ -209,7 +209,9 @@ def check_replicas_share_the_rounds(brokers: list[RunningBroker], sandbox: Runni
         per_tenant[key_id].append(at)
     for times in per_tenant.values():
         gaps = [b - a for a, b in itertools.pairwise(times)]
-        assert all(gap > length / 2 for gap in gaps), "a tenant was checked twice in a round"
+        # Claims are half a round apart at least; arrival times jitter by the store's latency,
+        # and two uncoordinated replicas would call within milliseconds of each other.
+        assert all(gap > length / 4 for gap in gaps), "a tenant was checked twice in a round"
     per_second = collections.Counter(math.floor(at) for _, at in calls)
     assert max(per_second.values()) <= rate
     # Both replicas took part: the rounds were shared, not run by one of them alone.
