@@ -139,6 +139,8 @@ class HealthChecks:
             record = await self.tenants.store.get(tenant)
             if record is None or record.state not in CHECKED_STATES:
                 return None
+            if book.registry.enforced(tenant, record) is not record:
+                return None  # a break not saved yet, or a disconnect: leave the record be
             now = utcnow()
             last = record.last_checked_at
             if last is not None and now - last < timedelta(seconds=fresh_for):

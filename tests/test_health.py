@@ -299,3 +299,17 @@ async def test_a_thousand_tenants_on_two_replicas_in_virtual_time(
     assert len(per_second) == 2 * interval  # spread over every second, not in bursts
     done = [checks.metrics.health_checks.labels(result="ok")._value.get() for checks in replicas]
     assert sum(done) == len(seen) and min(done) > 0.2 * len(seen)  # both replicas took part
+
+
+async def test_a_break_not_saved_yet_is_not_overwritten_by_a_claim(
+    tenant_service: TenantService, memory_store: MemoryStore, fake_pleo: FakePleo
+) -> None:
+    key = fake_pleo.add_key(scopes=REQUIRED_SCOPES)
+    stored = await memory_store.put(TenantRecord("acme", TenantState.ACTIVE, key))
+    await tenant_service.registry.refresh()
+    broken = stored.evolve(state=TenantState.BROKEN)
+    tenant_service.registry.hold(broken)  # Pleo said 401 while the store was down
+    checks = HealthChecks(tenant_service, tenant_service.metrics, interval=60, rate=2)
+    assert await checks._claim("acme", fresh_for=30) is None
+    assert await memory_store.get("acme") == stored  # its version still below the held break
+    assert fake_pleo.calls["/v1/introspect"] == 0
