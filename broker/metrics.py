@@ -57,3 +57,9 @@ class Metrics:
             ["backend", "op", "result"],
             registry=r,
         )
+        self.health_checks = Counter(
+            "broker_health_checks",
+            "Periodic health checks, by result (ok, broken, recovered, error).",
+            ["result"],
+            registry=r,
+        )

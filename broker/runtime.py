@@ -14,6 +14,7 @@ import httpx
 from broker.catalog import Catalog, load_catalog
 from broker.connect_sessions import ConnectSessions, SessionStore, SessionTable
 from broker.feed import pruning
+from broker.health import HealthChecks
 from broker.metrics import Metrics
 from broker.pleo import PleoClient
 from broker.rules import Requirements
@@ -78,6 +79,14 @@ async def open_broker(
         parts.push_async_callback(tenants.registry.stop)
         await tenants.registry.start()
         await parts.enter_async_context(pruning(tenants.store, settings.event_retention_days))
+        health = HealthChecks(
+            tenants,
+            metrics,
+            interval=settings.health_check_interval,
+            rate=settings.health_check_rate,
+        )
+        parts.push_async_callback(health.stop)
+        health.start()
         # A store that keeps no connect sessions (a test's fake) gets this process's memory.
         session_store = raw_store if isinstance(raw_store, SessionStore) else SessionTable()
         yield Broker(

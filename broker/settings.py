@@ -93,6 +93,8 @@ class Settings(BaseSettings):
     connect_frame_ancestors: str = "'none'"
     connect_integration_name: str = Field("the integration", min_length=1, max_length=80)
     event_retention_days: int = Field(30, ge=1, le=3650)
+    health_check_interval: float = Field(3600.0, ge=0)  # 0: no periodic health checks
+    health_check_rate: float = Field(2.0, gt=0)  # checks a second towards Pleo, all replicas
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
 

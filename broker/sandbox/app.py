@@ -42,7 +42,7 @@ Control API (JSON, no Pleo auth — bind to 127.0.0.1):
     DELETE /_sandbox/faults            → 204
     GET    /_sandbox/requests          → 200 {"requests": [{"method", "path", "query",
                                          "headers", "authorization_count",
-                                         "authorization_matched", "key_id"}, ...]}
+                                         "authorization_matched", "key_id", "at"}, ...]}
                                          (Authorization is only counted and matched)
     DELETE /_sandbox/requests          → 204
 

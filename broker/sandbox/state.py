@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Iterable
@@ -95,6 +96,7 @@ class SeenRequest:
     authorization_count: int
     authorization_matched: bool
     key_id: str | None
+    at: float = field(default_factory=time.time)  # Unix time it arrived (rates in tests)
 
     def header_values(self, name: str) -> list[str]:
         """Every value of the (non-Authorization) header `name`."""
@@ -110,6 +112,7 @@ class SeenRequest:
             "authorization_count": self.authorization_count,
             "authorization_matched": self.authorization_matched,
             "key_id": self.key_id,
+            "at": self.at,
         }
 
 

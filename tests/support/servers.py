@@ -130,6 +130,7 @@ def broker_settings(pleo_url: str, store_path: Path, **overrides: Any) -> Settin
         "upstream_connect_timeout": 2.0,
         "upstream_timeout": 5.0,
         "cache_ttl": 0.5,
+        "health_check_interval": 0,  # on only where a test asks: no check it did not expect
     }
     values.update(overrides)
     return Settings(**values)

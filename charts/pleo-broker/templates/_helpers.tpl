@@ -148,6 +148,8 @@ BROKER_CATALOG_PATH: {{ . | quote }}
 BROKER_STORE: {{ .Values.store.type | quote }}
 BROKER_STORE_PATH: "/data"
 BROKER_CACHE_TTL: {{ .Values.broker.cacheTtl | toString | quote }}
+BROKER_HEALTH_CHECK_INTERVAL: {{ .Values.broker.healthCheckInterval | toString | quote }}
+BROKER_HEALTH_CHECK_RATE: {{ .Values.broker.healthCheckRate | toString | quote }}
 BROKER_UPSTREAM_CONNECT_TIMEOUT: {{ .Values.broker.upstreamConnectTimeout | toString | quote }}
 BROKER_UPSTREAM_TIMEOUT: {{ .Values.broker.upstreamTimeout | toString | quote }}
 BROKER_MAX_INSPECTED_BODY: {{ int64 .Values.broker.maxInspectedBody | quote }}
