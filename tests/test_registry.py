@@ -456,9 +456,11 @@ async def test_a_disconnect_the_store_failed_keeps_the_tenant_gone_until_it_is_r
         await tenants.disconnect("acme")
 
 
-async def test_a_tenant_connected_again_elsewhere_ends_a_failed_disconnect(
-    mine: CountingStore, other: SecretStore, pleo: PleoClient
-) -> None:
+async def failed_disconnect(
+    mine: CountingStore, pleo: PleoClient
+) -> tuple[TenantService, TenantRecord]:
+    """A service whose disconnect of `acme` failed (a full disk): the key is no longer
+    served, the store still holds the record, and the disk has room again."""
     tenants = service(mine, pleo)
     acme = await mine.put(active("acme"))
     assert await tenants.registry.refresh()
@@ -466,6 +468,13 @@ async def test_a_tenant_connected_again_elsewhere_ends_a_failed_disconnect(
     with pytest.raises(StoreUnavailable):
         await tenants.disconnect("acme")
     mine.full = False
+    return tenants, acme
+
+
+async def test_a_tenant_connected_again_elsewhere_ends_a_failed_disconnect(
+    mine: CountingStore, other: SecretStore, pleo: PleoClient
+) -> None:
+    tenants, acme = await failed_disconnect(mine, pleo)
     assert await tenants.registry.refresh()
     assert tenants.registry.get("acme") is None
 
@@ -481,13 +490,7 @@ async def test_a_failed_disconnect_keeps_hiding_the_key_when_another_replica_wri
 ) -> None:
     # The operator was told the key is no longer used: a later write of the same key by
     # another replica (its check, say) must not bring it back into service here.
-    tenants = service(mine, pleo)
-    acme = await mine.put(active("acme"))
-    assert await tenants.registry.refresh()
-    mine.full = True
-    with pytest.raises(StoreUnavailable):
-        await tenants.disconnect("acme")
-    mine.full = False
+    tenants, acme = await failed_disconnect(mine, pleo)
     await other.put(acme.evolve(last_checked_at=T0.replace(year=2031)))
     assert await tenants.registry.refresh()
     assert tenants.registry.get("acme") is None
@@ -496,13 +499,7 @@ async def test_a_failed_disconnect_keeps_hiding_the_key_when_another_replica_wri
 async def test_a_company_stays_bound_while_its_tenants_disconnect_is_unfinished(
     mine: CountingStore, pleo: PleoClient
 ) -> None:
-    tenants = service(mine, pleo)
-    acme = await mine.put(active("acme"))
-    assert await tenants.registry.refresh()
-    mine.full = True
-    with pytest.raises(StoreUnavailable):
-        await tenants.disconnect("acme")
-    mine.full = False
+    tenants, acme = await failed_disconnect(mine, pleo)
     assert tenants.registry.companies()["acme"] == acme.company_id
 
 
