@@ -66,7 +66,7 @@ class TenantBook:
     ) -> TenantRecord:
         """Compare-and-set `record` in the store with the events `announce` names, then
         serve it from memory: the change and its events land together or not at all."""
-        stored = await self.registry.put(record, events=self.events(record, actor, announce))
+        stored = await self.registry.writes.put(record, events=self.events(record, actor, announce))
         self.registry.remember(record.tenant, stored)
         return stored
 

@@ -11,14 +11,11 @@ Two things memory knows better than the store: a state change the store could no
 (`hold`: a broken tenant is not served while the store is full or down), and a disconnect that
 began (`forget`): the tenant is not served from the moment its key's destruction starts, and a
 refresh does not bring it back even if the store could not finish destroying it.
-Writes go through `put` and `delete`, which note whether the store takes writes
-(`write_problem`, cleared by the next write that succeeds).
+Writes go through `writes` (`broker.writes`), which notes whether the store takes them.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 
@@ -28,7 +25,8 @@ from broker.metrics import Metrics
 from broker.outbox import Event
 from broker.records import ActiveTenant, TenantRecord, TenantState
 from broker.stores import SecretStore, report_unreadable
-from broker.tasks import map_all
+from broker.tasks import Repeating, map_all
+from broker.writes import StoreWrites
 
 FULL_RELOAD_SECONDS = 600.0  # a full reload at least this often repairs a missed journal entry
 CHANGED_READS = 16  # store reads in flight while re-reading the tenants the journal names
@@ -44,7 +42,7 @@ class TenantRegistry:
         self.full_reload_every = max(1, int(FULL_RELOAD_SECONDS / cache_ttl))
         self.loaded = False
         self.store_problem: str | None = None
-        self.write_problem: str | None = None
+        self.writes = StoreWrites(store)  # every write, watched for a store refusing them
         self._records: dict[str, TenantRecord] = {}
         self._active: dict[str, ActiveTenant] = {}  # built once per record, on first use
         self._touched: set[str] = set()
@@ -53,7 +51,7 @@ class TenantRegistry:
         self._disconnecting: dict[str, TenantRecord] = {}  # the record each disconnect hides
         self._cursor: str | None = None
         self._incremental_left = 0
-        self._refresher: asyncio.Task[None] | None = None
+        self._refresher = Repeating(self.refresh, self._refresh_delay, "tenant refresh")
 
     def get(self, tenant: str) -> TenantRecord | None:
         """The tenant's record (the proxy's hot path)."""
@@ -144,42 +142,13 @@ class TenantRegistry:
             return held
         return stored
 
-    async def put(self, record: TenantRecord, *, events: Sequence[Event] = ()) -> TenantRecord:
-        """`store.put` (with the change's events), noting whether the store takes writes."""
-        try:
-            stored = await self.store.put(record, events=events)
-        except errors.StoreUnavailable as exc:
-            self._write_failed(exc)
-            raise
-        self.write_problem = None
-        return stored
-
-    async def delete(self, tenant: str, *, events: Sequence[Event] = ()) -> bool:
-        """`store.delete` (with its events), noting whether the store takes writes."""
-        try:
-            existed = await self.store.delete(tenant, events=events)
-        except errors.StoreUnavailable as exc:
-            self._write_failed(exc)
-            raise
-        self.write_problem = None
-        return existed
-
-    def _write_failed(self, exc: errors.StoreUnavailable) -> None:
-        if self.write_problem != exc.message:
-            emit("store.write_failed", level=logging.WARNING, reason=exc.message)
-        self.write_problem = exc.message
-
     async def start(self) -> None:
         """Load every record once (best effort) and start the background refresh."""
         await self.refresh()
-        self._refresher = asyncio.create_task(self._refresh_forever(), name="tenant-refresh")
+        self._refresher.start()
 
     async def stop(self) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
-            self._refresher = None
+        await self._refresher.stop()
 
     async def refresh(self) -> bool:
         """Catch up with the store; False (and `store_problem` set) if it failed.
@@ -207,7 +176,7 @@ class TenantRegistry:
         if self.store_problem is not None:
             emit("store.recovered")
             # The writes that failed while the store was unreachable failed for that reason.
-            self.write_problem = None
+            self.writes.problem = None
         self.store_problem = None
         await self._save_held()
         self._update_gauge()
@@ -229,7 +198,7 @@ class TenantRegistry:
             if self._held.get(tenant) is not record:
                 continue
             try:
-                stored = await self.put(record, events=self._held_events.get(tenant, ()))
+                stored = await self.writes.put(record, events=self._held_events.get(tenant, ()))
             except errors.StoreConflict:
                 self._drop_held(tenant, record)  # the store moved on; the next refresh brings it
                 continue
@@ -313,23 +282,12 @@ class TenantRegistry:
             return False
         return stored is not None and stored.api_key == hidden.api_key
 
-    async def _refresh_forever(self) -> None:
-        while True:
-            # While the store is down, retry sooner than the TTL so recovery is quick.
-            await asyncio.sleep(
-                self.cache_ttl if self.store_problem is None else min(self.cache_ttl, 1.0)
-            )
-            try:
-                await self.refresh()
-            except Exception:  # the refresh loop must survive anything a store raises
-                logging.getLogger(__name__).exception("tenant refresh failed")
+    def _refresh_delay(self) -> float:
+        # While the store is down, retry sooner than the TTL so recovery is quick.
+        return self.cache_ttl if self.store_problem is None else min(self.cache_ttl, 1.0)
 
     def _update_gauge(self) -> None:
-        counts = dict.fromkeys(TenantState, 0)
-        for record in self._records.values():
-            counts[record.state] += 1
-        for state, count in counts.items():
-            self.metrics.tenants.labels(state=state.value).set(count)
+        self.metrics.count_tenants(self._records.values())
 
 
 def not_active(record: TenantRecord) -> errors.TenantNotActive:

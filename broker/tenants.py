@@ -50,7 +50,7 @@ class TenantService:
     @property
     def write_problem(self) -> str | None:
         """Why the store takes no writes (read-only, or the last write failed), or None."""
-        return self.store.read_only or self.registry.write_problem
+        return self.store.read_only or self.registry.writes.problem
 
     async def fetch(self, tenant: str, *, remember: bool = False) -> TenantRecord:
         """The tenant's record, fresh from the store when it answers, else from memory."""
@@ -93,7 +93,7 @@ class TenantService:
             # answers too late), the proxy must not go on injecting a key that may be gone.
             known = self.registry.forget(tenant)
             try:
-                existed = await self.registry.delete(tenant, events=events)
+                existed = await self.registry.writes.delete(tenant, events=events)
             except errors.StoreUnavailable as exc:
                 emit(
                     "tenant.disconnect_incomplete",

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from broker.tasks import map_all
+from broker.tasks import Repeating, map_all
 
 
 async def test_results_come_back_in_the_order_of_the_items() -> None:
@@ -78,3 +78,26 @@ async def test_items_queued_behind_a_failure_never_start() -> None:
     with pytest.raises(ValueError, match="stop"):
         await map_all(work, range(10), limit=1)
     assert started == [0, 1]
+
+
+async def test_repeating_work_survives_a_failure_and_stops(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    runs: list[int] = []
+    done = asyncio.Event()
+
+    async def work() -> None:
+        runs.append(len(runs))
+        if len(runs) == 1:
+            raise RuntimeError("the first run fails")
+        if len(runs) == 3:
+            done.set()
+
+    repeating = Repeating(work, lambda: 0.0, "test work")
+    repeating.start()
+    await asyncio.wait_for(done.wait(), 5)
+    await repeating.stop()
+    stopped_at = len(runs)
+    await asyncio.sleep(0)  # a stopped loop runs no more
+    assert len(runs) == stopped_at >= 3
+    assert "test work failed" in caplog.text
