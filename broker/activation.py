@@ -175,6 +175,8 @@ def announced(current: TenantRecord | None, company_id: str, actor: str) -> list
         kinds = ["tenant.key_rotated"]
         if current.company_id != company_id:
             kinds.append("tenant.company_changed")
+        if current.state is TenantState.BROKEN:
+            kinds.append("tenant.recovered")  # a broken tenant works again, on its new key
     if actor.startswith("connect_session:"):
         kinds.append("connect_session.completed")
     return kinds

@@ -50,7 +50,7 @@ async def list_events(request: Request) -> Response:
 def _limit(raw: str | None) -> int:
     if raw is None:
         return DEFAULT_LIMIT
-    if not (raw.isdigit() and 1 <= int(raw) <= MAX_LIMIT):
+    if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= MAX_LIMIT):
         raise errors.RequestInvalid(f"limit must be a whole number from 1 to {MAX_LIMIT}.")
     return int(raw)
 

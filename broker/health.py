@@ -96,6 +96,8 @@ class HealthChecks:
         self._runner = None
 
     def _due(self) -> list[str]:
+        if self.tenants.store.read_only is not None:
+            return []  # claims are writes: a read-only store takes none
         registry = self.tenants.registry
         return [r.tenant for r in registry.all() if r.state in CHECKED_STATES]
 
@@ -129,6 +131,12 @@ class HealthChecks:
         except errors.BrokerError as exc:
             self.metrics.health_checks.labels(result="error").inc()
             emit("health_check.failed", level=logging.WARNING, tenant=tenant, error=exc.message)
+            return
+        except Exception as exc:  # a check running on its own: nothing else would report it
+            self.metrics.health_checks.labels(result="error").inc()
+            emit(
+                "health_check.failed", level=logging.ERROR, tenant=tenant, error=type(exc).__name__
+            )
             return
         self.metrics.health_checks.labels(result=outcome(before, after.state)).inc()
 

@@ -147,6 +147,23 @@ async def test_a_health_check_names_itself(
     assert events[1].data == broken.view()
 
 
+async def test_a_broken_tenant_reconnected_with_a_new_key_recovers(
+    tenant_service: TenantService, fake_pleo: FakePleo, memory_store: MemoryStore
+) -> None:
+    key = fake_pleo.add_key()
+    active = await tenant_service.activate("acme", key)
+    fake_pleo.revoke(key)
+    await tenant_service.check("acme", actor="health_check")
+    fresh = fake_pleo.add_key(active.company_id)  # the customer's new key, same company
+    await tenant_service.activate("acme", fresh, actor="connect_session:cs_1")
+    events, _ = await memory_store.events_after(None, 10)
+    assert [e.type for e in events][2:] == [
+        "tenant.key_rotated",
+        "tenant.recovered",
+        "connect_session.completed",
+    ]
+
+
 async def test_a_change_the_store_refuses_has_no_event(
     tenant_service: TenantService, fake_pleo: FakePleo, memory_store: MemoryStore
 ) -> None:
@@ -178,6 +195,9 @@ async def test_a_break_held_while_the_store_is_down_is_saved_with_its_event(
         ({"limit": str(MAX_LIMIT + 1)}, "limit must be a whole number from 1 to"),
         ({"limit": "ten"}, "limit must be a whole number from 1 to"),
         ({"after": "not-a-cursor"}, "after is not a cursor this feed gave out"),
+        ({"limit": "²"}, "limit must be a whole number from 1 to"),  # a digit, not 0-9
+        ({"after": "²"}, "after is not a cursor this feed gave out"),
+        ({"after": "9" * 19}, "after is not a cursor this feed gave out"),  # past SQLite's ints
         ({"tenant": "Not A Tenant!"}, "tenant is not a valid tenant id"),
     ],
 )

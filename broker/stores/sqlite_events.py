@@ -75,10 +75,14 @@ def prune(conn: sqlite3.Connection, before: datetime) -> int:
     return int(deleted)
 
 
+SQLITE_MAX_INTEGER = 2**63 - 1
+
+
 def parse_cursor(cursor: str | None) -> int:
     """The sequence number a feed cursor names (ValueError: not one of ours)."""
     if cursor is None:
         return 0
-    if not cursor.isdigit() or len(cursor) > 19:
+    # ASCII digits only ("²" is a digit to str.isdigit) and within SQLite's integers.
+    if not (cursor.isascii() and cursor.isdigit()) or int(cursor) > SQLITE_MAX_INTEGER:
         raise ValueError("not a cursor of this store")
     return int(cursor)

@@ -191,7 +191,7 @@ def parse_cursor(cursor: str | None) -> tuple[int, int]:
     if cursor is None:
         return 0, 0
     chunk, dot, index = cursor.partition(".")
-    if not (dot and chunk.isdigit() and index.isdigit() and len(cursor) < 40):
+    if not (dot and cursor.isascii() and chunk.isdigit() and index.isdigit() and len(cursor) < 40):
         raise ValueError("not a cursor of this store")
     return int(chunk), int(index)
 

@@ -163,7 +163,7 @@ class MemoryStore:
         self, cursor: str | None, limit: int, tenant: str | None = None
     ) -> tuple[builtins.list[Event], str | None]:
         self._call("events")
-        if cursor is not None and not cursor.isdigit():
+        if cursor is not None and not (cursor.isascii() and cursor.isdigit()):
             raise ValueError("not a cursor of this store")
         start = int(cursor or 0)
         found = [
