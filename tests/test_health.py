@@ -313,3 +313,23 @@ async def test_a_break_not_saved_yet_is_not_overwritten_by_a_claim(
     assert await checks._claim("acme", fresh_for=30) is None
     assert await memory_store.get("acme") == stored  # its version still below the held break
     assert fake_pleo.calls["/v1/introspect"] == 0
+
+
+async def test_an_unexpected_failure_of_a_check_is_logged_and_counted(
+    tenant_service: TenantService,
+    fake_pleo: FakePleo,
+    memory_store: MemoryStore,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    active = await tenant_service.activate("acme", fake_pleo.add_key())
+    await memory_store.put(active.evolve(last_checked_at=datetime(2026, 1, 1, tzinfo=UTC)))
+    metrics = Metrics()
+    checks = HealthChecks(tenant_service, metrics, interval=60, rate=1)
+
+    async def broken_check(tenant: str, **kwargs: object) -> TenantRecord:
+        raise KeyError("a bug nobody foresaw")
+
+    tenant_service.check = broken_check  # type: ignore[method-assign]
+    await checks._check_one("acme", 1)
+    assert metrics.health_checks.labels(result="error")._value.get() == 1
+    assert "health_check.failed" in caplog.text
