@@ -7,11 +7,14 @@ seconds apart, so a round lasts the interval (or `n / rate` seconds when there a
 than `rate × interval`). At a tenant's slot each replica tries to claim it by a compare-and-set
 write of its `last_checked_at`, and only when the stored time is more than half a round old;
 the replica whose write wins checks the tenant (through `TenantService.check`, sharing the
-single flight of on-demand checks), the others skip it. Pleo therefore sees one check per slot
-from all replicas together: never more than `rate` a second, with no count of replicas needed,
-as long as the replicas agree on the tenant list (within `BROKER_CACHE_TTL`) and on the time
-(NTP). A check that fails (Pleo or the store unavailable) counts as `error` and waits for the
-next round.
+single flight of on-demand checks), the others skip it. The call to Pleo waits for its moment,
+`CLAIM_BUDGET` seconds after the slot (a quarter round at most), so the store's latency for the
+claim never bunches calls together; a check that would go out more than half a slot after its
+moment (a slow store, a stalled process) is skipped until the next round rather than sent
+late. Pleo therefore sees one check per slot from all replicas together, a slot apart: never
+more than `rate` a second, with no count of replicas needed, as long as the replicas agree on
+the tenant list (within `BROKER_CACHE_TTL`) and on the time (NTP). A check that fails (Pleo
+or the store unavailable) counts as `error` and waits for the next round.
 """
 
 from __future__ import annotations
@@ -23,16 +26,17 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from broker import errors
 from broker.events import emit
 from broker.metrics import Metrics
-from broker.records import TenantState, utcnow
+from broker.records import TenantState
 from broker.tenants import TenantService
 
 CHECKED_STATES = (TenantState.ACTIVE, TenantState.BROKEN)
 LATE = 0.001  # seconds
+CLAIM_BUDGET = 0.5  # seconds from a slot to its call to Pleo: the store's time to claim and read
 IDLE_SECONDS = 1.0  # how often an empty schedule looks for tenants again
 
 
@@ -58,6 +62,16 @@ def next_slot(now: float, count: int, interval: float, rate: float) -> tuple[flo
     if index >= count:
         return start + length, 0
     return start + index * spacing, index
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A tenant's turn: its place in the schedule of `count` tenants, starting at `at`."""
+
+    tenant: str
+    index: int
+    count: int
+    at: float
 
 
 class HealthChecks:
@@ -110,19 +124,23 @@ class HealthChecks:
                 continue
             spacing = plan(len(tenants), self.interval, self.rate)[0]
             earliest = max(self.timer.now(), taken + spacing / 2)  # never the same slot twice
-            slot, index = next_slot(earliest, len(tenants), self.interval, self.rate)
-            # A millisecond late rather than early: a slot's call then falls in its second.
-            await self.timer.sleep(max(0.0, slot - self.timer.now()) + LATE)
-            taken = slot
+            at, index = next_slot(earliest, len(tenants), self.interval, self.rate)
+            await self.timer.sleep(max(0.0, at - self.timer.now()))
+            taken = at
             # A slow check must not hold up the next slot: each runs on its own.
-            task = asyncio.create_task(self._check_one(tenants[index], len(tenants)))
+            slot = Slot(tenants[index], index, len(tenants), at)
+            task = asyncio.create_task(self._check_one(slot))
             self._checks.add(task)
             task.add_done_callback(self._checks.discard)
 
-    async def _check_one(self, tenant: str, count: int) -> None:
+    async def _check_one(self, slot: Slot) -> None:
+        spacing, length = plan(slot.count, self.interval, self.rate)
+        # A millisecond late rather than early: a slot's call then falls in its second.
+        moment = slot.at + min(CLAIM_BUDGET, length / 4) + LATE
+        tenant = slot.tenant
         try:
-            before = await self._claim(tenant, plan(count, self.interval, self.rate)[1] / 2)
-            if before is None:
+            before = await self._claim(tenant, datetime.fromtimestamp(moment, UTC), length / 2)
+            if before is None or not await self._wait_for(slot, moment, spacing):
                 return
             # The one call of the tenant service's check: its events name the health check.
             after = await self.tenants.check(tenant, actor="health_check")
@@ -140,8 +158,28 @@ class HealthChecks:
             return
         self.metrics.health_checks.labels(result=outcome(before, after.state)).inc()
 
-    async def _claim(self, tenant: str, fresh_for: float) -> TenantState | None:
-        """Write `last_checked_at` by compare-and-set; the state before, or None: not ours."""
+    async def _wait_for(self, slot: Slot, moment: float, spacing: float) -> bool:
+        """Wait for the check's moment; False if it must not be sent now (it is due again
+        next round): too late to keep the calls a slot apart, or the schedule moved on."""
+        await self.timer.sleep(max(0.0, moment - self.timer.now()))
+        late = self.timer.now() - moment
+        if late > spacing / 2:  # a slow claim, or this process was stalled
+            raise errors.StoreUnavailable(
+                f"The check could not be sent in its slot ({late:.2f} s late); it is checked"
+                " next round."
+            )
+        tenants = self._due()
+        if len(tenants) != slot.count or tenants[slot.index] != slot.tenant:
+            # Tenants came or went since the claim: this slot now belongs to another tenant
+            # (or to nobody), and a call now could fall on top of the new schedule's.
+            emit("health_check.deferred", tenant=slot.tenant, reason="the tenant list changed")
+            return False
+        return True
+
+    async def _claim(self, tenant: str, at: datetime, fresh_for: float) -> TenantState | None:
+        """Write `last_checked_at` = `at` (the check's moment on the shared schedule) by
+        compare-and-set; the state before, or None: not ours. Comparing moments, not the
+        clock at the claim, keeps a slow claim from making a tenant look due again."""
         book = self.tenants.book
         async with book.lock(tenant):
             record = await self.tenants.store.get(tenant)
@@ -149,12 +187,11 @@ class HealthChecks:
                 return None
             if book.registry.enforced(tenant, record) is not record:
                 return None  # a break not saved yet, or a disconnect: leave the record be
-            now = utcnow()
             last = record.last_checked_at
-            if last is not None and now - last < timedelta(seconds=fresh_for):
+            if last is not None and at - last < timedelta(seconds=fresh_for):
                 return None  # checked this round already (by a replica, or on demand)
             try:
-                await book.write(record.evolve(last_checked_at=now))
+                await book.write(record.evolve(last_checked_at=at))
             except errors.StoreConflict:
                 return None  # another replica claimed it first
             return record.state

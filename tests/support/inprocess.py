@@ -87,6 +87,7 @@ class MemoryStore:
         self.calls: Counter[str] = Counter()
         self.read: builtins.list[str] = []
         self.after_get: Callable[[str], Awaitable[None]] | None = None
+        self.before_put: Callable[[str], Awaitable[None]] | None = None  # a slow write
         self.down = False  # every call fails: the store is unreachable
         self.full = False  # reads work, writes fail (a full disk)
         self.read_only_reason: str | None = None  # opened read-only: writes refused
@@ -140,6 +141,8 @@ class MemoryStore:
 
     async def put(self, record: TenantRecord, *, events: Sequence[Event] = ()) -> TenantRecord:
         self._write("put")
+        if self.before_put is not None:
+            await self.before_put(record.tenant)
         current = self.shared.records.get(record.tenant)
         if (current.version if current is not None else 0) != record.version:
             raise StoreConflict(tenant=record.tenant)
