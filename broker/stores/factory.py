@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import TYPE_CHECKING, assert_never
 
 from broker.settings import Settings
@@ -45,6 +46,7 @@ def open_vault_store(
         timeout=settings.vault_timeout,
         threads=settings.vault_threads,
         journal_size=journal_size if journal_size is not None else JOURNAL_SIZE,
+        event_retention=timedelta(days=settings.event_retention_days),
     )
     client = client if client is not None else vault_client(settings)
     return VaultStore(client, vault_login(settings), options, clock=clock)

@@ -47,7 +47,7 @@ from broker.records import TenantRecord, valid_tenant_id
 from broker.stores import report_unreadable
 from broker.stores.runner import BlockingRunner
 from broker.stores.vault_auth import TokenKeeper, VaultLogin
-from broker.stores.vault_events import EventLog, outbox, pending
+from broker.stores.vault_events import CLOCK_SKEW, EventLog, outbox, pending
 from broker.stores.vault_history import VersionHistory
 from broker.stores.vault_journal import (
     JOURNAL_SIZE,
@@ -83,6 +83,7 @@ class VaultOptions:
     timeout: float = 5.0  # seconds for one Vault call (the client's HTTP timeout too)
     threads: int = 8  # Vault calls in flight at once
     journal_size: int = JOURNAL_SIZE
+    event_retention: timedelta = timedelta(days=30)  # older outbox events are not logged again
 
     def __post_init__(self) -> None:
         if not 1 <= self.journal_size <= JOURNAL_SIZE_LIMIT:
@@ -129,6 +130,7 @@ class VaultStore:
         )
         self._history = VersionHistory(self._secrets, self._call, backend=self.backend)
         self._events = EventLog(self._kv, self._call, mount=self._mount, base=f"{prefix}/events")
+        self._retention = options.event_retention
         self._where = f"{client.url} {self._mount}/{self._base}"
 
     def __repr__(self) -> str:
@@ -162,13 +164,8 @@ class VaultStore:
         tenant = record.tenant
         if not valid_tenant_id(tenant):
             raise ValueError("not a valid tenant id")
-        if record.version > 0:
-            # This write replaces the outbox: log what the version it replaces carries first.
-            found = await self._call(partial(self._secrets.read, tenant, record.version))
-            if found is not None:
-                await self._events.append(pending(found[0]))
         try:
-            version = await self._put(tenant, {**encode(record), **outbox(events)}, record.version)
+            version, events = await self._put(tenant, encode(record), events, record.version)
         except StoreUnavailable:
             self._history.unsure(tenant)  # it may have landed, answered too late: check it
             raise
@@ -192,9 +189,10 @@ class VaultStore:
         return buried
 
     async def _tombstone_and_bury(self, tenant: str, events: Sequence[Event]) -> bool:
-        tombstone_version = await self._lay_tombstone(tenant, events)
-        if tombstone_version is None:
+        laid = await self._lay_tombstone(tenant, events)
+        if laid is None:
             return False
+        tombstone_version, events = laid
         try:
             # Burying destroys the tombstone and the events it carries: log them first.
             await self._events.append(events)
@@ -230,10 +228,34 @@ class VaultStore:
 
     async def _rescue(self, data: dict[str, object]) -> None:
         """Log the recent events a read secret carries (a copy a crash interrupted)."""
-        recent = stamp(datetime.now(UTC) - OUTBOX_RESCUED_ON_READ)
-        waiting = [event for event in pending(data) if event.timestamp >= recent]
+        waiting = _younger(pending(data), OUTBOX_RESCUED_ON_READ)
         if waiting:
             await self._log(waiting)
+
+    async def _carry(self, tenant: str, version: int) -> builtins.list[Event]:
+        """The events a version about to be replaced still has to log: copied now, else
+        (the log failing) returned, for the replacing write to carry in its outbox."""
+        found = await self._call(partial(self._secrets.read, tenant, version))
+        if found is None:
+            return []  # destroyed or deleted: nothing left to carry
+        return await self._copy_or_carry(found[0])
+
+    async def _copy_or_carry(self, data: dict[str, object]) -> builtins.list[Event]:
+        # Older events were logged and pruned long ago (or would have been): not again.
+        waiting = _younger(pending(data), self._retention - CLOCK_SKEW)
+        if not waiting:
+            return []
+        try:
+            await self._events.append(waiting)
+        except StoreUnavailable as exc:
+            emit(
+                "store.events_pending",
+                level=logging.WARNING,
+                events=len(waiting),
+                error=exc.message,
+            )
+            return waiting
+        return []
 
     async def put_session(self, session: ConnectSession) -> ConnectSession:
         return await self._call(partial(self._sessions.write, session))
@@ -253,10 +275,14 @@ class VaultStore:
         await self._runner.close()
         self._client.adapter.close()
 
-    async def _put(self, tenant: str, data: dict[str, object], cas: int) -> int:
-        """Write `data` with check-and-set; its new version."""
+    async def _put(
+        self, tenant: str, data: dict[str, object], events: Sequence[Event], cas: int
+    ) -> tuple[int, builtins.list[Event]]:
+        """Write `data` and `events` with check-and-set, carrying forward the events the
+        replaced version still has to log; the new version and the events it carries."""
+        carried = await self._carry(tenant, cas) if cas > 0 else []
         try:
-            return await self._call(partial(self._secrets.write, tenant, data, cas))
+            return await self._write_carrying(tenant, data, [*carried, *events], cas)
         except StoreConflict:
             if cas != 0:
                 raise
@@ -264,23 +290,35 @@ class VaultStore:
             gone_at = await self._gone_at(tenant)
             if gone_at is None:
                 raise
-            return await self._call(partial(self._secrets.write, tenant, data, gone_at))
+            carried = await self._carry(tenant, gone_at)  # the tombstone's, say
+            return await self._write_carrying(tenant, data, [*carried, *events], gone_at)
 
-    async def _lay_tombstone(self, tenant: str, events: Sequence[Event]) -> int | None:
-        """Write a tombstone as the tenant's newest version; its version (None: no tenant)."""
+    async def _write_carrying(
+        self, tenant: str, data: dict[str, object], events: builtins.list[Event], cas: int
+    ) -> tuple[int, builtins.list[Event]]:
+        write = partial(self._secrets.write, tenant, {**data, **outbox(events)}, cas)
+        return await self._call(write), events
+
+    async def _lay_tombstone(
+        self, tenant: str, events: Sequence[Event]
+    ) -> tuple[int, builtins.list[Event]] | None:
+        """Write a tombstone as the tenant's newest version; its version and the events it
+        carries (None: no tenant). A tombstone laid already (a disconnect that stopped
+        midway) is kept, with its events: a retry does not announce the disconnect again."""
         for _ in range(DELETE_ATTEMPTS):
             versions = await self._call(partial(self._secrets.versions, tenant))
             if versions is None:
                 return None
+            found = None
+            if versions.current_readable:
+                found = await self._call(partial(self._secrets.read, tenant, versions.current))
+            if found is not None and is_tombstone(found[0]):
+                return versions.current, _younger(pending(found[0]), self._retention - CLOCK_SKEW)
+            carried = await self._copy_or_carry(found[0]) if found is not None else []
             try:
                 # The point of no return: from here on the tenant reads as gone everywhere.
-                return await self._call(
-                    partial(
-                        self._secrets.write,
-                        tenant,
-                        {**tombstone(), **outbox(events)},
-                        versions.current,
-                    )
+                return await self._write_carrying(
+                    tenant, tombstone(), [*carried, *events], versions.current
                 )
             except StoreConflict:
                 continue  # written meanwhile: bury the newer version
@@ -328,6 +366,12 @@ class VaultStore:
             ) from exc
         except hvac.exceptions.VaultError as exc:
             raise StoreUnavailable("Vault rejected the broker's request.") from exc
+
+
+def _younger(events: builtins.list[Event], than: timedelta) -> builtins.list[Event]:
+    """The events made less than `than` ago."""
+    since = stamp(datetime.now(UTC) - than)
+    return [event for event in events if event.timestamp >= since]
 
 
 def _translate_trouble(exc: Exception, *, timeout: float) -> Exception | None:

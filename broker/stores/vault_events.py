@@ -4,7 +4,10 @@ KV v2 has no transaction over two secrets, so an event is first written into the
 own secret, in its `outbox` field, by the same check-and-set write as the change (or the
 tombstone) it describes; then it is copied to the log (`EventLog.append`). The copy is
 retried when the tenant's secret is next read or written (`pending`), so an event whose copy
-a crash interrupted still reaches the log; the next write of the secret leaves it out.
+a crash interrupted still reaches the log. A write that replaces the secret (a put, a
+tombstone, a reconnect over a tombstone) copies the outbox it replaces first, and carries the
+events it could not copy into its own outbox, so no write ever drops an unlogged event; events
+older than the retention are not copied again (the log has pruned them).
 
 The log is a sequence of chunks, each a secret holding up to `CHUNK_SIZE` entries (one JSON
 string each: `{"at": <appended>, "event": …}`), appended to with check-and-set so replicas

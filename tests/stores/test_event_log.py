@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from support.inprocess import MemoryBackend, MemoryStore
 
 from broker.errors import StoreConflict, StoreUnavailable
+from broker.events import LOGGER_NAME
 from broker.outbox import Event, new_event
 from broker.records import ApiKey, TenantRecord, TenantState
 from broker.stores import SecretStore
@@ -240,3 +242,177 @@ async def test_replicas_writing_at_once_log_every_event_once(open_store: OpenSto
     assert len(logged) == len({e.id for e in logged}) == 48
     for tenant, events in written.items():
         assert [e.id for e in logged if e.tenant == tenant] == [e.id for e in events]
+
+
+# Review findings on the Vault store's outbox (docs/decisions.md, "Outbox carried forward").
+
+
+class LoggedEvents(logging.Handler):
+    """Collects the names of the broker's log events while installed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.names.append(str(getattr(record, "event", "")))
+
+
+@pytest.fixture
+def logged() -> Iterator[LoggedEvents]:
+    logger = logging.getLogger(LOGGER_NAME)
+    handler, level = LoggedEvents(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+@pytest.fixture
+async def vault(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SecretStore]:
+    store = vault_store(request, tmp_path / "store")
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+class LogOutage:
+    """Makes every append to Vault's event log fail while `down` (the tenants stay writable)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from broker.stores import vault_events
+
+        self.down = False
+        real = vault_events.EventLog._write
+
+        def write(log: object, *args: object) -> bool:
+            if self.down:
+                raise StoreUnavailable("Vault went away")
+            return real(log, *args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(vault_events.EventLog, "_write", write)
+
+
+@pytest.mark.real
+async def test_vault_a_disconnect_keeps_the_events_waiting_in_the_version_it_replaces(
+    vault: SecretStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outage = LogOutage(monkeypatch)
+    acme = await vault.put(active("acme"))
+    outage.down = True
+    broken = acme.evolve(state=TenantState.BROKEN)
+    waiting = event(broken, "tenant.broken")
+    await vault.put(broken, events=[waiting])  # the change stands; its event waits
+    outage.down = False
+    gone = event(broken, "tenant.disconnected")
+    assert await vault.delete("acme", events=[gone])
+    assert [e.id for e in await everything(vault)] == [waiting.id, gone.id]
+
+
+@pytest.mark.real
+async def test_vault_a_reconnect_after_an_interrupted_disconnect_keeps_its_event(
+    vault: SecretStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tombstone landed, its copy to the log did not; connecting the tenant again
+    writes over the tombstone (cas=0) and destroys it, but not its event."""
+    outage = LogOutage(monkeypatch)
+    acme = active("acme")
+    first = event(acme)
+    acme = await vault.put(acme, events=[first])
+    outage.down = True
+    gone = event(acme, "tenant.disconnected")
+    with pytest.raises(StoreUnavailable):
+        await vault.delete("acme", events=[gone])
+    outage.down = False
+    again = active("acme")
+    back = event(again)
+    await vault.put(again, events=[back])
+    assert [e.id for e in await everything(vault)] == [first.id, gone.id, back.id]
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("stops", ["log", "bury"])
+async def test_vault_a_retried_disconnect_writes_one_disconnected_event(
+    vault: SecretStore, monkeypatch: pytest.MonkeyPatch, stops: str
+) -> None:
+    """The first attempt stopped after its tombstone (before or after logging its event);
+    the retry, which no longer knows the tenant, reuses the tombstone's event."""
+    from broker.stores.vault import VaultStore
+
+    outage = LogOutage(monkeypatch)
+    acme = await vault.put(active("acme"))
+    real_bury = VaultStore._bury
+
+    async def bury_fails(*args: object) -> None:
+        raise StoreUnavailable("Vault went away")
+
+    if stops == "log":
+        outage.down = True
+    else:
+        monkeypatch.setattr(VaultStore, "_bury", bury_fails)
+    gone = event(acme, "tenant.disconnected")
+    with pytest.raises(StoreUnavailable):
+        await vault.delete("acme", events=[gone])
+    outage.down = False
+    monkeypatch.setattr(VaultStore, "_bury", real_bury)
+    assert await vault.get("acme") is None
+    placeholder = TenantRecord("acme", TenantState.PENDING, None)
+    assert await vault.delete("acme", events=[event(placeholder, "tenant.disconnected")])
+    assert await everything(vault) == [gone]
+    assert gone.data["company_id"] == acme.company_id
+    assert not await vault.delete("acme", events=[event(placeholder, "tenant.disconnected")])
+    assert await everything(vault) == [gone]
+
+
+async def test_a_disconnect_retried_after_it_completed_writes_no_second_event(
+    store: SecretStore,
+) -> None:
+    """Every store: the second DELETE finds nothing, so it writes nothing."""
+    acme = await store.put(active("acme"))
+    gone = event(acme, "tenant.disconnected")
+    assert await store.delete("acme", events=[gone])
+    placeholder = TenantRecord("acme", TenantState.PENDING, None)
+    assert not await store.delete("acme", events=[event(placeholder, "tenant.disconnected")])
+    assert await everything(store) == [gone]
+
+
+@pytest.mark.real
+async def test_vault_a_put_succeeds_while_the_event_log_fails_and_logs_its_events_later(
+    vault: SecretStore, monkeypatch: pytest.MonkeyPatch, logged: LoggedEvents
+) -> None:
+    outage = LogOutage(monkeypatch)
+    outage.down = True
+    acme = active("acme")
+    first = event(acme)
+    acme = await vault.put(acme, events=[first])
+    broken = acme.evolve(state=TenantState.BROKEN)
+    second = event(broken, "tenant.broken")
+    broken = await vault.put(broken, events=[second])  # the version it replaces waits too
+    assert await vault.get("acme") == broken
+    assert "store.events_pending" in logged.names
+    assert await everything(vault) == []
+    outage.down = False
+    third = event(broken, "tenant.recovered")
+    await vault.put(broken.evolve(state=TenantState.ACTIVE), events=[third])
+    assert [e.id for e in await everything(vault)] == [first.id, second.id, third.id]
+
+
+@pytest.mark.real
+async def test_vault_a_put_does_not_log_again_events_older_than_the_retention(
+    vault: SecretStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An outbox event older than the retention was logged and pruned long ago (or would
+    have been): the tenant's next write does not put it back at the head of the feed."""
+    outage = LogOutage(monkeypatch)
+    outage.down = True
+    acme = active("acme")
+    ancient = event(acme, now=datetime.now(UTC) - timedelta(days=31))
+    acme = await vault.put(acme, events=[ancient])
+    outage.down = False
+    recent = event(acme, "tenant.key_rotated")
+    await vault.put(acme, events=[recent])
+    assert [e.id for e in await everything(vault)] == [recent.id]
