@@ -67,6 +67,15 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.webhook_deliveries = Counter(
+            "broker_webhook_deliveries",
+            "Webhook delivery attempts, by result (delivered, retried, given_up).",
+            ["result"],
+            registry=r,
+        )
+        self.webhook_pending = Gauge(
+            "broker_webhook_pending", "Events waiting for webhook delivery.", registry=r
+        )
 
     def count_tenants(self, records: Iterable[TenantRecord]) -> None:
         """Set `broker_tenants{state}` from every known record."""

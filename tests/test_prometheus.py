@@ -39,6 +39,9 @@ REQUIRED_ALERTS = {
     "PleoBrokerStoreDown",
     "PleoBrokerUpstreamErrorRate",
     "PleoBrokerUpstreamLatencyHigh",
+    "PleoBrokerWebhooksFailing",
+    "PleoBrokerWebhooksGivenUp",
+    "PleoBrokerHealthChecksFailing",
 }
 
 PROMQL_WORDS = {
@@ -200,6 +203,15 @@ def test_dashboard_uses_only_exported_metrics() -> None:
     families = {family.name for family in Metrics().registry.collect()}
     for family in families:
         assert any(name.startswith(family) for name in used), f"no panel shows {family}"
+
+
+def test_dashboard_shows_webhook_deliveries_and_health_checks_by_result() -> None:
+    exprs = dashboard_exprs()
+    for metric in ("broker_webhook_deliveries_total", "broker_health_checks_total"):
+        assert any(metric in e and re.search(r"by \((\w+, )*result", e) for e in exprs), metric
+    assert any("broker_webhook_pending" in e for e in exprs)
+    for result in ("error", "broken"):  # the health-check outcomes an operator acts on
+        assert any(f'broker_health_checks_total{{result="{result}"' in e for e in exprs), result
 
 
 def test_dashboard_shape() -> None:
