@@ -416,3 +416,35 @@ async def test_vault_a_put_does_not_log_again_events_older_than_the_retention(
     recent = event(acme, "tenant.key_rotated")
     await vault.put(acme, events=[recent])
     assert [e.id for e in await everything(vault)] == [recent.id]
+
+
+@pytest.mark.real
+async def test_vault_a_retried_delete_request_announces_the_disconnect_once(
+    vault: SecretStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the tenant service: the retry no longer knows the tenant (it forgot it at the
+    first attempt, and the store reads it as gone), yet the one event shows it as it was."""
+    from broker.metrics import Metrics
+    from broker.pleo import PleoClient
+    from broker.stores.vault import VaultStore
+    from broker.tenants import TenantService
+
+    pleo = PleoClient("http://127.0.0.1:9")  # never called
+    service = TenantService(vault, pleo, Metrics())
+    try:
+        acme = await vault.put(active("acme"))
+        assert await service.registry.refresh()
+        real_bury = VaultStore._bury
+
+        async def bury_fails(*args: object) -> None:
+            raise StoreUnavailable("Vault went away")
+
+        monkeypatch.setattr(VaultStore, "_bury", bury_fails)
+        with pytest.raises(StoreUnavailable):
+            await service.disconnect("acme")
+        monkeypatch.setattr(VaultStore, "_bury", real_bury)
+        await service.disconnect("acme")  # the caller retries DELETE
+        (gone,) = await everything(vault)
+        assert (gone.type, gone.data) == ("tenant.disconnected", acme.view())
+    finally:
+        await pleo.aclose()
