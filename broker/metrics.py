@@ -67,6 +67,18 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.webhook_deliveries = Counter(
+            "broker_webhook_deliveries",
+            "Webhook delivery attempts, by result (delivered, retried, given_up).",
+            ["result"],
+            registry=r,
+        )
+        self.webhook_pending = Gauge(
+            "broker_webhook_pending",
+            "Events neither delivered nor given up (the store's count, the same on every"
+            " replica that delivers or waits to).",
+            registry=r,
+        )
 
     def count_tenants(self, records: Iterable[TenantRecord]) -> None:
         """Set `broker_tenants{state}` from every known record."""
