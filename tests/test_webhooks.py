@@ -19,7 +19,6 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from support.openbao_server import OpenBao
 from support.servers import (
@@ -29,7 +28,15 @@ from support.servers import (
     broker_settings,
     start_broker,
 )
-from support.webhook_receiver import Receiver, new_secret, wait_until
+from support.webhook_receiver import (
+    Receiver,
+    check_delivered_in_order,
+    feed,
+    make_changes,
+    metric,
+    new_secret,
+    wait_until,
+)
 
 from broker.events import LOGGER_NAME, JsonFormatter
 from broker.settings import ConfigError, load_settings
@@ -52,50 +59,6 @@ def webhook_overrides(receiver: Receiver, **more: Any) -> dict[str, Any]:
 
 def admin_client(broker: RunningBroker) -> httpx.Client:
     return httpx.Client(base_url=broker.admin_url, headers=broker.auth, trust_env=False, timeout=10)
-
-
-def feed(admin: httpx.Client) -> list[dict[str, Any]]:
-    answer = admin.get("/v1/events", params={"limit": "1000"})
-    assert answer.status_code == 200, answer.text
-    events: list[dict[str, Any]] = answer.json()["events"]
-    return events
-
-
-def metric(broker: RunningBroker, name: str, **labels: str) -> float:
-    text = httpx.get(f"{broker.admin_url}/metrics", headers=broker.auth, trust_env=False).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return 0.0
-
-
-def make_changes(admin: httpx.Client, sandbox: RunningSandbox) -> None:
-    """Two tenants, several events each, interleaved."""
-    acme = sandbox.state.create_key(scopes=REQUIRED_SCOPES)
-    beta = sandbox.state.create_key(scopes=REQUIRED_SCOPES)
-    assert admin.put("/v1/tenants/acme/key", json={"api_key": acme.api_key}).is_success
-    assert admin.put("/v1/tenants/beta/key", json={"api_key": beta.api_key}).is_success
-    rotated = sandbox.state.create_key(acme.company_id, scopes=REQUIRED_SCOPES)
-    assert admin.put("/v1/tenants/acme/key", json={"api_key": rotated.api_key}).is_success
-    assert admin.delete("/v1/tenants/beta").is_success
-    sandbox.state.revoke(rotated.key_id)
-    assert admin.post("/v1/tenants/acme/check").is_success  # broken
-    assert admin.delete("/v1/tenants/acme").is_success
-
-
-def check_delivered_in_order(receiver: Receiver, events: list[dict[str, Any]]) -> None:
-    """Every event arrived, signed, in the feed's order per tenant; a repeat has its id."""
-    for item in receiver.requests():
-        verified = receiver.verify(item)
-        assert verified["id"] == item.headers["webhook-id"]
-    delivered = receiver.delivered()
-    assert {event["id"] for event in delivered} == {event["id"] for event in events}
-    for tenant in {event["data"]["tenant"] for event in events}:
-        expected = [e["id"] for e in events if e["data"]["tenant"] == tenant]
-        arrived = [e["id"] for e in delivered if e["data"]["tenant"] == tenant]
-        first_arrivals = list(dict.fromkeys(arrived))
-        assert first_arrivals == expected, tenant
 
 
 # -- settings ----------------------------------------------------------------------------------
