@@ -26,6 +26,7 @@ from support.servers import (
     RunningBroker,
     RunningSandbox,
     broker_settings,
+    start_app,
     start_broker,
 )
 from support.webhook_receiver import (
@@ -372,3 +373,64 @@ def test_a_hanging_receiver_does_not_slow_proxied_calls(
     # Calls stalled behind the delivery would take its 30 s timeout; allow noise, not that.
     assert statistics.median(during) < max(0.5, 10 * statistics.median(before))
     assert sum(during) < 15
+
+
+# -- the README's receiver ---------------------------------------------------------------------
+
+
+def readme_receiver() -> str:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Receiving webhooks", 1)[1].split("\n## ", 1)[0]
+    found = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    assert found, "no python example under Receiving webhooks"
+    return found[1]
+
+
+def test_the_readme_receiver_verifies_and_takes_the_brokers_webhooks(
+    make_broker: Callable[..., RunningBroker],
+    sandbox: RunningSandbox,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    secret = new_secret()
+    monkeypatch.setenv("BROKER_WEBHOOK_SECRET", secret)
+    example: dict[str, Any] = {"__name__": "receiver"}
+    exec(compile(readme_receiver(), "README.md", "exec"), example)
+    url, thread = start_app(example["app"])
+    try:
+        hook = f"{url}/pleo/webhooks"
+        forged = httpx.post(
+            hook,
+            content=b'{"id": "evt_x"}',
+            headers={
+                "webhook-id": "evt_x",
+                "webhook-timestamp": str(int(time.time())),
+                "webhook-signature": "v1,AAAA",
+            },
+            trust_env=False,
+        )
+        assert forged.status_code == 400
+        broker = make_broker(
+            webhook_url=hook,
+            webhook_secret=secret,
+            webhook_retry_schedule=QUICK,
+            connect_public_url=PUBLIC,
+            connect_port=0,
+        )
+        key = sandbox.state.create_key(scopes=REQUIRED_SCOPES)
+        with admin_client(broker) as admin:
+            assert admin.put("/v1/tenants/acme/key", json={"api_key": key.api_key}).is_success
+            sandbox.state.revoke(key.key_id)
+            assert admin.post("/v1/tenants/acme/check").json()["state"] == "broken"
+            events = feed(admin)
+        wait_until(
+            lambda: example["seen"] == {event["id"] for event in events},
+            within=10,
+            what="the README's receiver to take every event",
+        )
+        assert f"Mail the customer of acme: reconnect Pleo at {PUBLIC}/connect/" in (
+            capsys.readouterr().out
+        )
+        assert metric(broker, "broker_webhook_deliveries_total", result="retried") == 0
+    finally:
+        thread.stop()
