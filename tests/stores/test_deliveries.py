@@ -125,3 +125,27 @@ async def test_one_holder_at_a_time_and_a_lapsed_lease_passes_on(
     settled = [Settlement(d.event.id, "delivered") for d in taken]
     await other.settle_deliveries("b", settled, now=NOW + 2 * LEASE)
     assert await one.pending_deliveries() == 2
+
+
+@pytest.mark.real
+async def test_the_vault_policy_lets_the_broker_deliver(request: pytest.FixtureRequest) -> None:
+    from support.openbao_server import vault_settings
+
+    from broker.stores.factory import open_vault_store
+
+    store = open_vault_store(vault_settings(request.getfixturevalue("openbao"), "approle"))
+    try:
+        record = active("policy-delivery")
+        written = event(record)
+        await store.put(record, events=[written])
+        later = datetime.now(UTC) + timedelta(days=1)  # past any lease another test left
+        claimed: list[Delivery] = []
+        while written.id not in ids(claimed):
+            batch = await store.claim_deliveries("policy", now=later, lease=LEASE, limit=50)
+            assert batch, "the event never came up"
+            settled = [Settlement(d.event.id, "delivered") for d in batch]
+            await store.settle_deliveries("policy", settled, now=later)
+            claimed += batch
+        assert await store.pending_deliveries() >= 0
+    finally:
+        await store.close()
