@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import os
 import re
 from pathlib import Path
@@ -224,7 +225,7 @@ class Settings(BaseSettings):
                     "must be durations separated by commas, e.g. 5s,5m,30m,2h,5h,10h,10h"
                 ) from None
         if isinstance(value, list | tuple):
-            if not value or any(float(part) <= 0 for part in value):
+            if not value or not all(0 < float(part) < math.inf for part in value):
                 raise ValueError("must list at least one duration, each above zero")
             if len(value) > 20:
                 raise ValueError("must list at most 20 retries")

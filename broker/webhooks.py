@@ -52,6 +52,7 @@ from broker.stores import SecretStore
 
 BATCH = 20  # events sent at once (each to another tenant)
 POLL_SECONDS = 1.0  # how often an idle deliverer looks for due events
+PENDING_SECONDS = 5.0  # how often an idle deliverer recounts the pending events
 JITTER = 0.1  # a retry interval is stretched or shrunk by up to this fraction
 LEASE_MARGIN = 1.0  # seconds a lease outlasts two attempts' timeouts
 USER_AGENT = "pleo-key-broker-webhooks"
@@ -136,6 +137,7 @@ class Webhooks:
         )
         self._runner: asyncio.Task[None] | None = None
         self._soonest_retry = math.inf  # monotonic time of this process's next retry
+        self._counted_at = -math.inf  # monotonic time the pending events were last counted
 
     def start(self) -> None:
         """Start delivering in the background."""
@@ -188,7 +190,9 @@ class Webhooks:
                         tenant=item.event.tenant,
                         attempts=item.attempts + 1,
                     )
-        self.metrics.webhook_pending.set(await self.store.pending_deliveries())
+        if batch or time.monotonic() - self._counted_at >= PENDING_SECONDS:
+            self.metrics.webhook_pending.set(await self.store.pending_deliveries())
+            self._counted_at = time.monotonic()
         return bool(batch)
 
     async def _attempt(self, delivery: Delivery) -> Settlement:

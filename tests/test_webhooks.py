@@ -79,6 +79,8 @@ def admin_client(broker: RunningBroker) -> httpx.Client:
         ({"BROKER_WEBHOOK_SECRET": "whsec_c2hvcnQ="}, "must decode to 24 to 64 bytes"),
         ({"BROKER_WEBHOOK_RETRY_SCHEDULE": "5s,soon"}, "durations separated by commas"),
         ({"BROKER_WEBHOOK_RETRY_SCHEDULE": "5s,0s"}, "each above zero"),
+        ({"BROKER_WEBHOOK_RETRY_SCHEDULE": "5s,inf"}, "each above zero"),
+        ({"BROKER_WEBHOOK_RETRY_SCHEDULE": "nan"}, "each above zero"),
         ({"BROKER_WEBHOOK_TIMEOUT": "0"}, "BROKER_WEBHOOK_TIMEOUT"),
     ],
 )
