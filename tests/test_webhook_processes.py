@@ -123,7 +123,7 @@ def webhook_env(receiver: Receiver, sandbox: RunningSandbox) -> dict[str, str]:
         "BROKER_PLEO_BASE_URL": sandbox.url,
         "BROKER_WEBHOOK_URL": receiver.url,
         "BROKER_WEBHOOK_SECRET": receiver.secret,
-        "BROKER_WEBHOOK_TIMEOUT": "1",  # a lease of 3 s
+        "BROKER_WEBHOOK_TIMEOUT": "2",  # a lease of 5 s
         "BROKER_WEBHOOK_RETRY_SCHEDULE": "0.2s,0.2s,0.2s,0.2s,0.2s,0.2s,0.2s,0.2s,0.2s,0.2s",
     }
 

@@ -6,6 +6,7 @@ across two replicas on one OpenBao: tests/test_webhook_processes.py."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -14,12 +15,14 @@ import secrets
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+from support.inprocess import MemoryStore
 from support.openbao_server import OpenBao
 from support.servers import (
     REQUIRED_SCOPES,
@@ -39,9 +42,14 @@ from support.webhook_receiver import (
     wait_until,
 )
 
+from broker import errors
+from broker.connect_sessions import ConnectSessions
 from broker.events import LOGGER_NAME, JsonFormatter
+from broker.metrics import Metrics
+from broker.outbox import new_event
+from broker.records import ApiKey, TenantRecord, TenantState
 from broker.settings import ConfigError, load_settings
-from broker.webhooks import retry_delay, sign, signed_headers
+from broker.webhooks import Reconnect, Webhooks, retry_delay, sign, signed_headers
 
 PUBLIC = "https://connect.example.com"
 QUICK = "0.2s,0.2s,0.2s,0.2s,0.2s,0.2s"  # retries a test waits for
@@ -51,7 +59,7 @@ def webhook_overrides(receiver: Receiver, **more: Any) -> dict[str, Any]:
     values: dict[str, Any] = {
         "webhook_url": receiver.url,
         "webhook_secret": receiver.secret,
-        "webhook_timeout": 2.0,
+        "webhook_timeout": 5.0,
         "webhook_retry_schedule": QUICK,
     }
     values.update(more)
@@ -436,3 +444,90 @@ def test_the_readme_receiver_verifies_and_takes_the_brokers_webhooks(
         assert metric(broker, "broker_webhook_deliveries_total", result="retried") == 0
     finally:
         thread.stop()
+
+
+# -- the deliverer's own failures (in process) -------------------------------------------------
+
+
+def deliverer(
+    store: MemoryStore, handler: Callable[[httpx.Request], httpx.Response], **more: Any
+) -> Webhooks:
+    settings = broker_settings(
+        "https://pleo.invalid",
+        Path("unused"),
+        webhook_url="https://hooks.example.test/in",
+        webhook_secret=new_secret(),
+        **more,
+    )
+    return Webhooks(settings, store, Metrics(), transport=httpx.MockTransport(handler))
+
+
+def tenant(state: TenantState) -> TenantRecord:
+    return TenantRecord(
+        tenant="acme",
+        state=state,
+        api_key=ApiKey("pls_" + secrets.token_hex(16)),
+        updated_at=datetime.now(UTC),
+    )
+
+
+async def test_a_store_that_fails_delays_delivery_and_loses_nothing(
+    memory_store: MemoryStore, captured_logs: io.StringIO
+) -> None:
+    record = tenant(TenantState.ACTIVE)
+    written = new_event("tenant.activated", "admin", record.view())
+    await memory_store.put(record, events=[written])
+    sent: list[str] = []
+
+    def take(request: httpx.Request) -> httpx.Response:
+        sent.append(json.loads(request.content)["id"])
+        return httpx.Response(204)
+
+    hooks = deliverer(memory_store, take)
+    memory_store.down = True
+    hooks.start()
+    try:
+        await wait_async(lambda: "webhook.store_failed" in captured_logs.getvalue())
+        assert sent == []
+        memory_store.down = False  # the loop goes on by itself
+        await wait_async(lambda: sent == [written.id])
+    finally:
+        await hooks.stop()
+    assert await memory_store.pending_deliveries() == 0
+
+
+async def test_a_broken_webhook_goes_out_without_a_link_the_store_cannot_make(
+    memory_store: MemoryStore,
+) -> None:
+    record = tenant(TenantState.BROKEN)
+    written = new_event("tenant.broken", "proxy", record.view())
+    await memory_store.put(record, events=[written])
+    bodies: list[dict[str, Any]] = []
+
+    def take(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        return httpx.Response(200)
+
+    settings = broker_settings("https://pleo.invalid", Path("unused"), connect_public_url=PUBLIC)
+    sessions = ConnectSessions(memory_store, settings)
+    hooks = deliverer(memory_store, take)
+    hooks.reconnect = Reconnect(memory_store, sessions)
+
+    async def refuse(session: Any) -> Any:
+        raise errors.StoreUnavailable("the store is down")
+
+    memory_store.put_session = refuse  # type: ignore[method-assign]
+    try:
+        assert await hooks.deliver_once() is True
+        assert bodies[0]["id"] == written.id
+        assert "reconnect_url" not in bodies[0]["data"]
+        assert await memory_store.pending_deliveries() == 0  # delivered all the same
+    finally:
+        await hooks.stop()
+
+
+async def wait_async(check: Callable[[], bool], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
