@@ -29,8 +29,10 @@ class Delivery:
 
 @dataclass(frozen=True, slots=True)
 class Settlement:
-    """How an attempt ended: `retry_at` is set for `retried` only."""
+    """How an attempt ended: `retry_at` is set for `retried` only; `reason` says why an
+    attempt failed (for the log; stores do not keep it)."""
 
     event_id: str
     result: Result
     retry_at: datetime | None = None
+    reason: str = ""

@@ -189,6 +189,7 @@ class Webhooks:
                         type=item.event.type,
                         tenant=item.event.tenant,
                         attempts=item.attempts + 1,
+                        reason=outcome.reason,
                     )
         if batch or time.monotonic() - self._counted_at >= PENDING_SECONDS:
             self.metrics.webhook_pending.set(await self.store.pending_deliveries())
@@ -204,7 +205,7 @@ class Webhooks:
         failed = delivery.attempts + 1
         delay = retry_delay(self.schedule, failed)
         if delay is None:
-            return Settlement(event.id, "given_up")
+            return Settlement(event.id, "given_up", reason=failure)
         self._soonest_retry = min(self._soonest_retry, time.monotonic() + delay)
         emit(
             "webhook.retry_scheduled",
@@ -216,7 +217,7 @@ class Webhooks:
             reason=failure,
             retry_in=round(delay, 3),
         )
-        return Settlement(event.id, "retried", _now() + timedelta(seconds=delay))
+        return Settlement(event.id, "retried", _now() + timedelta(seconds=delay), failure)
 
     async def _send(self, event: Event) -> str | None:
         """POST the event once; None if the receiver took it, else why not."""

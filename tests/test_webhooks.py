@@ -252,6 +252,7 @@ def test_after_the_last_retry_the_event_is_given_up_and_the_next_goes_on(
     assert failed[0]["event_id"] == activated["id"]
     assert failed[0]["tenant"] == "acme"
     assert failed[0]["attempts"] == 3
+    assert failed[0]["reason"] == "status 503"
     logs = captured_logs.getvalue()
     assert receiver.secret not in logs and receiver.secret.removeprefix("whsec_") not in logs
     assert key.api_key not in logs
