@@ -74,7 +74,10 @@ class Metrics:
             registry=r,
         )
         self.webhook_pending = Gauge(
-            "broker_webhook_pending", "Events waiting for webhook delivery.", registry=r
+            "broker_webhook_pending",
+            "Events neither delivered nor given up (the store's count, the same on every"
+            " replica that delivers or waits to).",
+            registry=r,
         )
 
     def count_tenants(self, records: Iterable[TenantRecord]) -> None:

@@ -24,6 +24,7 @@ from broker.stores.factory import open_store
 from broker.stores.instrumented import InstrumentedStore
 from broker.tenants import TenantService
 from broker.upstream import Upstream
+from broker.webhooks import webhooks
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,8 @@ async def open_broker(
         health.start()
         # A store that keeps no connect sessions (a test's fake) gets this process's memory.
         session_store = raw_store if isinstance(raw_store, SessionStore) else SessionTable()
+        sessions = ConnectSessions(session_store, settings)
+        await parts.enter_async_context(webhooks(settings, tenants.store, metrics, sessions))
         yield Broker(
             settings=settings,
             metrics=metrics,
@@ -96,5 +99,5 @@ async def open_broker(
             tenants=tenants,
             pleo=pleo,
             upstream=upstream,
-            sessions=ConnectSessions(session_store, settings),
+            sessions=sessions,
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import os
 import re
 from pathlib import Path
@@ -24,6 +25,8 @@ DEFAULT_SECRETS_DIR = Path("/run/secrets")
 # A host name, an IPv4 address, a bracketed IPv6 address, '*', or '*.' and a name.
 _HOST_PATTERN = re.compile(r"\*|(\*\.)?[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?|\[[0-9a-f:.]+\]")
 MIN_ADMIN_TOKEN_LENGTH = 32
+WEBHOOK_SECRET_PREFIX = "whsec_"
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 class Settings(BaseSettings):
@@ -95,6 +98,19 @@ class Settings(BaseSettings):
     event_retention_days: int = Field(30, ge=1, le=3650)
     health_check_interval: float = Field(3600.0, ge=0)  # 0: no periodic health checks
     health_check_rate: float = Field(2.0, gt=0)  # checks a second towards Pleo, all replicas
+    webhook_url: str | None = None  # None: no webhooks are sent
+    webhook_secret: SecretStr | None = None  # whsec_ + base64: signs every webhook
+    webhook_timeout: float = Field(10.0, gt=0)  # seconds for one delivery attempt
+    # Seconds between a failed attempt and the next (one entry a retry; jitter of ±10 % added).
+    webhook_retry_schedule: Annotated[tuple[float, ...], NoDecode] = (
+        5.0,
+        300.0,
+        1800.0,
+        7200.0,
+        18000.0,
+        36000.0,
+        36000.0,
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
 
@@ -164,6 +180,56 @@ class Settings(BaseSettings):
         if not value.strip() or any(c in value for c in ';,\r\n"'):
             raise ValueError("must be a CSP source list such as 'none' or https://app.example.com")
         return value.strip()
+
+    @field_validator("webhook_url", mode="before")
+    @classmethod
+    def _webhook_url(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip() or None
+        if isinstance(value, str):
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(
+                    "must be an http:// or https:// URL, e.g. https://app.example.com/webhooks"
+                )
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        # Never quote the value: it signs every webhook.
+        if value is None or not value.get_secret_value().strip():
+            return None
+        text = value.get_secret_value().strip()
+        if not text.startswith(WEBHOOK_SECRET_PREFIX):
+            raise ValueError(
+                "must start with whsec_ followed by base64 (e.g. whsec_ and the output of"
+                " `openssl rand -base64 32`)"
+            )
+        try:
+            raw = base64.b64decode(text.removeprefix(WEBHOOK_SECRET_PREFIX), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("must be whsec_ followed by valid base64") from None
+        if not 24 <= len(raw) <= 64:
+            raise ValueError("must decode to 24 to 64 bytes after whsec_ (32 is usual)")
+        return SecretStr(text)
+
+    @field_validator("webhook_retry_schedule", mode="before")
+    @classmethod
+    def _retry_schedule(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                value = tuple(_seconds(part) for part in value.split(",") if part.strip())
+            except ValueError:
+                raise ValueError(
+                    "must be durations separated by commas, e.g. 5s,5m,30m,2h,5h,10h,10h"
+                ) from None
+        if isinstance(value, list | tuple):
+            if not value or not all(0 < float(part) < math.inf for part in value):
+                raise ValueError("must list at least one duration, each above zero")
+            if len(value) > 20:
+                raise ValueError("must list at most 20 retries")
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -252,6 +318,19 @@ class Settings(BaseSettings):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _webhook_complete(self) -> Settings:
+        if self.webhook_url is not None and self.webhook_secret is None:
+            raise ValueError("BROKER_WEBHOOK_SECRET is required when BROKER_WEBHOOK_URL is set")
+        return self
+
+    def webhook_key(self) -> bytes | None:
+        """The decoded webhook signing secret, if one was configured."""
+        if self.webhook_secret is None:
+            return None
+        text = self.webhook_secret.get_secret_value().removeprefix(WEBHOOK_SECRET_PREFIX)
+        return base64.b64decode(text)
+
     def master_key_bytes(self) -> bytes | None:
         """The decoded master key, if one was configured."""
         if self.master_key is None:
@@ -272,6 +351,15 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(_secrets_dir=secrets_dir, **overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc)) from None
+
+
+def _seconds(text: str) -> float:
+    """A duration such as `5s`, `30m`, `2h`, `250ms` or `7.5` (seconds), in seconds."""
+    text = text.strip().lower()
+    for unit in ("ms", "s", "m", "h"):
+        if text.endswith(unit):
+            return float(text.removesuffix(unit)) * _UNITS[unit]
+    return float(text)
 
 
 def describe_validation_error(exc: ValidationError) -> str:

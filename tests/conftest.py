@@ -20,7 +20,12 @@ from support.servers import (
 
 # Fixtures of the helper modules in tests/support/: a real OpenBao, the in-process layer, and a
 # real Chromium.
-pytest_plugins = ["support.openbao_server", "support.inprocess", "support.browser"]
+pytest_plugins = [
+    "support.openbao_server",
+    "support.inprocess",
+    "support.browser",
+    "support.webhook_receiver",
+]
 
 
 @pytest.fixture(scope="session", autouse=True)

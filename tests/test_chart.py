@@ -38,6 +38,7 @@ SECRET_VALUES = {
     "vaultToken": "hvs.vault-token-Ut5eQ9",
     "vaultSecretId": "secret-id-Lm2nB7cX4",
     "upstreamProxy": "http://egress:Pr0xy-pw-9x@proxy.corp.test:3128",
+    "webhookSecret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSwQ2xAbc12",
 }
 
 VAULT_KUBERNETES: dict[str, Any] = {
@@ -324,6 +325,11 @@ CHART_SETTINGS: dict[str, Any] = {
     },
     "proxy": {"port": 18080, "allowedHosts": ["broker.example.test"], "maxConnections": 500},
     "admin": {"port": 18081, "maxConnections": 32},
+    "webhooks": {
+        "url": "https://app.example.test/hooks",
+        "timeout": 4.5,
+        "retrySchedule": "1s,1m,1h",
+    },
     "connect": {
         "port": 18082,
         "publicUrl": "https://connect.example.test",
@@ -350,6 +356,9 @@ CHART_SETTINGS: dict[str, Any] = {
 }
 
 EXPECTED_SETTINGS = {
+    "webhook_url": "https://app.example.test/hooks",
+    "webhook_timeout": 4.5,
+    "webhook_retry_schedule": (1.0, 60.0, 3600.0),
     "connect_port": 18082,
     "connect_public_url": "https://connect.example.test",
     "connect_return_origins": ("https://app.example.test",),
@@ -461,6 +470,8 @@ def test_every_value_reaches_the_broker_settings(
         assert settings.vault_secret_id.get_secret_value() == SECRET_VALUES["vaultSecretId"]
     assert settings.upstream_proxy is not None
     assert settings.upstream_proxy.get_secret_value() == SECRET_VALUES["upstreamProxy"]
+    assert settings.webhook_secret is not None
+    assert settings.webhook_secret.get_secret_value() == SECRET_VALUES["webhookSecret"]
 
 
 def test_the_chart_covers_every_broker_setting() -> None:

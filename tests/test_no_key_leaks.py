@@ -7,12 +7,13 @@ import io
 import logging
 import secrets
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from support.servers import RunningBroker, RunningSandbox
+from support.webhook_receiver import Receiver, wait_until
 
 from broker.events import LOGGER_NAME, JsonFormatter
 
@@ -45,10 +46,20 @@ def captured_logs() -> Iterator[io.StringIO]:
 
 
 def test_whole_lifecycle_leaks_no_key(
-    broker: RunningBroker,
+    make_broker: Callable[..., RunningBroker],
     sandbox: RunningSandbox,
+    receiver: Receiver,
     captured_logs: io.StringIO,
 ) -> None:
+    # Webhooks on (the first attempts fail, so retries are logged too), with reconnect links.
+    receiver.fail_first(2)
+    broker = make_broker(
+        webhook_url=receiver.url,
+        webhook_secret=receiver.secret,
+        webhook_retry_schedule="0.1s,0.1s,0.1s,0.1s",
+        connect_public_url="https://connect.example.com",
+        connect_port=0,
+    )
     keys: list[str] = []
     seen: list[str] = []
     admin = httpx.Client(base_url=broker.admin_url, headers=broker.auth, trust_env=False)
@@ -79,6 +90,15 @@ def test_whole_lifecycle_leaks_no_key(
     record(admin.put("/v1/tenants/acme/key", json={"api_key": rotated.api_key}))
     sandbox.state.revoke(rotated.key_id)
     record(proxy.get("/v3/export-jobs"))  # 401 upstream → broken
+    wait_until(
+        lambda: [
+            e
+            for e in receiver.delivered()
+            if e["type"] == "tenant.broken" and "reconnect_url" in e["data"]
+        ],
+        within=10,
+        what="the tenant.broken webhook with its reconnect link",
+    )
     record(admin.post("/v1/tenants/acme/check"))
     sandbox.state.add_fault("/v1/introspect", "status", status=503)
     record(admin.post("/v1/tenants/acme/check"))
@@ -93,6 +113,15 @@ def test_whole_lifecycle_leaks_no_key(
     assert {"tenant.activated", "tenant.key_rotated", "tenant.broken", "tenant.disconnected"} <= {
         event["type"] for event in feed
     }
+    wait_until(
+        lambda: {e["id"] for e in receiver.delivered()} >= {e["id"] for e in feed},
+        within=20,
+        what="every event delivered as a webhook",
+    )
+    for item in receiver.requests():
+        seen.append(item.body.decode())
+        seen.append(repr(item.headers))
+    record(admin.get("/metrics"))
     seen.append(events_as_stored(broker.settings.store_path / "tenants.db"))
     admin.close()
     proxy.close()
@@ -104,6 +133,8 @@ def test_whole_lifecycle_leaks_no_key(
     assert "tenant.broken" in logs
     assert "tenant.disconnected" in logs
     everything = logs + "\n".join(seen)
+    secret = receiver.secret
+    assert secret not in everything and secret.removeprefix("whsec_") not in everything
     for key in keys:
         assert key not in everything
         assert key[:-4] not in everything  # not even most of it

@@ -15,7 +15,7 @@ import sqlite3
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import pytest
 from support.inprocess import MemoryBackend, MemoryStore
 
 from broker import errors
+from broker.delivery import Delivery, Settlement
 from broker.errors import StoreUnavailable, TenantUnknown
 from broker.metrics import Metrics
 from broker.outbox import Event
@@ -87,6 +88,19 @@ class CountingStore:
 
     async def prune_events(self, before: datetime) -> int:
         return await self.inner.prune_events(before)
+
+    async def claim_deliveries(
+        self, holder: str, *, now: datetime, lease: timedelta, limit: int
+    ) -> builtins.list[Delivery]:
+        return await self.inner.claim_deliveries(holder, now=now, lease=lease, limit=limit)
+
+    async def settle_deliveries(
+        self, holder: str, settled: Sequence[Settlement], *, now: datetime
+    ) -> None:
+        await self.inner.settle_deliveries(holder, settled, now=now)
+
+    async def pending_deliveries(self) -> int:
+        return await self.inner.pending_deliveries()
 
     def _refuse_if_full(self) -> None:
         if self.full:

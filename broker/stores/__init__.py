@@ -25,6 +25,12 @@ Every store also keeps the event log (`broker.outbox`): `put` and `delete` take 
 of the change and store them atomically with it (a failed write leaves none);
 `events_after(cursor, limit, tenant)` reads them in order, each once, with an opaque cursor
 (`ValueError` for one that is not the store's); `prune_events(before)` drops old ones.
+
+Every store also keeps the webhook delivery state of those events (`broker.delivery`), so it
+survives restarts and is shared by replicas: `claim_deliveries` leases to one holder each
+tenant's oldest event not delivered or given up yet, once due; `settle_deliveries` records how
+the holder's attempts ended (ignored once its lease has run out); `pending_deliveries` counts
+the events not delivered or given up.
 """
 
 from __future__ import annotations
@@ -32,9 +38,10 @@ from __future__ import annotations
 import builtins
 import logging
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol
 
+from broker.delivery import Delivery, Settlement
 from broker.errors import StoreIntegrityError
 from broker.events import emit
 from broker.outbox import Event
@@ -86,6 +93,23 @@ class SecretStore(Protocol):
 
     async def prune_events(self, before: datetime) -> int:
         """Forget the events older than `before`; how many."""
+        ...
+
+    async def claim_deliveries(
+        self, holder: str, *, now: datetime, lease: timedelta, limit: int
+    ) -> builtins.list[Delivery]:
+        """Up to `limit` events due for delivery (one a tenant, its oldest), leased to `holder`
+        until `now + lease`; none while another holder's lease runs."""
+        ...
+
+    async def settle_deliveries(
+        self, holder: str, settled: Sequence[Settlement], *, now: datetime
+    ) -> None:
+        """Record how `holder`'s attempts ended (nothing if its lease ran out)."""
+        ...
+
+    async def pending_deliveries(self) -> int:
+        """How many events are neither delivered nor given up."""
         ...
 
     async def changes_since(self, cursor: str | None) -> tuple[str, builtins.list[str] | None]:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import Awaitable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TypeVar
 
+from broker.delivery import Delivery, Settlement
 from broker.errors import StoreConflict
 from broker.metrics import Metrics
 from broker.outbox import Event
@@ -59,6 +60,21 @@ class InstrumentedStore:
 
     async def prune_events(self, before: datetime) -> int:
         return await self._count("prune_events", self.inner.prune_events(before))
+
+    async def claim_deliveries(
+        self, holder: str, *, now: datetime, lease: timedelta, limit: int
+    ) -> builtins.list[Delivery]:
+        claim = self.inner.claim_deliveries(holder, now=now, lease=lease, limit=limit)
+        return await self._count("claim_deliveries", claim)
+
+    async def settle_deliveries(
+        self, holder: str, settled: Sequence[Settlement], *, now: datetime
+    ) -> None:
+        settle = self.inner.settle_deliveries(holder, settled, now=now)
+        await self._count("settle_deliveries", settle)
+
+    async def pending_deliveries(self) -> int:
+        return await self._count("pending_deliveries", self.inner.pending_deliveries())
 
     async def changes_since(self, cursor: str | None) -> tuple[str, builtins.list[str] | None]:
         return await self._count("changes", self.inner.changes_since(cursor))

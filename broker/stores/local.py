@@ -26,11 +26,12 @@ import builtins
 import secrets
 import sqlite3
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
 from broker.connect_sessions import ConnectSession
+from broker.delivery import Delivery, Settlement
 from broker.errors import StoreConflict, StoreIntegrityError, StoreUnavailable
 from broker.outbox import Event
 from broker.records import ApiKey, TenantRecord, valid_tenant_id
@@ -130,6 +131,34 @@ class LocalStore:
         """Forget the events older than `before`; how many."""
         self._refuse_if_read_only()
         return await self._run(lambda conn: sqlite_events.prune(conn, before))
+
+    async def claim_deliveries(
+        self, holder: str, *, now: datetime, lease: timedelta, limit: int
+    ) -> builtins.list[Delivery]:
+        """Lease each tenant's oldest due event to `holder` (one transaction)."""
+        self._refuse_if_read_only()
+
+        def claim(conn: sqlite3.Connection) -> builtins.list[Delivery]:
+            with sqlite.transaction(conn):
+                return sqlite_events.claim(conn, holder, now, now + lease, limit)
+
+        return await self._run(claim)
+
+    async def settle_deliveries(
+        self, holder: str, settled: Sequence[Settlement], *, now: datetime
+    ) -> None:
+        """Record how `holder`'s attempts ended (one transaction)."""
+        self._refuse_if_read_only()
+
+        def settle(conn: sqlite3.Connection) -> None:
+            with sqlite.transaction(conn):
+                sqlite_events.settle(conn, holder, settled, now)
+
+        await self._run(settle)
+
+    async def pending_deliveries(self) -> int:
+        """How many events are neither delivered nor given up."""
+        return await self._run(sqlite_events.pending)
 
     async def changes_since(self, cursor: str | None) -> tuple[str, builtins.list[str] | None]:
         """A new cursor and the tenants changed since `cursor`, or None: reload everything."""

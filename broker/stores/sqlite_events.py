@@ -5,6 +5,12 @@ store's put and delete), so a failed write leaves none. `seq` orders the feed; t
 columns (`attempts`, `claimed_by`, `claimed_until`, `delivered_at`) are for a webhook
 deliverer to lease an event (one replica at a time) and mark it delivered. Every function is
 blocking and runs on the store's worker thread.
+
+Delivery (`claim`, `settle`, `pending`): an event is pending while `delivered_at` is NULL;
+`outcome` says how it ended (`delivered` or `given_up`). `claimed_until` is both the lease of
+`claimed_by` and, once an attempt failed, the time of the retry (with `claimed_by` NULL): an
+event is due when it is its tenant's oldest pending one and `claimed_until` has passed. A
+claim is one write transaction, so two processes on one file never claim the same event.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import sqlite3
 from collections.abc import Sequence
 from datetime import datetime
 
+from broker.delivery import Delivery, Settlement
 from broker.outbox import Event, stamp
 
 SCHEMA = """
@@ -29,12 +36,25 @@ CREATE TABLE IF NOT EXISTS events (
 )
 """
 _INDEX = "CREATE INDEX IF NOT EXISTS events_by_tenant ON events (tenant, seq)"
+_PENDING_INDEX = (
+    "CREATE INDEX IF NOT EXISTS events_pending ON events (tenant, seq) WHERE delivered_at IS NULL"
+)
+_DUE = """
+SELECT seq, body, attempts FROM events AS e
+WHERE delivered_at IS NULL
+  AND seq = (SELECT min(seq) FROM events WHERE tenant = e.tenant AND delivered_at IS NULL)
+  AND (claimed_until IS NULL OR claimed_until <= ?)
+ORDER BY seq LIMIT ?
+"""
 
 
 def create(conn: sqlite3.Connection) -> None:
     """Add the table to a store made before it (runs in the open's transaction)."""
     conn.execute(SCHEMA)
     conn.execute(_INDEX)
+    if "outcome" not in {row[1] for row in conn.execute("PRAGMA table_info(events)")}:
+        conn.execute("ALTER TABLE events ADD COLUMN outcome TEXT")
+    conn.execute(_PENDING_INDEX)
 
 
 def insert(conn: sqlite3.Connection, events: Sequence[Event]) -> None:
@@ -73,6 +93,50 @@ def prune(conn: sqlite3.Connection, before: datetime) -> int:
     """Delete the events older than `before`; how many."""
     deleted = conn.execute("DELETE FROM events WHERE created_at < ?", (stamp(before),)).rowcount
     return int(deleted)
+
+
+def claim(
+    conn: sqlite3.Connection, holder: str, now: datetime, until: datetime, limit: int
+) -> list[Delivery]:
+    """Lease the due events to `holder` until `until`; runs in a write transaction."""
+    rows = conn.execute(_DUE, (stamp(now), limit)).fetchall()
+    conn.executemany(
+        "UPDATE events SET claimed_by = ?, claimed_until = ? WHERE seq = ?",
+        [(holder, stamp(until), seq) for seq, _, _ in rows],
+    )
+    return [Delivery(Event.loads(str(body)), int(attempts)) for _, body, attempts in rows]
+
+
+def settle(
+    conn: sqlite3.Connection, holder: str, settled: Sequence[Settlement], now: datetime
+) -> None:
+    """Record `holder`'s outcomes (only for events it still holds); in a write transaction."""
+    for item in settled:
+        if item.result == "retried":
+            assert item.retry_at is not None
+            conn.execute(
+                "UPDATE events SET attempts = attempts + 1, claimed_by = NULL,"
+                " claimed_until = ? WHERE id = ? AND claimed_by = ? AND delivered_at IS NULL",
+                (stamp(item.retry_at), item.event_id, holder),
+            )
+        else:
+            conn.execute(
+                "UPDATE events SET attempts = attempts + 1, claimed_by = NULL,"
+                " claimed_until = NULL, delivered_at = ?, outcome = ?"
+                " WHERE id = ? AND claimed_by = ? AND delivered_at IS NULL",
+                (stamp(now), item.result, item.event_id, holder),
+            )
+
+
+def pending(conn: sqlite3.Connection) -> int:
+    """How many events are neither delivered nor given up."""
+    try:
+        row = conn.execute("SELECT count(*) FROM events WHERE delivered_at IS NULL").fetchone()
+    except sqlite3.OperationalError as exc:
+        if "no such table" not in str(exc):
+            raise
+        return 0
+    return int(row[0])
 
 
 SQLITE_MAX_INTEGER = 2**63 - 1

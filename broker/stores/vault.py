@@ -40,6 +40,7 @@ import hvac.exceptions
 import requests
 
 from broker.connect_sessions import ConnectSession
+from broker.delivery import Delivery, Settlement
 from broker.errors import StoreConflict, StoreIntegrityError, StoreUnavailable
 from broker.events import emit
 from broker.outbox import Event, stamp
@@ -47,6 +48,7 @@ from broker.records import TenantRecord, valid_tenant_id
 from broker.stores import report_unreadable
 from broker.stores.runner import BlockingRunner
 from broker.stores.vault_auth import TokenKeeper, VaultLogin
+from broker.stores.vault_delivery import VaultDelivery
 from broker.stores.vault_events import CLOCK_SKEW, EventLog, outbox, pending
 from broker.stores.vault_history import VersionHistory
 from broker.stores.vault_journal import (
@@ -131,6 +133,9 @@ class VaultStore:
         self._history = VersionHistory(self._secrets, self._call, backend=self.backend)
         self._events = EventLog(self._kv, self._call, mount=self._mount, base=f"{prefix}/events")
         self._retention = options.event_retention
+        self._delivery = VaultDelivery(
+            self._kv, self._call, self._events, mount=self._mount, path=f"{prefix}/delivery"
+        )
         self._where = f"{client.url} {self._mount}/{self._base}"
 
     def __repr__(self) -> str:
@@ -216,6 +221,22 @@ class VaultStore:
     async def prune_events(self, before: datetime) -> int:
         """Forget the events older than `before` (whole chunks of the log); how many."""
         return await self._events.prune(before)
+
+    async def claim_deliveries(
+        self, holder: str, *, now: datetime, lease: timedelta, limit: int
+    ) -> builtins.list[Delivery]:
+        """Take the delivery lease (check-and-set) and return the events due."""
+        return await self._delivery.claim(holder, now, lease, limit)
+
+    async def settle_deliveries(
+        self, holder: str, settled: Sequence[Settlement], *, now: datetime
+    ) -> None:
+        """Record how `holder`'s attempts ended, while it holds the lease."""
+        await self._delivery.settle(holder, settled, now)
+
+    async def pending_deliveries(self) -> int:
+        """The events neither delivered nor given up."""
+        return await self._delivery.pending()
 
     async def _log(self, events: Sequence[Event]) -> None:
         """Copy a written change's events to the log; if that fails they wait in its outbox."""

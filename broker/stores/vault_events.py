@@ -16,11 +16,8 @@ cursor is `<chunk>.<entries read>`. Before appending, the chunks written since s
 the event was made are searched for its id, so an event copied twice is logged once.
 Retention drops whole chunks, never the newest.
 
-For a webhook deliverer (not built yet): the log is ordered, so delivery state is one cursor
-with a lease, e.g. a secret `<prefix>/delivery` holding `{"cursor", "holder", "lease_until"}`
-taken and renewed with check-and-set; a replica that dies leaves a lease that runs out, and
-the next holder goes on from the cursor (at least once). The local store's `events` table has
-per-event `claimed_by` / `claimed_until` / `delivered_at` / `attempts` columns instead.
+The webhook deliverer reads the log in order from a cursor it keeps, with its lease and its
+retry queue, in one secret of its own (`broker.stores.vault_delivery`).
 """
 
 from __future__ import annotations

@@ -62,6 +62,17 @@ path "secret/metadata/pleo-broker/events/*" {
   capabilities = ["delete"]
 }
 
+# Webhook delivery state (docs/contract.md, "Webhooks"): the cursor into the event log, the
+# events not yet delivered (tenant views, never a key) and the lease of the replica delivering.
+# Check-and-set read-modify-writes; few old versions are kept (set when it is created).
+path "secret/data/pleo-broker/delivery" {
+  capabilities = ["create", "read", "update"]
+}
+
+path "secret/metadata/pleo-broker/delivery" {
+  capabilities = ["update"]
+}
+
 # The broker's own token: look it up (token auth learns its TTL) and renew it before it expires.
 # Vault's "default" policy grants these too; they are repeated so the broker also works with
 # token_no_default_policy=true.

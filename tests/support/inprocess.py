@@ -25,7 +25,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -33,6 +33,7 @@ import pytest
 
 from broker.admin import create_admin_app
 from broker.connect_sessions import ConnectSession
+from broker.delivery import Delivery, Settlement
 from broker.errors import StoreConflict, StoreIntegrityError, StoreUnavailable
 from broker.metrics import Metrics
 from broker.outbox import Event, stamp
@@ -51,6 +52,16 @@ FULL_DISK = "database or disk is full"
 
 
 @dataclass
+class DeliveryState:
+    """One event's delivery state, as the local store's delivery columns hold it."""
+
+    attempts: int = 0
+    holder: str | None = None
+    until: datetime | None = None  # the lease, or (no holder) the retry time
+    outcome: str | None = None  # delivered or given_up: no longer pending
+
+
+@dataclass
 class MemoryBackend:
     """What replicas share: the records, the journal (newest `journal_size` entries)."""
 
@@ -63,6 +74,8 @@ class MemoryBackend:
     sessions: dict[str, ConnectSession] = field(default_factory=dict)  # by token hash
     events: list[tuple[int, Event]] = field(default_factory=list)  # the event log, in order
     event_seq: int = 0
+    # Webhook delivery state by event id: attempts, holder, lease or retry time, outcome.
+    delivery: dict[str, DeliveryState] = field(default_factory=dict)
 
     def log(self, events: Sequence[Event]) -> None:
         known = {event.id for _, event in self.events}
@@ -185,6 +198,45 @@ class MemoryStore:
         pruned = len(self.shared.events) - len(kept)
         self.shared.events = kept
         return pruned
+
+    async def claim_deliveries(
+        self, holder: str, *, now: datetime, lease: timedelta, limit: int
+    ) -> builtins.list[Delivery]:
+        self._write("claim_deliveries")
+        claimed: builtins.list[Delivery] = []
+        seen: set[str] = set()
+        for _, event in self.shared.events:
+            state = self.shared.delivery.setdefault(event.id, DeliveryState())
+            if state.outcome is not None or event.tenant in seen:
+                continue
+            seen.add(event.tenant)
+            if len(claimed) < limit and (state.until is None or state.until <= now):
+                state.holder, state.until = holder, now + lease
+                claimed.append(Delivery(event, state.attempts))
+        return claimed
+
+    async def settle_deliveries(
+        self, holder: str, settled: Sequence[Settlement], *, now: datetime
+    ) -> None:
+        self._write("settle_deliveries")
+        for item in settled:
+            state = self.shared.delivery.get(item.event_id)
+            if state is None or state.holder != holder or state.outcome is not None:
+                continue
+            state.attempts += 1
+            state.holder = None
+            state.until = item.retry_at
+            if item.result != "retried":
+                state.outcome = item.result
+
+    async def pending_deliveries(self) -> int:
+        self._call("pending_deliveries")
+        states = self.shared.delivery
+        return sum(
+            1
+            for _, event in self.shared.events
+            if event.id not in states or states[event.id].outcome is None
+        )
 
     async def changes_since(self, cursor: str | None) -> tuple[str, builtins.list[str] | None]:
         self._call("changes")

@@ -173,6 +173,9 @@ BROKER_CONNECT_INTEGRATION_NAME: {{ .Values.connect.integrationName | quote }}
 BROKER_LOG_LEVEL: {{ .Values.broker.logLevel | quote }}
 BROKER_LOG_FORMAT: {{ .Values.broker.logFormat | quote }}
 BROKER_EVENT_RETENTION_DAYS: {{ int64 .Values.broker.eventRetentionDays | quote }}
+BROKER_WEBHOOK_URL: {{ .Values.webhooks.url | quote }}
+BROKER_WEBHOOK_TIMEOUT: {{ .Values.webhooks.timeout | toString | quote }}
+BROKER_WEBHOOK_RETRY_SCHEDULE: {{ .Values.webhooks.retrySchedule | quote }}
 {{- if eq .Values.store.type "vault" }}
 BROKER_VAULT_ADDR: {{ .Values.vault.addr | quote }}
 BROKER_VAULT_AUTH: {{ .Values.vault.auth | quote }}
@@ -253,6 +256,12 @@ BROKER_VAULT_CACERT: {{ printf "%s/%s" (include "pleo-broker.vaultCaMountPath" .
         secretKeyRef:
           name: {{ include "pleo-broker.secretName" . }}
           key: {{ .Values.secrets.keys.upstreamProxy }}
+          optional: true
+    - name: BROKER_WEBHOOK_SECRET
+      valueFrom:
+        secretKeyRef:
+          name: {{ include "pleo-broker.secretName" . }}
+          key: {{ .Values.secrets.keys.webhookSecret }}
           optional: true
     {{- with .Values.broker.extraEnv }}
     {{- toYaml . | nindent 4 }}

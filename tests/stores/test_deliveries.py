@@ -1,0 +1,151 @@
+"""Webhook delivery state every store keeps (`claim_deliveries`, `settle_deliveries`,
+`pending_deliveries`): each tenant's oldest pending event, leased to one holder at a time,
+retried no earlier than asked, given up for good; replicas share it. Time is passed in, so
+leases run out without waiting."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from support.inprocess import MemoryBackend, MemoryStore
+from test_event_log import OpenStore, active, event, vault_store
+
+from broker.delivery import Delivery, Settlement
+from broker.outbox import Event
+from broker.stores import SecretStore
+from broker.stores.local import LocalStore
+
+NOW = datetime.now(UTC)
+LEASE = timedelta(seconds=3)
+
+
+@pytest.fixture(params=["memory", "local", pytest.param("vault", marks=pytest.mark.real)])
+async def replicas(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[OpenStore]:
+    """Opens store objects (replicas) on one backend's data; closes them."""
+    opened: list[SecretStore] = []
+    shared = MemoryBackend()
+
+    async def open_one() -> SecretStore:
+        store: SecretStore
+        if request.param == "memory":
+            store = MemoryStore(shared)
+        elif request.param == "local":
+            store = LocalStore(tmp_path / "store")
+        else:
+            store = vault_store(request, tmp_path / "store")
+        opened.append(store)
+        return store
+
+    yield open_one
+    for store in opened:
+        await store.close()
+
+
+@pytest.fixture
+async def one(replicas: OpenStore) -> SecretStore:
+    return await replicas()
+
+
+async def write_events(store: SecretStore) -> dict[str, list[Event]]:
+    """acme: activated, rotated; beta: activated, disconnected (interleaved)."""
+    acme, beta = active("acme"), active("beta")
+    made = {
+        "acme": [event(acme), event(acme, "tenant.key_rotated")],
+        "beta": [event(beta), event(beta, "tenant.disconnected")],
+    }
+    stored_acme = await store.put(acme, events=made["acme"][:1])
+    await store.put(beta, events=made["beta"][:1])
+    await store.put(stored_acme, events=made["acme"][1:])
+    await store.delete("beta", events=made["beta"][1:])
+    return made
+
+
+def ids(deliveries: list[Delivery]) -> list[str]:
+    return [d.event.id for d in deliveries]
+
+
+async def test_each_tenants_oldest_event_is_claimed_and_the_next_waits(
+    one: SecretStore,
+) -> None:
+    made = await write_events(one)
+    assert await one.pending_deliveries() == 4
+    first = await one.claim_deliveries("a", now=NOW, lease=LEASE, limit=10)
+    assert ids(first) == [made["acme"][0].id, made["beta"][0].id]
+    assert [d.attempts for d in first] == [0, 0]
+    await one.settle_deliveries("a", [Settlement(made["acme"][0].id, "delivered")], now=NOW)
+    assert await one.pending_deliveries() == 3
+    second = await one.claim_deliveries("a", now=NOW, lease=LEASE, limit=10)
+    # beta's first is still out (claimed, not settled): its next waits behind it.
+    assert made["acme"][1].id in ids(second)
+    assert made["beta"][1].id not in ids(second)
+
+
+async def test_a_retry_waits_for_its_time_and_counts_the_attempt(one: SecretStore) -> None:
+    made = await write_events(one)
+    await one.claim_deliveries("a", now=NOW, lease=LEASE, limit=10)
+    later = NOW + timedelta(seconds=60)
+    retry = Settlement(made["acme"][0].id, "retried", later)
+    beta = Settlement(made["beta"][0].id, "delivered")
+    await one.settle_deliveries("a", [retry, beta], now=NOW)
+    soon = await one.claim_deliveries("a", now=NOW + timedelta(seconds=10), lease=LEASE, limit=10)
+    assert ids(soon) == [made["beta"][1].id]  # acme waits for its retry, beta goes on
+    due = await one.claim_deliveries("a", now=later, lease=LEASE, limit=10)
+    acme = [d for d in due if d.event.tenant == "acme"]
+    assert ids(acme) == [made["acme"][0].id]
+    assert acme[0].attempts == 1
+
+
+async def test_a_given_up_event_is_done_and_the_tenants_next_goes_on(one: SecretStore) -> None:
+    made = await write_events(one)
+    await one.claim_deliveries("a", now=NOW, lease=LEASE, limit=10)
+    await one.settle_deliveries("a", [Settlement(made["acme"][0].id, "given_up")], now=NOW)
+    assert await one.pending_deliveries() == 3
+    claimed = await one.claim_deliveries("a", now=NOW, lease=LEASE, limit=10)
+    assert made["acme"][1].id in ids(claimed)
+    assert made["acme"][0].id not in ids(claimed)
+
+
+async def test_one_holder_at_a_time_and_a_lapsed_lease_passes_on(
+    replicas: OpenStore,
+) -> None:
+    one, other = await replicas(), await replicas()
+    made = await write_events(one)
+    assert ids(await one.claim_deliveries("a", now=NOW, lease=LEASE, limit=10))
+    assert await other.claim_deliveries("b", now=NOW + LEASE / 2, lease=LEASE, limit=10) == []
+    # "a" died: once its lease ran out, "b" gets the same events (at least once).
+    taken = await other.claim_deliveries("b", now=NOW + 2 * LEASE, lease=LEASE, limit=10)
+    assert ids(taken) == [made["acme"][0].id, made["beta"][0].id]
+    # "a" coming back cannot settle what it no longer holds.
+    lapsed = [Settlement(made["acme"][0].id, "delivered")]
+    await one.settle_deliveries("a", lapsed, now=NOW + 2 * LEASE)
+    assert await other.pending_deliveries() == 4
+    settled = [Settlement(d.event.id, "delivered") for d in taken]
+    await other.settle_deliveries("b", settled, now=NOW + 2 * LEASE)
+    assert await one.pending_deliveries() == 2
+
+
+@pytest.mark.real
+async def test_the_vault_policy_lets_the_broker_deliver(request: pytest.FixtureRequest) -> None:
+    from support.openbao_server import vault_settings
+
+    from broker.stores.factory import open_vault_store
+
+    store = open_vault_store(vault_settings(request.getfixturevalue("openbao"), "approle"))
+    try:
+        record = active("policy-delivery")
+        written = event(record)
+        await store.put(record, events=[written])
+        later = datetime.now(UTC) + timedelta(days=1)  # past any lease another test left
+        claimed: list[Delivery] = []
+        while written.id not in ids(claimed):
+            batch = await store.claim_deliveries("policy", now=later, lease=LEASE, limit=50)
+            assert batch, "the event never came up"
+            settled = [Settlement(d.event.id, "delivered") for d in batch]
+            await store.settle_deliveries("policy", settled, now=later)
+            claimed += batch
+        assert await store.pending_deliveries() >= 0
+    finally:
+        await store.close()
