@@ -100,7 +100,8 @@ class Running:
 @pytest.fixture(scope="module")
 def image() -> Built:
     podman()
-    env = {**os.environ, "BASE": os.environ.get("BROKER_IMAGE_BASE", "debian")}
+    env = {k: v for k, v in os.environ.items() if k != "IMAGE"}  # the default tag: the chart's
+    env["BASE"] = os.environ.get("BROKER_IMAGE_BASE", "debian")
     started = time.monotonic()
     result = subprocess.run(
         ["bash", str(ROOT / "scripts/build-image.sh")],
@@ -267,21 +268,41 @@ def test_the_healthcheck_succeeds_when_run_by_hand(image: Built, container: Runn
     assert closed.returncode != 0, "the health check passes with nothing listening"
 
 
+def build_leftovers(root: Path) -> list[str]:
+    """Compilers, pip caches and pip itself under the file system `root`."""
+    found = []
+    for directory, subdirs, names in os.walk(root):
+        relative = "/" + str(Path(directory).relative_to(root)).lstrip(".")
+        if re.search(r"/\.cache/pip/|/pip/cache/|^/root/\.cache/", relative + "/"):
+            found.append(relative)
+        if relative.endswith("bin"):
+            found += [f"{relative}/{n}" for n in names if n in COMPILERS or "-gcc" in n]
+        subdirs[:] = [d for d in subdirs if not os.path.islink(os.path.join(directory, d))]
+    site = root / "opt/broker/lib/python3.11/site-packages"
+    return found + ["/" + str(p.relative_to(root)) for p in site.glob("pip*")]
+
+
+def test_the_leftover_check_finds_compilers_and_pip(tmp_path: Path) -> None:
+    site = tmp_path / "opt/broker/lib/python3.11/site-packages"
+    for path in ("usr/bin/x86_64-linux-gnu-gcc-12", "usr/bin/cc", "root/.cache/pip/http/x"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).touch()
+    (site / "pip").mkdir(parents=True)
+    assert sorted(build_leftovers(tmp_path)) == [
+        "/opt/broker/lib/python3.11/site-packages/pip",
+        "/root/.cache",
+        "/root/.cache/pip",
+        "/root/.cache/pip/http",
+        "/usr/bin/cc",
+        "/usr/bin/x86_64-linux-gnu-gcc-12",
+    ]
+
+
 def test_no_compiler_and_no_pip_cache_in_the_image(image: Built) -> None:
     root = Path(run("image", "mount", image.ref).stdout.strip())
     try:
-        found = []
-        for directory, subdirs, names in os.walk(root):
-            relative = "/" + str(Path(directory).relative_to(root)).lstrip(".")
-            if re.search(r"/\.cache/pip|/pip/cache|/root/\.cache", relative + "/"):
-                found.append(relative)
-            if relative.rstrip("/").endswith("bin"):
-                found += [f"{relative}/{n}" for n in names if n in COMPILERS or "-gcc" in n]
-            subdirs[:] = [d for d in subdirs if not os.path.islink(os.path.join(directory, d))]
-        site = root / "opt/broker/lib/python3.11/site-packages"
-        found += [str(p.relative_to(root)) for p in site.glob("pip*")]
-        assert (site / "broker").is_dir()
-        assert found == []
+        assert (root / "opt/broker/lib/python3.11/site-packages/broker").is_dir()
+        assert build_leftovers(root) == []
     finally:
         run("image", "unmount", image.ref, check=False)
 
@@ -304,7 +325,14 @@ def test_the_chart_and_make_image_name_what_was_built(image: Built) -> None:
     chart = ROOT / "charts/pleo-broker"
     values = yaml.safe_load((chart / "values.yaml").read_text())["image"]
     app_version = yaml.safe_load((chart / "Chart.yaml").read_text())["appVersion"]
-    if "IMAGE" not in os.environ:
-        assert image.ref == f"{values['repository']}:{values['tag'] or app_version}"
+    assert image.ref == f"{values['repository']}:{values['tag'] or app_version}"
+    # The container here runs as the chart's pod does.
+    context = yaml.safe_load((chart / "values.yaml").read_text())["securityContext"]
+    user = run("image", "inspect", "--format", "{{.Config.User}}", image.ref).stdout.strip()
+    assert user == f"{context['runAsUser']}:{context['runAsGroup']}" == f"{UID}:{UID}"
+    assert context["readOnlyRootFilesystem"] and "--read-only" in run_flags()
+    assert context["capabilities"]["drop"] == ["ALL"] and "--cap-drop=ALL" in run_flags()
+    assert not context["allowPrivilegeEscalation"]
+    assert "--security-opt=no-new-privileges" in run_flags()
     recipe = re.search(r"^image:.*\n((?:\t.*\n)+)", (ROOT / "Makefile").read_text(), re.M)
     assert recipe is not None and "scripts/build-image.sh" in recipe.group(1)
