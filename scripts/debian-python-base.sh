@@ -11,7 +11,8 @@
 # image with the same recipe exists (FORCE=1 rebuilds). Needs root, podman and mmdebstrap
 # (scripts/system-deps.sh installs them). Prints the image reference on its last line.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+self="$(readlink -f "$0")"
+cd "$(dirname "$self")/.."
 BASE_IMAGE="${BASE_IMAGE:-localhost/debian-python:3.11-bookworm}"
 SUITE=bookworm
 MIRROR="${MIRROR:-http://deb.debian.org/debian}"
@@ -19,7 +20,7 @@ export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-1735689600}" # 2025-01-01T00:00:0
 PACKAGES=python3,python3-venv,python-is-python3,ca-certificates,passwd
 LABEL=org.pleo-broker.base-recipe
 
-recipe="$(cat "$0"; echo "$SUITE $MIRROR $SOURCE_DATE_EPOCH")"
+recipe="$(cat "$self"; echo "$SUITE $MIRROR $SOURCE_DATE_EPOCH")"
 recipe="$(printf '%s' "$recipe" | sha256sum | cut -d' ' -f1)"
 if [ "${FORCE:-0}" != 1 ] && podman image exists "$BASE_IMAGE" \
   && [ "$(podman image inspect --format "{{index .Labels \"$LABEL\"}}" "$BASE_IMAGE")" = "$recipe" ]; then
