@@ -7,6 +7,9 @@
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS builder
+# Only where a proxy re-signs TLS: the CA bundle pip should trust, mounted for the build by
+# scripts/build-image.sh (from the host's PIP_CERT). Builder stage only; the runtime never sees it.
+ARG PIP_CERT
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/broker
@@ -16,7 +19,10 @@ COPY requirements.lock ./
 RUN /opt/broker/bin/pip install --no-deps --only-binary=:all: -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY broker ./broker
+# pip and setuptools leave the virtualenv once they have done their work (26 MB the broker never
+# imports); the bytecode is compiled here because the runtime's root is read-only.
 RUN /opt/broker/bin/pip install --no-deps . \
+    && /opt/broker/bin/python -m pip uninstall --quiet --yes pip setuptools \
     && /opt/broker/bin/python -m compileall -q /opt/broker
 
 FROM ${PYTHON_IMAGE} AS runtime

@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo run test test-fast check lint format bench clean system-deps
+.PHONY: demo run test test-fast check lint format bench clean system-deps image
 
 # Exact pins from requirements-dev.lock (scripts/lock-requirements.sh), then the broker itself.
 $(STAMP): pyproject.toml requirements-dev.lock
@@ -43,6 +43,11 @@ test: $(STAMP) system-deps lint
 # Those take as long again; `make test` runs them.
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m 'not slow and not real'
+
+# The container image, with podman (scripts/build-image.sh): on the official python base, or
+# `make image BASE=debian` on a base made from Debian's packages where no registry is reachable.
+image:
+	bash scripts/build-image.sh
 
 bench: $(STAMP) system-deps
 	$(BIN)/python -m bench

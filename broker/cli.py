@@ -194,7 +194,7 @@ def _catalog(args: argparse.Namespace) -> int:
 def _run(coro: Coroutine[object, None, T]) -> T:
     try:
         import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency via uvicorn[standard]
+    except ImportError:  # pragma: no cover - uvloop is a dependency
         return asyncio.run(coro)
     return uvloop.run(coro)
 

@@ -1,8 +1,8 @@
 """The container image's recipe: structure, the pinned requirements, and its health check.
 
-There is no Docker engine where the tests run, so this checks what can be checked without one:
-the Dockerfile's instructions, hadolint, that requirements.lock is the pinned closure of
-pyproject's runtime dependencies, and that the HEALTHCHECK command works against a real server.
+This checks the recipe without building it: the Dockerfile's instructions, hadolint, that
+requirements.lock is the pinned closure of pyproject's runtime dependencies, and that the
+HEALTHCHECK command works against a real server. tests/test_image.py builds and runs the image.
 """
 
 from __future__ import annotations
