@@ -27,6 +27,7 @@ from starlette.responses import HTMLResponse
 from starlette.routing import Route
 from support.browser import CSP_MARK, Tab, assert_accessible, check_state, screenshot
 from support.servers import RunningBroker, RunningSandbox, start_app
+from support.webhook_receiver import Received, Receiver, wait_until
 
 pytestmark = pytest.mark.real
 
@@ -488,3 +489,58 @@ def test_harness_sees_csp_violations_and_axe_failures(open_tab: Callable[..., Ta
         tab.console.clear()
     finally:
         thread.stop()
+
+
+def test_a_key_revoked_in_pleo_is_caught_announced_and_fixed_by_the_customer(
+    make_broker: Callable[..., RunningBroker],
+    sandbox: RunningSandbox,
+    receiver: Receiver,
+    open_tab: Callable[..., Tab],
+) -> None:
+    """Issue 11's whole way back: Pleo revokes the key; a periodic health check (not a call)
+    finds it; the signed `tenant.broken` webhook carries a reconnect link; the customer opens
+    it in the browser and pastes a new key; the tenant recovers and `tenant.recovered` follows."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    broker = make_broker(
+        connect_port=port,
+        connect_public_url=url,
+        health_check_interval=0.5,
+        health_check_rate=20,
+        webhook_url=receiver.url,
+        webhook_secret=receiver.secret,
+        webhook_timeout=5.0,
+        webhook_retry_schedule="0.2s,0.2s,0.2s",
+    )
+    key = sandbox.state.create_key(scopes=REQUIRED)
+    with httpx.Client(base_url=broker.admin_url, headers=broker.auth, trust_env=False) as admin:
+        assert admin.put(f"/v1/tenants/{TENANT}/key", json={"api_key": key.api_key}).is_success
+        sandbox.state.revoke(key.key_id)
+
+        def broken() -> list[Received]:
+            return [r for r in receiver.requests() if receiver.verify(r)["type"] == "tenant.broken"]
+
+        event = receiver.verify(wait_until(broken, within=10, what="the tenant.broken webhook")[0])
+        assert event["actor"] == "health_check"  # found by a periodic check, not by a call
+        assert event["data"]["state"] == "broken" and event["data"]["reason"] == "key_rejected"
+        link = event["data"]["reconnect_url"]
+        assert link.startswith(url + "/connect/")
+
+        page = open_tab(375).page
+        page.goto(link)
+        expect_state(page, "broken")
+        check_state(page, "broken")
+        fresh = sandbox.state.create_key(company_id=key.company_id, scopes=REQUIRED)
+        submit_by_keyboard(page, fresh.api_key)
+        expect_state(page, "success")
+        expect(page.locator("#company-id")).to_have_text(key.company_id)
+        screenshot(page, "reconnected-from-webhook")
+
+        recovered = wait_until(
+            lambda: [e for e in receiver.delivered() if e["type"] == "tenant.recovered"],
+            within=10,
+            what="the tenant.recovered webhook",
+        )
+        assert recovered[0]["actor"].startswith("connect_session:")
+        assert admin.get(f"/v1/tenants/{TENANT}").json()["state"] == "active"
+    assert all(fresh.api_key.encode() not in r.body for r in receiver.requests())
