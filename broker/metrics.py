@@ -23,8 +23,9 @@ class Metrics:
         r = self.registry
         self.proxy_requests = Counter(
             "broker_proxy_requests",
-            "Requests answered by the proxy listener.",
-            ["method", "route", "code"],
+            "Requests answered by the proxy listener (caller: from BROKER_CALLERS_FILE, or"
+            " anonymous).",
+            ["method", "route", "code", "caller"],
             registry=r,
         )
         self.proxy_denials = Counter(
@@ -65,6 +66,14 @@ class Metrics:
             "broker_health_checks",
             "Periodic health checks, by result (ok, broken, recovered, error).",
             ["result"],
+            registry=r,
+        )
+
+        self.throttled = Counter(
+            "broker_proxy_throttled",
+            "Requests the proxy answered 429 itself, without calling Pleo, by reason"
+            " (upstream_rate_limited, tenant_busy).",
+            ["reason"],
             registry=r,
         )
 

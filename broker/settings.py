@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     event_retention_days: int = Field(30, ge=1, le=3650)
     health_check_interval: float = Field(3600.0, ge=0)  # 0: no periodic health checks
     health_check_rate: float = Field(2.0, gt=0)  # checks a second towards Pleo, all replicas
+    # YAML naming who may use which tenant (Proxy-Authorization); None: every caller trusted.
+    callers_file: Path | None = None
+    tenant_max_in_flight: int = Field(64, ge=1)  # one tenant's requests in flight to Pleo
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
 
