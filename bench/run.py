@@ -226,7 +226,11 @@ def run(args: argparse.Namespace, tmp: Path, supervisor: Supervisor) -> report.R
 
     if args.only_callers:
         for row in rows:
-            print(f"| {row.name} | {row.connections} | {row.rps:,.0f} | {row.p50_ms:.3f} |")
+            cpu = row.cpu_us_per_request
+            print(
+                f"| {row.name} | {row.connections} | {row.rps:,.0f} req/s | p50 {row.p50_ms:.3f}"
+                f" ms | {'–' if cpu is None else f'{cpu:.0f}'} CPU µs/req |"
+            )
         return None
     _say(f"{args.transfer_mb} MB upload and download through {report.BROKER_ONE}")
     path = "/v2/export-jobs/upload-1/items"

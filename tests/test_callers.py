@@ -268,3 +268,10 @@ def test_a_proxy_beyond_loopback_without_callers_is_logged(tmp_path: Path) -> No
     assert not warn_if_open_to_network(Settings(proxy_host="127.0.0.1"))
     path = tmp_path / "callers.yaml"
     assert not warn_if_open_to_network(Settings(proxy_host="0.0.0.0", callers_file=path))
+
+
+def test_the_readme_example_is_a_valid_callers_file() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = readme.split("```yaml\ncallers:", 1)[1].split("```", 1)[0]
+    table = parse_callers("callers:" + example)
+    assert table.names == ("billing", "reports")
