@@ -225,12 +225,7 @@ def run(args: argparse.Namespace, tmp: Path, supervisor: Supervisor) -> report.R
     ]
 
     if args.only_callers:
-        for row in rows:
-            cpu = row.cpu_us_per_request
-            print(
-                f"| {row.name} | {row.connections} | {row.rps:,.0f} req/s | p50 {row.p50_ms:.3f}"
-                f" ms | {'–' if cpu is None else f'{cpu:.0f}'} CPU µs/req |"
-            )
+        _print_rows(rows)
         return None
     _say(f"{args.transfer_mb} MB upload and download through {report.BROKER_ONE}")
     path = "/v2/export-jobs/upload-1/items"
@@ -365,6 +360,15 @@ def _start_brokers(
         brokers.append(running)
         _say(f"{name}: {count} tenants loaded and serving in {time.monotonic() - started:.1f} s")
     return brokers
+
+
+def _print_rows(rows: Sequence[report.Row]) -> None:
+    for row in rows:
+        spent = row.cpu_us_per_request
+        print(
+            f"| {row.name} | {row.connections} | {row.rps:,.0f} req/s | p50 {row.p50_ms:.3f}"
+            f" ms | {'–' if spent is None else f'{spent:.0f}'} CPU µs/req |"
+        )
 
 
 def _callers_plan(

@@ -7,11 +7,11 @@ import asyncio
 import hashlib
 import io
 import logging
-import os
 import time
 from pathlib import Path
 
 import pytest
+from support.secret_volume import write_secret_volume
 
 from broker import cli, errors
 from broker.callers import CallersFileError, load_callers, parse_callers, token_hash
@@ -184,16 +184,8 @@ def test_the_hash_command_refuses_a_short_token(
 # -- the watcher --------------------------------------------------------------------------------
 
 
-def k8s_secret(directory: Path, text: str, version: int) -> None:
-    """Write `text` as Kubernetes does a Secret volume: a new directory, then `..data` swapped."""
-    new = directory / f"..{version}"
-    new.mkdir()
-    (new / "callers.yaml").write_text(text)
-    link = directory / "..data_tmp"
-    link.symlink_to(new.name)
-    os.replace(link, directory / "..data")
-    if not (directory / "callers.yaml").is_symlink():
-        (directory / "callers.yaml").symlink_to("..data/callers.yaml")
+def k8s_secret(directory: Path, text: str) -> None:
+    write_secret_volume(directory, {"callers.yaml": text})
 
 
 async def wait_for(condition: object, seconds: float = 1.0) -> float:
@@ -205,12 +197,12 @@ async def wait_for(condition: object, seconds: float = 1.0) -> float:
 
 
 async def test_a_symlink_swap_takes_effect_within_a_second(tmp_path: Path) -> None:
-    k8s_secret(tmp_path, entry(), 1)
+    k8s_secret(tmp_path, entry())
     gate = CallerGate(tmp_path / "callers.yaml")
     gate.start()
     try:
         assert gate.table.names == ("billing",)
-        k8s_secret(tmp_path, entry(name="ledger"), 2)
+        k8s_secret(tmp_path, entry(name="ledger"))
         await wait_for(lambda: gate.table.names == ("ledger",))
     finally:
         await gate.stop()
@@ -219,10 +211,10 @@ async def test_a_symlink_swap_takes_effect_within_a_second(tmp_path: Path) -> No
 async def test_a_broken_new_file_keeps_the_previous_callers_and_says_why(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    k8s_secret(tmp_path, entry(), 1)
+    k8s_secret(tmp_path, entry())
     gate = CallerGate(tmp_path / "callers.yaml")
     before = gate.table
-    k8s_secret(tmp_path, entry(token_sha256="nothex"), 2)
+    k8s_secret(tmp_path, entry(token_sha256="nothex"))
     with caplog.at_level(logging.WARNING, logger="broker"):
         assert not await gate.reload_if_changed()
     assert gate.table is before
@@ -231,7 +223,7 @@ async def test_a_broken_new_file_keeps_the_previous_callers_and_says_why(
     assert "caller 1 (billing): 'token_sha256' must be 64 hex digits" in error
     assert "previous callers stay in force" in error
     assert not await gate.reload_if_changed()  # unchanged since: not read or logged again
-    k8s_secret(tmp_path, entry(name="fixed"), 3)
+    k8s_secret(tmp_path, entry(name="fixed"))
     assert await gate.reload_if_changed()
     assert gate.table.names == ("fixed",)
 

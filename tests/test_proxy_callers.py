@@ -4,7 +4,6 @@ real sandbox; every request through the proxy listener."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from support.secret_volume import write_secret_volume
 from support.servers import RunningBroker, RunningSandbox
 
 from broker.callers import token_hash
@@ -34,15 +34,14 @@ def callers_yaml(callers: dict[str, str]) -> str:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    fresh = path.with_suffix(".new")
-    fresh.write_text(text)
-    os.replace(fresh, path)
+    """A new version of the callers file, as a Kubernetes Secret update makes it."""
+    write_secret_volume(path.parent, {path.name: text})
 
 
 @pytest.fixture
 def callers_file(tmp_path: Path) -> Path:
-    path = tmp_path / "callers.yaml"
-    path.write_text(callers_yaml(CALLERS))
+    path = tmp_path / "callers" / "callers.yaml"
+    write_atomically(path, callers_yaml(CALLERS))
     return path
 
 
