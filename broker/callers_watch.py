@@ -38,7 +38,10 @@ class CallerGate:
     def __init__(self, path: Path, *, interval: float = WATCH_INTERVAL) -> None:
         self.path = path
         self._seen = signature(path)
-        self.table: CallerTable = load_callers(path)  # a bad file stops start-up
+        try:
+            self.table: CallerTable = load_callers(path)
+        except CallersFileError as exc:  # a bad file stops start-up, in one line
+            raise CallersFileError(f"configuration error: BROKER_CALLERS_FILE: {exc}") from None
         emit("callers.loaded", path=str(path), callers=len(self.table))
         self._watch = Repeating(self.reload_if_changed, lambda: interval, "callers-watch")
 

@@ -240,8 +240,11 @@ async def test_a_file_that_disappears_keeps_the_previous_callers(tmp_path: Path)
 def test_a_bad_file_stops_start_up(tmp_path: Path) -> None:
     path = tmp_path / "callers.yaml"
     path.write_text("callers: [")
-    with pytest.raises(errors.ConfigError, match="is not valid YAML"):
+    with pytest.raises(errors.ConfigError) as raised:
         CallerGate(path)
+    assert str(raised.value) == (
+        f"configuration error: BROKER_CALLERS_FILE: {path}: is not valid YAML (line 1)"
+    )
 
 
 # -- a proxy open to the network -------------------------------------------------------------
