@@ -6,6 +6,11 @@ registry, let `broker.policy` decide, send upstream (`broker.upstream`) with the
 relay the answer. Pleo's 401 breaks the tenant at once; a 403 triggers one re-introspection per
 tenant at a time.
 
+With a callers file (`broker.callers`), the caller its `Proxy-Authorization` names is found
+before the tenant, and must be allowed the tenant (step 1) and the route's scope (step 3).
+Before sending, `broker.throttle` answers for a tenant that Pleo rate-limited or that has
+`BROKER_TENANT_MAX_IN_FLIGHT` calls in flight already; Pleo's 429 starts such a back-off.
+
 The key is taken from the registry at the moment of sending: a tenant disconnected or re-keyed
 while its request arrived is refused. Bodies are read, streamed and relayed by `broker.bodies`.
 
