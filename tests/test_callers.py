@@ -270,3 +270,16 @@ def test_the_readme_example_is_a_valid_callers_file() -> None:
     example = readme.split("```yaml\ncallers:", 1)[1].split("```", 1)[0]
     table = parse_callers("callers:" + example)
     assert table.names == ("billing", "reports")
+
+
+def test_an_events_caller_is_one_more_field_and_survives_storage() -> None:
+    from broker.outbox import Event, new_event
+
+    view = {"tenant": "acme", "state": "broken"}
+    plain = new_event("tenant.broken", "proxy", view)
+    assert set(plain.body()) == {"id", "type", "timestamp", "actor", "data"}
+    assert Event.loads(plain.dumps()).caller is None
+    named = new_event("tenant.broken", "proxy", view, caller="billing")
+    assert named.body()["caller"] == "billing"
+    assert named.body()["actor"] == "proxy" and named.body()["data"] == view
+    assert Event.loads(named.dumps()) == named
