@@ -283,3 +283,16 @@ def test_an_events_caller_is_one_more_field_and_survives_storage() -> None:
     assert named.body()["caller"] == "billing"
     assert named.body()["actor"] == "proxy" and named.body()["data"] == view
     assert Event.loads(named.dumps()) == named
+
+
+def test_broker_events_names_the_caller_after_the_actor() -> None:
+    from broker.cli_events import format_event
+
+    event = {
+        "timestamp": "2026-11-30T01:00:00.000Z",
+        "type": "tenant.broken",
+        "actor": "proxy",
+        "data": {"tenant": "acme", "state": "broken", "reason": "key_rejected"},
+    }
+    assert format_event(event).endswith("by proxy")
+    assert format_event({**event, "caller": "billing"}).endswith("by proxy (caller billing)")
