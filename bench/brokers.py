@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import os
 import secrets
 import sys
@@ -57,6 +58,7 @@ class RunningBroker:
     proxy_url: str
     admin_url: str
     tenants: tuple[str, ...]
+    caller_token: str | None = None  # a token of the callers file, when it has one
 
 
 def broker_env(
@@ -80,6 +82,23 @@ def broker_env(
     return env
 
 
+def write_callers(path: Path, count: int) -> str:
+    """A callers file of `count` callers, each with its own tenant pattern; the token of the
+    one in the middle, whose patterns match every tenant."""
+    tokens = [secrets.token_hex(32) for _ in range(count)]
+    middle = count // 2
+    lines = ["callers:"]
+    for i, token in enumerate(tokens):
+        tenants = '["*"]' if i == middle else f'["customer-{i}", "group-{i}-*"]'
+        lines += [
+            f"  - name: caller-{i}",
+            f"    token_sha256: {hashlib.sha256(token.encode()).hexdigest()}",
+            f"    tenants: {tenants}",
+        ]
+    path.write_text("\n".join(lines) + "\n")
+    return tokens[middle]
+
+
 def start_broker(
     supervisor: Supervisor,
     *,
@@ -87,9 +106,10 @@ def start_broker(
     work_dir: Path,
     upstream_url: str,
     tenants: int,
+    callers: int = 0,
 ) -> RunningBroker:
-    """Pre-load `tenants` tenants, start the broker on free ports, and wait until /readyz
-    answers 200."""
+    """Pre-load `tenants` tenants (and a callers file of `callers` callers), start the broker
+    on free ports, and wait until /readyz answers 200."""
     proxy_port, admin_port = free_port(), free_port()
     master_key = secrets.token_bytes(32)
     store_path = work_dir / "store"
@@ -101,6 +121,10 @@ def start_broker(
         proxy_port=proxy_port,
         admin_port=admin_port,
     )
+    token = None
+    if callers:
+        token = write_callers(work_dir / "callers.yaml", callers)
+        env["BROKER_CALLERS_FILE"] = str(work_dir / "callers.yaml")
     argv = [sys.executable, "-m", "broker", "serve"]
     child = supervisor.start(name, argv, env=env, cwd=work_dir, log=work_dir / "broker.log")
     admin_url = f"http://127.0.0.1:{admin_port}"
@@ -115,4 +139,5 @@ def start_broker(
         proxy_url=f"http://127.0.0.1:{proxy_port}",
         admin_url=admin_url,
         tenants=tuple(ids),
+        caller_token=token,
     )

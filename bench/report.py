@@ -17,6 +17,7 @@ NGINX_KEEPALIVE = "nginx proxy, upstream keep-alive (+Authorization)"
 BROKER_ONE = "broker, 1 tenant"
 BROKER_MANY = "broker, 10k tenants"
 BROKER_SPREAD = "broker, 10k tenants, rotating"
+BROKER_CALLERS = "broker, 1 tenant, 1,000 callers"
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,7 @@ def evaluate(rows: Sequence[Row], memory: Memory, high: int = 32) -> list[Check]
         if r is not None
     ]
     tenants = min(many) if many else None
+    callers = _ratio(find(rows, BROKER_CALLERS, high), find(rows, BROKER_ONE, high))
     growth = max(memory.transfer_growth_mib.values()) if memory.transfer_growth_mib else None
     failed = sum(r.failed for r in rows) + (0 if memory.transfers_ok else 1)
     return [
@@ -161,6 +163,13 @@ def evaluate(rows: Sequence[Row], memory: Memory, high: int = 32) -> list[Check]
             "×",
             "≥ 0.9",
             tenants is not None and tenants >= 0.9,
+        ),
+        _check(
+            f"throughput at {high} conns, 1,000 callers / no callers file",
+            callers,
+            "×",
+            "≥ 0.95",
+            callers is not None and callers >= 0.95,
         ),
         _check(
             "peak RSS with 10k tenants (VmHWM)",

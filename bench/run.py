@@ -51,6 +51,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up (1)")
     parser.add_argument("--tenants", type=int, default=10_000, help="tenants for the big case")
     parser.add_argument(
+        "--callers", type=int, default=1_000, help="callers in the callers-file case (1000)"
+    )
+    parser.add_argument(
+        "--only-callers",
+        action="store_true",
+        help="only the throughput of the 1-tenant broker with and without a callers file",
+    )
+    parser.add_argument(
         "--connections", type=int, nargs="+", default=[1, 32], help="connection counts (1 32)"
     )
     parser.add_argument("--threads", type=int, default=2, help="wrk threads at most (2)")
@@ -149,21 +157,19 @@ def run(args: argparse.Namespace, tmp: Path, supervisor: Supervisor) -> report.R
                 Config(name, load.Target(proxy_url + nginx.JSON_PATH), _worker(master.pid))
             )
 
-    brokers: list[RunningBroker] = []
-    for name, count in (("broker-1", 1), ("broker-many", args.tenants)):
-        started = time.monotonic()
-        work = tmp / name
-        work.mkdir()
-        running = start_broker(
-            supervisor,
-            name=name,
-            work_dir=work,
-            upstream_url=upstream_url,
-            tenants=count,
-        )
-        brokers.append(running)
-        _say(f"{name}: {count} tenants loaded and serving in {time.monotonic() - started:.1f} s")
-    one, many = brokers
+    one, many, guarded = _start_brokers(args, tmp, supervisor, upstream_url)
+    callers_target = _broker_target(guarded, guarded.tenants[0])
+    callers_config = Config(
+        report.BROKER_CALLERS,
+        load.Target(
+            callers_target.url,
+            headers=(
+                *callers_target.headers,
+                ("Proxy-Authorization", f"Bearer {guarded.caller_token}"),
+            ),
+        ),
+        guarded.pid,
+    )
     configs += [
         Config(report.BROKER_ONE, _broker_target(one, one.tenants[0]), one.pid),
         Config(report.BROKER_MANY, _broker_target(many, many.tenants[0]), many.pid),
@@ -177,12 +183,12 @@ def run(args: argparse.Namespace, tmp: Path, supervisor: Supervisor) -> report.R
         ),
         many.pid,
     )
-    for config in [*configs, spread]:
-        _expect_body(config.target, json_body)
+    _expect_bodies([*configs, spread, callers_config], json_body)
 
     high = max(args.connections)
     plan = [(c, n) for c in configs for n in args.connections]
     plan.append((spread, high))
+    plan = _callers_plan(args, plan, callers_config, high)
     runner = _runner(args, wrk, tmp)
     if args.profile:
         broker_config = next(c for c in configs if c.name == report.BROKER_ONE)
@@ -218,6 +224,9 @@ def run(args: argparse.Namespace, tmp: Path, supervisor: Supervisor) -> report.R
         for c, n in plan
     ]
 
+    if args.only_callers:
+        _print_rows(rows)
+        return None
     _say(f"{args.transfer_mb} MB upload and download through {report.BROKER_ONE}")
     path = "/v2/export-jobs/upload-1/items"
     through = transfer.Through(one.proxy_url, TENANT_HEADER, one.tenants[0], one.pid)
@@ -326,8 +335,60 @@ def _wait_http(supervisor: Supervisor, url: str, what: str, log: Path | None = N
         raise BenchError(f"{exc}\n{log.read_text(errors='replace')[-800:]}") from None
 
 
+def _start_brokers(
+    args: argparse.Namespace, tmp: Path, supervisor: Supervisor, upstream_url: str
+) -> list[RunningBroker]:
+    """The 1-tenant broker, the many-tenant one (1 tenant with --only-callers), and the
+    1-tenant one with a callers file."""
+    brokers: list[RunningBroker] = []
+    for name, count, callers in (
+        ("broker-1", 1, 0),
+        ("broker-many", 1 if args.only_callers else args.tenants, 0),
+        ("broker-callers", 1, args.callers),
+    ):
+        started = time.monotonic()
+        work = tmp / name
+        work.mkdir()
+        running = start_broker(
+            supervisor,
+            name=name,
+            work_dir=work,
+            upstream_url=upstream_url,
+            tenants=count,
+            callers=callers,
+        )
+        brokers.append(running)
+        _say(f"{name}: {count} tenants loaded and serving in {time.monotonic() - started:.1f} s")
+    return brokers
+
+
+def _print_rows(rows: Sequence[report.Row]) -> None:
+    for row in rows:
+        spent = row.cpu_us_per_request
+        print(
+            f"| {row.name} | {row.connections} | {row.rps:,.0f} req/s | p50 {row.p50_ms:.3f}"
+            f" ms | {'–' if spent is None else f'{spent:.0f}'} CPU µs/req |"
+        )
+
+
+def _callers_plan(
+    args: argparse.Namespace, plan: list[tuple[Config, int]], callers: Config, high: int
+) -> list[tuple[Config, int]]:
+    """The plan with the callers case added; with --only-callers, it and the 1-tenant case."""
+    if args.only_callers:
+        return [(c, n) for c, n in plan if c.name == report.BROKER_ONE and n == high] + [
+            (callers, high)
+        ]
+    return [*plan, (callers, high)]
+
+
 def _broker_target(broker: RunningBroker, tenant: str) -> load.Target:
     return load.Target(broker.proxy_url + nginx.JSON_PATH, headers=((TENANT_HEADER, tenant),))
+
+
+def _expect_bodies(configs: Sequence[Config], body: bytes) -> None:
+    for config in configs:
+        _expect_body(config.target, body)
 
 
 def _expect_body(target: load.Target, body: bytes) -> None:

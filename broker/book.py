@@ -62,19 +62,28 @@ class TenantBook:
         return record
 
     async def write(
-        self, record: TenantRecord, *, actor: str = "admin", announce: Sequence[str] = ()
+        self,
+        record: TenantRecord,
+        *,
+        actor: str = "admin",
+        announce: Sequence[str] = (),
+        caller: str | None = None,
     ) -> TenantRecord:
         """Compare-and-set `record` in the store with the events `announce` names, then
         serve it from memory: the change and its events land together or not at all."""
-        stored = await self.registry.writes.put(record, events=self.events(record, actor, announce))
+        events = self.events(record, actor, announce, caller)
+        stored = await self.registry.writes.put(record, events=events)
         self.registry.remember(record.tenant, stored)
         return stored
 
-    def events(self, record: TenantRecord, actor: str, kinds: Sequence[str]) -> list[Event]:
+    def events(
+        self, record: TenantRecord, actor: str, kinds: Sequence[str], caller: str | None = None
+    ) -> list[Event]:
         """The events of `kinds` about `record`, caused by `actor` (the one place they are
-        built: whatever caused the change, an event carries the view, never the key)."""
+        built: whatever caused the change, an event carries the view, never the key);
+        `caller`: the proxy's caller whose call caused it, when a callers file names it."""
         view = record.view()
-        return [new_event(kind, actor, view) for kind in kinds]
+        return [new_event(kind, actor, view, caller=caller) for kind in kinds]
 
     def transition(self, to_state: TenantState, reason: str) -> None:
         """Count a state change."""

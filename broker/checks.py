@@ -44,7 +44,9 @@ class Checks:
         require_valid(tenant)
         return await self._checks.run(tenant, lambda: self._check(tenant, actor))
 
-    async def recheck_after_forbidden(self, tenant: str) -> TenantRecord:
+    async def recheck_after_forbidden(
+        self, tenant: str, *, caller: str | None = None
+    ) -> TenantRecord:
         """Pleo answered 403 for this tenant: find out whether the key or its rights changed.
 
         A 403 within `FORBIDDEN_RECHECK_COOLDOWN` seconds of the last such check that found
@@ -60,12 +62,14 @@ class Checks:
             and time.monotonic() - checked_at < FORBIDDEN_RECHECK_COOLDOWN
         ):
             return current
-        record = await self._checks.run(tenant, lambda: self._check(tenant, "proxy"))
+        record = await self._checks.run(tenant, lambda: self._check(tenant, "proxy", caller))
         if record.state is TenantState.ACTIVE:
             self._forbidden_checked[tenant] = time.monotonic()
         return record
 
-    async def key_rejected(self, record: TenantRecord) -> TenantRecord:
+    async def key_rejected(
+        self, record: TenantRecord, *, caller: str | None = None
+    ) -> TenantRecord:
         """Pleo answered 401 to a call made with `record`'s key: the tenant is broken at once."""
         async with self.book.lock(record.tenant):
             current = self.book.registry.get(record.tenant)
@@ -74,16 +78,16 @@ class Checks:
             if current.state is TenantState.BROKEN:
                 return current
             try:
-                return await self._break(current, REJECTED, "proxy")
+                return await self._break(current, REJECTED, "proxy", caller)
             except errors.StoreConflict:
                 # Another replica changed the tenant (a rotation, most likely): re-read it and
                 # break it only if it still holds the rejected key.
                 fresh = await self.book.fetch(record.tenant, remember=True)
                 if fresh.api_key != record.api_key or fresh.state is TenantState.BROKEN:
                     return fresh
-                return await self._break(fresh, REJECTED, "proxy")
+                return await self._break(fresh, REJECTED, "proxy", caller)
 
-    async def _check(self, tenant: str, actor: str) -> TenantRecord:
+    async def _check(self, tenant: str, actor: str, caller: str | None = None) -> TenantRecord:
         async with self.book.lock(tenant):
             record = await self.book.fetch(tenant, remember=True)
             if record.api_key is None:
@@ -98,17 +102,21 @@ class Checks:
                 raise explain(exc, tenant=tenant) from exc
             verdict = rules.judge_check(record, info, self.requirements, now)
             if isinstance(verdict, rules.Broken):
-                return await self._break(record, verdict, actor)
+                return await self._break(record, verdict, actor, caller)
             announce = ["tenant.recovered"] if verdict.recovered else []
             if verdict.scopes_changed:
                 announce.append("tenant.scopes_changed")
-            updated = await self.book.write(verdict.record, actor=actor, announce=announce)
+            updated = await self.book.write(
+                verdict.record, actor=actor, announce=announce, caller=caller
+            )
             if verdict.recovered:
                 emit("tenant.recovered", tenant=tenant, company_id=record.company_id)
                 self.book.transition(TenantState.ACTIVE, "recovered")
             return updated
 
-    async def _break(self, record: TenantRecord, verdict: rules.Broken, actor: str) -> TenantRecord:
+    async def _break(
+        self, record: TenantRecord, verdict: rules.Broken, actor: str, caller: str | None = None
+    ) -> TenantRecord:
         reason, scopes, company_id_now = verdict.reason, verdict.scopes, verdict.key_company_id
         now = utcnow()
         already = record.state is TenantState.BROKEN and record.reason is reason
@@ -124,11 +132,11 @@ class Checks:
         saved = True
         announce = [] if already else ["tenant.broken"]
         try:
-            updated = await self.book.write(broken, actor=actor, announce=announce)
+            updated = await self.book.write(broken, actor=actor, announce=announce, caller=caller)
         except errors.StoreUnavailable:
             # Pleo refuses this key: stop using it now, store or no store; its event is saved
             # with it when the store takes the write.
-            self.book.registry.hold(broken, self.book.events(broken, actor, announce))
+            self.book.registry.hold(broken, self.book.events(broken, actor, announce, caller))
             updated, saved = broken, False
         if not already:
             fields: dict[str, Any] = {

@@ -107,7 +107,34 @@ def _parser() -> argparse.ArgumentParser:
         "--interval", type=float, default=2.0, help="seconds between polls when following"
     )
     events.set_defaults(run=_events)
+
+    callers = commands.add_parser("callers", help="tools for BROKER_CALLERS_FILE")
+    caller_verbs = callers.add_subparsers(dest="verb", required=True, metavar="VERB")
+    hashing = caller_verbs.add_parser(
+        "hash",
+        help="print the token_sha256 of a caller token (hidden prompt, or standard input)",
+    )
+    hashing.set_defaults(run=_callers_hash)
     return parser
+
+
+def _callers_hash(args: argparse.Namespace) -> int:
+    from broker.callers import token_hash
+    from broker.settings import MIN_ADMIN_TOKEN_LENGTH
+
+    if sys.stdin.isatty():
+        token = getpass.getpass("Caller token (input hidden): ").strip()
+    else:
+        token = sys.stdin.readline().strip()
+    if len(token) < MIN_ADMIN_TOKEN_LENGTH or any(c.isspace() for c in token):
+        print(
+            f"error: a caller token is at least {MIN_ADMIN_TOKEN_LENGTH} characters without"
+            " spaces (e.g. `openssl rand -hex 32`)",
+            file=sys.stderr,
+        )
+        return 2
+    print(token_hash(token))
+    return 0
 
 
 def _events(args: argparse.Namespace) -> int:

@@ -75,9 +75,11 @@ def format_event(event: Mapping[str, Any]) -> str:
     state = data.get("state") or "-"
     if data.get("reason"):
         state += f" ({data['reason']})"
+    actor = event["actor"]
+    if event.get("caller"):
+        actor += f" (caller {event['caller']})"
     return (
-        f"{event['timestamp']}  {event['type']:<26} {data['tenant']:<20}"
-        f" {state:<28} by {event['actor']}"
+        f"{event['timestamp']}  {event['type']:<26} {data['tenant']:<20} {state:<28} by {actor}"
     ).rstrip()
 
 

@@ -2,6 +2,12 @@
 
     BrokerError
     ├── AdminUnauthorized            401 admin_unauthorized
+    ├── CallerError                  (BROKER_CALLERS_FILE: who may use which tenant)
+    │   ├── CallerUnauthenticated    401 caller_unauthenticated
+    │   └── CallerNotAllowed         403 caller_not_allowed
+    ├── TenantThrottled              (answered locally, with Retry-After, without calling Pleo)
+    │   ├── UpstreamRateLimited      429 upstream_rate_limited (Pleo's Retry-After still runs)
+    │   └── TenantBusy               429 tenant_busy (BROKER_TENANT_MAX_IN_FLIGHT reached)
     ├── TenantError
     │   ├── TenantMissing            400 tenant_missing
     │   ├── TenantInvalid            400 tenant_invalid
@@ -93,6 +99,53 @@ class AdminUnauthorized(BrokerError):
     status = 401
     code = "admin_unauthorized"
     default_message = "Send the admin token as 'Authorization: Bearer <token>'."
+
+
+class CallerError(BrokerError):
+    """The caller is not known, or may not do what it asked (BROKER_CALLERS_FILE)."""
+
+
+class CallerUnauthenticated(CallerError):
+    status = 401
+    code = "caller_unauthenticated"
+    default_message = (
+        "This broker knows its callers: send your caller token as"
+        " 'Proxy-Authorization: Bearer <token>'."
+    )
+
+
+class CallerNotAllowed(CallerError):
+    status = 403
+    code = "caller_not_allowed"
+    default_message = "This caller may not use this tenant or this route."
+
+
+class TenantThrottled(BrokerError):
+    """Answered locally with `Retry-After` (whole seconds), without calling Pleo."""
+
+    def __init__(
+        self, message: str | None = None, *, tenant: str | None = None, retry_after: int = 1
+    ) -> None:
+        super().__init__(message, tenant=tenant, retry_after=retry_after)
+        self.retry_after = retry_after
+
+
+class UpstreamRateLimited(TenantThrottled):
+    status = 429
+    code = "upstream_rate_limited"
+    default_message = (
+        "Pleo rate-limited this tenant; the broker answers for it until Pleo's Retry-After"
+        " has passed. Retry after the seconds in Retry-After."
+    )
+
+
+class TenantBusy(TenantThrottled):
+    status = 429
+    code = "tenant_busy"
+    default_message = (
+        "This tenant has as many requests in flight to Pleo as the broker allows"
+        " (BROKER_TENANT_MAX_IN_FLIGHT); retry when some have finished."
+    )
 
 
 class RequestInvalid(BrokerError):

@@ -209,8 +209,9 @@ def new_request_id() -> bytes:
 
 
 _BODY_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
-# Request headers that earn a refusal (or, for Upgrade, may): rare, looked at apart.
-_RARE = frozenset({b"upgrade", *BROWSER_ONLY, *METHOD_OVERRIDE})
+# Request headers that earn a refusal (or, for Upgrade, may): rare, looked at apart; and the
+# caller's Proxy-Authorization (broker.callers).
+_RARE = frozenset({b"upgrade", b"proxy-authorization", *BROWSER_ONLY, *METHOD_OVERRIDE})
 
 
 def _usable_request_id(request_id: bytes) -> bool:
@@ -222,12 +223,14 @@ class RequestHead:
 
     __slots__ = (
         "browser",
+        "caller",
         "content_type",
         "content_types",
         "has_body",
         "host",
         "lookalike",
         "override",
+        "proxy_authorization",
         "request_id",
         "tenant",
         "tenants",
@@ -248,10 +251,14 @@ class RequestHead:
         self.upgrade = False
         self.websocket = False
         self.override: bytes | None = None
+        self.proxy_authorization: bytes | None = None  # b"" when given twice: names no caller
+        self.caller = "anonymous"  # the caller's name, once known (broker.callers)
 
     def watch(self, name: bytes, value: bytes) -> None:
         """Take one header of `_RARE`: their presence is what counts (and Upgrade's protocol)."""
-        if name in BROWSER_ONLY:
+        if name == b"proxy-authorization":
+            self.proxy_authorization = value if self.proxy_authorization is None else b""
+        elif name in BROWSER_ONLY:
             self.browser = True
         elif name == b"upgrade":
             self.upgrade = True

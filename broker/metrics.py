@@ -23,8 +23,9 @@ class Metrics:
         r = self.registry
         self.proxy_requests = Counter(
             "broker_proxy_requests",
-            "Requests answered by the proxy listener.",
-            ["method", "route", "code"],
+            "Requests answered by the proxy listener (caller: from BROKER_CALLERS_FILE, or"
+            " anonymous).",
+            ["method", "route", "code", "caller"],
             registry=r,
         )
         self.proxy_denials = Counter(
@@ -77,6 +78,14 @@ class Metrics:
             "broker_webhook_pending",
             "Events neither delivered nor given up (the store's count, the same on every"
             " replica that delivers or waits to).",
+            registry=r,
+        )
+
+        self.throttled = Counter(
+            "broker_proxy_throttled",
+            "Requests the proxy answered 429 itself, without calling Pleo, by reason"
+            " (upstream_rate_limited, tenant_busy).",
+            ["reason"],
             registry=r,
         )
 

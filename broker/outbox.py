@@ -46,16 +46,20 @@ class Event:
     actor: str
     tenant: str
     data: Mapping[str, Any]
+    caller: str | None = None  # actor `proxy`: the callers file's name of who made the call
 
     def body(self) -> dict[str, Any]:
-        """The event as the feed serves it."""
-        return {
+        """The event as the feed serves it (`caller` only when there is one)."""
+        body = {
             "id": self.id,
             "type": self.type,
             "timestamp": self.timestamp,
             "actor": self.actor,
             "data": dict(self.data),
         }
+        if self.caller is not None:
+            body["caller"] = self.caller
+        return body
 
     def dumps(self) -> str:
         """The event as stored (JSON)."""
@@ -73,11 +77,17 @@ class Event:
             actor=str(body["actor"]),
             tenant=str(data["tenant"]),
             data=data,
+            caller=str(body["caller"]) if body.get("caller") is not None else None,
         )
 
 
 def new_event(
-    kind: str, actor: str, view: Mapping[str, Any], *, now: datetime | None = None
+    kind: str,
+    actor: str,
+    view: Mapping[str, Any],
+    *,
+    now: datetime | None = None,
+    caller: str | None = None,
 ) -> Event:
     """A new event of `kind` caused by `actor` about the tenant `view` shows."""
     if kind not in EVENT_TYPES:
@@ -92,6 +102,7 @@ def new_event(
         actor=actor,
         tenant=str(view["tenant"]),
         data=dict(view),
+        caller=caller,
     )
 
 

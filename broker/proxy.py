@@ -6,6 +6,11 @@ registry, let `broker.policy` decide, send upstream (`broker.upstream`) with the
 relay the answer. Pleo's 401 breaks the tenant at once; a 403 triggers one re-introspection per
 tenant at a time.
 
+With a callers file (`broker.callers`), the caller its `Proxy-Authorization` names is found
+before the tenant, and must be allowed the tenant (step 1) and the route's scope (step 3).
+Before sending, `broker.throttle` answers for a tenant that Pleo rate-limited or that has
+`BROKER_TENANT_MAX_IN_FLIGHT` calls in flight already; Pleo's 429 starts such a back-off.
+
 The key is taken from the registry at the moment of sending: a tenant disconnected or re-keyed
 while its request arrived is refused. Bodies are read, streamed and relayed by `broker.bodies`.
 
@@ -28,6 +33,7 @@ from starlette.types import Receive, Scope, Send
 
 from broker import errors
 from broker.bodies import StreamedBody, read_bounded, relay_body
+from broker.callers import ANONYMOUS, Caller
 from broker.catalog import METHODS
 from broker.errors import ScopeNotGranted
 from broker.events import emit
@@ -46,6 +52,7 @@ from broker.policy import BodyHandling, Decision, Policy, check_body
 from broker.records import ActiveTenant, TenantRecord, TenantState
 from broker.registry import not_active
 from broker.runtime import Broker
+from broker.throttle import TenantThrottle
 from broker.upstream import map_exceptions
 
 UNMATCHED = "unmatched"
@@ -71,6 +78,8 @@ class ProxyApp:
         self.body_timeout = settings.request_body_timeout
         self.policy = Policy(broker.catalog, settings.proxy_allow_control_plane)
         self.counts = ProxyMetrics(broker.metrics)
+        self.callers = broker.callers
+        self.throttle = TenantThrottle(settings.tenant_max_in_flight, broker.metrics)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -82,9 +91,20 @@ class ProxyApp:
         tenant = None
         try:
             content = self.rules.check(head)
+            caller = self._caller(head)
             tenant = self.rules.tenant(head)  # 1. identify the tenant
+            if caller is not None and not caller.allows_tenant(tenant):
+                raise errors.CallerNotAllowed(
+                    f"The caller {caller.name!r} may not use this tenant.", tenant=tenant
+                )
             active = self.registry.active(tenant)  # 2. take its active record
             decision = self._decide(scope, active, content)  # 3. decide
+            if caller is not None and not caller.allows_scope(decision.route.scope):
+                raise errors.CallerNotAllowed(
+                    f"The caller {caller.name!r} may not use routes that need the scope"
+                    f" {decision.route.scope!r}.",
+                    tenant=tenant,
+                )
             route = decision.route.template
             response = await self._send(scope, receive, head, active, decision)  # 4. send
             status = await self._relay(response, send, receive, head, active, decision)  # 5.
@@ -94,7 +114,15 @@ class ProxyApp:
         except Exception as exc:
             status = 500
             await self._fail(send, exc, head, tenant)
-        self.counts.count(scope["method"], route, status)
+        self.counts.count(scope["method"], route, status, head.caller)
+
+    def _caller(self, head: RequestHead) -> Caller | None:
+        """The caller the request's Proxy-Authorization names (None: no callers file)."""
+        if self.callers is None:
+            return None
+        caller = self.callers.table.identify(head.proxy_authorization)
+        head.caller = caller.name
+        return caller
 
     def _decide(self, scope: Scope, active: ActiveTenant, content: BodyKind | None) -> Decision:
         return self.policy.decide(
@@ -118,11 +146,16 @@ class ProxyApp:
         headers = forwarded_request_headers(
             scope["headers"], tenant_header=self.rules.tenant_header, request_id=head.request_id
         )
-        body = await self._body(receive, headers, active, decision)
         target = decision.path
         if decision.query_string:
             target += "?" + decision.query_string.decode("latin-1")
-        await self.upstream.acquire(active.tenant)
+        self.throttle.enter(active.tenant)  # refused before the body is read
+        try:
+            body = await self._body(receive, headers, active, decision)
+            await self.upstream.acquire(active.tenant)
+        except BaseException:
+            self.throttle.leave(active.tenant)
+            raise
         try:
             # The key is taken now, at the moment of sending, not when the headers arrived.
             headers["Authorization"] = self._still_active(active, decision).authorization
@@ -131,7 +164,7 @@ class ProxyApp:
                 scope["method"], target, headers, body, tenant=active.tenant
             )
         except BaseException:
-            self.upstream.release()
+            self._release(active.tenant)
             raise
         self.counts.observe(decision.route.template, time.perf_counter() - started)
         return response
@@ -184,7 +217,9 @@ class ProxyApp:
     ) -> int:
         """Relay Pleo's answer (after judging a 401 or 403); frees the upstream slot."""
         try:
-            buffered = await self._judge(response, active)
+            if response.status == 429:
+                self._rate_limited(response, head, active)
+            buffered = await self._judge(response, head, active)
             headers = forwarded_response_headers(
                 response.raw_headers,
                 connection=response.headers.get("Connection"),
@@ -205,6 +240,7 @@ class ProxyApp:
                     "proxy.upstream_aborted",
                     level=logging.WARNING,
                     tenant=active.tenant,
+                    caller=head.caller,
                     route=decision.route.template,
                     error_type=type(exc.__cause__).__name__,
                     request_id=head.request_id.decode("latin-1"),
@@ -212,13 +248,35 @@ class ProxyApp:
             return response.status
         finally:
             response.close()
-            self.upstream.release()
+            self._release(active.tenant)
 
-    async def _judge(self, response: aiohttp.ClientResponse, active: ActiveTenant) -> bytes | None:
+    def _release(self, tenant: str) -> None:
+        """Give back the upstream slot and the tenant's in-flight place `_send` took."""
+        self.upstream.release()
+        self.throttle.leave(tenant)
+
+    def _rate_limited(
+        self, response: aiohttp.ClientResponse, head: RequestHead, active: ActiveTenant
+    ) -> None:
+        """Pleo's 429: the tenant's next calls are answered here until its Retry-After."""
+        seconds = self.throttle.rate_limited(active.tenant, response.headers.get("Retry-After"))
+        emit(
+            "proxy.rate_limited",
+            level=logging.WARNING,
+            tenant=active.tenant,
+            retry_after=seconds,
+            caller=head.caller,
+            request_id=head.request_id.decode("latin-1"),
+        )
+
+    async def _judge(
+        self, response: aiohttp.ClientResponse, head: RequestHead, active: ActiveTenant
+    ) -> bytes | None:
         """Pleo's 401 breaks the tenant, its 403 re-checks it; their (small) body, read first."""
+        caller = self._event_caller(head)
         if response.status == 401:
             # Decided on the status alone: the body may never arrive.
-            now = await self.tenants.key_rejected(active.record)
+            now = await self.tenants.key_rejected(active.record, caller=caller)
             if now.state is not TenantState.ACTIVE:
                 raise not_active(now)
             # The key was replaced while this call was in flight: the tenant is fine,
@@ -228,14 +286,18 @@ class ProxyApp:
         with map_exceptions(active.tenant):
             buffered = await response.read()
         if response.status == 403:
-            checked = await self._recheck(active)
+            checked = await self._recheck(active, caller)
             if checked.state is not TenantState.ACTIVE:
                 raise not_active(checked)
         return buffered
 
-    async def _recheck(self, active: ActiveTenant) -> TenantRecord:
+    def _event_caller(self, head: RequestHead) -> str | None:
+        """The caller an event names: only with a callers file (docs/decisions.md)."""
+        return head.caller if self.callers is not None else None
+
+    async def _recheck(self, active: ActiveTenant, caller: str | None) -> TenantRecord:
         try:
-            return await self.tenants.recheck_after_forbidden(active.tenant)
+            return await self.tenants.recheck_after_forbidden(active.tenant, caller=caller)
         except errors.BrokerError as exc:
             emit("tenant.check_failed", level=logging.WARNING, tenant=active.tenant, code=exc.code)
             return active.record
@@ -245,10 +307,12 @@ class ProxyApp:
     ) -> None:
         if exc.tenant is None:
             exc.tenant = tenant if tenant is not None else named_tenant(head)
-        self.counts.deny(exc)
+        self.counts.deny(exc, head.caller)
         body = json.dumps(exc.to_body()).encode()
         headers = [*JSON_HEADERS, (b"x-request-id", head.request_id)]
         headers.append((b"content-length", str(len(body)).encode()))
+        if isinstance(exc, errors.TenantThrottled):
+            headers.append((b"retry-after", str(exc.retry_after).encode()))
         if isinstance(exc, errors.RequestTimeout):
             headers.append((b"connection", b"close"))  # the rest of the body is not awaited
         await send({"type": "http.response.start", "status": exc.status, "headers": headers})
@@ -264,6 +328,7 @@ class ProxyApp:
             level=logging.ERROR,
             error_type=type(exc).__name__,
             where=f"{os.path.basename(frame.filename)}:{frame.lineno}",
+            caller=head.caller,
             request_id=head.request_id.decode("latin-1"),
         )
         # If the answer had already started, the server closes the connection instead.
@@ -277,8 +342,8 @@ class ProxyApp:
         exc = errors.RouteNotAllowed(
             "The broker forwards plain HTTP requests to Pleo, not WebSocket connections."
         )
-        self.counts.deny(exc)
-        self.counts.count(scope.get("method", "GET"), UNMATCHED, exc.status)
+        self.counts.deny(exc, ANONYMOUS)
+        self.counts.count(scope.get("method", "GET"), UNMATCHED, exc.status, ANONYMOUS)
         if "websocket.http.response" not in scope.get("extensions", {}):
             await send({"type": "websocket.close", "code": 1008})
             return
@@ -297,17 +362,17 @@ class ProxyMetrics:
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
-        self._counters: dict[tuple[str, str, int], Counter] = {}
+        self._counters: dict[tuple[str, str, int, str], Counter] = {}
         self._durations: dict[str, Histogram] = {}
 
-    def count(self, method: str, route: str, status: int) -> None:
+    def count(self, method: str, route: str, status: int, caller: str) -> None:
         if method not in METHODS:
             method = "OTHER"  # before the cache key too: made-up methods must not grow it
-        key = (method, route, status)
+        key = (method, route, status, caller)  # callers: names from the file, bounded by it
         child = self._counters.get(key)
         if child is None:
             child = self._counters[key] = self.metrics.proxy_requests.labels(
-                method=method, route=route, code=str(status)
+                method=method, route=route, code=str(status), caller=caller
             )
         child.inc()
 
@@ -317,10 +382,17 @@ class ProxyMetrics:
             child = self._durations[route] = self.metrics.upstream_duration.labels(route=route)
         child.observe(seconds)
 
-    def deny(self, exc: errors.BrokerError) -> None:
+    def deny(self, exc: errors.BrokerError, caller: str) -> None:
         self.metrics.proxy_denials.labels(reason=exc.code).inc()
         level = logging.WARNING if exc.status >= 500 else logging.INFO
-        emit("proxy.refused", level=level, code=exc.code, tenant=exc.tenant, status=exc.status)
+        emit(
+            "proxy.refused",
+            level=level,
+            code=exc.code,
+            tenant=exc.tenant,
+            status=exc.status,
+            caller=caller,
+        )
 
 
 def create_proxy_app(broker: Broker) -> ProxyApp:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from broker.callers_watch import CallerGate
 from broker.catalog import Catalog, load_catalog
 from broker.connect_sessions import ConnectSessions, SessionStore, SessionTable
 from broker.feed import pruning
@@ -38,6 +39,7 @@ class Broker:
     pleo: PleoClient
     upstream: Upstream
     sessions: ConnectSessions
+    callers: CallerGate | None = None  # BROKER_CALLERS_FILE, watched; None: callers trusted
 
 
 @contextlib.asynccontextmanager
@@ -52,6 +54,7 @@ async def open_broker(
     service; close them on exit."""
     metrics = metrics if metrics is not None else Metrics()
     catalog = load_catalog(settings.catalog_path)
+    callers = CallerGate(settings.callers_file) if settings.callers_file is not None else None
     # Each part is closed (in reverse order) however opening a later one, or the run, ends.
     async with contextlib.AsyncExitStack() as parts:
         raw_store = store if store is not None else open_store(settings)
@@ -88,6 +91,9 @@ async def open_broker(
         )
         parts.push_async_callback(health.stop)
         health.start()
+        if callers is not None:
+            parts.push_async_callback(callers.stop)
+            callers.start()
         # A store that keeps no connect sessions (a test's fake) gets this process's memory.
         session_store = raw_store if isinstance(raw_store, SessionStore) else SessionTable()
         sessions = ConnectSessions(session_store, settings)
@@ -100,4 +106,5 @@ async def open_broker(
             pleo=pleo,
             upstream=upstream,
             sessions=sessions,
+            callers=callers,
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ipaddress
 import json
 import logging
 import resource
@@ -80,6 +81,7 @@ async def serve(
     connect listener when BROKER_CONNECT_PUBLIC_URL is set; `started` gets their ports."""
     proxy_cap, admin_cap = fit_connections_to_file_limit(settings)
     proxy_sock = bind(settings.proxy_host, settings.proxy_port)
+    warn_if_open_to_network(settings)
     admin_sock = bind(settings.admin_host, settings.admin_port)
     connect_sock = None
     if settings.connect_public_url is not None:
@@ -124,6 +126,30 @@ async def serve(
         await run_listeners(
             listeners, stop=stop, started=announce, drain=settings.shutdown_drain_seconds
         )
+
+
+def warn_if_open_to_network(settings: Settings) -> bool:
+    """Log `proxy.open_to_network` when a proxy beyond loopback trusts every caller."""
+    if settings.callers_file is not None or is_loopback(settings.proxy_host):
+        return False
+    emit(
+        "proxy.open_to_network",
+        level=logging.WARNING,
+        host=settings.proxy_host,
+        advice="anyone who reaches this address can use every tenant's key;"
+        " set BROKER_CALLERS_FILE to name the callers",
+    )
+    return True
+
+
+def is_loopback(host: str) -> bool:
+    """True if `host` (a bind address) is reachable from this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def listener_limits(settings: Settings, listener: str, max_connections: int) -> Limits:

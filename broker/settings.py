@@ -111,6 +111,9 @@ class Settings(BaseSettings):
         36000.0,
         36000.0,
     )
+    # YAML naming who may use which tenant (Proxy-Authorization); None: every caller trusted.
+    callers_file: Path | None = None
+    tenant_max_in_flight: int = Field(64, ge=1)  # one tenant's requests in flight to Pleo
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
 

@@ -75,13 +75,18 @@ class TenantService:
         `actor` is `admin`, `cli` or `health_check`."""
         return await self.checks.check(tenant, actor=actor)
 
-    async def recheck_after_forbidden(self, tenant: str) -> TenantRecord:
-        """Pleo answered 403 for this tenant: find out whether the key or its rights changed."""
-        return await self.checks.recheck_after_forbidden(tenant)
+    async def recheck_after_forbidden(
+        self, tenant: str, *, caller: str | None = None
+    ) -> TenantRecord:
+        """Pleo answered 403 for this tenant: find out whether the key or its rights changed
+        (`caller`: the proxy's caller, named by the events, docs/decisions.md)."""
+        return await self.checks.recheck_after_forbidden(tenant, caller=caller)
 
-    async def key_rejected(self, record: TenantRecord) -> TenantRecord:
+    async def key_rejected(
+        self, record: TenantRecord, *, caller: str | None = None
+    ) -> TenantRecord:
         """Pleo answered 401 to a call made with `record`'s key: the tenant is broken at once."""
-        return await self.checks.key_rejected(record)
+        return await self.checks.key_rejected(record, caller=caller)
 
     async def disconnect(self, tenant: str, *, actor: str = "admin") -> None:
         """Forget the tenant and destroy its key material; `tenant.disconnected` is written

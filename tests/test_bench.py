@@ -178,6 +178,7 @@ ROWS = [
     _row(report.BROKER_ONE, 32, [6_000, 5_000, 7_000]),
     _row(report.BROKER_MANY, 32, [5_700]),
     _row(report.BROKER_SPREAD, 32, [5_500]),
+    _row(report.BROKER_CALLERS, 32, [5_800]),
 ]
 
 
@@ -196,6 +197,8 @@ def test_targets_are_computed_from_the_rows() -> None:
     assert tenants.value == pytest.approx(5_500 / 6_000) and tenants.passed
     assert checks["peak RSS with 10k tenants (VmHWM)"].passed
     assert checks["failed requests"].value == 0 and checks["failed requests"].passed
+    callers = checks["throughput at 32 conns, 1,000 callers / no callers file"]
+    assert callers.value == pytest.approx(5_800 / 6_000) and callers.passed
     strict = checks["throughput at 32 conns, broker / nginx proxy with upstream keep-alive"]
     assert strict.value == pytest.approx(6_000 / 60_000)
     assert strict.informational and strict.verdict == "–"
@@ -230,11 +233,11 @@ def test_results_are_written_as_json_and_markdown(tmp_path: Path) -> None:
     written = json.loads(json_path.read_text())
     assert written["passed"] is True
     assert written["configurations"][1]["rps"] == 40_000
-    assert [c["passed"] for c in written["checks"] if not c["informational"]] == [True] * 6
+    assert [c["passed"] for c in written["checks"] if not c["informational"]] == [True] * 7
     markdown = md_path.read_text()
     assert markdown.startswith("header\n")
     assert "| nginx proxy (+Authorization) | 32 | 40,000 |" in markdown
-    assert markdown.count("| pass |") == 6
+    assert markdown.count("| pass |") == 7
 
 
 def test_arguments_are_bounded() -> None:
@@ -244,3 +247,22 @@ def test_arguments_are_bounded() -> None:
         parse_args(["--duration", "0"])
     with pytest.raises(SystemExit):
         parse_args(["--duration", "600"])
+
+
+def test_a_callers_file_slower_by_more_than_5_percent_fails(tmp_path: Path) -> None:
+    slow = [*ROWS[:-1], _row(report.BROKER_CALLERS, 32, [5_600])]
+    checks = {c.name: c for c in report.evaluate(slow, _memory())}
+    assert checks["throughput at 32 conns, 1,000 callers / no callers file"].passed is False
+
+
+def test_the_bench_callers_file_is_valid_and_its_token_allows_every_tenant(
+    tmp_path: Path,
+) -> None:
+    from bench.brokers import write_callers
+    from broker.callers import load_callers
+
+    token = write_callers(tmp_path / "callers.yaml", 1000)
+    table = load_callers(tmp_path / "callers.yaml")
+    assert len(table) == 1000
+    caller = table.identify(f"Bearer {token}".encode())
+    assert caller.allows_tenant("tenant-00000")

@@ -41,6 +41,8 @@ SECRET_VALUES = {
     "webhookSecret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSwQ2xAbc12",
 }
 
+CALLER = {"name": "billing", "token_sha256": "ab" * 32, "tenants": ["acme", "beta-*"]}
+
 VAULT_KUBERNETES: dict[str, Any] = {
     "store": {"type": "vault"},
     "vault": {
@@ -77,6 +79,8 @@ FEATURES: dict[str, dict[str, Any]] = {
     "existing-claim": {"store": {"local": {"persistence": {"existingClaim": "broker-data"}}}},
     "no-persistence": {"store": {"local": {"persistence": {"enabled": False}}}},
     "no-network-policy-egress": {"networkPolicy": {"egress": {"enabled": False}}},
+    "callers": {"proxy": {"expose": True}, "callers": {"entries": [CALLER]}},
+    "callers-existing": {"proxy": {"expose": True}, "callers": {"existingSecret": "who-calls"}},
     "everything": {
         **VAULT_KUBERNETES,
         "proxy": {"expose": True},
@@ -310,6 +314,7 @@ CHART_SETTINGS: dict[str, Any] = {
         "cacheTtl": 2.5,
         "healthCheckInterval": 600,
         "healthCheckRate": 5,
+        "tenantMaxInFlight": 12,
         "upstreamConnectTimeout": 1.5,
         "upstreamTimeout": 12,
         "maxInspectedBody": 2097152,
@@ -373,6 +378,7 @@ EXPECTED_SETTINGS = {
     "cache_ttl": 2.5,
     "health_check_interval": 600.0,
     "health_check_rate": 5.0,
+    "tenant_max_in_flight": 12,
     "upstream_connect_timeout": 1.5,
     "upstream_timeout": 12.0,
     "max_inspected_body": 2097152,
@@ -483,6 +489,7 @@ def test_the_chart_covers_every_broker_setting() -> None:
         ("vault", "token"),
     ]:
         values = merged(CHART_SETTINGS, {"store": {"type": store}, "vault": {"auth": auth}})
+        values["callers"] = {"entries": [CALLER]}
         manifests = render(values)
         seen |= set(only(manifests, "ConfigMap")["data"])
         seen |= {var["name"] for var in broker_container(manifests)["env"]}
@@ -776,3 +783,77 @@ def test_sidecar_pre_stop_sleep_is_configurable(tmp_path: Path) -> None:
     assert "lifecycle" not in broker
     with pytest.raises(helm.HelmError, match="below terminationGracePeriodSeconds"):
         render({"pleo-broker": {"sidecar": {"preStopSleepSeconds": 12}}}, chart=app)
+
+
+def test_callers_are_rendered_into_a_secret_mounted_as_a_directory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from broker.callers import parse_callers
+
+    scoped = {**CALLER, "name": "reader", "token_sha256": "cd" * 32, "scopes": ["export:read"]}
+    manifests = render(merged(FEATURES["callers"], {"callers": {"entries": [CALLER, scoped]}}))
+    secret = next(m for m in manifests if m["metadata"]["name"] == "rel-pleo-broker-callers")
+    table = parse_callers(base64.b64decode(secret["data"]["callers.yaml"]).decode())
+    assert table.names == ("billing", "reader")
+    env = settings_env(manifests)
+    assert env["BROKER_CALLERS_FILE"] == "/etc/pleo-broker/callers/callers.yaml"
+    assert load_broker_settings(env, monkeypatch).callers_file == Path(
+        "/etc/pleo-broker/callers/callers.yaml"
+    )
+    (mount,) = [
+        m for m in broker_container(manifests)["volumeMounts"] if m["name"] == "broker-callers"
+    ]
+    assert mount == {
+        "name": "broker-callers",
+        "mountPath": "/etc/pleo-broker/callers",
+        "readOnly": True,
+    }
+    volumes = only(manifests, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    (volume,) = [v for v in volumes if v["name"] == "broker-callers"]
+    assert volume["secret"]["secretName"] == "rel-pleo-broker-callers"
+    assert "WARNING: no callers" not in notes(FEATURES["callers"])
+
+
+def test_an_existing_callers_secret_is_mounted_with_its_key() -> None:
+    values = merged(FEATURES["callers-existing"], {"callers": {"key": "who.yaml"}})
+    manifests = render(values)
+    assert [m["metadata"]["name"] for m in manifests if m["kind"] == "Secret"] == [
+        "rel-pleo-broker"
+    ]
+    assert settings_env(manifests)["BROKER_CALLERS_FILE"] == "/etc/pleo-broker/callers/who.yaml"
+    volumes = only(manifests, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    (volume,) = [v for v in volumes if v["name"] == "broker-callers"]
+    assert volume["secret"] == {
+        "secretName": "who-calls",
+        "items": [{"key": "who.yaml", "path": "who.yaml"}],
+    }
+
+
+def test_without_callers_nothing_is_mounted_and_an_exposed_proxy_is_warned_about() -> None:
+    for values in ({}, {"mode": "sidecar"}, {"proxy": {"expose": True}}):
+        manifests = render(values)
+        assert "BROKER_CALLERS_FILE" not in only(manifests, "ConfigMap")["data"]
+    container = broker_container(render({}))
+    assert all(m["name"] != "broker-callers" for m in container["volumeMounts"])
+    assert "WARNING: no callers are set" in notes({"proxy": {"expose": True}})
+    assert "WARNING: no callers" not in notes()  # the proxy stays in the pod
+
+
+@pytest.mark.parametrize(
+    "callers",
+    [
+        {"entries": [{**CALLER, "token_sha256": "not-a-hash"}]},
+        {"entries": [{**CALLER, "tenants": []}]},
+        {"entries": [{"name": "billing", "tenants": ["*"]}]},
+        {"entries": [{**CALLER, "colour": "red"}]},
+        {"key": "../etc/passwd"},
+    ],
+)
+def test_schema_rejects_bad_callers(callers: dict[str, Any]) -> None:
+    with pytest.raises(helm.HelmValuesError):
+        render({"callers": callers})
+
+
+def test_callers_from_both_places_fail_clearly() -> None:
+    with pytest.raises(helm.HelmError, match=r"existingSecret or callers\.entries, not both"):
+        render({"callers": {"existingSecret": "x", "entries": [CALLER]}})

@@ -98,6 +98,7 @@ REQUEST_FORWARDING: list[tuple[list[tuple[bytes, bytes]], dict[str, str]]] = [
     ([(b"accept", b"application/json")], {"accept": "application/json"}),
     ([(b"accept", b"a/b"), (b"accept", b"c/d")], {"accept": "a/b, c/d"}),  # joined
     ([(b"authorization", b"Basic x"), (b"cookie", b"a=b")], {}),  # credentials
+    ([(b"proxy-authorization", b"Bearer caller"), (b"proxy-authorization", b"x")], {}),  # caller
     ([(TENANT_HEADER, b"acme"), (b"host", b"localhost"), (b"x-request-id", b"r")], {}),
     ([(b"connection", b"keep-alive, x-secret"), (b"x-secret", b"1"), (b"te", b"trailers")], {}),
     ([(b"upgrade", b"h2c"), (b"transfer-encoding", b"chunked"), (b"expect", b"100-continue")], {}),

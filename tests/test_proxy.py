@@ -595,9 +595,9 @@ def test_metrics_use_route_templates(recording: tuple[RecordingUpstream, Running
     httpx.get(f"{broker.proxy_url}/nowhere/at/all", headers=TENANT)
     text = httpx.get(f"{broker.admin_url}/metrics").text
     assert (
-        'broker_proxy_requests_total{code="200",method="GET",route="/v3/export-jobs/{jobId}/items"}'
-        in text
-    )
+        'broker_proxy_requests_total{caller="anonymous",code="200",method="GET",'
+        'route="/v3/export-jobs/{jobId}/items"}'
+    ) in text
     assert 'route="unmatched"' in text
     assert "123e4567" not in text
     assert "acme" not in text
@@ -724,7 +724,10 @@ def test_unusual_methods_share_one_metric_label(broker: RunningBroker, acme: Any
             "Connection: close\r\n\r\n".encode(),
         )
     text = httpx.get(f"{broker.admin_url}/metrics").text
-    assert 'broker_proxy_requests_total{code="403",method="OTHER",route="unmatched"} 3.0' in text
+    assert (
+        'broker_proxy_requests_total{caller="anonymous",code="403",method="OTHER",'
+        'route="unmatched"} 3.0'
+    ) in text
     assert "PROPFIND" not in text
 
 

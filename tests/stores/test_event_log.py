@@ -76,8 +76,10 @@ def active(tenant: str) -> TenantRecord:
     )
 
 
-def event(record: TenantRecord, kind: str = "tenant.activated", **kw: datetime) -> Event:
-    return new_event(kind, "admin", record.view(), **kw)
+def event(
+    record: TenantRecord, kind: str = "tenant.activated", now: datetime | None = None
+) -> Event:
+    return new_event(kind, "admin", record.view(), now=now)
 
 
 async def everything(store: SecretStore, tenant: str | None = None, page: int = 2) -> list[Event]:

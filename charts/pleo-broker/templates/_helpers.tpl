@@ -81,6 +81,14 @@ proxy.allowedHosts (BROKER_PROXY_ALLOWED_HOSTS; any other Host is refused, again
 
 {{- define "pleo-broker.vaultCaMountPath" -}}/etc/pleo-broker/vault-ca{{- end }}
 
+{{/* The Secret holding the callers file, if callers are set ("" otherwise). */}}
+{{- define "pleo-broker.callersSecret" -}}
+{{- if .Values.callers.existingSecret }}{{ .Values.callers.existingSecret }}
+{{- else if .Values.callers.entries }}{{ include "pleo-broker.fullname" . }}-callers
+{{- end }}
+{{- end }}
+{{- define "pleo-broker.callersMountPath" -}}/etc/pleo-broker/callers{{- end }}
+
 {{/* Refuse configurations that cannot work, with a message that says what to change. */}}
 {{- define "pleo-broker.validate" -}}
 {{- if not (has .Values.mode (list "deployment" "sidecar")) }}
@@ -112,6 +120,9 @@ proxy.allowedHosts (BROKER_PROXY_ALLOWED_HOSTS; any other Host is refused, again
 {{- fail "vault.auth=token needs secrets.vaultToken (or secrets.existingSecret)" }}
 {{- end }}
 {{- end }}
+{{- end }}
+{{- if and .Values.callers.existingSecret .Values.callers.entries }}
+{{- fail "set callers.existingSecret or callers.entries, not both" }}
 {{- end }}
 {{- if and .Values.vault.caCert.configMap .Values.vault.caCert.secret }}
 {{- fail "set vault.caCert.configMap or vault.caCert.secret, not both" }}
@@ -150,6 +161,10 @@ BROKER_STORE_PATH: "/data"
 BROKER_CACHE_TTL: {{ .Values.broker.cacheTtl | toString | quote }}
 BROKER_HEALTH_CHECK_INTERVAL: {{ .Values.broker.healthCheckInterval | toString | quote }}
 BROKER_HEALTH_CHECK_RATE: {{ .Values.broker.healthCheckRate | toString | quote }}
+BROKER_TENANT_MAX_IN_FLIGHT: {{ int64 .Values.broker.tenantMaxInFlight | quote }}
+{{- if include "pleo-broker.callersSecret" . }}
+BROKER_CALLERS_FILE: {{ printf "%s/%s" (include "pleo-broker.callersMountPath" .) .Values.callers.key | quote }}
+{{- end }}
 BROKER_UPSTREAM_CONNECT_TIMEOUT: {{ .Values.broker.upstreamConnectTimeout | toString | quote }}
 BROKER_UPSTREAM_TIMEOUT: {{ .Values.broker.upstreamTimeout | toString | quote }}
 BROKER_MAX_INSPECTED_BODY: {{ int64 .Values.broker.maxInspectedBody | quote }}
@@ -306,6 +321,13 @@ BROKER_VAULT_CACERT: {{ printf "%s/%s" (include "pleo-broker.vaultCaMountPath" .
       mountPath: {{ include "pleo-broker.vaultCaMountPath" . }}
       readOnly: true
     {{- end }}
+    {{- if include "pleo-broker.callersSecret" . }}
+    # The whole directory, never a subPath: a Secret update swaps its ..data symlink, which the
+    # broker notices; a subPath mount would keep the old file.
+    - name: broker-callers
+      mountPath: {{ include "pleo-broker.callersMountPath" . }}
+      readOnly: true
+    {{- end }}
 {{- end }}
 
 {{/* The volumes the broker container mounts. */}}
@@ -323,6 +345,14 @@ BROKER_VAULT_CACERT: {{ printf "%s/%s" (include "pleo-broker.vaultCaMountPath" .
   emptyDir:
     sizeLimit: 64Mi
   {{- end }}
+{{- with include "pleo-broker.callersSecret" . }}
+- name: broker-callers
+  secret:
+    secretName: {{ . }}
+    items:
+      - key: {{ $.Values.callers.key }}
+        path: {{ $.Values.callers.key }}
+{{- end }}
 {{- with .Values.vault.caCert }}
 {{- if .configMap }}
 - name: broker-vault-ca

@@ -1,0 +1,298 @@
+"""The callers file (README "Callers"): validation, identification, the hash command and
+the watcher that reloads it (the proxy end to end is in test_proxy_callers.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import logging
+import time
+from pathlib import Path
+
+import pytest
+from support.secret_volume import write_secret_volume
+
+from broker import cli, errors
+from broker.callers import CallersFileError, load_callers, parse_callers, token_hash
+from broker.callers_watch import CallerGate
+from broker.server import is_loopback, warn_if_open_to_network
+from broker.settings import Settings
+
+TOKEN = "t" * 40
+HASH = hashlib.sha256(TOKEN.encode()).hexdigest()
+OTHER = "o" * 40
+
+
+def entry(**fields: object) -> str:
+    base: dict[str, object] = {"name": "billing", "token_sha256": HASH, "tenants": ["acme"]}
+    base.update(fields)
+    lines = [
+        f"  - {k}: {v!r}" if i == 0 else f"    {k}: {v!r}"
+        for i, (k, v) in enumerate((k, v) for k, v in base.items() if v is not None)
+    ]
+    return "callers:\n" + "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "complaint"),
+    [
+        ("callers: [", "is not valid YAML (line 1)"),
+        ("- a\n", "must be a mapping with one key, 'callers'"),
+        ("callers: {}\n", "'callers' must be a list"),
+        ("callers:\n  - 3\n", "caller 1: must be a mapping"),
+        (entry(name="Billing"), "caller 1: 'name' must be 1-63 characters"),
+        (entry(name="anonymous"), "caller 1 (anonymous): 'name' must be"),
+        (entry(token_sha256="abc"), "caller 1 (billing): 'token_sha256' must be 64 hex digits"),
+        (entry(tenants=[]), "caller 1 (billing): 'tenants' must be a non-empty list"),
+        (entry(tenants="acme"), "caller 1 (billing): 'tenants' must be a non-empty list"),
+        (entry(tenants=["Acme"]), "caller 1 (billing): tenant pattern 'Acme' must be"),
+        (entry(tenants=["a*c"]), "tenant pattern 'a*c' must be"),
+        (entry(tenants=["-*"]), "tenant pattern '-*' must be"),
+        (entry(scopes=["read"]), "caller 1 (billing): scope 'read' is not of the form"),
+        (entry(scopes=[]), "'scopes' must be a non-empty list"),
+        (entry(color="red"), "caller 1 (billing): unknown field 'color'"),
+    ],
+)
+def test_a_bad_file_is_refused_in_one_line_naming_the_entry(text: str, complaint: str) -> None:
+    with pytest.raises(CallersFileError) as raised:
+        parse_callers(text, "callers.yaml")
+    message = str(raised.value)
+    assert message.startswith("callers.yaml: ")
+    assert complaint in message
+    assert "\n" not in message
+    assert HASH not in message and TOKEN not in message
+
+
+def test_names_and_tokens_are_unique() -> None:
+    two = entry() + entry().removeprefix("callers:\n")
+    with pytest.raises(CallersFileError, match=r"caller 2 \(billing\): the name is used"):
+        parse_callers(two)
+    renamed = entry() + entry(name="ledger").removeprefix("callers:\n")
+    with pytest.raises(CallersFileError, match=r"caller 2 \(ledger\): token_sha256 is the same"):
+        parse_callers(renamed)
+
+
+def test_an_unreadable_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(CallersFileError, match=r"missing\.yaml: cannot read it"):
+        load_callers(tmp_path / "missing.yaml")
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe")
+    with pytest.raises(CallersFileError, match="is not UTF-8"):
+        load_callers(tmp_path / "bin.yaml")
+
+
+@pytest.mark.parametrize(
+    ("patterns", "tenant", "allowed"),
+    [
+        (["acme"], "acme", True),
+        (["acme"], "acme-eu", False),
+        (["acme-*"], "acme-eu", True),
+        (["acme-*"], "acme", False),
+        (["acme-*"], "beta-acme-eu", False),
+        (["*"], "anything", True),
+        (["beta", "acme-*"], "beta", True),
+    ],
+)
+def test_tenant_patterns(patterns: list[str], tenant: str, allowed: bool) -> None:
+    caller = parse_callers(entry(tenants=patterns)).identify(f"Bearer {TOKEN}".encode())
+    assert caller.allows_tenant(tenant) is allowed
+
+
+def test_scopes_bound_the_routes_and_unscoped_routes_stay_open() -> None:
+    caller = parse_callers(entry(scopes=["export-jobs:read"])).identify(b"Bearer " + TOKEN.encode())
+    assert caller.allows_scope("export-jobs:read")
+    assert not caller.allows_scope("export-jobs:write")
+    assert caller.allows_scope(None)
+    unbounded = parse_callers(entry()).identify(b"Bearer " + TOKEN.encode())
+    assert unbounded.allows_scope("vendors:write")
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        None,
+        b"",
+        b"Bearer",
+        b"Bearer ",
+        f"Bearer {OTHER}".encode(),  # right length, wrong token
+        f"Bearer {TOKEN[:-1]}".encode(),
+        f"Basic {TOKEN}".encode(),
+        f"Token {TOKEN}".encode(),
+        f"Bearer:{TOKEN}".encode(),
+        f"Bearer{TOKEN}".encode(),
+        HASH.encode(),
+        f"Bearer {HASH}".encode(),  # the hash is not the token
+    ],
+)
+def test_unknown_tokens_are_unauthenticated(header: bytes | None) -> None:
+    table = parse_callers(entry())
+    with pytest.raises(errors.CallerUnauthenticated) as raised:
+        table.identify(header)
+    assert TOKEN not in raised.value.message
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
+def test_the_scheme_is_case_insensitive_as_http_says(scheme: str) -> None:
+    assert parse_callers(entry()).identify(f"{scheme} {TOKEN}".encode()).name == "billing"
+
+
+def test_a_thousand_callers_are_told_apart() -> None:
+    tokens = [f"token-{i:04d}-{'x' * 30}" for i in range(1000)]
+    text = "callers:\n" + "".join(
+        f"  - name: c{i}\n    token_sha256: {token_hash(t)}\n    tenants: ['t{i}']\n"
+        for i, t in enumerate(tokens)
+    )
+    table = parse_callers(text)
+    assert len(table) == 1000
+    assert table.identify(f"Bearer {tokens[617]}".encode()).name == "c617"
+
+
+# -- broker callers hash ----------------------------------------------------------------------
+
+
+def test_the_hash_command_prints_the_sha256_of_standard_input(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO(TOKEN + "\n"))
+    assert cli.main(["callers", "hash"]) == 0
+    out = capsys.readouterr().out
+    assert out == HASH + "\n"
+    assert TOKEN not in out
+
+
+def test_the_hash_command_reads_a_hidden_prompt_on_a_terminal(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr("sys.stdin", Terminal())
+    monkeypatch.setattr("getpass.getpass", lambda prompt: TOKEN)
+    assert cli.main(["callers", "hash"]) == 0
+    assert capsys.readouterr().out.strip() == HASH
+
+
+def test_the_hash_command_refuses_a_short_token(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
+    assert cli.main(["callers", "hash"]) == 2
+    assert "at least 32 characters" in capsys.readouterr().err
+
+
+# -- the watcher --------------------------------------------------------------------------------
+
+
+def k8s_secret(directory: Path, text: str) -> None:
+    write_secret_volume(directory, {"callers.yaml": text})
+
+
+async def wait_for(condition: object, seconds: float = 1.0) -> float:
+    started = time.monotonic()
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() - started < seconds, "not within the deadline"
+        await asyncio.sleep(0.02)
+    return time.monotonic() - started
+
+
+async def test_a_symlink_swap_takes_effect_within_a_second(tmp_path: Path) -> None:
+    k8s_secret(tmp_path, entry())
+    gate = CallerGate(tmp_path / "callers.yaml")
+    gate.start()
+    try:
+        assert gate.table.names == ("billing",)
+        k8s_secret(tmp_path, entry(name="ledger"))
+        await wait_for(lambda: gate.table.names == ("ledger",))
+    finally:
+        await gate.stop()
+
+
+async def test_a_broken_new_file_keeps_the_previous_callers_and_says_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    k8s_secret(tmp_path, entry())
+    gate = CallerGate(tmp_path / "callers.yaml")
+    before = gate.table
+    k8s_secret(tmp_path, entry(token_sha256="nothex"))
+    with caplog.at_level(logging.WARNING, logger="broker"):
+        assert not await gate.reload_if_changed()
+    assert gate.table is before
+    (failed,) = [r for r in caplog.records if getattr(r, "event", "") == "callers.reload_failed"]
+    error = failed.fields["error"]  # type: ignore[attr-defined]
+    assert "caller 1 (billing): 'token_sha256' must be 64 hex digits" in error
+    assert "previous callers stay in force" in error
+    assert not await gate.reload_if_changed()  # unchanged since: not read or logged again
+    k8s_secret(tmp_path, entry(name="fixed"))
+    assert await gate.reload_if_changed()
+    assert gate.table.names == ("fixed",)
+
+
+async def test_a_file_that_disappears_keeps_the_previous_callers(tmp_path: Path) -> None:
+    path = tmp_path / "callers.yaml"
+    path.write_text(entry())
+    gate = CallerGate(path)
+    path.unlink()
+    assert not await gate.reload_if_changed()
+    assert gate.table.names == ("billing",)
+
+
+def test_a_bad_file_stops_start_up(tmp_path: Path) -> None:
+    path = tmp_path / "callers.yaml"
+    path.write_text("callers: [")
+    with pytest.raises(errors.ConfigError) as raised:
+        CallerGate(path)
+    assert str(raised.value) == (
+        f"configuration error: BROKER_CALLERS_FILE: {path}: is not valid YAML (line 1)"
+    )
+
+
+# -- a proxy open to the network -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("::1", True), ("localhost", True), ("0.0.0.0", False), ("::", False)],
+)
+def test_loopback_addresses(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+def test_a_proxy_beyond_loopback_without_callers_is_logged(tmp_path: Path) -> None:
+    assert warn_if_open_to_network(Settings(proxy_host="0.0.0.0"))
+    assert not warn_if_open_to_network(Settings(proxy_host="127.0.0.1"))
+    path = tmp_path / "callers.yaml"
+    assert not warn_if_open_to_network(Settings(proxy_host="0.0.0.0", callers_file=path))
+
+
+def test_the_readme_example_is_a_valid_callers_file() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = readme.split("```yaml\ncallers:", 1)[1].split("```", 1)[0]
+    table = parse_callers("callers:" + example)
+    assert table.names == ("billing", "reports")
+
+
+def test_an_events_caller_is_one_more_field_and_survives_storage() -> None:
+    from broker.outbox import Event, new_event
+
+    view = {"tenant": "acme", "state": "broken"}
+    plain = new_event("tenant.broken", "proxy", view)
+    assert set(plain.body()) == {"id", "type", "timestamp", "actor", "data"}
+    assert Event.loads(plain.dumps()).caller is None
+    named = new_event("tenant.broken", "proxy", view, caller="billing")
+    assert named.body()["caller"] == "billing"
+    assert named.body()["actor"] == "proxy" and named.body()["data"] == view
+    assert Event.loads(named.dumps()) == named
+
+
+def test_broker_events_names_the_caller_after_the_actor() -> None:
+    from broker.cli_events import format_event
+
+    event = {
+        "timestamp": "2026-11-30T01:00:00.000Z",
+        "type": "tenant.broken",
+        "actor": "proxy",
+        "data": {"tenant": "acme", "state": "broken", "reason": "key_rejected"},
+    }
+    assert format_event(event).endswith("by proxy")
+    assert format_event({**event, "caller": "billing"}).endswith("by proxy (caller billing)")
