@@ -59,7 +59,8 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
-from broker.sandbox import exports, resources
+from broker.catalog import load_catalog
+from broker.sandbox import exports, generic, resources, specs
 from broker.sandbox.api import SERVER_SEND, PleoApi, PleoRoute
 from broker.sandbox.control import CONTROL_ROUTES
 from broker.sandbox.envelopes import PleoError
@@ -67,7 +68,7 @@ from broker.sandbox.state import SandboxKey, SandboxState
 
 __all__ = ["PLEO_ROUTES", "SandboxApp", "SandboxKey", "SandboxState", "create_app", "run"]
 
-PLEO_ROUTES: tuple[PleoRoute, ...] = (
+HANDWRITTEN: tuple[PleoRoute, ...] = (
     PleoRoute("GET", "/v1/introspect", None, resources.introspect),
     PleoRoute("GET", "/v1/installations/me", None, resources.installation),
     PleoRoute("GET", "/v1/companies/{companyId}", "companies:read", resources.company),
@@ -80,6 +81,15 @@ PLEO_ROUTES: tuple[PleoRoute, ...] = (
     PleoRoute("GET", "/v3/export-jobs/{jobId}/items", "export-jobs:read", exports.get_items),
     PleoRoute("PUT", "/v3/export-jobs/{jobId}/items", "export-jobs:write", exports.update_items),
     PleoRoute("GET", "/v3/export-items", "export-items:read", exports.export_items),
+    PleoRoute("GET", "/v3/export-job-items", "export-jobs:read", exports.get_job_item),
+    PleoRoute("POST", "/v3/export-job-items:search", "export-jobs:read", exports.search_job_items),
+    # v2 is v3's workflow under older paths: the same jobs, items and events
+    PleoRoute("GET", "/v2/export-jobs", "export-jobs:read", exports.list_jobs),
+    PleoRoute("POST", "/v2/export-jobs", "export-jobs:write", exports.create_job),
+    PleoRoute("GET", "/v2/export-jobs/{jobId}", "export-jobs:read", exports.get_job),
+    PleoRoute("POST", "/v2/export-job-events", "export-jobs:write", exports.job_event),
+    PleoRoute("GET", "/v2/export-jobs/{jobId}/items", "export-jobs:read", exports.get_items),
+    PleoRoute("PUT", "/v2/export-jobs/{jobId}/items", "export-jobs:write", exports.update_items),
     PleoRoute("POST", "/v1/vendors", "vendors:write", resources.create_vendor),
     PleoRoute("GET", "/v1/vendors/{id}", "vendors:read", resources.get_vendor),
     PleoRoute("PUT", "/v1/vendors/{id}", "vendors:write", resources.update_vendor),
@@ -92,6 +102,20 @@ PLEO_ROUTES: tuple[PleoRoute, ...] = (
     PleoRoute("POST", "/v0/tag-groups", "tag-groups:write", resources.create_tag_group),
     PleoRoute("GET", "/v0/tag-groups/{groupId}", "tag-groups:read", resources.get_tag_group),
 )
+
+
+def _spec_routes(written: tuple[PleoRoute, ...]) -> tuple[PleoRoute, ...]:
+    """A generic route (`broker.sandbox.generic`) for every spec operation not in `written`."""
+    scopes = {(r.method, r.template): r.scope for r in load_catalog().routes}
+    have = {(route.method, route.template) for route in written}
+    return tuple(
+        PleoRoute(op.method, op.template, scopes.get(key), generic.handler(op))
+        for key, op in sorted(specs.operations().items())
+        if key not in have
+    )
+
+
+PLEO_ROUTES: tuple[PleoRoute, ...] = HANDWRITTEN + _spec_routes(HANDWRITTEN)
 
 
 class SandboxApp(Starlette):

@@ -227,3 +227,39 @@ def _export_item(job: dict[str, Any], entry_id: str) -> dict[str, Any]:
         ],
         "_links": {"api": {"exportItem": f"/v3/export-items?job_id={job['id']}"}},
     }
+
+
+def _company_items(call: Call) -> list[dict[str, Any]]:
+    return [
+        item
+        for job_id, items in call.state.job_items.items()
+        if call.state.export_jobs[job_id]["companyId"] == call.key.company_id
+        for item in items
+    ]
+
+
+def get_job_item(call: Call) -> Response:
+    """`GET /v3/export-job-items?accounting_entry_id=`: the entry's latest export job item."""
+    entry_id = call.query.get("accounting_entry_id")
+    found = [
+        item
+        for item in _company_items(call)
+        if entry_id is None or item["accountingEntryId"] == entry_id
+    ]
+    if not found:
+        raise PleoError(404, "EXPORT_ENTRY_NOT_FOUND", "Export Job Item not found")
+    return data(found[-1])
+
+
+def search_job_items(call: Call) -> Response:
+    """`POST /v3/export-job-items:search` by `accountingEntryIds` (and `status`)."""
+    body = bodies.json_object({} if call.body is None else call.body)
+    ids = bodies.text_list(body, "accountingEntryIds")
+    status = bodies.choice(body, "status", ITEM_STATUSES, required=False)
+    found = [
+        item
+        for item in _company_items(call)
+        if (ids is None or item["accountingEntryId"] in ids)
+        and (status is None or item["status"] == status)
+    ]
+    return page(found, call.query)

@@ -31,6 +31,11 @@ ALL_SCOPES: tuple[str, ...] = (
     "tax-codes:write",
     "tag-groups:read",
     "tag-groups:write",
+    "tags:read",
+    "tags:write",
+    "subscriptions:read",
+    "subscriptions:write",
+    "accounting-entries:write",
 )
 AUTH_METHODS = frozenset({"API_KEY", "OAUTH2", "NONE"})
 FAULT_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -175,6 +180,13 @@ class SandboxState:
         self.vendors: dict[str, dict[str, Any]] = {}
         self.tax_codes: dict[str, dict[str, Any]] = {}
         self.tag_groups: dict[str, dict[str, Any]] = {}
+        # every collection of Pleo records by its path (`generic`); the named ones included
+        self.records: dict[str, dict[str, dict[str, Any]]] = {
+            "/v1/vendors": self.vendors,
+            "/v0/tax-codes": self.tax_codes,
+            "/v0/tag-groups": self.tag_groups,
+            "/v3/export-jobs": self.export_jobs,
+        }
         self._by_digest: dict[str, str] = {}
         # tests drive the state from their own thread while a server thread serves it
         self._lock = threading.Lock()
@@ -238,6 +250,11 @@ class SandboxState:
             return self.keys[key_id]
         except KeyError:
             raise UnknownKey(key_id) from None
+
+    def collection(self, path: str) -> dict[str, dict[str, Any]]:
+        """The records of the collection at `path` (a path template), by id."""
+        with self._lock:
+            return self.records.setdefault(path, {})
 
     # companies
 
