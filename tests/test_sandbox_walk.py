@@ -48,11 +48,13 @@ def _operations() -> list[tuple[str, str, dict[str, Any]]]:
                 if method in item:
                     found.setdefault((method.upper(), template), _resolve(item[method], root))
 
-    def order(key: tuple[str, str]) -> tuple[int, str]:
+    def order(key: tuple[str, str]) -> tuple[int, int, str]:
         method, template = key
         if method == "POST" and not template.endswith("}") and ":" not in template:
-            return (0, template)
-        return ({"GET": 2, "DELETE": 3}.get(method, 1), template)
+            return (0, 0, template)
+        if method == "DELETE":  # the deepest first: a tag's dimensions before the tag
+            return (3, -template.count("/"), template)
+        return ({"GET": 2}.get(method, 1), 0, template)
 
     return [(m, t, found[(m, t)]) for m, t in sorted(found, key=order)]
 

@@ -104,7 +104,9 @@ def check_companies(
     named = [params[name] for name in ("companyId",) if name in params]
     named += query.getlist("company_id") + query.getlist("companyId")
     if isinstance(body, dict) and body.get("companyId") is not None:
-        named.append(str(body["companyId"]))
+        if not isinstance(body["companyId"], str):
+            raise PleoError(400, "INVALID_REQUEST", "'companyId' must be a UUID.")
+        named.append(body["companyId"])
     for company_id in named:
         if company_id.lower() != key.company_id:
             raise forbidden(f"This key has no access to company {company_id}.")

@@ -60,7 +60,7 @@ from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
 from broker.catalog import load_catalog
-from broker.sandbox import exports, generic, resources, specs
+from broker.sandbox import exports, generic, installations, resources, specs, subscriptions
 from broker.sandbox.api import SERVER_SEND, PleoApi, PleoRoute
 from broker.sandbox.control import CONTROL_ROUTES
 from broker.sandbox.envelopes import PleoError
@@ -71,6 +71,11 @@ __all__ = ["PLEO_ROUTES", "SandboxApp", "SandboxKey", "SandboxState", "create_ap
 HANDWRITTEN: tuple[PleoRoute, ...] = (
     PleoRoute("GET", "/v1/introspect", None, resources.introspect),
     PleoRoute("GET", "/v1/installations/me", None, resources.installation),
+    PleoRoute("POST", "/v1/installations/me", None, installations.create),
+    PleoRoute("PUT", "/v1/installations/me", None, installations.update),
+    PleoRoute("DELETE", "/v1/installations/me", None, installations.delete),
+    PleoRoute("POST", "/v1/installations/me:activate", None, installations.activate),
+    PleoRoute("PUT", "/v1/installations/completions", None, installations.activate),
     PleoRoute("GET", "/v1/companies/{companyId}", "companies:read", resources.company),
     PleoRoute("GET", "/v2/employees", "users:read", resources.employees),
     PleoRoute("GET", "/v2/employees/{employeeId}", "users:read", resources.employee),
@@ -83,6 +88,15 @@ HANDWRITTEN: tuple[PleoRoute, ...] = (
     PleoRoute("GET", "/v3/export-items", "export-items:read", exports.export_items),
     PleoRoute("GET", "/v3/export-job-items", "export-jobs:read", exports.get_job_item),
     PleoRoute("POST", "/v3/export-job-items:search", "export-jobs:read", exports.search_job_items),
+    PleoRoute("GET", "/v1/subscriptions", "subscriptions:read", subscriptions.listed),
+    PleoRoute("POST", "/v1/subscriptions", "subscriptions:write", subscriptions.create),
+    PleoRoute("GET", "/v1/subscriptions/{id}", "subscriptions:read", subscriptions.get),
+    PleoRoute("PUT", "/v1/subscriptions/{id}", "subscriptions:write", subscriptions.update),
+    PleoRoute("DELETE", "/v1/subscriptions/{id}", "subscriptions:write", subscriptions.delete),
+    PleoRoute("GET", "/v1/subscriptions/{id}/secret", "subscriptions:read", subscriptions.secret),
+    PleoRoute(
+        "GET", "/v1/subscriptions/{id}/activities", "subscriptions:read", subscriptions.activities
+    ),
     # v2 is v3's workflow under older paths: the same jobs, items and events
     PleoRoute("GET", "/v2/export-jobs", "export-jobs:read", exports.list_jobs),
     PleoRoute("POST", "/v2/export-jobs", "export-jobs:write", exports.create_job),

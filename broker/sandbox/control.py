@@ -172,6 +172,10 @@ async def clear_requests(request: Request) -> Response:
     return Response(status_code=204)
 
 
+async def webhooks(request: Request) -> Response:
+    return JSONResponse({"deliveries": list(_state(request).webhook_deliveries)})
+
+
 async def health(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
@@ -185,4 +189,5 @@ CONTROL_ROUTES = [
     Route("/faults", clear_faults, methods=["DELETE"]),
     Route("/requests", list_requests, methods=["GET"]),
     Route("/requests", clear_requests, methods=["DELETE"]),
+    Route("/webhooks", webhooks, methods=["GET"]),
 ]

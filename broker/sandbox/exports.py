@@ -13,7 +13,7 @@ from typing import Any
 
 from starlette.responses import Response
 
-from broker.sandbox import bodies
+from broker.sandbox import bodies, subscriptions
 from broker.sandbox.api import Call
 from broker.sandbox.envelopes import PleoError, PleoJSONResponse, bad_request, data, page
 from broker.sandbox.resources import owned
@@ -52,6 +52,9 @@ def create_job(call: Call) -> Response:
         raise bad_request("'accountingEntryIds' is required and must be a list of UUIDs.")
     entries = list(dict.fromkeys(bodies.uuid_text(e, "accountingEntryIds") for e in entry_ids))
     interactive = bodies.boolean(body, "isInteractive", required=False)
+    employee_id = body.get("employeeId")
+    if employee_id is not None:
+        employee_id = bodies.uuid_text(employee_id, "employeeId")
     options = body.get("options") or {}
     if not isinstance(options, dict):
         raise bad_request("'options' must be an object.")
@@ -70,7 +73,7 @@ def create_job(call: Call) -> Response:
         "status": "pending",
         "createdAt": now,
         "lastUpdatedAt": now,
-        "createdBy": body.get("employeeId"),
+        "createdBy": employee_id,
         "expiresIn": JOB_EXPIRES_IN,
         "isInteractive": True if interactive is None else interactive,
         "numberOfItems": len(entries),
@@ -84,6 +87,7 @@ def create_job(call: Call) -> Response:
         {"accountingEntryId": entry, "exportJobId": job["id"], "status": "pending"}
         for entry in entries
     ]
+    subscriptions.emit(call.state, company_id, subscriptions.EXPORT_JOB_CREATED, dict(job))
     return data(job, 201)
 
 
@@ -132,6 +136,9 @@ def job_event(call: Call) -> Response:
         for item in call.state.job_items[job["id"]]:
             if item["status"] in UNFINISHED:
                 item["status"] = "abandoned"
+    if event != "started":
+        kind = "failed" if event == "failed" else "completed"
+        subscriptions.emit(call.state, job["companyId"], f"v1.export-job.{kind}", dict(job))
     return Response(status_code=202)
 
 

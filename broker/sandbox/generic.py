@@ -88,8 +88,16 @@ def _parents(call: Call, collection: str) -> dict[str, str]:
     return {name: call.params[name] for name in _PARAM.findall(collection)}
 
 
+def _check_parents(call: Call, collection: str) -> None:
+    """404 unless each thing the collection is nested under exists and is the company's."""
+    for name in _PARAM.findall(collection):
+        parent = collection[: collection.index("/{" + name + "}")]
+        _owned(call, Plan("get", parent, name))
+
+
 def _owned(call: Call, found: Plan) -> dict[str, Any]:
     assert found.param is not None
+    _check_parents(call, found.collection)
     record = _store(call, found.collection).get(call.params[found.param])
     parents = _parents(call, found.collection)
     if (
@@ -111,6 +119,7 @@ def _body_object(call: Call) -> dict[str, Any]:
 
 
 def _listed(call: Call, found: Plan) -> dict[str, Any]:
+    _check_parents(call, found.collection)
     parents = _parents(call, found.collection)
     records = [
         record
@@ -122,6 +131,7 @@ def _listed(call: Call, found: Plan) -> dict[str, Any]:
 
 
 def _create(call: Call, found: Plan, record_id: str | None = None) -> dict[str, Any]:
+    _check_parents(call, found.collection)
     now = now_iso()
     record: dict[str, Any] = {"createdAt": now, **_body_object(call)}
     record.update(

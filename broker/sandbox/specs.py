@@ -154,7 +154,21 @@ def _fits(schema: dict[str, Any], value: Any) -> bool:
         return True
     if kind in ("integer", "number") and isinstance(value, bool):
         return False
-    return isinstance(value, wanted)
+    if not isinstance(value, wanted):
+        return False
+    return not isinstance(value, str) or _formatted(schema, value)
+
+
+def _formatted(schema: dict[str, Any], value: str) -> bool:
+    """Whether `value` has the schema's `format` (of those the sandbox writes)."""
+    try:
+        if schema.get("format") == "uuid":
+            uuid.UUID(value)
+        elif schema.get("format") == "date-time":
+            datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return True
 
 
 def shape(schema: dict[str, Any] | None, value: Any) -> Any:

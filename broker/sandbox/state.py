@@ -6,6 +6,7 @@ and never stored, logged or shown again by the sandbox.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 import threading
@@ -42,6 +43,7 @@ FAULT_STATUSES = frozenset({429, 500, 502, 503, 504})
 FaultKind = Literal["latency", "status", "drop"]
 APPLICATION_ID = "5a9d3c1e-0b7f-4c52-9e1a-7d2f6b8c4e10"
 REQUEST_LOG_SIZE = 1000
+WEBHOOK_RETRY_DELAYS = (1.0, 5.0, 30.0)
 
 _FIRST_NAMES = ("Ada", "Grace", "Linus", "Margaret", "Edsger")
 _LAST_NAMES = ("Lovelace", "Hopper", "Torvalds", "Hamilton", "Dijkstra")
@@ -88,6 +90,8 @@ class KeyRecord:
     """False: `/v1/introspect` leaves `subjectURN` out (Pleo's spec makes it optional)."""
     installation_resource: str | None = None
     """The `resource` of `/v1/installations/me` when not the subject's URN."""
+    installation: dict[str, Any] = field(default_factory=dict)
+    """What `/v1/installations/me` changed: status, metadata, errorCode, updatedAt, deleted."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +192,10 @@ class SandboxState:
             "/v3/export-jobs": self.export_jobs,
         }
         self._by_digest: dict[str, str] = {}
+        # webhooks (`subscriptions`): every delivery and its attempts; retry pauses in seconds
+        self.webhook_deliveries: deque[dict[str, Any]] = deque(maxlen=request_log_size)
+        self.webhook_retry_delays: tuple[float, ...] = WEBHOOK_RETRY_DELAYS
+        self.webhook_tasks: set[asyncio.Task[bool]] = set()
         # tests drive the state from their own thread while a server thread serves it
         self._lock = threading.Lock()
 
