@@ -60,7 +60,15 @@ from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
 from broker.catalog import load_catalog
-from broker.sandbox import exports, generic, installations, resources, specs, subscriptions
+from broker.sandbox import (
+    accounting,
+    exports,
+    generic,
+    installations,
+    resources,
+    specs,
+    subscriptions,
+)
 from broker.sandbox.api import SERVER_SEND, PleoApi, PleoRoute
 from broker.sandbox.control import CONTROL_ROUTES
 from broker.sandbox.envelopes import PleoError
@@ -77,6 +85,16 @@ HANDWRITTEN: tuple[PleoRoute, ...] = (
     PleoRoute("POST", "/v1/installations/me:activate", None, installations.activate),
     PleoRoute("PUT", "/v1/installations/completions", None, installations.activate),
     PleoRoute("GET", "/v1/companies/{companyId}", "companies:read", resources.company),
+    PleoRoute("GET", "/v1/companies", "companies:read", accounting.companies),
+    PleoRoute("POST", "/v1/chart-of-accounts", "accounts:write", accounting.create_account),
+    PleoRoute("POST", "/v1/chart-of-accounts/batch", "accounts:write", accounting.batch_accounts),
+    PleoRoute(
+        "POST", "/v0/tax-codes:calculate-tax-amounts", "tax-codes:read", accounting.calculate_taxes
+    ),
+    PleoRoute(
+        "GET", "/v0/aggregations/tag-groups", "tag-groups:read", accounting.tag_group_aggregations
+    ),
+    PleoRoute("POST", "/v0/aggregations/tags", "tags:read", accounting.tag_aggregations),
     PleoRoute("GET", "/v2/employees", "users:read", resources.employees),
     PleoRoute("GET", "/v2/employees/{employeeId}", "users:read", resources.employee),
     PleoRoute("GET", "/v3/export-jobs", "export-jobs:read", exports.list_jobs),

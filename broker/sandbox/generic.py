@@ -206,6 +206,8 @@ def handler(operation: Operation) -> Handler:
 
     def handle(call: Call) -> Response:
         answer = _answer(call, found)
+        if answer is None and operation.schema is None:  # a delete: 204 unless documented
+            return Response(status_code=operation.status if operation.status != 200 else 204)
         if operation.schema is None or operation.status == 204:
             return Response(status_code=operation.status)
         return PleoJSONResponse(shape(operation.schema, answer), operation.status)
