@@ -220,3 +220,18 @@ def test_subscriptions_keep_state_and_refuse_bad_input(sandbox: RunningSandbox) 
             "UPDATE",
             "DELETE",
         ]
+
+
+def test_seeding_a_company_sends_the_export_job_created_webhook(
+    sandbox: RunningSandbox, receiver: Receiver
+) -> None:
+    key = sandbox.state.create_key()
+    with httpx.Client(base_url=sandbox.url, headers=basic(key.api_key)) as client:
+        client.post(
+            "/v1/subscriptions",
+            json={"endpointUrl": receiver.url, "eventTypes": ["v1.export-job.created"]},
+        ).raise_for_status()
+        seeded = client.post("/_sandbox/seed", json={"key_id": key.key_id, "seed": 5}).json()
+    (event,) = receiver.wait_for("v1.export-job.created")
+    assert event["data"]["id"] == seeded["export_job_id"]
+    assert event["data"]["numberOfItems"] == 12

@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from broker.sandbox import seed
 from broker.sandbox.envelopes import PleoError, bad_request
 from broker.sandbox.state import ALL_SCOPES, AUTH_METHODS, SandboxState, UnknownKey
 
@@ -172,6 +173,25 @@ async def clear_requests(request: Request) -> Response:
     return Response(status_code=204)
 
 
+async def seed_company(request: Request) -> Response:
+    body = await _body(request)
+    company_id = _optional_str(body, "company_id")
+    key_id = _optional_str(body, "key_id")
+    state = _state(request)
+    if key_id is not None:
+        if key_id not in state.keys:
+            raise _key_not_found(key_id)
+        company_id = state.keys[key_id].company_id
+    if company_id is None:
+        raise bad_request("Name the company to seed: 'company_id' or 'key_id'.")
+    try:
+        uuid.UUID(company_id)
+    except ValueError:
+        raise bad_request("'company_id' must be a UUID.") from None
+    number = _optional_int(body, "seed")
+    return JSONResponse(seed.seed(state, company_id, 0 if number is None else number), 201)
+
+
 async def webhooks(request: Request) -> Response:
     return JSONResponse({"deliveries": list(_state(request).webhook_deliveries)})
 
@@ -190,4 +210,5 @@ CONTROL_ROUTES = [
     Route("/requests", list_requests, methods=["GET"]),
     Route("/requests", clear_requests, methods=["DELETE"]),
     Route("/webhooks", webhooks, methods=["GET"]),
+    Route("/seed", seed_company, methods=["POST"]),
 ]
