@@ -76,6 +76,11 @@ async def create_key(request: Request) -> Response:
     subject_in_introspection = body.get("subject_in_introspection", True)
     if not isinstance(subject_in_introspection, bool):
         raise bad_request("'subject_in_introspection' must be true or false.")
+    expires_in = body.get("expires_in")
+    if expires_in is not None and (
+        isinstance(expires_in, bool) or not isinstance(expires_in, int | float) or expires_in < 0
+    ):
+        raise bad_request("'expires_in' must be a number of seconds >= 0.")
     state = _state(request)
     key = state.create_key(
         company_id,
@@ -85,6 +90,7 @@ async def create_key(request: Request) -> Response:
         client_id=_optional_str(body, "client_id"),
         subject_in_introspection=subject_in_introspection,
         installation_resource=installation_resource,
+        expires_in=expires_in,
     )
     return JSONResponse(
         {
@@ -93,6 +99,7 @@ async def create_key(request: Request) -> Response:
             "company_id": key.company_id,
             "scopes": list(key.scopes),
             "client_id": state.keys[key.key_id].client_id,
+            "expires_at": state.keys[key.key_id].expires_at,
         },
         201,
     )
@@ -192,6 +199,28 @@ async def seed_company(request: Request) -> Response:
     return JSONResponse(seed.seed(state, company_id, 0 if number is None else number), 201)
 
 
+async def get_rate_limit(request: Request) -> Response:
+    limit = _state(request).rate_limit
+    return JSONResponse(None if limit is None else limit.to_json())
+
+
+async def set_rate_limit(request: Request) -> Response:
+    body = await _body(request)
+    per_second = body.get("requests_per_second")
+    if isinstance(per_second, bool) or not isinstance(per_second, int | float):
+        raise bad_request("'requests_per_second' must be a number > 0.")
+    try:
+        _state(request).limit_rate(float(per_second), _optional_int(body, "burst"))
+    except ValueError as error:
+        raise bad_request(str(error)) from None
+    return await get_rate_limit(request)
+
+
+async def clear_rate_limit(request: Request) -> Response:
+    _state(request).limit_rate(None)
+    return Response(status_code=204)
+
+
 async def webhooks(request: Request) -> Response:
     return JSONResponse({"deliveries": list(_state(request).webhook_deliveries)})
 
@@ -211,4 +240,7 @@ CONTROL_ROUTES = [
     Route("/requests", clear_requests, methods=["DELETE"]),
     Route("/webhooks", webhooks, methods=["GET"]),
     Route("/seed", seed_company, methods=["POST"]),
+    Route("/rate-limit", get_rate_limit, methods=["GET"]),
+    Route("/rate-limit", set_rate_limit, methods=["PUT"]),
+    Route("/rate-limit", clear_rate_limit, methods=["DELETE"]),
 ]
