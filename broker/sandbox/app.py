@@ -52,6 +52,8 @@ fault closes the connection without an answer; 429 faults carry `Retry-After`.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -65,6 +67,7 @@ from broker.sandbox import (
     exports,
     generic,
     installations,
+    persist,
     resources,
     specs,
     subscriptions,
@@ -151,11 +154,17 @@ PLEO_ROUTES: tuple[PleoRoute, ...] = HANDWRITTEN + _spec_routes(HANDWRITTEN)
 
 
 class SandboxApp(Starlette):
-    """A Starlette app that keeps the server's own `send` in the scope (see `api._drop`)."""
+    """A Starlette app that keeps the server's own `send` in the scope (see `api._drop`)
+    and, given a state file, saves the state after every request that may change it."""
+
+    state_file: Path | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope[SERVER_SEND] = send
         await super().__call__(scope, receive, send)
+        changing = scope["type"] == "http" and scope["method"] not in ("GET", "HEAD")
+        if changing and self.state_file is not None:
+            persist.save(self.state.sandbox, self.state_file)
 
 
 async def _pleo_error(request: Request, exc: Exception) -> Response:
@@ -167,8 +176,9 @@ async def _pleo_error(request: Request, exc: Exception) -> Response:
     ).response()
 
 
-def create_app(state: SandboxState | None = None) -> Starlette:
-    """The sandbox app; `app.state.sandbox` is its `SandboxState`."""
+def create_app(state: SandboxState | None = None, state_file: Path | None = None) -> Starlette:
+    """The sandbox app; `app.state.sandbox` is its `SandboxState`, kept in `state_file` if
+    given (see `broker.sandbox.persist`)."""
     state = state or SandboxState()
     app = SandboxApp(
         routes=[
@@ -178,11 +188,15 @@ def create_app(state: SandboxState | None = None) -> Starlette:
         exception_handlers={PleoError: _pleo_error, HTTPException: _pleo_error},
     )
     app.state.sandbox = state
+    app.state_file = state_file
     return app
 
 
-def run(host: str, port: int) -> None:
-    """Serve the sandbox with uvicorn until interrupted."""
+def run(host: str, port: int, state_file: Path | None = None) -> None:
+    """Serve the sandbox with uvicorn until interrupted; state kept in `state_file` if given
+    (raises `persist.StateFileError` when that file is not a sandbox's state)."""
     import uvicorn
 
-    uvicorn.run(create_app(), host=host, port=port, log_level="warning", access_log=False)
+    state = None if state_file is None else persist.load(state_file)
+    app = create_app(state, state_file)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

@@ -271,6 +271,12 @@ class SandboxState:
             self._by_digest[record.digest] = record.key_id
         return SandboxKey(record.key_id, api_key, record.company_id, record.scopes)
 
+    def adopt_key(self, record: KeyRecord) -> None:
+        """Know a key made elsewhere (a state file): by id and by digest."""
+        with self._lock:
+            self.keys[record.key_id] = record
+            self._by_digest[record.digest] = record.key_id
+
     def revoke(self, key_id: str) -> None:
         """From now on the key gets 401."""
         self._key(key_id).revoked = True
