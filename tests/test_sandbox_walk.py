@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,7 +20,7 @@ import pytest
 import yaml
 from support.sandbox_helpers import OPENAPI_DIR, basic
 
-from broker.sandbox import SandboxKey, SandboxState, create_app
+from broker.sandbox import SandboxKey, SandboxState, create_app, inventory
 from broker.sandbox.specs import SPEC_DIR
 
 _PARAM = re.compile(r"\{(\w+)\}")
@@ -194,3 +195,12 @@ def test_the_sandbox_serves_the_same_specs_as_the_tests_check() -> None:
     )
     for path in packaged:
         assert path.read_bytes() == (OPENAPI_DIR / path.name).read_bytes(), path.name
+
+
+def test_the_readme_lists_what_the_sandbox_implements() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert inventory.current(readme) == inventory.markdown(), (
+        "README's sandbox list is stale: run `python -m broker.sandbox.inventory`"
+    )
+    for method, template, _ in OPERATIONS:
+        assert f"`{method} {template}`" in readme

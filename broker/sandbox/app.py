@@ -1,23 +1,10 @@
-"""A local stand-in for Pleo's External API, true to the OpenAPI specs in `tests/openapi/`.
+"""A local stand-in for Pleo's External API, true to Pleo's OpenAPI specs (`openapi/`).
 
-Pleo surface (HTTP Basic, the key as user name and an empty password), route → scope:
-
-    GET  /v1/introspect, /v1/installations/me               (none)
-    GET  /v1/companies/{companyId}                          companies:read
-    GET  /v2/employees[?companyId&email&code]               users:read
-    GET  /v2/employees/{employeeId}                         users:read
-    GET  /v3/export-jobs[?statuses], /v3/export-jobs/{id}   export-jobs:read
-    POST /v3/export-jobs, /v3/export-job-events             export-jobs:write
-    GET  /v3/export-jobs/{jobId}/items                      export-jobs:read
-    PUT  /v3/export-jobs/{jobId}/items  (≤ 100 items)       export-jobs:write
-    GET  /v3/export-items?job_id=                           export-items:read
-    POST /v1/vendors, /v1/vendors/{id}:archive              vendors:write
-    PUT  /v1/vendors/{id}                                   vendors:write
-    GET  /v1/vendors/{id}, POST /v1/vendors:search          vendors:read
-    POST /v0/tax-codes                                      tax-codes:write
-    GET  /v0/tax-codes/{id}, POST /v0/tax-codes:search      tax-codes:read
-    POST /v0/tag-groups                                     tag-groups:write
-    GET  /v0/tag-groups, /v0/tag-groups/{groupId}           tag-groups:read
+Pleo surface (HTTP Basic, the key as user name and an empty password): every operation of
+every spec (`broker.sandbox.specs`; the README lists them, `broker.sandbox.inventory`).
+`HANDWRITTEN` routes have real handlers where Pleo's behaviour matters (export jobs and items,
+vendors, tax codes, tag groups, accounts, installations, subscriptions and webhooks); the
+rest are spec-driven (`broker.sandbox.generic`), scopes taken from the route catalog.
 
 Lists are cursor-paginated (`before` | `after` | `offset`, `limit`, `sorting_keys`,
 `sorting_order`); errors are `{"type", "message"}`; 401 for a missing, malformed, unknown or
@@ -45,7 +32,17 @@ Control API (JSON, no Pleo auth — bind to 127.0.0.1):
                                          "authorization_matched", "key_id", "at"}, ...]}
                                          (Authorization is only counted and matched)
     DELETE /_sandbox/requests          → 204
+    GET    /_sandbox/webhooks          → 200 {"deliveries": [{"subscription_id", "event_id",
+                                         "event_type", "url", "attempts", "delivered"}]}
+    POST   /_sandbox/seed {"company_id" | "key_id", "seed"? (default 0)}
+                                       → 201 {"company_id", "seed", "counts",
+                                              "export_job_id"} (`broker.sandbox.seed`)
+    GET    /_sandbox/rate-limit        → 200 {"requests_per_second", "burst"} or null
+    PUT    /_sandbox/rate-limit {"requests_per_second", "burst"?}
+                                       → 200 (each key over it: 429 + Retry-After)
+    DELETE /_sandbox/rate-limit        → 204 (off)
 
+`POST /_sandbox/keys` also takes `"expires_in"` (seconds): the key answers 401 after it.
 Latency faults add up; of the matching status/drop faults the first answers. A "drop"
 fault closes the connection without an answer; 429 faults carry `Retry-After`.
 """
