@@ -3,6 +3,7 @@ groups with dimensions, tax amounts, companies, installations; company scoping a
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 
 import httpx
@@ -148,14 +149,18 @@ async def test_tax_amounts_follow_the_tax_codes_type(
     assert (await client.get(path)).status_code == 404
 
 
-async def test_another_companys_records_are_not_found(
+async def test_another_companys_records_are_forbidden(
     client: httpx.AsyncClient, state: SandboxState, key: SandboxKey
 ) -> None:
     body = {**ACCOUNT, "companyId": key.company_id}
     account_id = (await client.post("/v1/chart-of-accounts", json=body)).json()["data"]["id"]
     other = basic(state.create_key().api_key)
     foreign = await client.get(f"/v1/chart-of-accounts/{account_id}", headers=other)
-    assert foreign.status_code == 404
+    assert foreign.status_code == 403 and foreign.json()["type"] == "FORBIDDEN"
+    hook = {"endpointUrl": "http://127.0.0.1:9/", "eventTypes": ["v1.export-job.created"]}
+    subscription = (await client.post("/v1/subscriptions", json=hook)).json()["data"]
+    secret = await client.get(f"/v1/subscriptions/{subscription['id']}/secret", headers=other)
+    assert secret.status_code == 403
     listed = await client.get("/v1/companies", headers=other)
     assert [c["id"] for c in listed.json()["data"]] != [key.company_id]
 
@@ -191,3 +196,17 @@ async def test_the_installation_lifecycle(client: httpx.AsyncClient) -> None:
     assert (await client.delete("/v1/installations/me")).status_code == 404
     bad = await client.put("/v1/installations/me", json={"status": "DONE"})
     assert bad.status_code == 400
+
+
+async def test_v2_export_routes_share_v3_jobs(client: httpx.AsyncClient, key: SandboxKey) -> None:
+    body = {"companyId": key.company_id, "accountingEntryIds": [str(uuid.uuid4())]}
+    created = await client.post("/v2/export-jobs", json=body)
+    assert created.status_code == 201
+    assert_matches_spec("export-api-v2-api", created)
+    job_id = created.json()["data"]["id"]
+    assert (await client.get(f"/v3/export-jobs/{job_id}")).json()["data"]["id"] == job_id
+    started = await client.post("/v2/export-job-events", json={"jobId": job_id, "event": "started"})
+    assert started.status_code == 202
+    items = await client.get(f"/v2/export-jobs/{job_id}/items")
+    assert_matches_spec("export-api-v2-api", items)
+    assert {i["status"] for i in items.json()["data"]} == {"in_progress"}

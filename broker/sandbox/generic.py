@@ -5,7 +5,7 @@ What an operation does is read from its path template (see `plan`):
     GET    /things            list (the key's company, paginated)
     POST   /things            create (the body, plus id, companyId, timestamps)
     POST   /things:search     list
-    GET    /things/{id}       get (404 `<THING>_NOT_FOUND` when absent or foreign)
+    GET    /things/{id}       get (404 `<THING>_NOT_FOUND` when absent, 403 when foreign)
     PUT    /things/{id}       update (the body merged in)
     POST   /things/{id}       create or update with that id
     DELETE /things/{id}       delete (204)
@@ -29,7 +29,7 @@ from typing import Any
 
 from starlette.responses import Response
 
-from broker.sandbox.api import Call, Handler
+from broker.sandbox.api import Call, Handler, forbidden
 from broker.sandbox.envelopes import PleoError, PleoJSONResponse, bad_request, page_body
 from broker.sandbox.specs import Operation, shape
 from broker.sandbox.state import now_iso
@@ -100,13 +100,11 @@ def _owned(call: Call, found: Plan) -> dict[str, Any]:
     _check_parents(call, found.collection)
     record = _store(call, found.collection).get(call.params[found.param])
     parents = _parents(call, found.collection)
-    if (
-        record is None
-        or record.get("companyId", call.key.company_id) != call.key.company_id
-        or any(record.get(name) != value for name, value in parents.items())
-    ):
-        name = _name(found.collection)
+    name = _name(found.collection)
+    if record is None or any(record.get(k) != value for k, value in parents.items()):
         raise PleoError(404, f"{name}_NOT_FOUND", f"No {name.lower()} {call.params[found.param]}.")
+    if record.get("companyId", call.key.company_id) != call.key.company_id:
+        raise forbidden(f"This key has no access to this {name.lower().replace('_', ' ')}.")
     return record
 
 

@@ -26,7 +26,7 @@ import httpx
 from starlette.responses import Response
 
 from broker.sandbox import bodies
-from broker.sandbox.api import Call
+from broker.sandbox.api import Call, forbidden
 from broker.sandbox.envelopes import PleoError, bad_request, data, page
 from broker.sandbox.state import SandboxState, now_iso
 
@@ -90,8 +90,10 @@ def _activity(call: Call, subscription_id: str, operation: str) -> None:
 
 def _owned(call: Call) -> dict[str, Any]:
     found = call.state.collection(SUBSCRIPTIONS).get(call.params["id"])
-    if found is None or found["companyId"] != call.key.company_id:
+    if found is None:
         raise PleoError(404, "SUBSCRIPTION_NOT_FOUND", "Subscription not found.")
+    if found["companyId"] != call.key.company_id:
+        raise forbidden("This key has no access to this subscription.")
     return found
 
 
