@@ -103,9 +103,16 @@ async def test_tags_live_in_groups_with_dimensions(
     assert_matches_spec("tags-api", tags)
     assert [(t["id"], t["group"]["id"]) for t in tags.json()["data"]] == [(tag_id, group_id)]
 
-    await client.put(f"/v0/tags/{tag_id}", json={"name": "Apollo", "archived": True})
+    archived = await client.post(
+        "/v0/tags/archive",
+        json={"companyId": key.company_id, "archived": True, "tagIds": [tag_id]},
+    )
+    assert_matches_spec("tags-api", archived)
+    assert [t["archived"] for t in archived.json()["data"]] == [True]
     hidden = await client.post("/v0/aggregations/tags", params=company, json={})
     assert hidden.json()["data"] == []
+    await client.put(f"/v0/tags/{tag_id}", json={"name": "Apollo 2"})
+    assert (await client.get(f"/v0/tags/{tag_id}")).json()["data"]["name"] == "Apollo 2"
     assert (await client.delete(f"/v0/tags/{tag_id}")).status_code == 204
     assert (await client.get(f"/v0/tags/{tag_id}")).status_code == 404
     unknown_group = await client.get("/v0/tag-groups/00000000-0000-4000-8000-000000000000/tags")

@@ -200,3 +200,20 @@ def tag_aggregations(call: Call) -> Response:
         if tag["companyId"] == call.key.company_id and _tag_matches(tag, body)
     ]
     return page(tags, call.query)
+
+
+def archive_tags(call: Call) -> Response:
+    """`POST /v0/tags/archive {archived, tagIds}`: (un)archive the company's tags named."""
+    body = bodies.json_object(call.body)
+    archived = bodies.boolean(body, "archived")
+    ids = bodies.text_list(body, "tagIds")
+    if not ids:
+        raise bad_request("'tagIds' is required: 1 to 100 tag ids.")
+    tags = call.state.collection(TAGS)
+    changed = []
+    for tag_id in dict.fromkeys(ids):
+        tag = tags.get(tag_id)
+        if tag is not None and tag["companyId"] == call.key.company_id:
+            tag.update(archived=archived, updatedAt=now_iso())
+            changed.append(tag)
+    return data(changed)

@@ -95,6 +95,7 @@ HANDWRITTEN: tuple[PleoRoute, ...] = (
         "GET", "/v0/aggregations/tag-groups", "tag-groups:read", accounting.tag_group_aggregations
     ),
     PleoRoute("POST", "/v0/aggregations/tags", "tags:read", accounting.tag_aggregations),
+    PleoRoute("POST", "/v0/tags/archive", "tags:write", accounting.archive_tags),
     PleoRoute("GET", "/v2/employees", "users:read", resources.employees),
     PleoRoute("GET", "/v2/employees/{employeeId}", "users:read", resources.employee),
     PleoRoute("GET", "/v3/export-jobs", "export-jobs:read", exports.list_jobs),
