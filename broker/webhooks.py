@@ -221,18 +221,18 @@ class Webhooks:
 
     async def _send(self, event: Event) -> str | None:
         """POST the event once; None if the receiver took it, else why not."""
-        body = json.dumps(await self._body(event), separators=(",", ":")).encode()
-        headers = signed_headers(self._key, event.id, body, int(time.time()))
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(self.timeout):  # the body (its link) counts too
+                body = json.dumps(await self._body(event), separators=(",", ":")).encode()
+                headers = signed_headers(self._key, event.id, body, int(time.time()))
                 request = self._client.build_request("POST", self.url, content=body)
                 request.headers.update(headers)
                 response = await self._client.send(request, stream=True)
                 await response.aclose()  # the receiver's answer is not read, only its status
         except TimeoutError:
             return f"no answer within {self.timeout:g} seconds"
-        except httpx.HTTPError as exc:
-            return f"{type(exc).__name__}"
+        except Exception as exc:  # any failure fails this attempt only (never its message:
+            return type(exc).__name__  # it may quote the receiver's URL)
         if 200 <= response.status_code < 300:
             return None
         return f"status {response.status_code}"

@@ -7,6 +7,7 @@ across two replicas on one OpenBao: tests/test_webhook_processes.py."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import logging
@@ -78,6 +79,8 @@ def admin_client(broker: RunningBroker) -> httpx.Client:
     [
         ({"BROKER_WEBHOOK_URL": "app.example.com/hooks"}, "BROKER_WEBHOOK_URL: must be an http"),
         ({"BROKER_WEBHOOK_URL": "ftp://app.example.com"}, "BROKER_WEBHOOK_URL: must be an http"),
+        ({"BROKER_WEBHOOK_URL": "https://app:abc/x"}, "BROKER_WEBHOOK_URL: Invalid port: 'abc'"),
+        ({"BROKER_WEBHOOK_URL": "https://u:pw@app:99999/"}, "BROKER_WEBHOOK_URL: the port must be"),
         (
             {"BROKER_WEBHOOK_URL": "https://app.example.com/hooks"},
             "BROKER_WEBHOOK_SECRET is required when BROKER_WEBHOOK_URL is set",
@@ -495,6 +498,36 @@ async def test_a_store_that_fails_delays_delivery_and_loses_nothing(
     finally:
         await hooks.stop()
     assert await memory_store.pending_deliveries() == 0
+
+
+async def test_an_unexpected_error_of_one_attempt_fails_only_that_attempt(
+    memory_store: MemoryStore, captured_logs: io.StringIO
+) -> None:
+    acme, beta = tenant(TenantState.ACTIVE), tenant(TenantState.ACTIVE)
+    beta = dataclasses.replace(beta, tenant="beta")
+    written = [new_event("tenant.activated", "admin", r.view()) for r in (acme, beta)]
+    for record, item in zip((acme, beta), written, strict=True):
+        await memory_store.put(record, events=[item])
+    sent: list[str] = []
+
+    def take(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        if body["data"]["tenant"] == "acme":
+            raise RuntimeError("the transport broke")
+        sent.append(body["id"])
+        return httpx.Response(204)
+
+    hooks = deliverer(memory_store, take, webhook_retry_schedule="1h")
+    try:
+        assert await hooks.deliver_once() is True
+        assert sent == [written[1].id]
+        assert await memory_store.pending_deliveries() == 1  # acme's, retried later
+        logged = [json.loads(line) for line in captured_logs.getvalue().splitlines()]
+        retried = [r for r in logged if r.get("event") == "webhook.retry_scheduled"]
+        assert [r["reason"] for r in retried] == ["RuntimeError"]
+        assert "the transport broke" not in captured_logs.getvalue()
+    finally:
+        await hooks.stop()
 
 
 async def test_a_broken_webhook_goes_out_without_a_link_the_store_cannot_make(
