@@ -208,3 +208,35 @@ async def test_the_vault_delivery_state_stays_under_its_size_cap(
         await one.settle_deliveries("a", [Settlement(i, "delivered") for i in ids(batch)], now=NOW)
     assert sorted(delivered) == sorted(e.id for e in made)
     assert await one.pending_deliveries() == 0
+
+
+@pytest.mark.real
+async def test_the_vault_store_counts_pending_events_without_reading_the_log(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = vault_store(request, tmp_path / "store")
+    assert isinstance(store, VaultStore)
+    try:
+        record = active("acme")
+        made = [event(record, "tenant.key_rotated") for _ in range(130)]  # 4 chunks
+        await store.put(record, events=made)
+        kv = store._kv
+        calls: list[str] = []
+        for name in ("read_secret_version", "list_secrets"):
+            real = getattr(kv, name)
+
+            def counted(
+                *args: object, _real: object = real, _name: str = name, **kw: object
+            ) -> object:
+                calls.append(_name)
+                return _real(*args, **kw)  # type: ignore[operator]
+
+            monkeypatch.setattr(kv, name, counted)
+        assert await store.pending_deliveries() == len(made)  # none read yet
+        assert len(calls) <= 3, calls
+        await store.claim_deliveries("a", now=NOW, lease=LEASE, limit=10)
+        calls.clear()
+        assert await store.pending_deliveries() == len(made)  # queued, behind, in the log
+        assert len(calls) <= 3, calls
+    finally:
+        await store.close()
