@@ -166,12 +166,19 @@ class VaultDelivery:
         read = await self._read_new(await self._refill(state))
         changed = read != state or state.holder != holder or version == 0
         state = read
-        # Renew when half the lease is gone: a holder with work writes every round anyway.
-        if changed or state.lease_until is None or state.lease_until < stamp(now + lease / 2):
+        due = state.due(now, limit)
+        # A full lease for every batch sent (it must outlast the attempts); an idle holder
+        # renews when half the lease is gone.
+        if (
+            changed
+            or due
+            or state.lease_until is None
+            or state.lease_until < stamp(now + lease / 2)
+        ):
             state = replace(state, holder=holder, lease_until=stamp(now + lease))
             if not await self._call(partial(self._write, state, version)):
                 return []  # another replica wrote first
-        return state.due(now, limit)
+        return due
 
     async def settle(self, holder: str, settled: Sequence[Settlement], now: datetime) -> None:
         """Record how `holder`'s attempts ended, while it still holds the lease."""

@@ -240,3 +240,15 @@ async def test_the_vault_store_counts_pending_events_without_reading_the_log(
         assert len(calls) <= 3, calls
     finally:
         await store.close()
+
+
+async def test_a_claim_with_events_to_send_runs_for_a_full_lease(replicas: OpenStore) -> None:
+    one, other = await replicas(), await replicas()
+    made = await write_events(one)
+    await one.claim_deliveries("a", now=NOW, lease=LEASE, limit=10)
+    await one.settle_deliveries("a", [Settlement(made["acme"][0].id, "delivered")], now=NOW)
+    second = await one.claim_deliveries("a", now=NOW + LEASE * 0.4, lease=LEASE, limit=10)
+    assert made["acme"][1].id in ids(second)
+    # "a" is sending it now: its lease runs a full LEASE from that claim.
+    taken = await other.claim_deliveries("b", now=NOW + LEASE * 1.2, lease=LEASE, limit=10)
+    assert made["acme"][1].id not in ids(taken)
