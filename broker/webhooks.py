@@ -52,6 +52,7 @@ from broker.stores import SecretStore
 
 BATCH = 20  # events sent at once (each to another tenant)
 POLL_SECONDS = 1.0  # how often an idle deliverer looks for due events
+STORE_BACKOFF_MAX = 60.0  # seconds between tries at most while the store keeps failing
 PENDING_SECONDS = 5.0  # how often an idle deliverer recounts the pending events
 JITTER = 0.1  # a retry interval is stretched or shrunk by up to this fraction
 LEASE_MARGIN = 1.0  # seconds a lease outlasts two attempts' timeouts
@@ -154,13 +155,22 @@ class Webhooks:
         await self._client.aclose()
 
     async def _run(self) -> None:
+        failures = 0  # store failures in a row
         while True:
             try:
                 busy = await self.deliver_once()
             except Exception as exc:  # the store failed: try again later, never stop
-                message = exc.message if isinstance(exc, errors.BrokerError) else type(exc).__name__
-                emit("webhook.store_failed", level=logging.WARNING, error=message)
-                busy = False
+                failures += 1
+                if failures == 1:  # logged when it starts failing, not every round
+                    message = (
+                        exc.message if isinstance(exc, errors.BrokerError) else type(exc).__name__
+                    )
+                    emit("webhook.store_failed", level=logging.WARNING, error=message)
+                await self._sleep(min(STORE_BACKOFF_MAX, POLL_SECONDS * 2 ** min(failures - 1, 16)))
+                continue
+            if failures:
+                emit("webhook.store_recovered", failures=failures)
+                failures = 0
             if not busy:
                 await self._sleep(self._idle_for())
 

@@ -500,6 +500,38 @@ async def test_a_store_that_fails_delays_delivery_and_loses_nothing(
     assert await memory_store.pending_deliveries() == 0
 
 
+async def test_store_failures_back_off_and_are_logged_when_the_state_changes(
+    memory_store: MemoryStore, captured_logs: io.StringIO
+) -> None:
+    hooks = deliverer(memory_store, lambda request: httpx.Response(204))
+    waits: list[float] = []
+    enough = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        memory_store.down = len(waits) < 9  # the store is back after 9 failed rounds
+        if len(waits) == 12:
+            enough.set()
+        await asyncio.sleep(0)
+
+    hooks._sleep = sleep
+    logger = logging.getLogger(LOGGER_NAME)
+    level = logger.level
+    logger.setLevel(logging.INFO)  # to see webhook.store_recovered
+    memory_store.down = True
+    hooks.start()
+    try:
+        await asyncio.wait_for(enough.wait(), timeout=10)
+    finally:
+        await hooks.stop()
+        logger.setLevel(level)
+    assert waits[:9] == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+    assert all(wait <= 1 for wait in waits[9:])  # polling as usual again
+    logged = [json.loads(line)["event"] for line in captured_logs.getvalue().splitlines()]
+    assert logged.count("webhook.store_failed") == 1
+    assert logged.count("webhook.store_recovered") == 1
+
+
 async def test_an_unexpected_error_of_one_attempt_fails_only_that_attempt(
     memory_store: MemoryStore, captured_logs: io.StringIO
 ) -> None:
