@@ -188,8 +188,10 @@ class Webhooks:
         )
         if batch:
             settled = await asyncio.gather(*(self._attempt(item) for item in batch))
-            await self.store.settle_deliveries(self.holder, settled, now=_now())
+            applied = set(await self.store.settle_deliveries(self.holder, settled, now=_now()))
             for item, outcome in zip(batch, settled, strict=True):
+                if outcome.event_id not in applied:
+                    continue  # the lease had passed on: another replica settles it
                 self.metrics.webhook_deliveries.labels(result=outcome.result).inc()
                 if outcome.result == "given_up":
                     emit(

@@ -532,6 +532,23 @@ async def test_store_failures_back_off_and_are_logged_when_the_state_changes(
     assert logged.count("webhook.store_recovered") == 1
 
 
+async def test_a_settlement_the_store_ignored_is_not_counted(memory_store: MemoryStore) -> None:
+    record = tenant(TenantState.ACTIVE)
+    await memory_store.put(record, events=[new_event("tenant.activated", "admin", record.view())])
+    hooks = deliverer(memory_store, lambda request: httpx.Response(500))
+
+    async def ignore(holder: str, settled: Any, *, now: datetime) -> list[str]:
+        return []  # the lease had moved to another replica
+
+    memory_store.settle_deliveries = ignore  # type: ignore[method-assign]
+    try:
+        assert await hooks.deliver_once() is True
+        counted = hooks.metrics.webhook_deliveries.labels(result="retried")._value.get()
+        assert counted == 0
+    finally:
+        await hooks.stop()
+
+
 async def test_an_unexpected_error_of_one_attempt_fails_only_that_attempt(
     memory_store: MemoryStore, captured_logs: io.StringIO
 ) -> None:

@@ -104,8 +104,9 @@ class SecretStore(Protocol):
 
     async def settle_deliveries(
         self, holder: str, settled: Sequence[Settlement], *, now: datetime
-    ) -> None:
-        """Record how `holder`'s attempts ended (nothing if its lease ran out)."""
+    ) -> builtins.list[str]:
+        """Record how `holder`'s attempts ended (nothing if its lease ran out); the ids of
+        the events whose settlement was recorded."""
         ...
 
     async def pending_deliveries(self) -> int:

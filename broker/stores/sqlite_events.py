@@ -109,23 +109,28 @@ def claim(
 
 def settle(
     conn: sqlite3.Connection, holder: str, settled: Sequence[Settlement], now: datetime
-) -> None:
-    """Record `holder`'s outcomes (only for events it still holds); in a write transaction."""
+) -> list[str]:
+    """Record `holder`'s outcomes (only for events it still holds); in a write transaction.
+    The ids of the events recorded."""
+    applied: list[str] = []
     for item in settled:
         if item.result == "retried":
             assert item.retry_at is not None
-            conn.execute(
+            cursor = conn.execute(
                 "UPDATE events SET attempts = attempts + 1, claimed_by = NULL,"
                 " claimed_until = ? WHERE id = ? AND claimed_by = ? AND delivered_at IS NULL",
                 (stamp(item.retry_at), item.event_id, holder),
             )
         else:
-            conn.execute(
+            cursor = conn.execute(
                 "UPDATE events SET attempts = attempts + 1, claimed_by = NULL,"
                 " claimed_until = NULL, delivered_at = ?, outcome = ?"
                 " WHERE id = ? AND claimed_by = ? AND delivered_at IS NULL",
                 (stamp(now), item.result, item.event_id, holder),
             )
+        if cursor.rowcount:
+            applied.append(item.event_id)
+    return applied
 
 
 def pending(conn: sqlite3.Connection) -> int:

@@ -180,15 +180,19 @@ class VaultDelivery:
                 return []  # another replica wrote first
         return due
 
-    async def settle(self, holder: str, settled: Sequence[Settlement], now: datetime) -> None:
-        """Record how `holder`'s attempts ended, while it still holds the lease."""
+    async def settle(
+        self, holder: str, settled: Sequence[Settlement], now: datetime
+    ) -> builtins.list[str]:
+        """Record how `holder`'s attempts ended, while it still holds the lease; the ids of
+        the events recorded."""
         for _ in range(SETTLE_ATTEMPTS):
             state, version = await self._call(self._read)
             if state.holder != holder or state.held_by_another(holder, now):
-                return  # the lease ran out and another replica took over
+                return []  # the lease ran out and another replica took over
+            queued = {item.event.id for item in state.queue}
             state = state.settle(settled)  # the lease is renewed by the next claim
             if await self._call(partial(self._write, state, version)):
-                return
+                return [item.event_id for item in settled if item.event_id in queued]
         raise StoreUnavailable("The webhook delivery state kept changing under the broker.")
 
     async def pending(self) -> int:

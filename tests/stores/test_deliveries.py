@@ -122,10 +122,11 @@ async def test_one_holder_at_a_time_and_a_lapsed_lease_passes_on(
     assert ids(taken) == [made["acme"][0].id, made["beta"][0].id]
     # "a" coming back cannot settle what it no longer holds.
     lapsed = [Settlement(made["acme"][0].id, "delivered")]
-    await one.settle_deliveries("a", lapsed, now=NOW + 2 * LEASE)
+    assert await one.settle_deliveries("a", lapsed, now=NOW + 2 * LEASE) == []
     assert await other.pending_deliveries() == 4
     settled = [Settlement(d.event.id, "delivered") for d in taken]
-    await other.settle_deliveries("b", settled, now=NOW + 2 * LEASE)
+    applied = await other.settle_deliveries("b", settled, now=NOW + 2 * LEASE)
+    assert sorted(applied) == sorted(ids(taken))
     assert await one.pending_deliveries() == 2
 
 
