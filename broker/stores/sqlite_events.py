@@ -39,12 +39,14 @@ _INDEX = "CREATE INDEX IF NOT EXISTS events_by_tenant ON events (tenant, seq)"
 _PENDING_INDEX = (
     "CREATE INDEX IF NOT EXISTS events_pending ON events (tenant, seq) WHERE delivered_at IS NULL"
 )
+# Each tenant's oldest pending event, found from the partial index of pending events only (a
+# delivered event costs the claim nothing), then read by its key.
 _DUE = """
-SELECT seq, body, attempts FROM events AS e
-WHERE delivered_at IS NULL
-  AND seq = (SELECT min(seq) FROM events WHERE tenant = e.tenant AND delivered_at IS NULL)
-  AND (claimed_until IS NULL OR claimed_until <= ?)
-ORDER BY seq LIMIT ?
+SELECT e.seq, e.body, e.attempts FROM
+  (SELECT min(seq) AS first FROM events WHERE delivered_at IS NULL GROUP BY tenant) AS heads
+  JOIN events AS e ON e.seq = heads.first
+WHERE e.claimed_until IS NULL OR e.claimed_until <= ?
+ORDER BY e.seq LIMIT ?
 """
 
 

@@ -253,3 +253,21 @@ async def test_a_claim_with_events_to_send_runs_for_a_full_lease(replicas: OpenS
     # "a" is sending it now: its lease runs a full LEASE from that claim.
     taken = await other.claim_deliveries("b", now=NOW + LEASE * 1.2, lease=LEASE, limit=10)
     assert made["acme"][1].id not in ids(taken)
+
+
+def test_the_local_claim_reads_the_pending_index_not_the_whole_table() -> None:
+    import sqlite3
+
+    from broker.stores import sqlite_events
+
+    conn = sqlite3.connect(":memory:")
+    sqlite_events.create(conn)
+    plan = [
+        str(row[3])
+        for row in conn.execute("EXPLAIN QUERY PLAN " + sqlite_events._DUE, (NOW.isoformat(), 20))
+    ]
+    scans = [step for step in plan if step.startswith("SCAN")]
+    # Only the partial index of undelivered events is scanned; each tenant's first event is
+    # then looked up by its key.
+    assert scans and all("USING INDEX events_pending" in step or step == "SCAN heads" for step in scans)
+    assert any("USING INTEGER PRIMARY KEY" in step for step in plan), plan
