@@ -269,5 +269,6 @@ def test_the_local_claim_reads_the_pending_index_not_the_whole_table() -> None:
     scans = [step for step in plan if step.startswith("SCAN")]
     # Only the partial index of undelivered events is scanned; each tenant's first event is
     # then looked up by its key.
-    assert scans and all("USING INDEX events_pending" in step or step == "SCAN heads" for step in scans)
+    assert scans
+    assert all("USING INDEX events_pending" in step or step == "SCAN heads" for step in scans)
     assert any("USING INTEGER PRIMARY KEY" in step for step in plan), plan
