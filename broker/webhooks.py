@@ -15,8 +15,9 @@ Signing follows the Standard Webhooks specification: `webhook-id` is the event i
 base64 HMAC-SHA256, keyed with the decoded `whsec_` secret, of `{id}.{timestamp}.{body}`.
 The body is the event as the feed serves it; a `tenant.broken` event also carries
 `data.reconnect_url` when the connect page is configured and the tenant is still broken at
-the attempt (a fresh connect session made then: its token is never stored, so it cannot be
-in the feed). Neither the secret nor the receiver's URL (it may hold credentials) is logged.
+the attempt (a connect session made at its first attempt and reused by its retries in this
+process while it has an hour left: its token is kept only in memory, so it cannot be in the
+feed). Neither the secret nor the receiver's URL (it may hold credentials) is logged.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ PENDING_SECONDS = 5.0  # how often an idle deliverer recounts the pending events
 JITTER = 0.1  # a retry interval is stretched or shrunk by up to this fraction
 LEASE_MARGIN = 1.0  # seconds a lease outlasts two attempts' timeouts
 USER_AGENT = "pleo-key-broker-webhooks"
+LINK_REUSE_MARGIN = 3600.0  # seconds a reused reconnect link must still be valid, at least
+LINKS_KEPT = 1000  # reconnect links remembered for retries of their event, at most
 
 
 def sign(key: bytes, message_id: str, timestamp: int, body: bytes) -> str:
@@ -93,15 +96,27 @@ class Reconnect:
     def __init__(self, store: SecretStore, sessions: ConnectSessions) -> None:
         self.store = store
         self.sessions = sessions
+        # event id: (link, monotonic time it expires); in memory only, never stored.
+        self._links: dict[str, tuple[str, float]] = {}
 
-    async def url(self, tenant: str) -> str | None:
-        """A fresh connect link for `tenant` if it is still broken, else None."""
+    async def url(self, tenant: str, event_id: str | None = None) -> str | None:
+        """A connect link for `tenant` if it is still broken, else None: the link made for
+        `event_id` by an earlier attempt while it has `LINK_REUSE_MARGIN` left, else a new one."""
         if self.sessions.public_url is None:
             return None
         record = await self.store.get(tenant)
         if record is None or record.state is not TenantState.BROKEN:
             return None
-        return (await self.sessions.create(tenant, ttl_seconds=MAX_TTL)).url
+        made = self._links.get(event_id) if event_id is not None else None
+        if made is not None and made[1] - time.monotonic() > LINK_REUSE_MARGIN:
+            return made[0]
+        url = (await self.sessions.create(tenant, ttl_seconds=MAX_TTL)).url
+        if event_id is not None:
+            self._links.pop(event_id, None)
+            self._links[event_id] = (url, time.monotonic() + MAX_TTL)
+            while len(self._links) > LINKS_KEPT:
+                del self._links[next(iter(self._links))]  # the oldest
+        return url
 
 
 class Webhooks:
@@ -254,7 +269,7 @@ class Webhooks:
         if event.type != "tenant.broken" or self.reconnect is None:
             return body
         try:
-            url = await self.reconnect.url(event.tenant)
+            url = await self.reconnect.url(event.tenant, event.id)
         except errors.BrokerError as exc:  # sent without a link rather than not at all
             emit(
                 "webhook.reconnect_link_failed",

@@ -549,6 +549,42 @@ async def test_a_settlement_the_store_ignored_is_not_counted(memory_store: Memor
         await hooks.stop()
 
 
+async def test_retries_of_a_broken_webhook_reuse_one_reconnect_link(
+    memory_store: MemoryStore,
+) -> None:
+    record = tenant(TenantState.BROKEN)
+    written = new_event("tenant.broken", "proxy", record.view())
+    await memory_store.put(record, events=[written])
+    links: list[str] = []
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        links.append(json.loads(request.content)["data"]["reconnect_url"])
+        return httpx.Response(503)
+
+    settings = broker_settings("https://pleo.invalid", Path("unused"), connect_public_url=PUBLIC)
+    hooks = deliverer(memory_store, refuse, webhook_retry_schedule="1ms,1ms,1ms")
+    hooks.reconnect = Reconnect(memory_store, ConnectSessions(memory_store, settings))
+    made = 0
+    put_session = memory_store.put_session
+
+    async def count(session: Any) -> Any:
+        nonlocal made
+        made += 1
+        return await put_session(session)
+
+    memory_store.put_session = count  # type: ignore[method-assign]
+    try:
+        deadline = time.monotonic() + 5
+        while len(links) < 3:
+            assert time.monotonic() < deadline, "the retries never came"
+            if not await hooks.deliver_once():
+                await asyncio.sleep(0.01)
+    finally:
+        await hooks.stop()
+    assert made == 1
+    assert len(set(links)) == 1 and links[0].startswith(PUBLIC + "/connect/")
+
+
 async def test_an_unexpected_error_of_one_attempt_fails_only_that_attempt(
     memory_store: MemoryStore, captured_logs: io.StringIO
 ) -> None:
