@@ -152,42 +152,62 @@ class Webhooks:
             transport=transport,
         )
         self._runner: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._in_round = False  # claiming, sending or settling a batch
         self._soonest_retry = math.inf  # monotonic time of this process's next retry
         self._counted_at = -math.inf  # monotonic time the pending events were last counted
 
     def start(self) -> None:
         """Start delivering in the background."""
         if self._runner is None:
+            self._stopping = False
             self._runner = asyncio.create_task(self._run(), name="webhooks")
 
     async def stop(self) -> None:
-        """Stop delivering (an attempt cut short is sent again once its lease runs out)."""
+        """Stop delivering: the batch in flight finishes (within the lease) and is settled,
+        then the lease is given back, so another process goes on at once. An attempt cut
+        short (past the lease) is sent again once its lease runs out."""
         if self._runner is not None:
+            self._stopping = True
+            if not self._in_round:
+                self._runner.cancel()  # idle: nothing to finish
+            await asyncio.wait({self._runner}, timeout=self.lease.total_seconds())
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
             self._runner = None
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await self.store.release_deliveries(self.holder, now=_now())
+            except Exception as exc:  # the lease runs out by itself
+                emit("webhook.release_failed", level=logging.WARNING, error=type(exc).__name__)
         await self._client.aclose()
 
     async def _run(self) -> None:
         failures = 0  # store failures in a row
-        while True:
+        while not self._stopping:
+            self._in_round = True
             try:
                 busy = await self.deliver_once()
             except Exception as exc:  # the store failed: try again later, never stop
                 failures += 1
-                if failures == 1:  # logged when it starts failing, not every round
-                    message = (
-                        exc.message if isinstance(exc, errors.BrokerError) else type(exc).__name__
-                    )
-                    emit("webhook.store_failed", level=logging.WARNING, error=message)
-                await self._sleep(min(STORE_BACKOFF_MAX, POLL_SECONDS * 2 ** min(failures - 1, 16)))
-                continue
-            if failures:
-                emit("webhook.store_recovered", failures=failures)
-                failures = 0
-            if not busy:
-                await self._sleep(self._idle_for())
+                wait = self._store_failed(exc, failures)
+            else:
+                if failures:
+                    emit("webhook.store_recovered", failures=failures)
+                    failures = 0
+                wait = 0.0 if busy else self._idle_for()
+            finally:
+                self._in_round = False
+            if wait and not self._stopping:
+                await self._sleep(wait)
+
+    def _store_failed(self, exc: Exception, failures: int) -> float:
+        """Log a failing store once, when it starts; how long to wait before trying again."""
+        if failures == 1:
+            message = exc.message if isinstance(exc, errors.BrokerError) else type(exc).__name__
+            emit("webhook.store_failed", level=logging.WARNING, error=message)
+        return min(STORE_BACKOFF_MAX, POLL_SECONDS * 2.0 ** min(failures - 1, 16))
 
     def _idle_for(self) -> float:
         """How long to wait before looking again: a poll, or less if a retry is due sooner."""

@@ -585,6 +585,45 @@ async def test_retries_of_a_broken_webhook_reuse_one_reconnect_link(
     assert len(set(links)) == 1 and links[0].startswith(PUBLIC + "/connect/")
 
 
+async def test_stopping_lets_the_attempt_in_flight_finish_and_settle(
+    memory_store: MemoryStore,
+) -> None:
+    record = tenant(TenantState.ACTIVE)
+    await memory_store.put(record, events=[new_event("tenant.activated", "admin", record.view())])
+    arrived, answer = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        arrived.set()
+        await answer.wait()
+        return httpx.Response(204)
+
+    settings = broker_settings(
+        "https://pleo.invalid",
+        Path("unused"),
+        webhook_url="https://hooks.example.test/in",
+        webhook_secret=new_secret(),
+    )
+    hooks = Webhooks(settings, memory_store, Metrics(), transport=httpx.MockTransport(slow))
+    hooks.start()
+    await asyncio.wait_for(arrived.wait(), timeout=5)
+    released: list[str] = []
+    release = memory_store.release_deliveries
+
+    async def remember(holder: str, *, now: datetime) -> None:
+        released.append(holder)
+        await release(holder, now=now)
+
+    memory_store.release_deliveries = remember  # type: ignore[method-assign]
+    stopping = asyncio.create_task(hooks.stop())
+    for _ in range(50):
+        await asyncio.sleep(0)  # let stop() run as far as it goes
+    assert not stopping.done()  # waiting for the receiver's answer
+    answer.set()
+    await asyncio.wait_for(stopping, timeout=5)
+    assert await memory_store.pending_deliveries() == 0  # delivered and settled
+    assert released == [hooks.holder]  # the lease given back: another process goes on at once
+
+
 async def test_an_unexpected_error_of_one_attempt_fails_only_that_attempt(
     memory_store: MemoryStore, captured_logs: io.StringIO
 ) -> None:

@@ -109,6 +109,10 @@ class SecretStore(Protocol):
         the events whose settlement was recorded."""
         ...
 
+    async def release_deliveries(self, holder: str, *, now: datetime) -> None:
+        """Give up `holder`'s lease (it stops): its unsettled events are due again at once."""
+        ...
+
     async def pending_deliveries(self) -> int:
         """How many events are neither delivered nor given up."""
         ...

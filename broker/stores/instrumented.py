@@ -73,6 +73,9 @@ class InstrumentedStore:
         settle = self.inner.settle_deliveries(holder, settled, now=now)
         return await self._count("settle_deliveries", settle)
 
+    async def release_deliveries(self, holder: str, *, now: datetime) -> None:
+        await self._count("release_deliveries", self.inner.release_deliveries(holder, now=now))
+
     async def pending_deliveries(self) -> int:
         return await self._count("pending_deliveries", self.inner.pending_deliveries())
 

@@ -156,6 +156,16 @@ class LocalStore:
 
         return await self._run(settle)
 
+    async def release_deliveries(self, holder: str, *, now: datetime) -> None:
+        """Make `holder`'s claimed, unsettled events due again (one transaction)."""
+        self._refuse_if_read_only()
+
+        def release(conn: sqlite3.Connection) -> None:
+            with sqlite.transaction(conn):
+                sqlite_events.release(conn, holder)
+
+        await self._run(release)
+
     async def pending_deliveries(self) -> int:
         """How many events are neither delivered nor given up."""
         return await self._run(sqlite_events.pending)

@@ -135,6 +135,15 @@ def settle(
     return applied
 
 
+def release(conn: sqlite3.Connection, holder: str) -> None:
+    """Make the events `holder` claimed and did not settle due again; in a write transaction."""
+    conn.execute(
+        "UPDATE events SET claimed_by = NULL, claimed_until = NULL"
+        " WHERE claimed_by = ? AND delivered_at IS NULL",
+        (holder,),
+    )
+
+
 def pending(conn: sqlite3.Connection) -> int:
     """How many events are neither delivered nor given up."""
     try:

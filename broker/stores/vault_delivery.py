@@ -195,6 +195,14 @@ class VaultDelivery:
                 return [item.event_id for item in settled if item.event_id in queued]
         raise StoreUnavailable("The webhook delivery state kept changing under the broker.")
 
+    async def release(self, holder: str) -> None:
+        """End `holder`'s lease, if it still holds it (check-and-set: a replica that took over
+        meanwhile keeps its own)."""
+        state, version = await self._call(self._read)
+        if state.holder == holder and version:
+            released = replace(state, holder=None, lease_until=None)
+            await self._call(partial(self._write, released, version))
+
     async def pending(self) -> int:
         """The events queued, waiting in the log behind a full tenant queue, or still in the
         log after the cursor (counted from the chunks, without reading them all)."""

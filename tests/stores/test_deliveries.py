@@ -272,3 +272,17 @@ def test_the_local_claim_reads_the_pending_index_not_the_whole_table() -> None:
     assert scans
     assert all("USING INDEX events_pending" in step or step == "SCAN heads" for step in scans)
     assert any("USING INTEGER PRIMARY KEY" in step for step in plan), plan
+
+
+async def test_a_released_lease_passes_on_at_once(replicas: OpenStore) -> None:
+    one, other = await replicas(), await replicas()
+    made = await write_events(one)
+    claimed = await one.claim_deliveries("a", now=NOW, lease=LEASE, limit=10)
+    await one.settle_deliveries("a", [Settlement(made["acme"][0].id, "delivered")], now=NOW)
+    await one.release_deliveries("a", now=NOW)  # "a" stops: "b" need not wait for the lease
+    taken = await other.claim_deliveries("b", now=NOW + LEASE / 10, lease=LEASE, limit=10)
+    assert ids(taken) == [made["beta"][0].id, made["acme"][1].id]
+    assert made["beta"][0].id in ids(claimed)
+    # Releasing what another holder holds changes nothing.
+    await one.release_deliveries("a", now=NOW + LEASE / 10)
+    assert await one.claim_deliveries("a", now=NOW + LEASE / 5, lease=LEASE, limit=10) == []

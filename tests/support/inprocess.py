@@ -232,6 +232,12 @@ class MemoryStore:
                 state.outcome = item.result
         return applied
 
+    async def release_deliveries(self, holder: str, *, now: datetime) -> None:
+        self._write("release_deliveries")
+        for state in self.shared.delivery.values():
+            if state.holder == holder and state.outcome is None:
+                state.holder, state.until = None, None
+
     async def pending_deliveries(self) -> int:
         self._call("pending_deliveries")
         states = self.shared.delivery
