@@ -195,6 +195,7 @@ class Settings(BaseSettings):
                 raise ValueError(
                     "must be an http:// or https:// URL, e.g. https://app.example.com/webhooks"
                 )
+            _check_webhook_url(value)
         return value
 
     @field_validator("webhook_secret")
@@ -363,6 +364,25 @@ def _seconds(text: str) -> float:
         if text.endswith(unit):
             return float(text.removesuffix(unit)) * _UNITS[unit]
     return float(text)
+
+
+def _check_webhook_url(value: str) -> None:
+    """Refuse a webhook URL the HTTP client cannot send to (never quoting its credentials)."""
+    import httpx  # the data plane's settings need no HTTP client otherwise
+
+    try:
+        httpx.URL(value)
+    except httpx.InvalidURL as exc:
+        reason, password = str(exc), urlsplit(value).password
+        if not reason or (password and password in reason):
+            reason = "not a valid URL"
+        raise ValueError(f"{reason}, e.g. https://app.example.com/webhooks") from None
+    try:
+        port = urlsplit(value).port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValueError("the port must be a number from 1 to 65535")
 
 
 def describe_validation_error(exc: ValidationError) -> str:

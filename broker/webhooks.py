@@ -15,8 +15,9 @@ Signing follows the Standard Webhooks specification: `webhook-id` is the event i
 base64 HMAC-SHA256, keyed with the decoded `whsec_` secret, of `{id}.{timestamp}.{body}`.
 The body is the event as the feed serves it; a `tenant.broken` event also carries
 `data.reconnect_url` when the connect page is configured and the tenant is still broken at
-the attempt (a fresh connect session made then: its token is never stored, so it cannot be
-in the feed). Neither the secret nor the receiver's URL (it may hold credentials) is logged.
+the attempt (a connect session made at its first attempt and reused by its retries in this
+process while it has an hour left: its token is kept only in memory, so it cannot be in the
+feed). Neither the secret nor the receiver's URL (it may hold credentials) is logged.
 """
 
 from __future__ import annotations
@@ -52,10 +53,13 @@ from broker.stores import SecretStore
 
 BATCH = 20  # events sent at once (each to another tenant)
 POLL_SECONDS = 1.0  # how often an idle deliverer looks for due events
+STORE_BACKOFF_MAX = 60.0  # seconds between tries at most while the store keeps failing
 PENDING_SECONDS = 5.0  # how often an idle deliverer recounts the pending events
 JITTER = 0.1  # a retry interval is stretched or shrunk by up to this fraction
 LEASE_MARGIN = 1.0  # seconds a lease outlasts two attempts' timeouts
 USER_AGENT = "pleo-key-broker-webhooks"
+LINK_REUSE_MARGIN = 3600.0  # seconds a reused reconnect link must still be valid, at least
+LINKS_KEPT = 1000  # reconnect links remembered for retries of their event, at most
 
 
 def sign(key: bytes, message_id: str, timestamp: int, body: bytes) -> str:
@@ -92,15 +96,27 @@ class Reconnect:
     def __init__(self, store: SecretStore, sessions: ConnectSessions) -> None:
         self.store = store
         self.sessions = sessions
+        # event id: (link, monotonic time it expires); in memory only, never stored.
+        self._links: dict[str, tuple[str, float]] = {}
 
-    async def url(self, tenant: str) -> str | None:
-        """A fresh connect link for `tenant` if it is still broken, else None."""
+    async def url(self, tenant: str, event_id: str | None = None) -> str | None:
+        """A connect link for `tenant` if it is still broken, else None: the link made for
+        `event_id` by an earlier attempt while it has `LINK_REUSE_MARGIN` left, else a new one."""
         if self.sessions.public_url is None:
             return None
         record = await self.store.get(tenant)
         if record is None or record.state is not TenantState.BROKEN:
             return None
-        return (await self.sessions.create(tenant, ttl_seconds=MAX_TTL)).url
+        made = self._links.get(event_id) if event_id is not None else None
+        if made is not None and made[1] - time.monotonic() > LINK_REUSE_MARGIN:
+            return made[0]
+        url = (await self.sessions.create(tenant, ttl_seconds=MAX_TTL)).url
+        if event_id is not None:
+            self._links.pop(event_id, None)
+            self._links[event_id] = (url, time.monotonic() + MAX_TTL)
+            while len(self._links) > LINKS_KEPT:
+                del self._links[next(iter(self._links))]  # the oldest
+        return url
 
 
 class Webhooks:
@@ -136,33 +152,62 @@ class Webhooks:
             transport=transport,
         )
         self._runner: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._in_round = False  # claiming, sending or settling a batch
         self._soonest_retry = math.inf  # monotonic time of this process's next retry
         self._counted_at = -math.inf  # monotonic time the pending events were last counted
 
     def start(self) -> None:
         """Start delivering in the background."""
         if self._runner is None:
+            self._stopping = False
             self._runner = asyncio.create_task(self._run(), name="webhooks")
 
     async def stop(self) -> None:
-        """Stop delivering (an attempt cut short is sent again once its lease runs out)."""
+        """Stop delivering: the batch in flight finishes (within the lease) and is settled,
+        then the lease is given back, so another process goes on at once. An attempt cut
+        short (past the lease) is sent again once its lease runs out."""
         if self._runner is not None:
+            self._stopping = True
+            if not self._in_round:
+                self._runner.cancel()  # idle: nothing to finish
+            await asyncio.wait({self._runner}, timeout=self.lease.total_seconds())
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
             self._runner = None
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await self.store.release_deliveries(self.holder, now=_now())
+            except Exception as exc:  # the lease runs out by itself
+                emit("webhook.release_failed", level=logging.WARNING, error=type(exc).__name__)
         await self._client.aclose()
 
     async def _run(self) -> None:
-        while True:
+        failures = 0  # store failures in a row
+        while not self._stopping:
+            self._in_round = True
             try:
                 busy = await self.deliver_once()
             except Exception as exc:  # the store failed: try again later, never stop
-                message = exc.message if isinstance(exc, errors.BrokerError) else type(exc).__name__
-                emit("webhook.store_failed", level=logging.WARNING, error=message)
-                busy = False
-            if not busy:
-                await self._sleep(self._idle_for())
+                failures += 1
+                wait = self._store_failed(exc, failures)
+            else:
+                if failures:
+                    emit("webhook.store_recovered", failures=failures)
+                    failures = 0
+                wait = 0.0 if busy else self._idle_for()
+            finally:
+                self._in_round = False
+            if wait and not self._stopping:
+                await self._sleep(wait)
+
+    def _store_failed(self, exc: Exception, failures: int) -> float:
+        """Log a failing store once, when it starts; how long to wait before trying again."""
+        if failures == 1:
+            message = exc.message if isinstance(exc, errors.BrokerError) else type(exc).__name__
+            emit("webhook.store_failed", level=logging.WARNING, error=message)
+        return min(STORE_BACKOFF_MAX, POLL_SECONDS * 2.0 ** min(failures - 1, 16))
 
     def _idle_for(self) -> float:
         """How long to wait before looking again: a poll, or less if a retry is due sooner."""
@@ -178,8 +223,10 @@ class Webhooks:
         )
         if batch:
             settled = await asyncio.gather(*(self._attempt(item) for item in batch))
-            await self.store.settle_deliveries(self.holder, settled, now=_now())
+            applied = set(await self.store.settle_deliveries(self.holder, settled, now=_now()))
             for item, outcome in zip(batch, settled, strict=True):
+                if outcome.event_id not in applied:
+                    continue  # the lease had passed on: another replica settles it
                 self.metrics.webhook_deliveries.labels(result=outcome.result).inc()
                 if outcome.result == "given_up":
                     emit(
@@ -221,18 +268,18 @@ class Webhooks:
 
     async def _send(self, event: Event) -> str | None:
         """POST the event once; None if the receiver took it, else why not."""
-        body = json.dumps(await self._body(event), separators=(",", ":")).encode()
-        headers = signed_headers(self._key, event.id, body, int(time.time()))
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(self.timeout):  # the body (its link) counts too
+                body = json.dumps(await self._body(event), separators=(",", ":")).encode()
+                headers = signed_headers(self._key, event.id, body, int(time.time()))
                 request = self._client.build_request("POST", self.url, content=body)
                 request.headers.update(headers)
                 response = await self._client.send(request, stream=True)
                 await response.aclose()  # the receiver's answer is not read, only its status
         except TimeoutError:
             return f"no answer within {self.timeout:g} seconds"
-        except httpx.HTTPError as exc:
-            return f"{type(exc).__name__}"
+        except Exception as exc:  # any failure fails this attempt only (never its message:
+            return type(exc).__name__  # it may quote the receiver's URL)
         if 200 <= response.status_code < 300:
             return None
         return f"status {response.status_code}"
@@ -242,7 +289,7 @@ class Webhooks:
         if event.type != "tenant.broken" or self.reconnect is None:
             return body
         try:
-            url = await self.reconnect.url(event.tenant)
+            url = await self.reconnect.url(event.tenant, event.id)
         except errors.BrokerError as exc:  # sent without a link rather than not at all
             emit(
                 "webhook.reconnect_link_failed",

@@ -96,8 +96,11 @@ class CountingStore:
 
     async def settle_deliveries(
         self, holder: str, settled: Sequence[Settlement], *, now: datetime
-    ) -> None:
-        await self.inner.settle_deliveries(holder, settled, now=now)
+    ) -> builtins.list[str]:
+        return await self.inner.settle_deliveries(holder, settled, now=now)
+
+    async def release_deliveries(self, holder: str, *, now: datetime) -> None:
+        await self.inner.release_deliveries(holder, now=now)
 
     async def pending_deliveries(self) -> int:
         return await self.inner.pending_deliveries()

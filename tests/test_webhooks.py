@@ -7,6 +7,7 @@ across two replicas on one OpenBao: tests/test_webhook_processes.py."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import logging
@@ -78,6 +79,8 @@ def admin_client(broker: RunningBroker) -> httpx.Client:
     [
         ({"BROKER_WEBHOOK_URL": "app.example.com/hooks"}, "BROKER_WEBHOOK_URL: must be an http"),
         ({"BROKER_WEBHOOK_URL": "ftp://app.example.com"}, "BROKER_WEBHOOK_URL: must be an http"),
+        ({"BROKER_WEBHOOK_URL": "https://app:abc/x"}, "BROKER_WEBHOOK_URL: Invalid port: 'abc'"),
+        ({"BROKER_WEBHOOK_URL": "https://u:pw@app:99999/"}, "BROKER_WEBHOOK_URL: the port must be"),
         (
             {"BROKER_WEBHOOK_URL": "https://app.example.com/hooks"},
             "BROKER_WEBHOOK_SECRET is required when BROKER_WEBHOOK_URL is set",
@@ -495,6 +498,160 @@ async def test_a_store_that_fails_delays_delivery_and_loses_nothing(
     finally:
         await hooks.stop()
     assert await memory_store.pending_deliveries() == 0
+
+
+async def test_store_failures_back_off_and_are_logged_when_the_state_changes(
+    memory_store: MemoryStore, captured_logs: io.StringIO
+) -> None:
+    hooks = deliverer(memory_store, lambda request: httpx.Response(204))
+    waits: list[float] = []
+    enough = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        memory_store.down = len(waits) < 9  # the store is back after 9 failed rounds
+        if len(waits) == 12:
+            enough.set()
+        await asyncio.sleep(0)
+
+    hooks._sleep = sleep
+    logger = logging.getLogger(LOGGER_NAME)
+    level = logger.level
+    logger.setLevel(logging.INFO)  # to see webhook.store_recovered
+    memory_store.down = True
+    hooks.start()
+    try:
+        await asyncio.wait_for(enough.wait(), timeout=10)
+    finally:
+        await hooks.stop()
+        logger.setLevel(level)
+    assert waits[:9] == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+    assert all(wait <= 1 for wait in waits[9:])  # polling as usual again
+    logged = [json.loads(line)["event"] for line in captured_logs.getvalue().splitlines()]
+    assert logged.count("webhook.store_failed") == 1
+    assert logged.count("webhook.store_recovered") == 1
+
+
+async def test_a_settlement_the_store_ignored_is_not_counted(memory_store: MemoryStore) -> None:
+    record = tenant(TenantState.ACTIVE)
+    await memory_store.put(record, events=[new_event("tenant.activated", "admin", record.view())])
+    hooks = deliverer(memory_store, lambda request: httpx.Response(500))
+
+    async def ignore(holder: str, settled: Any, *, now: datetime) -> list[str]:
+        return []  # the lease had moved to another replica
+
+    memory_store.settle_deliveries = ignore  # type: ignore[method-assign]
+    try:
+        assert await hooks.deliver_once() is True
+        counted = hooks.metrics.webhook_deliveries.labels(result="retried")._value.get()
+        assert counted == 0
+    finally:
+        await hooks.stop()
+
+
+async def test_retries_of_a_broken_webhook_reuse_one_reconnect_link(
+    memory_store: MemoryStore,
+) -> None:
+    record = tenant(TenantState.BROKEN)
+    written = new_event("tenant.broken", "proxy", record.view())
+    await memory_store.put(record, events=[written])
+    links: list[str] = []
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        links.append(json.loads(request.content)["data"]["reconnect_url"])
+        return httpx.Response(503)
+
+    settings = broker_settings("https://pleo.invalid", Path("unused"), connect_public_url=PUBLIC)
+    hooks = deliverer(memory_store, refuse, webhook_retry_schedule="1ms,1ms,1ms")
+    hooks.reconnect = Reconnect(memory_store, ConnectSessions(memory_store, settings))
+    made = 0
+    put_session = memory_store.put_session
+
+    async def count(session: Any) -> Any:
+        nonlocal made
+        made += 1
+        return await put_session(session)
+
+    memory_store.put_session = count  # type: ignore[method-assign]
+    try:
+        deadline = time.monotonic() + 5
+        while len(links) < 3:
+            assert time.monotonic() < deadline, "the retries never came"
+            if not await hooks.deliver_once():
+                await asyncio.sleep(0.01)
+    finally:
+        await hooks.stop()
+    assert made == 1
+    assert len(set(links)) == 1 and links[0].startswith(PUBLIC + "/connect/")
+
+
+async def test_stopping_lets_the_attempt_in_flight_finish_and_settle(
+    memory_store: MemoryStore,
+) -> None:
+    record = tenant(TenantState.ACTIVE)
+    await memory_store.put(record, events=[new_event("tenant.activated", "admin", record.view())])
+    arrived, answer = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        arrived.set()
+        await answer.wait()
+        return httpx.Response(204)
+
+    settings = broker_settings(
+        "https://pleo.invalid",
+        Path("unused"),
+        webhook_url="https://hooks.example.test/in",
+        webhook_secret=new_secret(),
+    )
+    hooks = Webhooks(settings, memory_store, Metrics(), transport=httpx.MockTransport(slow))
+    hooks.start()
+    await asyncio.wait_for(arrived.wait(), timeout=5)
+    released: list[str] = []
+    release = memory_store.release_deliveries
+
+    async def remember(holder: str, *, now: datetime) -> None:
+        released.append(holder)
+        await release(holder, now=now)
+
+    memory_store.release_deliveries = remember  # type: ignore[method-assign]
+    stopping = asyncio.create_task(hooks.stop())
+    for _ in range(50):
+        await asyncio.sleep(0)  # let stop() run as far as it goes
+    assert not stopping.done()  # waiting for the receiver's answer
+    answer.set()
+    await asyncio.wait_for(stopping, timeout=5)
+    assert await memory_store.pending_deliveries() == 0  # delivered and settled
+    assert released == [hooks.holder]  # the lease given back: another process goes on at once
+
+
+async def test_an_unexpected_error_of_one_attempt_fails_only_that_attempt(
+    memory_store: MemoryStore, captured_logs: io.StringIO
+) -> None:
+    acme, beta = tenant(TenantState.ACTIVE), tenant(TenantState.ACTIVE)
+    beta = dataclasses.replace(beta, tenant="beta")
+    written = [new_event("tenant.activated", "admin", r.view()) for r in (acme, beta)]
+    for record, item in zip((acme, beta), written, strict=True):
+        await memory_store.put(record, events=[item])
+    sent: list[str] = []
+
+    def take(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        if body["data"]["tenant"] == "acme":
+            raise RuntimeError("the transport broke")
+        sent.append(body["id"])
+        return httpx.Response(204)
+
+    hooks = deliverer(memory_store, take, webhook_retry_schedule="1h")
+    try:
+        assert await hooks.deliver_once() is True
+        assert sent == [written[1].id]
+        assert await memory_store.pending_deliveries() == 1  # acme's, retried later
+        logged = [json.loads(line) for line in captured_logs.getvalue().splitlines()]
+        retried = [r for r in logged if r.get("event") == "webhook.retry_scheduled"]
+        assert [r["reason"] for r in retried] == ["RuntimeError"]
+        assert "the transport broke" not in captured_logs.getvalue()
+    finally:
+        await hooks.stop()
 
 
 async def test_a_broken_webhook_goes_out_without_a_link_the_store_cannot_make(

@@ -104,8 +104,13 @@ class SecretStore(Protocol):
 
     async def settle_deliveries(
         self, holder: str, settled: Sequence[Settlement], *, now: datetime
-    ) -> None:
-        """Record how `holder`'s attempts ended (nothing if its lease ran out)."""
+    ) -> builtins.list[str]:
+        """Record how `holder`'s attempts ended (nothing if its lease ran out); the ids of
+        the events whose settlement was recorded."""
+        ...
+
+    async def release_deliveries(self, holder: str, *, now: datetime) -> None:
+        """Give up `holder`'s lease (it stops): its unsettled events are due again at once."""
         ...
 
     async def pending_deliveries(self) -> int:

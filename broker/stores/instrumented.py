@@ -69,9 +69,12 @@ class InstrumentedStore:
 
     async def settle_deliveries(
         self, holder: str, settled: Sequence[Settlement], *, now: datetime
-    ) -> None:
+    ) -> builtins.list[str]:
         settle = self.inner.settle_deliveries(holder, settled, now=now)
-        await self._count("settle_deliveries", settle)
+        return await self._count("settle_deliveries", settle)
+
+    async def release_deliveries(self, holder: str, *, now: datetime) -> None:
+        await self._count("release_deliveries", self.inner.release_deliveries(holder, now=now))
 
     async def pending_deliveries(self) -> int:
         return await self._count("pending_deliveries", self.inner.pending_deliveries())

@@ -146,15 +146,25 @@ class LocalStore:
 
     async def settle_deliveries(
         self, holder: str, settled: Sequence[Settlement], *, now: datetime
-    ) -> None:
-        """Record how `holder`'s attempts ended (one transaction)."""
+    ) -> builtins.list[str]:
+        """Record how `holder`'s attempts ended (one transaction); the ids recorded."""
         self._refuse_if_read_only()
 
-        def settle(conn: sqlite3.Connection) -> None:
+        def settle(conn: sqlite3.Connection) -> builtins.list[str]:
             with sqlite.transaction(conn):
-                sqlite_events.settle(conn, holder, settled, now)
+                return sqlite_events.settle(conn, holder, settled, now)
 
-        await self._run(settle)
+        return await self._run(settle)
+
+    async def release_deliveries(self, holder: str, *, now: datetime) -> None:
+        """Make `holder`'s claimed, unsettled events due again (one transaction)."""
+        self._refuse_if_read_only()
+
+        def release(conn: sqlite3.Connection) -> None:
+            with sqlite.transaction(conn):
+                sqlite_events.release(conn, holder)
+
+        await self._run(release)
 
     async def pending_deliveries(self) -> int:
         """How many events are neither delivered nor given up."""

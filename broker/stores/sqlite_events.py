@@ -39,12 +39,14 @@ _INDEX = "CREATE INDEX IF NOT EXISTS events_by_tenant ON events (tenant, seq)"
 _PENDING_INDEX = (
     "CREATE INDEX IF NOT EXISTS events_pending ON events (tenant, seq) WHERE delivered_at IS NULL"
 )
+# Each tenant's oldest pending event, found from the partial index of pending events only (a
+# delivered event costs the claim nothing), then read by its key.
 _DUE = """
-SELECT seq, body, attempts FROM events AS e
-WHERE delivered_at IS NULL
-  AND seq = (SELECT min(seq) FROM events WHERE tenant = e.tenant AND delivered_at IS NULL)
-  AND (claimed_until IS NULL OR claimed_until <= ?)
-ORDER BY seq LIMIT ?
+SELECT e.seq, e.body, e.attempts FROM
+  (SELECT min(seq) AS first FROM events WHERE delivered_at IS NULL GROUP BY tenant) AS heads
+  JOIN events AS e ON e.seq = heads.first
+WHERE e.claimed_until IS NULL OR e.claimed_until <= ?
+ORDER BY e.seq LIMIT ?
 """
 
 
@@ -109,23 +111,37 @@ def claim(
 
 def settle(
     conn: sqlite3.Connection, holder: str, settled: Sequence[Settlement], now: datetime
-) -> None:
-    """Record `holder`'s outcomes (only for events it still holds); in a write transaction."""
+) -> list[str]:
+    """Record `holder`'s outcomes (only for events it still holds); in a write transaction.
+    The ids of the events recorded."""
+    applied: list[str] = []
     for item in settled:
         if item.result == "retried":
             assert item.retry_at is not None
-            conn.execute(
+            cursor = conn.execute(
                 "UPDATE events SET attempts = attempts + 1, claimed_by = NULL,"
                 " claimed_until = ? WHERE id = ? AND claimed_by = ? AND delivered_at IS NULL",
                 (stamp(item.retry_at), item.event_id, holder),
             )
         else:
-            conn.execute(
+            cursor = conn.execute(
                 "UPDATE events SET attempts = attempts + 1, claimed_by = NULL,"
                 " claimed_until = NULL, delivered_at = ?, outcome = ?"
                 " WHERE id = ? AND claimed_by = ? AND delivered_at IS NULL",
                 (stamp(now), item.result, item.event_id, holder),
             )
+        if cursor.rowcount:
+            applied.append(item.event_id)
+    return applied
+
+
+def release(conn: sqlite3.Connection, holder: str) -> None:
+    """Make the events `holder` claimed and did not settle due again; in a write transaction."""
+    conn.execute(
+        "UPDATE events SET claimed_by = NULL, claimed_until = NULL"
+        " WHERE claimed_by = ? AND delivered_at IS NULL",
+        (holder,),
+    )
 
 
 def pending(conn: sqlite3.Connection) -> int:

@@ -230,9 +230,13 @@ class VaultStore:
 
     async def settle_deliveries(
         self, holder: str, settled: Sequence[Settlement], *, now: datetime
-    ) -> None:
-        """Record how `holder`'s attempts ended, while it holds the lease."""
-        await self._delivery.settle(holder, settled, now)
+    ) -> builtins.list[str]:
+        """Record how `holder`'s attempts ended, while it holds the lease; the ids recorded."""
+        return await self._delivery.settle(holder, settled, now)
+
+    async def release_deliveries(self, holder: str, *, now: datetime) -> None:
+        """Give up `holder`'s lease (check-and-set), so another replica goes on at once."""
+        await self._delivery.release(holder)
 
     async def pending_deliveries(self) -> int:
         """The events neither delivered nor given up."""

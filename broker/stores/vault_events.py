@@ -94,19 +94,41 @@ class EventLog:
         self, cursor: str | None, limit: int, tenant: str | None
     ) -> tuple[builtins.list[Event], str | None]:
         """Up to `limit` events after `cursor`, oldest first, and the cursor after them."""
+        found, position = await self.positioned(cursor, limit, tenant)
+        return [event for _, event in found], position
+
+    async def positioned(
+        self, cursor: str | None, limit: int, tenant: str | None, until: str | None = None
+    ) -> tuple[builtins.list[tuple[str, Event]], str | None]:
+        """Up to `limit` events after `cursor` and not after `until`, oldest first, each with
+        the cursor after it; and the cursor after the last entry looked at."""
         chunk, index = parse_cursor(cursor)
-        found: builtins.list[Event] = []
+        stop = parse_cursor(until) if until is not None else None
+        found: builtins.list[tuple[str, Event]] = []
         position = cursor
         for number in [n for n in await self._call(self._chunks) if n >= chunk]:
+            if stop is not None and number > stop[0]:
+                break
             entries, _ = await self._call(partial(self._read, number))
             start = index if number == chunk else 0
             for offset, (_, event) in enumerate(entries[start:], start=start + 1):
-                if len(found) == limit:
+                if len(found) == limit or (stop is not None and (number, offset) > stop):
                     return found, position
                 position = f"{number}.{offset}"
                 if tenant is None or event.tenant == tenant:
-                    found.append(event)
+                    found.append((position, event))
         return found, position
+
+    async def count_after(self, cursor: str | None) -> int:
+        """How many entries the log holds after `cursor` (the newest chunk is read; the
+        others are full)."""
+        chunk, index = parse_cursor(cursor)
+        chunks = [n for n in await self._call(self._chunks) if n >= chunk]
+        if not chunks:
+            return 0
+        newest, _ = await self._call(partial(self._read, chunks[-1]))
+        count = len(newest) + CHUNK_SIZE * (len(chunks) - 1)
+        return max(0, count - (index if chunks[0] == chunk else 0))
 
     async def prune(self, before: datetime) -> int:
         """Drop the chunks whose every entry is older than `before` (never the newest)."""

@@ -217,17 +217,26 @@ class MemoryStore:
 
     async def settle_deliveries(
         self, holder: str, settled: Sequence[Settlement], *, now: datetime
-    ) -> None:
+    ) -> builtins.list[str]:
         self._write("settle_deliveries")
+        applied: builtins.list[str] = []
         for item in settled:
             state = self.shared.delivery.get(item.event_id)
             if state is None or state.holder != holder or state.outcome is not None:
                 continue
+            applied.append(item.event_id)
             state.attempts += 1
             state.holder = None
             state.until = item.retry_at
             if item.result != "retried":
                 state.outcome = item.result
+        return applied
+
+    async def release_deliveries(self, holder: str, *, now: datetime) -> None:
+        self._write("release_deliveries")
+        for state in self.shared.delivery.values():
+            if state.holder == holder and state.outcome is None:
+                state.holder, state.until = None, None
 
     async def pending_deliveries(self) -> int:
         self._call("pending_deliveries")
