@@ -101,9 +101,21 @@ def start_broker(
         proxy_port=proxy_port,
         admin_port=admin_port,
     )
+    return run_broker(supervisor, name, env, work_dir, tuple(ids))
+
+
+def run_broker(
+    supervisor: Supervisor,
+    name: str,
+    env: dict[str, str],
+    work_dir: Path,
+    tenants: tuple[str, ...] | None = None,
+) -> RunningBroker:
+    """Start `broker serve` in `env` and wait until /readyz answers 200 (`tenants`: the ids
+    its store holds, for the load to name)."""
     argv = [sys.executable, "-m", "broker", "serve"]
     child = supervisor.start(name, argv, env=env, cwd=work_dir, log=work_dir / "broker.log")
-    admin_url = f"http://127.0.0.1:{admin_port}"
+    admin_url = f"http://127.0.0.1:{env['BROKER_ADMIN_PORT']}"
     wait_until(
         lambda: http_status(admin_url + "/readyz") == 200,
         what=name,
@@ -112,7 +124,7 @@ def start_broker(
     )
     return RunningBroker(
         pid=child.pid,
-        proxy_url=f"http://127.0.0.1:{proxy_port}",
+        proxy_url=f"http://127.0.0.1:{env['BROKER_PROXY_PORT']}",
         admin_url=admin_url,
-        tenants=tuple(ids),
+        tenants=tenants if tenants is not None else (),
     )
