@@ -46,6 +46,7 @@ from broker.policy import BodyHandling, Decision, Policy, check_body
 from broker.records import ActiveTenant, TenantRecord, TenantState
 from broker.registry import not_active
 from broker.runtime import Broker
+from broker.timing import Overhead, Sent
 from broker.upstream import map_exceptions
 
 UNMATCHED = "unmatched"
@@ -71,12 +72,14 @@ class ProxyApp:
         self.body_timeout = settings.request_body_timeout
         self.policy = Policy(broker.catalog, settings.proxy_allow_control_plane)
         self.counts = ProxyMetrics(broker.metrics)
+        self.timing = Overhead(broker.metrics.overhead)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             if scope["type"] == "websocket":
                 await self._refuse_websocket(scope, receive, send)
             return  # lifespan: the broker's parts are opened by `runtime.open_broker`
+        began = time.perf_counter()
         head = self.rules.read(scope["headers"])
         route = UNMATCHED
         tenant = None
@@ -86,14 +89,14 @@ class ProxyApp:
             active = self.registry.active(tenant)  # 2. take its active record
             decision = self._decide(scope, active, content)  # 3. decide
             route = decision.route.template
-            response = await self._send(scope, receive, head, active, decision)  # 4. send
-            status = await self._relay(response, send, receive, head, active, decision)  # 5.
+            sent = await self._send(scope, receive, head, active, decision, began)  # 4. send
+            status = await self._relay(sent, send, receive, head, active, decision)  # 5.
         except errors.BrokerError as exc:
             status = exc.status
-            await self._refuse(send, exc, head, tenant)
+            await self._refuse(send, exc, head, tenant, began)
         except Exception as exc:
             status = 500
-            await self._fail(send, exc, head, tenant)
+            await self._fail(send, exc, head, tenant, began)
         self.counts.count(scope["method"], route, status)
 
     def _decide(self, scope: Scope, active: ActiveTenant, content: BodyKind | None) -> Decision:
@@ -113,7 +116,8 @@ class ProxyApp:
         head: RequestHead,
         active: ActiveTenant,
         decision: Decision,
-    ) -> aiohttp.ClientResponse:
+        began: float,
+    ) -> Sent:
         """Send the request to Pleo; the answer holds an upstream slot until `_relay` ends."""
         headers = forwarded_request_headers(
             scope["headers"], tenant_header=self.rules.tenant_header, request_id=head.request_id
@@ -133,8 +137,9 @@ class ProxyApp:
         except BaseException:
             self.upstream.release()
             raise
-        self.counts.observe(decision.route.template, time.perf_counter() - started)
-        return response
+        waited = time.perf_counter() - started
+        self.counts.observe(decision.route.template, waited)
+        return Sent(response, began, waited)
 
     async def _body(
         self, receive: Receive, headers: dict[str, str], active: ActiveTenant, decision: Decision
@@ -175,7 +180,7 @@ class ProxyApp:
 
     async def _relay(
         self,
-        response: aiohttp.ClientResponse,
+        sent: Sent,
         send: Send,
         receive: Receive,
         head: RequestHead,
@@ -183,6 +188,7 @@ class ProxyApp:
         decision: Decision,
     ) -> int:
         """Relay Pleo's answer (after judging a 401 or 403); frees the upstream slot."""
+        response = sent.response
         try:
             buffered = await self._judge(response, active)
             headers = forwarded_response_headers(
@@ -190,6 +196,7 @@ class ProxyApp:
                 connection=response.headers.get("Connection"),
                 request_id=head.request_id,
             )
+            headers.append(self.timing.proxied(sent))
             start = {"type": "http.response.start", "status": response.status, "headers": headers}
             await send(start)
             try:
@@ -241,7 +248,12 @@ class ProxyApp:
             return active.record
 
     async def _refuse(
-        self, send: Send, exc: errors.BrokerError, head: RequestHead, tenant: str | None
+        self,
+        send: Send,
+        exc: errors.BrokerError,
+        head: RequestHead,
+        tenant: str | None,
+        began: float,
     ) -> None:
         if exc.tenant is None:
             exc.tenant = tenant if tenant is not None else named_tenant(head)
@@ -249,13 +261,14 @@ class ProxyApp:
         body = json.dumps(exc.to_body()).encode()
         headers = [*JSON_HEADERS, (b"x-request-id", head.request_id)]
         headers.append((b"content-length", str(len(body)).encode()))
+        headers.append(self.timing.refused(began))
         if isinstance(exc, errors.RequestTimeout):
             headers.append((b"connection", b"close"))  # the rest of the body is not awaited
         await send({"type": "http.response.start", "status": exc.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
     async def _fail(
-        self, send: Send, exc: Exception, head: RequestHead, tenant: str | None
+        self, send: Send, exc: Exception, head: RequestHead, tenant: str | None, began: float
     ) -> None:
         """A bug: answer JSON, log where, never a traceback to the caller."""
         frame = traceback.extract_tb(exc.__traceback__)[-1]
@@ -268,7 +281,7 @@ class ProxyApp:
         )
         # If the answer had already started, the server closes the connection instead.
         with contextlib.suppress(Exception):
-            await self._refuse(send, errors.BrokerError(), head, tenant)
+            await self._refuse(send, errors.BrokerError(), head, tenant, began)
 
     async def _refuse_websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A WebSocket handshake: a JSON 403 where the server can send one, else a plain close."""
