@@ -164,7 +164,11 @@ def run(args: argparse.Namespace, tmp: Path, supervisor: Supervisor) -> report.R
     if parts - {"openbao"} or args.profile:
         many_env = startup.local_env(_dir(tmp, "broker-many"), upstream_url, args.tenants)
         _say(f"{args.tenants} tenants preloaded into a local store")
-    figures = _startup_figures(args, tmp, supervisor, upstream_url, many_env)
+    figures = (
+        report.Startup()
+        if args.profile
+        else _startup_figures(args, tmp, supervisor, upstream_url, many_env)
+    )
     if not parts & {"load", "transfer"} and not args.profile:
         return _report(args, [], None, figures, [], (use_nginx, wrk))
 
