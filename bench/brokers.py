@@ -9,7 +9,7 @@ import os
 import secrets
 import sys
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench.processes import Supervisor, free_port, http_status, wait_until
@@ -82,23 +82,6 @@ def broker_env(
     return env
 
 
-def write_callers(path: Path, count: int) -> str:
-    """A callers file of `count` callers, each with its own tenant pattern; the token of the
-    one in the middle, whose patterns match every tenant."""
-    tokens = [secrets.token_hex(32) for _ in range(count)]
-    middle = count // 2
-    lines = ["callers:"]
-    for i, token in enumerate(tokens):
-        tenants = '["*"]' if i == middle else f'["customer-{i}", "group-{i}-*"]'
-        lines += [
-            f"  - name: caller-{i}",
-            f"    token_sha256: {hashlib.sha256(token.encode()).hexdigest()}",
-            f"    tenants: {tenants}",
-        ]
-    path.write_text("\n".join(lines) + "\n")
-    return tokens[middle]
-
-
 def start_broker(
     supervisor: Supervisor,
     *,
@@ -125,9 +108,39 @@ def start_broker(
     if callers:
         token = write_callers(work_dir / "callers.yaml", callers)
         env["BROKER_CALLERS_FILE"] = str(work_dir / "callers.yaml")
+    running = run_broker(supervisor, name, env, work_dir, tuple(ids))
+    return replace(running, caller_token=token)
+
+
+def write_callers(path: Path, count: int) -> str:
+    """A callers file of `count` callers, each with its own tenant pattern; the token of the
+    one in the middle, whose patterns match every tenant."""
+    tokens = [secrets.token_hex(32) for _ in range(count)]
+    middle = count // 2
+    lines = ["callers:"]
+    for i, token in enumerate(tokens):
+        tenants = '["*"]' if i == middle else f'["customer-{i}", "group-{i}-*"]'
+        lines += [
+            f"  - name: caller-{i}",
+            f"    token_sha256: {hashlib.sha256(token.encode()).hexdigest()}",
+            f"    tenants: {tenants}",
+        ]
+    path.write_text("\n".join(lines) + "\n")
+    return tokens[middle]
+
+
+def run_broker(
+    supervisor: Supervisor,
+    name: str,
+    env: dict[str, str],
+    work_dir: Path,
+    tenants: tuple[str, ...] | None = None,
+) -> RunningBroker:
+    """Start `broker serve` in `env` and wait until /readyz answers 200 (`tenants`: the ids
+    its store holds, for the load to name)."""
     argv = [sys.executable, "-m", "broker", "serve"]
     child = supervisor.start(name, argv, env=env, cwd=work_dir, log=work_dir / "broker.log")
-    admin_url = f"http://127.0.0.1:{admin_port}"
+    admin_url = f"http://127.0.0.1:{env['BROKER_ADMIN_PORT']}"
     wait_until(
         lambda: http_status(admin_url + "/readyz") == 200,
         what=name,
@@ -136,8 +149,7 @@ def start_broker(
     )
     return RunningBroker(
         pid=child.pid,
-        proxy_url=f"http://127.0.0.1:{proxy_port}",
+        proxy_url=f"http://127.0.0.1:{env['BROKER_PROXY_PORT']}",
         admin_url=admin_url,
-        tenants=tuple(ids),
-        caller_token=token,
+        tenants=tenants if tenants is not None else (),
     )

@@ -15,8 +15,8 @@ DIRECT = "direct to upstream"
 NGINX = "nginx proxy (+Authorization)"
 NGINX_KEEPALIVE = "nginx proxy, upstream keep-alive (+Authorization)"
 BROKER_ONE = "broker, 1 tenant"
-BROKER_MANY = "broker, 10k tenants"
-BROKER_SPREAD = "broker, 10k tenants, rotating"
+BROKER_MANY = "broker, many tenants"
+BROKER_SPREAD = "broker, many tenants, rotating"
 BROKER_CALLERS = "broker, 1 tenant, 1,000 callers"
 
 
@@ -89,12 +89,24 @@ class Memory:
 
 
 @dataclass(frozen=True)
+class Startup:
+    """Start-up figures (bench/startup.py): seconds to `/readyz` 200 and RSS (MiB) then."""
+
+    idle_seconds: float | None = None
+    idle_rss_mib: float | None = None
+    many_local_seconds: float | None = None
+    many_local_rss_mib: float | None = None
+    many_openbao_seconds: float | None = None
+
+
+@dataclass(frozen=True)
 class Report:
     rows: Sequence[Row]
-    memory: Memory
+    memory: Memory | None
     checks: Sequence[Check]
     settings: Mapping[str, Any] = field(default_factory=dict)
     transfers: Sequence[Mapping[str, Any]] = ()
+    startup: Startup = field(default_factory=Startup)
 
     @property
     def passed(self) -> bool:
@@ -115,78 +127,102 @@ def _check(name: str, value: float | None, unit: str, target: str, ok: bool | No
     return Check(name, value, unit, target, None if value is None else ok)
 
 
-def evaluate(rows: Sequence[Row], memory: Memory, high: int = 32) -> list[Check]:
-    """The targets of docs/performance.md over measured rows and memory."""
-    throughput = _ratio(find(rows, BROKER_ONE, high), find(rows, NGINX, high))
-    strict = _ratio(find(rows, BROKER_ONE, high), find(rows, NGINX_KEEPALIVE, high))
+def _at_most(name: str, value: float | None, unit: str, limit: float) -> Check:
+    return _check(name, value, unit, f"≤ {limit:g}", value is not None and value <= limit)
+
+
+def _at_least(name: str, value: float | None, unit: str, limit: float) -> Check:
+    return _check(name, value, unit, f"≥ {limit:g}", value is not None and value >= limit)
+
+
+def evaluate(
+    rows: Sequence[Row],
+    memory: Memory | None,
+    high: int = 32,
+    *,
+    startup: Startup | None = None,
+    tenants: int = 50_000,
+) -> list[Check]:
+    """Every target of docs/performance.md (second round first) over what was measured;
+    a figure not measured in this run (a part left out, no nginx, no OpenBao) is n/a."""
+    startup = startup or Startup()
+    many = f"{tenants // 1000}k" if tenants % 1000 == 0 else str(tenants)
+    one_high = find(rows, BROKER_ONE, high)
     broker_1, direct_1 = find(rows, BROKER_ONE, 1), find(rows, DIRECT, 1)
     added = broker_1.p50_ms - direct_1.p50_ms if broker_1 and direct_1 else None
-    many = [
+    spread = [
         r
-        for r in (
-            _ratio(find(rows, n, high), find(rows, BROKER_ONE, high))
-            for n in (BROKER_MANY, BROKER_SPREAD)
-        )
+        for r in (_ratio(find(rows, n, high), one_high) for n in (BROKER_MANY, BROKER_SPREAD))
         if r is not None
     ]
-    tenants = min(many) if many else None
-    callers = _ratio(find(rows, BROKER_CALLERS, high), find(rows, BROKER_ONE, high))
-    growth = max(memory.transfer_growth_mib.values()) if memory.transfer_growth_mib else None
-    failed = sum(r.failed for r in rows) + (0 if memory.transfers_ok else 1)
+    failed = sum(r.failed for r in rows) + (0 if memory is None or memory.transfers_ok else 1)
     return [
-        _check(
-            f"throughput at {high} conns, broker / nginx proxy",
-            throughput,
-            "×",
-            "≥ 0.12",
-            throughput is not None and throughput >= 0.12,
+        _at_most("idle RSS after start, local store, 0 tenants", startup.idle_rss_mib, "MiB", 45),
+        _at_most("start to /readyz 200, local store, 0 tenants", startup.idle_seconds, "s", 0.8),
+        _at_most(
+            f"CPU per proxied request at {high} conns, full policy",
+            one_high.cpu_us_per_request if one_high else None,
+            "µs",
+            100,
         ),
-        # For information: a stricter bar than docs/performance.md's reference, never judged.
-        Check(
+        _at_least(
             f"throughput at {high} conns, broker / nginx proxy with upstream keep-alive",
-            strict,
+            _ratio(one_high, find(rows, NGINX_KEEPALIVE, high)),
             "×",
-            "(information)",
-            None if strict is None else True,
-            informational=True,
+            0.15,
         ),
-        _check(
-            "added p50 at 1 conn, broker − direct",
-            added,
-            "ms",
-            "≤ 0.35",
-            added is not None and added <= 0.35,
-        ),
-        _check(
-            f"throughput at {high} conns, 10k tenants / 1 tenant (worst of fixed, rotating)",
-            tenants,
-            "×",
-            "≥ 0.9",
-            tenants is not None and tenants >= 0.9,
-        ),
-        _check(
-            f"throughput at {high} conns, 1,000 callers / no callers file",
-            callers,
-            "×",
-            "≥ 0.95",
-            callers is not None and callers >= 0.95,
-        ),
-        _check(
-            "peak RSS with 10k tenants (VmHWM)",
-            memory.hwm_many_mib,
+        _at_most("added p50 at 1 conn, broker − direct", added, "ms", 0.20),
+        _at_most(
+            f"peak RSS with {many} tenants (VmHWM)",
+            memory.hwm_many_mib if memory else startup.many_local_rss_mib,
             "MiB",
-            "≤ 120",
-            memory.hwm_many_mib <= 120,
+            150,
+        ),
+        _at_most(
+            f"start to /readyz 200 with {many} tenants, local store",
+            startup.many_local_seconds,
+            "s",
+            5,
+        ),
+        _at_most(
+            f"start to /readyz 200 with {many} tenants, OpenBao",
+            startup.many_openbao_seconds,
+            "s",
+            60,
+        ),
+        _at_least(
+            f"throughput at {high} conns, {many} tenants / 1 tenant (worst of fixed, rotating)",
+            min(spread) if spread else None,
+            "×",
+            0.95,
+        ),
+        _at_least(
+            f"throughput at {high} conns, broker / nginx proxy",
+            _ratio(one_high, find(rows, NGINX, high)),
+            "×",
+            0.12,
+        ),
+        _at_least(
+            f"throughput at {high} conns, 1,000 callers / no callers file",
+            _ratio(find(rows, BROKER_CALLERS, high), one_high),
+            "×",
+            0.95,
         ),
         _check(
             "RSS growth during a 50 MB upload / download (worst)",
-            growth,
+            _growth(memory),
             "MiB",
             "< 20",
-            growth is not None and growth < 20 and memory.transfers_ok,
+            memory is not None and (_growth(memory) or 0) < 20 and memory.transfers_ok,
         ),
         _check("failed requests", float(failed), "", "= 0", failed == 0),
     ]
+
+
+def _growth(memory: Memory | None) -> float | None:
+    if memory is None or not memory.transfer_growth_mib:
+        return None
+    return max(memory.transfer_growth_mib.values())
 
 
 def _round(value: float | None, digits: int) -> float | None:
@@ -210,18 +246,23 @@ def table_lines(report: Report) -> list[str]:
         )
     lines += ["", "| target | measured | required | result |", "|---|---:|---:|---|"]
     for check in report.checks:
-        digits = 0 if check.name == "failed requests" else (1 if check.unit == "MiB" else 3)
-        measured = f"{_fmt(check.value, digits)} {check.unit}".strip()
+        digits = {"": 0, "µs": 0, "MiB": 1, "s": 2}.get(check.unit, 3)
+        measured = "–" if check.value is None else f"{_fmt(check.value, digits)} {check.unit}"
+        measured = measured.strip()
         lines.append(f"| {check.name} | {measured} | {check.target} | {check.verdict} |")
     memory = report.memory
-    lines += [
-        "",
-        f"Peak RSS (VmHWM): 1 tenant {memory.hwm_one_mib:.1f} MiB,"
-        f" 10k tenants {memory.hwm_many_mib:.1f} MiB; RSS now {memory.rss_one_mib:.1f}"
-        f" / {memory.rss_many_mib:.1f} MiB. Transfer growth: "
-        + ", ".join(f"{k} {v:.1f} MiB" for k, v in memory.transfer_growth_mib.items())
-        + ".",
-    ]
+    if memory is not None:
+        lines += [
+            "",
+            f"Peak RSS (VmHWM): 1 tenant {memory.hwm_one_mib:.1f} MiB,"
+            f" many tenants {memory.hwm_many_mib:.1f} MiB; RSS now {memory.rss_one_mib:.1f}"
+            f" / {memory.rss_many_mib:.1f} MiB. Transfer growth: "
+            + (
+                ", ".join(f"{k} {v:.1f} MiB" for k, v in memory.transfer_growth_mib.items())
+                or "not measured"
+            )
+            + ".",
+        ]
     return lines
 
 
@@ -229,13 +270,8 @@ def as_json(report: Report) -> dict[str, Any]:
     return {
         "settings": dict(report.settings),
         "configurations": [r.as_dict() for r in report.rows],
-        "memory": {
-            **{k: round(v, 2) for k, v in asdict(report.memory).items() if isinstance(v, float)},
-            "transfer_growth_mib": {
-                k: round(v, 2) for k, v in report.memory.transfer_growth_mib.items()
-            },
-            "transfers_ok": report.memory.transfers_ok,
-        },
+        "memory": None if report.memory is None else _memory_json(report.memory),
+        "startup": {k: _round(v, 3) for k, v in asdict(report.startup).items()},
         "transfers": [dict(t) for t in report.transfers],
         "checks": [
             {
@@ -249,6 +285,14 @@ def as_json(report: Report) -> dict[str, Any]:
             for c in report.checks
         ],
         "passed": report.passed,
+    }
+
+
+def _memory_json(memory: Memory) -> dict[str, Any]:
+    return {
+        **{k: round(v, 2) for k, v in asdict(memory).items() if isinstance(v, float)},
+        "transfer_growth_mib": {k: round(v, 2) for k, v in memory.transfer_growth_mib.items()},
+        "transfers_ok": memory.transfers_ok,
     }
 
 

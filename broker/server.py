@@ -25,12 +25,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from broker import errors
 from broker.admin import create_admin_app
-from broker.connect import create_connect_app
-from broker.connect_guards import security_headers
 from broker.events import emit
 from broker.protocol import Limits, protocol_for
 from broker.proxy import create_proxy_app
-from broker.runtime import open_broker
+from broker.runtime import Broker, open_broker
 from broker.settings import Settings
 from broker.stores import SecretStore
 
@@ -103,17 +101,7 @@ async def serve(
 
         listeners = [proxy, admin]
         if connect_sock is not None:
-            listeners.append(
-                Listener(
-                    "connect",
-                    create_connect_app(broker),
-                    connect_sock,
-                    limits=replace(
-                        listener_limits(settings, "connect", admin_cap),
-                        answer_headers=tuple(security_headers(settings.connect_frame_ancestors)),
-                    ),
-                )
-            )
+            listeners.append(_connect_listener(broker, connect_sock, admin_cap))
 
         def announce() -> None:
             # Everything loaded so far lives as long as the process: keep it out of the
@@ -150,6 +138,24 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def _connect_listener(broker: Broker, sock: socket.socket, max_connections: int) -> Listener:
+    """The connect page's listener; its modules (jinja2 and the pages) are imported only
+    when it is on, so a broker without it does not carry them (docs/performance.md)."""
+    from broker.connect import create_connect_app
+    from broker.connect_guards import security_headers
+
+    settings = broker.settings
+    limits = listener_limits(settings, "connect", max_connections)
+    return Listener(
+        "connect",
+        create_connect_app(broker),
+        sock,
+        limits=replace(
+            limits, answer_headers=tuple(security_headers(settings.connect_frame_ancestors))
+        ),
+    )
 
 
 def listener_limits(settings: Settings, listener: str, max_connections: int) -> Limits:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -78,3 +79,18 @@ def test_a_missing_required_field_is_malformed() -> None:
     del fields["state"]
     with pytest.raises(codec.MalformedRecord):
         codec.decode("acme", fields, version=7, api_key=None)
+
+
+def test_tenants_of_one_integration_share_their_common_values_in_memory() -> None:
+    # 50,000 tenants of one integration hold the same scopes, client id and application
+    # name: one copy of each, not 50,000 (as each store reads them: fresh JSON values).
+    first, second = (
+        codec.decode(f"t{i}", json.loads(json.dumps(codec.encode(BROKEN))), version=1, api_key=None)
+        for i in range(2)
+    )
+    assert first.scopes == BROKEN.scopes and first.scopes is second.scopes
+    assert first.client_id == "client-1" and first.client_id is second.client_id
+    assert first.application_name is second.application_name
+    fields = {**codec.encode(BROKEN), "scopes": ["x:read"]}
+    other = codec.decode("t3", fields, version=1, api_key=None)
+    assert other.scopes == frozenset({"x:read"}) and other.scopes is not first.scopes

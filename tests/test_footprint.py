@@ -1,0 +1,98 @@
+"""`broker serve` imports only what it serves with (docs/performance.md, idle RSS and start).
+
+Every module imported costs resident memory and start time in every pod the sidecar runs in.
+The process is a real `broker serve` (local store, no connect page); once its /readyz answers
+200 it writes `sys.modules` and stops itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.processes import free_port
+
+# What `broker serve` does not need on the local store with the connect page off.
+NOT_IMPORTED = (
+    "hvac",  # the Vault store's client
+    "broker.stores.vault",
+    "openapi_core",  # the sandbox's request validation
+    "broker.sandbox",
+    "broker.demo",
+    "broker.cli_events",  # the CLI's `events` helpers
+    "jinja2",  # the connect page's templates
+    "markupsafe",
+    "broker.connect",
+    "broker.connect_pages",
+    "broker.connect_view",
+)
+
+PROBE = """
+import json, os, signal, socket, sys, threading, time
+
+def probe(port, out):
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+                sock.sendall(b"GET /readyz HTTP/1.0\\r\\nHost: 127.0.0.1\\r\\n\\r\\n")
+                if sock.recv(64).startswith(b"HTTP/1.1 200"):
+                    with open(out, "w") as f:
+                        json.dump(sorted(sys.modules), f)
+                    break
+        except OSError:
+            pass
+        time.sleep(0.02)  # polling readiness, bounded by the deadline
+    os.kill(os.getpid(), signal.SIGTERM)
+
+port = int(os.environ["BROKER_ADMIN_PORT"])
+threading.Thread(target=probe, args=(port, sys.argv[1]), daemon=True).start()
+from broker.cli import main
+sys.exit(main(["serve"]))
+"""
+
+
+def serve_and_list_modules(tmp_path: Path, **settings: str) -> set[str]:
+    """Run `broker serve` (its CLI entry point) until ready; the modules it had imported."""
+    script, out = tmp_path / "probe.py", tmp_path / "modules.json"
+    script.write_text(PROBE)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    env.update(
+        BROKER_PLEO_BASE_URL="http://127.0.0.1:9",
+        BROKER_PROXY_HOST="127.0.0.1",
+        BROKER_PROXY_PORT=str(free_port()),
+        BROKER_ADMIN_HOST="127.0.0.1",
+        BROKER_ADMIN_PORT=str(free_port()),
+        BROKER_ADMIN_TOKEN=secrets.token_urlsafe(24),
+        BROKER_STORE="local",
+        BROKER_STORE_PATH=str(tmp_path / "store"),
+        BROKER_LOG_LEVEL="WARNING",
+        **settings,
+    )
+    done = subprocess.run(
+        [sys.executable, str(script), str(out)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert out.exists(), f"broker serve never became ready: {done.stderr[-2000:]}"
+    return set(json.loads(out.read_text()))
+
+
+def imported(modules: set[str], name: str) -> bool:
+    return any(m == name or m.startswith(name + ".") for m in modules)
+
+
+@pytest.mark.real  # runs `broker serve` as a process
+def test_serve_on_the_local_store_imports_nothing_it_does_not_need(tmp_path: Path) -> None:
+    modules = serve_and_list_modules(tmp_path)
+    assert imported(modules, "broker.proxy") and imported(modules, "broker.stores.local")
+    assert [name for name in NOT_IMPORTED if imported(modules, name)] == []
