@@ -46,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     sandbox = commands.add_parser("sandbox", help="run the local Pleo sandbox")
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--port", type=int, default=8090)
+    sandbox.add_argument(
+        "--state-file",
+        type=Path,
+        default=None,
+        help="keep keys and records in this JSON file across restarts",
+    )
     sandbox.set_defaults(run=_sandbox)
 
     demo = commands.add_parser("demo", help="walk through a tenant's lifecycle against the sandbox")
@@ -192,9 +198,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _sandbox(args: argparse.Namespace) -> int:
     from broker.sandbox import run
+    from broker.sandbox.persist import StateFileError
 
     print(f"Pleo sandbox on http://{args.host}:{args.port} (control API under /_sandbox/)")
-    run(args.host, args.port)
+    try:
+        run(args.host, args.port, args.state_file)
+    except StateFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -76,7 +76,7 @@ def test_an_operator_may_allow_the_control_plane(
     response = httpx.request(
         method, broker.proxy_url + path, headers=TENANT, json={"status": "ACTIVATED"}
     )
-    assert response.headers.get("content-type", "").startswith("application/json")
+    assert response.status_code in (200, 204), response.text  # the sandbox's own answer
     assert "route_not_allowed" not in response.text
     (seen,) = sandbox.state.requests  # forwarded to Pleo
     assert (seen.method, seen.path) == (method, path)

@@ -536,7 +536,7 @@ async def test_control_api_manages_keys(client: httpx.AsyncClient) -> None:
     )
     assert created.status_code == 201
     body = created.json()
-    assert set(body) == {"key_id", "api_key", "company_id", "scopes", "client_id"}
+    assert set(body) == {"key_id", "api_key", "company_id", "scopes", "client_id", "expires_at"}
     assert (body["company_id"], body["scopes"]) == (company_id, ["users:read"])
     auth = basic(body["api_key"])
     assert (await client.get("/v2/employees", headers=auth)).status_code == 200

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -26,13 +27,15 @@ def _free_port() -> int:
 class SandboxProcess:
     """`broker.sandbox.run()` in a child process, on a free port of 127.0.0.1."""
 
-    def __init__(self) -> None:
+    def __init__(self, state_file: Path | None = None) -> None:
         port = _free_port()
         self.url = f"http://127.0.0.1:{port}"
         code = f"from broker.sandbox import run; run('127.0.0.1', {port})"
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
+        command = [sys.executable, "-c", code]
+        if state_file is not None:  # as a user runs it: `broker sandbox --state-file`
+            command = [sys.executable, "-m", "broker", "sandbox", "--port", str(port)]
+            command += ["--state-file", str(state_file)]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def wait_until_ready(self) -> None:
         deadline = time.monotonic() + STARTUP_DEADLINE
@@ -112,3 +115,42 @@ def test_run_serves_the_sandbox_under_uvicorn(sandbox_process: SandboxProcess) -
 
 def test_sandbox_fixture_serves_over_the_wire(sandbox: RunningSandbox) -> None:
     exercise_over_the_wire(sandbox.url)
+
+
+@pytest.mark.real  # real server processes
+def test_a_restarted_sandbox_keeps_its_keys_with_a_state_file(tmp_path: Path) -> None:
+    state_file = tmp_path / "sandbox.json"
+    first = SandboxProcess(state_file)
+    try:
+        first.wait_until_ready()
+        created = httpx.post(f"{first.url}/_sandbox/keys", json={}).json()
+        auth = basic(created["api_key"])
+        vendor = {"companyId": created["company_id"], "name": "Acme", "defaultCurrency": "DKK"}
+        made = httpx.post(f"{first.url}/v1/vendors", json=vendor, headers=auth)
+        assert made.status_code == 201, made.text
+    finally:
+        first.stop()
+    assert state_file.stat().st_mode & 0o777 == 0o600
+    assert created["api_key"] not in state_file.read_text()
+
+    second = SandboxProcess(state_file)
+    try:
+        second.wait_until_ready()
+        vendor_id = made.json()["data"]["id"]
+        again = httpx.get(f"{second.url}/v1/vendors/{vendor_id}", headers=auth)
+        assert again.status_code == 200 and again.json()["data"]["name"] == "Acme"
+    finally:
+        second.stop()
+
+
+@pytest.mark.real  # a real process
+def test_a_bad_state_file_is_refused_with_one_line(tmp_path: Path) -> None:
+    state_file = tmp_path / "sandbox.json"
+    state_file.write_text("{not json")
+    child = SandboxProcess(state_file)
+    try:
+        code = child.process.wait(timeout=STARTUP_DEADLINE)
+    finally:
+        stderr = child.stop()
+    assert code == 1
+    assert "is not a sandbox state file" in stderr and "Traceback" not in stderr

@@ -14,7 +14,9 @@ import asyncio
 import base64
 import binascii
 import json
+import math
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -92,7 +94,8 @@ def authenticate(state: SandboxState, authorization: list[str]) -> KeyRecord:
     if not colon or password or not api_key:
         raise unauthorized("Basic credentials must be the key as user name and an empty password.")
     key = state.key_by_text(api_key)
-    if key is None or key.revoked:
+    expired = key is not None and key.expires_at is not None and time.time() >= key.expires_at
+    if key is None or key.revoked or expired:
         raise unauthorized("The API key is invalid, expired or revoked.")
     return key
 
@@ -104,7 +107,9 @@ def check_companies(
     named = [params[name] for name in ("companyId",) if name in params]
     named += query.getlist("company_id") + query.getlist("companyId")
     if isinstance(body, dict) and body.get("companyId") is not None:
-        named.append(str(body["companyId"]))
+        if not isinstance(body["companyId"], str):
+            raise PleoError(400, "INVALID_REQUEST", "'companyId' must be a UUID.")
+        named.append(body["companyId"])
     for company_id in named:
         if company_id.lower() != key.company_id:
             raise forbidden(f"This key has no access to company {company_id}.")
@@ -143,6 +148,8 @@ class PleoApi:
             response = _fault_response(answering)
         elif isinstance(auth, PleoError):
             response = auth.response()
+        elif (wait := self.state.throttled(auth.key_id)) is not None:
+            response = _rate_limited(wait)
         else:
             try:
                 response = await self._dispatch(request, auth)
@@ -210,6 +217,12 @@ def _fault_response(fault: Fault) -> Response:
     type_, message = _FAULT_TYPES[fault.status]
     headers = {} if fault.retry_after is None else {"Retry-After": str(fault.retry_after)}
     return PleoJSONResponse({"type": type_, "message": message}, fault.status, headers=headers)
+
+
+def _rate_limited(wait: float) -> Response:
+    type_, message = _FAULT_TYPES[429]
+    headers = {"Retry-After": str(max(1, math.ceil(wait)))}
+    return PleoJSONResponse({"type": type_, "message": message}, 429, headers=headers)
 
 
 async def _drop(scope: Scope, receive: Receive) -> None:

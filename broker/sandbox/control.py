@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from broker.sandbox import seed
 from broker.sandbox.envelopes import PleoError, bad_request
 from broker.sandbox.state import ALL_SCOPES, AUTH_METHODS, SandboxState, UnknownKey
 
@@ -75,6 +76,11 @@ async def create_key(request: Request) -> Response:
     subject_in_introspection = body.get("subject_in_introspection", True)
     if not isinstance(subject_in_introspection, bool):
         raise bad_request("'subject_in_introspection' must be true or false.")
+    expires_in = body.get("expires_in")
+    if expires_in is not None and (
+        isinstance(expires_in, bool) or not isinstance(expires_in, int | float) or expires_in < 0
+    ):
+        raise bad_request("'expires_in' must be a number of seconds >= 0.")
     state = _state(request)
     key = state.create_key(
         company_id,
@@ -84,6 +90,7 @@ async def create_key(request: Request) -> Response:
         client_id=_optional_str(body, "client_id"),
         subject_in_introspection=subject_in_introspection,
         installation_resource=installation_resource,
+        expires_in=expires_in,
     )
     return JSONResponse(
         {
@@ -92,6 +99,7 @@ async def create_key(request: Request) -> Response:
             "company_id": key.company_id,
             "scopes": list(key.scopes),
             "client_id": state.keys[key.key_id].client_id,
+            "expires_at": state.keys[key.key_id].expires_at,
         },
         201,
     )
@@ -172,6 +180,51 @@ async def clear_requests(request: Request) -> Response:
     return Response(status_code=204)
 
 
+async def seed_company(request: Request) -> Response:
+    body = await _body(request)
+    company_id = _optional_str(body, "company_id")
+    key_id = _optional_str(body, "key_id")
+    state = _state(request)
+    if key_id is not None:
+        if key_id not in state.keys:
+            raise _key_not_found(key_id)
+        company_id = state.keys[key_id].company_id
+    if company_id is None:
+        raise bad_request("Name the company to seed: 'company_id' or 'key_id'.")
+    try:
+        uuid.UUID(company_id)
+    except ValueError:
+        raise bad_request("'company_id' must be a UUID.") from None
+    number = _optional_int(body, "seed")
+    return JSONResponse(seed.seed(state, company_id, 0 if number is None else number), 201)
+
+
+async def get_rate_limit(request: Request) -> Response:
+    limit = _state(request).rate_limit
+    return JSONResponse(None if limit is None else limit.to_json())
+
+
+async def set_rate_limit(request: Request) -> Response:
+    body = await _body(request)
+    per_second = body.get("requests_per_second")
+    if isinstance(per_second, bool) or not isinstance(per_second, int | float):
+        raise bad_request("'requests_per_second' must be a number > 0.")
+    try:
+        _state(request).limit_rate(float(per_second), _optional_int(body, "burst"))
+    except ValueError as error:
+        raise bad_request(str(error)) from None
+    return await get_rate_limit(request)
+
+
+async def clear_rate_limit(request: Request) -> Response:
+    _state(request).limit_rate(None)
+    return Response(status_code=204)
+
+
+async def webhooks(request: Request) -> Response:
+    return JSONResponse({"deliveries": list(_state(request).webhook_deliveries)})
+
+
 async def health(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
@@ -185,4 +238,9 @@ CONTROL_ROUTES = [
     Route("/faults", clear_faults, methods=["DELETE"]),
     Route("/requests", list_requests, methods=["GET"]),
     Route("/requests", clear_requests, methods=["DELETE"]),
+    Route("/webhooks", webhooks, methods=["GET"]),
+    Route("/seed", seed_company, methods=["POST"]),
+    Route("/rate-limit", get_rate_limit, methods=["GET"]),
+    Route("/rate-limit", set_rate_limit, methods=["PUT"]),
+    Route("/rate-limit", clear_rate_limit, methods=["DELETE"]),
 ]

@@ -96,6 +96,11 @@ def _sorted(items: list[dict[str, Any]], query: QueryParams) -> list[dict[str, A
 
 def page(items: Sequence[dict[str, Any]], query: QueryParams) -> Response:
     """One page of `items` in Pleo's cursor-paginated envelope."""
+    return PleoJSONResponse(page_body(items, query))
+
+
+def page_body(items: Sequence[dict[str, Any]], query: QueryParams) -> dict[str, Any]:
+    """The body of `page`: `{"data": [...], "pagination": {...}}`."""
     before, after = query.get("before"), query.get("after")
     offset = _non_negative(query, "offset")
     if before is not None and (after is not None or offset is not None):
@@ -136,4 +141,4 @@ def page(items: Sequence[dict[str, Any]], query: QueryParams) -> Response:
     if end > start:
         pagination["startCursor"] = cursor(start)
         pagination["endCursor"] = cursor(end - 1)
-    return PleoJSONResponse({"data": ordered[start:end], "pagination": pagination})
+    return {"data": ordered[start:end], "pagination": pagination}

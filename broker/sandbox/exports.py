@@ -13,7 +13,7 @@ from typing import Any
 
 from starlette.responses import Response
 
-from broker.sandbox import bodies
+from broker.sandbox import bodies, subscriptions
 from broker.sandbox.api import Call
 from broker.sandbox.envelopes import PleoError, PleoJSONResponse, bad_request, data, page
 from broker.sandbox.resources import owned
@@ -52,6 +52,9 @@ def create_job(call: Call) -> Response:
         raise bad_request("'accountingEntryIds' is required and must be a list of UUIDs.")
     entries = list(dict.fromkeys(bodies.uuid_text(e, "accountingEntryIds") for e in entry_ids))
     interactive = bodies.boolean(body, "isInteractive", required=False)
+    employee_id = body.get("employeeId")
+    if employee_id is not None:
+        employee_id = bodies.uuid_text(employee_id, "employeeId")
     options = body.get("options") or {}
     if not isinstance(options, dict):
         raise bad_request("'options' must be an object.")
@@ -70,7 +73,7 @@ def create_job(call: Call) -> Response:
         "status": "pending",
         "createdAt": now,
         "lastUpdatedAt": now,
-        "createdBy": body.get("employeeId"),
+        "createdBy": employee_id,
         "expiresIn": JOB_EXPIRES_IN,
         "isInteractive": True if interactive is None else interactive,
         "numberOfItems": len(entries),
@@ -84,6 +87,7 @@ def create_job(call: Call) -> Response:
         {"accountingEntryId": entry, "exportJobId": job["id"], "status": "pending"}
         for entry in entries
     ]
+    subscriptions.emit(call.state, company_id, subscriptions.EXPORT_JOB_CREATED, dict(job))
     return data(job, 201)
 
 
@@ -132,6 +136,9 @@ def job_event(call: Call) -> Response:
         for item in call.state.job_items[job["id"]]:
             if item["status"] in UNFINISHED:
                 item["status"] = "abandoned"
+    if event != "started":
+        kind = "failed" if event == "failed" else "completed"
+        subscriptions.emit(call.state, job["companyId"], f"v1.export-job.{kind}", dict(job))
     return Response(status_code=202)
 
 
@@ -227,3 +234,39 @@ def _export_item(job: dict[str, Any], entry_id: str) -> dict[str, Any]:
         ],
         "_links": {"api": {"exportItem": f"/v3/export-items?job_id={job['id']}"}},
     }
+
+
+def _company_items(call: Call) -> list[dict[str, Any]]:
+    return [
+        item
+        for job_id, items in call.state.job_items.items()
+        if call.state.export_jobs[job_id]["companyId"] == call.key.company_id
+        for item in items
+    ]
+
+
+def get_job_item(call: Call) -> Response:
+    """`GET /v3/export-job-items?accounting_entry_id=`: the entry's latest export job item."""
+    entry_id = call.query.get("accounting_entry_id")
+    found = [
+        item
+        for item in _company_items(call)
+        if entry_id is None or item["accountingEntryId"] == entry_id
+    ]
+    if not found:
+        raise PleoError(404, "EXPORT_ENTRY_NOT_FOUND", "Export Job Item not found")
+    return data(found[-1])
+
+
+def search_job_items(call: Call) -> Response:
+    """`POST /v3/export-job-items:search` by `accountingEntryIds` (and `status`)."""
+    body = bodies.json_object({} if call.body is None else call.body)
+    ids = bodies.text_list(body, "accountingEntryIds")
+    status = bodies.choice(body, "status", ITEM_STATUSES, required=False)
+    found = [
+        item
+        for item in _company_items(call)
+        if (ids is None or item["accountingEntryId"] in ids)
+        and (status is None or item["status"] == status)
+    ]
+    return page(found, call.query)

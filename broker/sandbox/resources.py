@@ -45,17 +45,19 @@ def introspect(call: Call) -> Response:
 
 def installation(call: Call) -> Response:
     key = call.key
-    return PleoJSONResponse(
-        {
-            "id": key.installation_id,
-            "applicationId": APPLICATION_ID,
-            "resource": key.installation_resource or key.subject_urn,
-            "status": "ACTIVATED",
-            "metadata": {},
-            "createdAt": key.created_at,
-            "updatedAt": key.created_at,
-        }
-    )
+    changed = key.installation
+    answer = {
+        "id": key.installation_id,
+        "applicationId": APPLICATION_ID,
+        "resource": key.installation_resource or key.subject_urn,
+        "status": changed.get("status", "ACTIVATED"),
+        "metadata": changed.get("metadata", {}),
+        "createdAt": key.created_at,
+        "updatedAt": changed.get("updatedAt", key.created_at),
+    }
+    if changed.get("errorCode") is not None:
+        answer["errorCode"] = changed["errorCode"]
+    return PleoJSONResponse(answer)
 
 
 def company(call: Call) -> Response:

@@ -6,7 +6,9 @@ and never stored, logged or shown again by the sandbox.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import math
 import secrets
 import threading
 import time
@@ -31,12 +33,18 @@ ALL_SCOPES: tuple[str, ...] = (
     "tax-codes:write",
     "tag-groups:read",
     "tag-groups:write",
+    "tags:read",
+    "tags:write",
+    "subscriptions:read",
+    "subscriptions:write",
+    "accounting-entries:write",
 )
 AUTH_METHODS = frozenset({"API_KEY", "OAUTH2", "NONE"})
 FAULT_STATUSES = frozenset({429, 500, 502, 503, 504})
 FaultKind = Literal["latency", "status", "drop"]
 APPLICATION_ID = "5a9d3c1e-0b7f-4c52-9e1a-7d2f6b8c4e10"
 REQUEST_LOG_SIZE = 1000
+WEBHOOK_RETRY_DELAYS = (1.0, 5.0, 30.0)
 
 _FIRST_NAMES = ("Ada", "Grace", "Linus", "Margaret", "Edsger")
 _LAST_NAMES = ("Lovelace", "Hopper", "Torvalds", "Hamilton", "Dijkstra")
@@ -83,6 +91,10 @@ class KeyRecord:
     """False: `/v1/introspect` leaves `subjectURN` out (Pleo's spec makes it optional)."""
     installation_resource: str | None = None
     """The `resource` of `/v1/installations/me` when not the subject's URN."""
+    expires_at: float | None = None
+    """Unix time after which the key answers 401 (None: never)."""
+    installation: dict[str, Any] = field(default_factory=dict)
+    """What `/v1/installations/me` changed: status, metadata, errorCode, updatedAt, deleted."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +153,28 @@ class Fault:
 
 
 @dataclass(slots=True)
+class RateLimit:
+    """Per-key token buckets: `per_second` requests a second, bursts of up to `burst`."""
+
+    per_second: float
+    burst: int
+    buckets: dict[str, tuple[float, float]] = field(default_factory=dict)  # tokens, at
+
+    def take(self, key_id: str, now: float) -> float | None:
+        """None when the key may go on; else the seconds until it may (for Retry-After)."""
+        tokens, at = self.buckets.get(key_id, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - at) * self.per_second)
+        if tokens >= 1:
+            self.buckets[key_id] = (tokens - 1, now)
+            return None
+        self.buckets[key_id] = (tokens, now)
+        return (1 - tokens) / self.per_second
+
+    def to_json(self) -> dict[str, Any]:
+        return {"requests_per_second": self.per_second, "burst": self.burst}
+
+
+@dataclass(slots=True)
 class Company:
     id: str
     name: str
@@ -175,7 +209,19 @@ class SandboxState:
         self.vendors: dict[str, dict[str, Any]] = {}
         self.tax_codes: dict[str, dict[str, Any]] = {}
         self.tag_groups: dict[str, dict[str, Any]] = {}
+        # every collection of Pleo records by its path (`generic`); the named ones included
+        self.records: dict[str, dict[str, dict[str, Any]]] = {
+            "/v1/vendors": self.vendors,
+            "/v0/tax-codes": self.tax_codes,
+            "/v0/tag-groups": self.tag_groups,
+            "/v3/export-jobs": self.export_jobs,
+        }
         self._by_digest: dict[str, str] = {}
+        # webhooks (`subscriptions`): every delivery and its attempts; retry pauses in seconds
+        self.webhook_deliveries: deque[dict[str, Any]] = deque(maxlen=request_log_size)
+        self.webhook_retry_delays: tuple[float, ...] = WEBHOOK_RETRY_DELAYS
+        self.webhook_tasks: set[asyncio.Task[bool]] = set()
+        self.rate_limit: RateLimit | None = None  # off unless switched on
         # tests drive the state from their own thread while a server thread serves it
         self._lock = threading.Lock()
 
@@ -191,13 +237,17 @@ class SandboxState:
         client_id: str | None = None,
         subject_in_introspection: bool = True,
         installation_resource: str | None = None,
+        expires_in: float | None = None,
     ) -> SandboxKey:
         """A new key for `company_id` (a new company when None) with `scopes`.
 
         `client_id` is the integration the key was made for (a new one when None);
         `subject_in_introspection=False` leaves `subjectURN` out of `/v1/introspect`, and
-        `installation_resource` replaces the subject as `/v1/installations/me`'s `resource`.
+        `installation_resource` replaces the subject as `/v1/installations/me`'s `resource`;
+        `expires_in` (seconds) makes the key answer 401 from then on.
         """
+        if expires_in is not None and expires_in < 0:
+            raise ValueError("expires_in must be >= 0 seconds")
         company = self.company(company_id or str(uuid.uuid4()))
         if auth_method not in AUTH_METHODS:
             raise ValueError(f"auth_method must be one of {sorted(AUTH_METHODS)}")
@@ -214,11 +264,18 @@ class SandboxState:
             created_at=now_iso(),
             subject_in_introspection=subject_in_introspection,
             installation_resource=installation_resource,
+            expires_at=None if expires_in is None else time.time() + expires_in,
         )
         with self._lock:
             self.keys[record.key_id] = record
             self._by_digest[record.digest] = record.key_id
         return SandboxKey(record.key_id, api_key, record.company_id, record.scopes)
+
+    def adopt_key(self, record: KeyRecord) -> None:
+        """Know a key made elsewhere (a state file): by id and by digest."""
+        with self._lock:
+            self.keys[record.key_id] = record
+            self._by_digest[record.digest] = record.key_id
 
     def revoke(self, key_id: str) -> None:
         """From now on the key gets 401."""
@@ -238,6 +295,11 @@ class SandboxState:
             return self.keys[key_id]
         except KeyError:
             raise UnknownKey(key_id) from None
+
+    def collection(self, path: str) -> dict[str, dict[str, Any]]:
+        """The records of the collection at `path` (a path template), by id."""
+        with self._lock:
+            return self.records.setdefault(path, {})
 
     # companies
 
@@ -323,6 +385,21 @@ class SandboxState:
                     if fault.times == 0:
                         self.faults.remove(fault)
             return taken
+
+    def limit_rate(self, per_second: float | None, burst: int | None = None) -> None:
+        """Switch per-key rate limiting on (`per_second` > 0) or off (None)."""
+        if per_second is None:
+            self.rate_limit = None
+            return
+        if per_second <= 0 or (burst is not None and burst < 1):
+            raise ValueError("requests_per_second must be > 0 and burst >= 1")
+        self.rate_limit = RateLimit(per_second, burst or max(1, math.ceil(per_second)))
+
+    def throttled(self, key_id: str) -> float | None:
+        """Seconds until the key may call again when over its rate, else None (uses a token)."""
+        with self._lock:
+            limit = self.rate_limit
+            return None if limit is None else limit.take(key_id, time.monotonic())
 
     def clear_requests(self) -> None:
         """Forget every seen request."""

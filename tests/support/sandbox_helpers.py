@@ -22,17 +22,17 @@ def basic(api_key: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{api_key}:".encode()).decode()}
 
 
-def _strip_date_patterns(node: Any) -> Any:
+def strip_date_patterns(node: Any) -> Any:
     # Pleo's specs put a date *format* in `pattern` ("YYYY-MM-DDTHH:mi:ssZ"), which as a
     # regular expression matches no real timestamp; `format: date-time` still checks them.
     if isinstance(node, dict):
         return {
-            key: _strip_date_patterns(value)
+            key: strip_date_patterns(value)
             for key, value in node.items()
             if not (key == "pattern" and isinstance(value, str) and "yyyy" in value.lower())
         }
     if isinstance(node, list):
-        return [_strip_date_patterns(item) for item in node]
+        return [strip_date_patterns(item) for item in node]
     return node
 
 
@@ -40,7 +40,7 @@ def _strip_date_patterns(node: Any) -> Any:
 def spec(name: str) -> Any:
     """The OpenAPI object for `tests/openapi/pleo-<name>-openapi.yml`."""
     raw = yaml.safe_load((OPENAPI_DIR / f"pleo-{name}-openapi.yml").read_text())
-    return OpenAPI.from_dict(_strip_date_patterns(raw))
+    return OpenAPI.from_dict(strip_date_patterns(raw))
 
 
 def assert_matches_spec(name: str, response: httpx.Response) -> None:
