@@ -1,4 +1,6 @@
-"""The customer's installation in Pleo, kept in step with the tenant (DESIGN.md §17).
+"""The customer's installation in Pleo, kept in step with the tenant.
+
+README, "The installation in Pleo", tells operators and integrations how to use it.
 
 The broker owns each customer's key, so it owns the installation Pleo keeps for it: after a
 valid activation or rotation it makes sure the installation exists in

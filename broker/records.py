@@ -92,8 +92,8 @@ class TenantRecord:
     version: int = 0
     client_id: str | None = None
     application_name: str | None = None
-    # The customer's installation in Pleo (DESIGN.md §17): the status the broker keeps it in,
-    # when Pleo last confirmed it, and why the last attempt failed (None: it did not).
+    # The customer's installation in Pleo (broker.installation): the status the broker keeps
+    # it in, when Pleo last confirmed it, and why the last attempt failed (None: it did not).
     installation_status: str | None = None
     installation_synced_at: datetime | None = None
     installation_error: str | None = None
