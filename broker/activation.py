@@ -17,6 +17,7 @@ from typing import Any
 from broker import errors, rules
 from broker.book import TenantBook, require_valid
 from broker.events import emit
+from broker.installation import InstallationSync
 from broker.pleo import Introspection, PleoClient, explain
 from broker.records import ApiKey, TenantRecord, TenantState, utcnow
 from broker.rules import Requirements
@@ -32,8 +33,10 @@ class Activation:
         requirements: Requirements,
         *,
         new_key: Callable[[str], None],
+        installation: InstallationSync | None = None,
     ) -> None:
         self.book = book
+        self.installation = installation  # syncs Pleo's installation after an activation
         self.pleo = pleo
         self.requirements = requirements
         self._new_key = new_key  # told of every key that becomes a tenant's
@@ -62,6 +65,10 @@ class Activation:
                     message=exc.message,
                 )
                 raise
+            if self.installation is not None:
+                # A failure here never undoes the activation: the view shows it, and the
+                # next check retries.
+                record = await self.installation.after_activation(record, actor)
         self.book.metrics.activations.labels(result="ok").inc()
         return record
 

@@ -25,7 +25,11 @@ from broker.events import emit
 from broker.feed import list_events
 from broker.records import ApiKey, TenantState
 from broker.runtime import Broker
-from broker.submissions import read_key_submission, read_link_request
+from broker.submissions import (
+    read_installation_request,
+    read_key_submission,
+    read_link_request,
+)
 
 
 def create_admin_app(broker: Broker) -> Starlette:
@@ -48,6 +52,12 @@ def create_admin_app(broker: Broker) -> Starlette:
         Route("/v1/tenants/{tenant}", delete_tenant, methods=["DELETE"], middleware=guarded),
         Route("/v1/tenants/{tenant}/key", put_key, methods=["PUT"], middleware=guarded),
         Route("/v1/tenants/{tenant}/check", check_tenant, methods=["POST"], middleware=guarded),
+        Route(
+            "/v1/tenants/{tenant}/installation",
+            put_installation,
+            methods=["PUT"],
+            middleware=guarded,
+        ),
         Route(
             "/v1/tenants/{tenant}/connect-sessions",
             create_connect_session,
@@ -139,9 +149,26 @@ async def check_tenant(request: Request) -> Response:
 
 
 async def delete_tenant(request: Request) -> Response:
-    """`DELETE /v1/tenants/{tenant}`: forget the tenant and destroy its key."""
-    await _broker(request).tenants.disconnect(request.path_params["tenant"], actor=_actor(request))
+    """`DELETE /v1/tenants/{tenant}[?uninstall=true]`: forget the tenant and destroy its key;
+    its installation in Pleo is set `INACTIVE`, or with `uninstall=true` deleted."""
+    uninstall = request.query_params.get("uninstall", "false")
+    if uninstall not in ("true", "false"):
+        raise errors.RequestInvalid("uninstall must be 'true' or 'false'.")
+    await _broker(request).tenants.disconnect(
+        request.path_params["tenant"], actor=_actor(request), uninstall=uninstall == "true"
+    )
     return Response(status_code=204)
+
+
+async def put_installation(request: Request) -> Response:
+    """`PUT /v1/tenants/{tenant}/installation`: the integration's own installation status
+    (e.g. `PENDING_INTEGRATION` while it syncs, then `ACTIVATED`), sent with the tenant's key."""
+    broker = _broker(request)
+    wanted = await read_installation_request(request, within=broker.settings.header_timeout)
+    record = await broker.tenants.installation.set_status(
+        request.path_params["tenant"], wanted.status, wanted.metadata, actor=_actor(request)
+    )
+    return JSONResponse(record.view())
 
 
 # -- /v1: connect sessions (behind AdminToken) --------------------------------------------

@@ -15,6 +15,7 @@ from broker import errors, rules
 from broker.book import TenantBook, require_valid
 from broker.events import emit
 from broker.flight import SingleFlight
+from broker.installation import InstallationSync
 from broker.pleo import Introspection, PleoClient, explain
 from broker.records import BrokenReason, TenantRecord, TenantState, utcnow
 from broker.rules import Requirements
@@ -25,8 +26,16 @@ FORBIDDEN_RECHECK_COOLDOWN = 5.0  # seconds a 403 re-check that found the key fi
 class Checks:
     """Re-introspection on demand and after a 403; breakage after a 401."""
 
-    def __init__(self, book: TenantBook, pleo: PleoClient, requirements: Requirements) -> None:
+    def __init__(
+        self,
+        book: TenantBook,
+        pleo: PleoClient,
+        requirements: Requirements,
+        *,
+        installation: InstallationSync | None = None,
+    ) -> None:
         self.book = book
+        self.installation = installation  # a check retries a failed installation sync
         self.pleo = pleo
         self.requirements = requirements
         self._forbidden_checked: dict[str, float] = {}
@@ -112,6 +121,8 @@ class Checks:
             if verdict.recovered:
                 emit("tenant.recovered", tenant=tenant, company_id=record.company_id)
                 self.book.transition(TenantState.ACTIVE, "recovered")
+            if self.installation is not None and self.installation.due(updated):
+                updated = await self.installation.retry(updated, actor)
             return updated
 
     async def _break(

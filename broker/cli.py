@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import json
 import sys
 from collections.abc import Coroutine, Mapping, Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ import httpx
 
 from broker import __version__
 from broker.errors import BrokerError
+from broker.installation import STATUSES as INSTALLATION_STATUSES
 from broker.records import valid_tenant_id
 from broker.settings import ConfigError, Settings, load_settings
 
@@ -76,6 +78,20 @@ def _parser() -> argparse.ArgumentParser:
         sub = verbs.add_parser(verb, help=helptext)
         sub.add_argument("tenant")
         sub.set_defaults(run=run)
+        if verb == "disconnect":
+            sub.add_argument(
+                "--uninstall",
+                action="store_true",
+                help="also delete the installation in Pleo (revokes the key there; asks first)",
+            )
+            sub.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    installation = verbs.add_parser(
+        "installation", help="set the status of a tenant's installation in Pleo"
+    )
+    installation.add_argument("tenant")
+    installation.add_argument("--status", required=True, choices=INSTALLATION_STATUSES)
+    installation.add_argument("--metadata", help="a JSON object to merge into its metadata")
+    installation.set_defaults(run=_tenants_installation)
     connect = verbs.add_parser(
         "connect", help="activate or rotate a tenant's key (read from a prompt, file or stdin)"
     )
@@ -328,11 +344,53 @@ def _tenants_check(args: argparse.Namespace) -> int:
 
 
 def _tenants_disconnect(args: argparse.Namespace) -> int:
-    response = _client(args).call("DELETE", f"/v1/tenants/{args.tenant}")
+    client = _client(args)
+    if args.uninstall and not (args.yes or _confirm_uninstall(args.tenant)):
+        print("Nothing was changed.", file=sys.stderr)
+        return 1
+    params = {"uninstall": "true"} if args.uninstall else None
+    response = client.call("DELETE", f"/v1/tenants/{args.tenant}", params=params)
     if response.status_code != 204:
         return _fail(response)
-    print(f"Disconnected {args.tenant}; its key was destroyed.")
+    if args.uninstall:
+        print(
+            f"Disconnected {args.tenant}; its key was destroyed and its installation deleted in"
+            " Pleo, which revoked the key's access there too."
+        )
+    else:
+        print(
+            f"Disconnected {args.tenant}; its key was destroyed and its installation in Pleo"
+            " set INACTIVE."
+        )
     return 0
+
+
+def _confirm_uninstall(tenant: str) -> bool:
+    print(
+        f"This deletes {tenant}'s installation in Pleo, which revokes the key's access there"
+        " too: the customer must install the integration again to reconnect.",
+        file=sys.stderr,
+    )
+    try:
+        answer = input(f"Type the tenant id ({tenant}) to confirm: ")
+    except EOFError:
+        return False
+    return answer.strip() == tenant
+
+
+def _tenants_installation(args: argparse.Namespace) -> int:
+    body: dict[str, object] = {"status": args.status}
+    if args.metadata is not None:
+        try:
+            metadata = json.loads(args.metadata)
+        except ValueError:
+            metadata = None
+        if not isinstance(metadata, dict):
+            print('error: --metadata must be a JSON object, like \'{"k": "v"}\'', file=sys.stderr)
+            return 2
+        body["metadata"] = metadata
+    response = _client(args).call("PUT", f"/v1/tenants/{args.tenant}/installation", json=body)
+    return _show_view(response)
 
 
 def _tenants_connect(args: argparse.Namespace) -> int:
@@ -450,5 +508,7 @@ def format_tenant(view: Mapping[str, object]) -> str:
     for name, value in view.items():
         if isinstance(value, list):
             value = ", ".join(value) if value else "-"
+        if isinstance(value, dict):
+            value = " ".join(f"{k}={v if v not in (None, '') else '-'}" for k, v in value.items())
         lines.append(f"{name.ljust(width)}  {value if value not in (None, '') else '-'}")
     return "\n".join(lines)

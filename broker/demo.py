@@ -212,6 +212,12 @@ class Story:
         )
         n.say(f"  the key is shown only as its hint: {view.get('key_hint')}")
         self.expect("company bound", view.get("company_id") == company)
+        installation = view.get("installation") or {}
+        n.say(
+            f"  its installation in Pleo: status={installation.get('status')}"
+            f" (synced {installation.get('synced_at')}, error={installation.get('error')})"
+        )
+        self.expect("installation in step", installation.get("status") == "ACTIVATED")
 
         n.title("A mistyped key is refused, and the working key stays in place")
         response = await self.connect(first.api_key[:-3] + "xyz")

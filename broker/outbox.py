@@ -26,6 +26,7 @@ EVENT_TYPES = (
     "tenant.recovered",
     "tenant.disconnected",
     "connect_session.completed",
+    "tenant.installation_changed",
 )
 ACTORS = ("admin", "proxy", "health_check", "cli")
 _SESSION_ACTOR = re.compile(r"connect_session:[A-Za-z0-9_-]{1,80}")

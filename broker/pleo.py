@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from typing import Any
 
 import httpx
 
@@ -172,6 +173,57 @@ class PleoClient:
         name = found.get("name") if isinstance(found, dict) else None
         return name.strip()[:200] or None if isinstance(name, str) else None
 
+    async def installation(self, key: ApiKey) -> dict[str, Any] | None:
+        """The key's installation (`GET /v1/installations/me`), or None when there is none
+        (404); raises a PleoError subclass on any other failure."""
+        response = await self._get(INSTALLATION, key)
+        if response.status_code == 404:
+            return None
+        return _installation_of(response, "reading")
+
+    async def put_installation(
+        self, key: ApiKey, status: str, metadata: dict[str, Any], *, create: bool = True
+    ) -> InstallationChange:
+        """Make the key's installation hold `status` and `metadata` (merged over what it
+        holds): create it when there is none (`POST`; unless not `create`: then nothing is
+        done), update it when it differs (`PUT`)."""
+        current = await self.installation(key)
+        if current is None and not create:
+            return InstallationChange(None, None)
+        if current is None:
+            body = {"status": status, "metadata": metadata}
+            created = _installation_of(await self._send("POST", key, body), "creating")
+            if created.get("status") == status:
+                return InstallationChange(None, status)
+            current = created  # a Pleo that creates in its own status: set ours
+        held = current.get("metadata")
+        held = held if isinstance(held, dict) else {}
+        merged = {**held, **metadata}
+        previous = current.get("status") if isinstance(current.get("status"), str) else None
+        if previous != status or merged != held:
+            body = {"status": status, "metadata": merged}
+            _installation_of(await self._send("PUT", key, body), "updating")
+        return InstallationChange(previous, status)
+
+    async def delete_installation(self, key: ApiKey) -> bool:
+        """Delete the key's installation (`DELETE /v1/installations/me`), which revokes the
+        key's access in Pleo; False when there was none (404)."""
+        response = await self._send("DELETE", key, None)
+        if response.status_code == 404:
+            return False
+        if response.status_code != 204:
+            _raise_unless_ok(response, "deleting the installation")
+        return True
+
+    async def _send(self, method: str, key: ApiKey, body: object) -> httpx.Response:
+        headers = {"Authorization": key.basic_auth()}
+        try:
+            return await self._client.request(method, INSTALLATION, headers=headers, json=body)
+        except httpx.TimeoutException as exc:
+            raise PleoUnreachable("Pleo did not answer in time") from exc
+        except httpx.TransportError as exc:
+            raise PleoUnreachable(f"Pleo could not be reached ({type(exc).__name__})") from exc
+
     async def _get(self, path: str, key: ApiKey) -> httpx.Response:
         try:
             return await self._client.get(path, headers={"Authorization": key.basic_auth()})
@@ -184,16 +236,47 @@ class PleoClient:
         await self._client.aclose()
 
 
-def _raise_unless_ok(response: httpx.Response) -> None:
+INSTALLATION = "/v1/installations/me"
+
+
+@dataclass(frozen=True, slots=True)
+class InstallationChange:
+    """What `put_installation` did: the status Pleo held before (None: it created the
+    installation) and the one it holds now."""
+
+    previous: str | None
+    status: str | None
+
+    @property
+    def changed(self) -> bool:
+        return self.previous != self.status
+
+
+def _installation_of(response: httpx.Response, doing: str) -> dict[str, Any]:
+    """The installation an answer holds; a PleoError subclass when it holds none."""
+    if response.status_code in (401, 403):
+        raise PleoKeyRejected(response.status_code)
+    _raise_unless_ok(response, f"{doing} the installation")
+    try:
+        found = response.json()
+    except ValueError:
+        found = None
+    if not isinstance(found, dict):
+        raise PleoUnexpectedAnswer(f"Pleo's answer {doing} the installation was not understood")
+    return found
+
+
+def _raise_unless_ok(response: httpx.Response, doing: str | None = None) -> None:
     if response.status_code == 407:  # Pleo is no proxy: this is the egress proxy speaking
         raise PleoUnreachable(
             "The egress proxy refused the broker (HTTP 407): check the credentials in"
             " BROKER_UPSTREAM_PROXY"
         )
+    while_doing = f" while {doing}" if doing is not None else ""
     if response.status_code >= 500 or response.status_code == 429:
-        raise PleoUnreachable(f"Pleo answered HTTP {response.status_code}")
+        raise PleoUnreachable(f"Pleo answered HTTP {response.status_code}{while_doing}")
     if response.status_code != 200:
-        raise PleoUnexpectedAnswer(f"Pleo answered HTTP {response.status_code}")
+        raise PleoUnexpectedAnswer(f"Pleo answered HTTP {response.status_code}{while_doing}")
 
 
 def _parse_introspection(response: httpx.Response) -> Introspection:

@@ -92,6 +92,11 @@ class TenantRecord:
     version: int = 0
     client_id: str | None = None
     application_name: str | None = None
+    # The customer's installation in Pleo (broker.installation): the status the broker keeps
+    # it in, when Pleo last confirmed it, and why the last attempt failed (None: it did not).
+    installation_status: str | None = None
+    installation_synced_at: datetime | None = None
+    installation_error: str | None = None
 
     def evolve(self, **changes: Any) -> TenantRecord:
         """A copy with `changes` applied (the version is the store's to set)."""
@@ -113,6 +118,11 @@ class TenantRecord:
             "last_checked_at": _iso(self.last_checked_at),
             "client_id": self.client_id,
             "application_name": self.application_name,
+            "installation": {
+                "status": self.installation_status,
+                "synced_at": _iso(self.installation_synced_at),
+                "error": self.installation_error,
+            },
         }
 
 

@@ -79,6 +79,7 @@ async def open_broker(
             metrics,
             requirements=Requirements(settings.required_scopes, settings.pleo_client_id),
             cache_ttl=settings.cache_ttl,
+            installation_status=settings.installation_status_on_activation,
         )
         parts.push_async_callback(tenants.registry.stop)
         await tenants.registry.start()

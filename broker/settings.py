@@ -114,6 +114,10 @@ class Settings(BaseSettings):
     # YAML naming who may use which tenant (Proxy-Authorization); None: every caller trusted.
     callers_file: Path | None = None
     tenant_max_in_flight: int = Field(64, ge=1)  # one tenant's requests in flight to Pleo
+    # The status a tenant's installation in Pleo gets after an activation (broker.installation).
+    installation_status_on_activation: Literal[
+        "ACTIVATED", "INACTIVE", "AUTHORIZED", "PENDING_INTEGRATION", "ERROR"
+    ] = "ACTIVATED"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 from starlette.requests import ClientDisconnect, Request
@@ -59,6 +60,35 @@ async def read_link_request(request: Request, *, within: float) -> LinkRequest:
         first = exc.errors(include_input=False, include_url=False)[0]
         field = ".".join(str(part) for part in first["loc"]) or "body"
         raise errors.RequestInvalid(f"{field}: {first['msg']}") from None
+
+
+class InstallationRequest(BaseModel):
+    """Body of `PUT /v1/tenants/{tenant}/installation` (the status is checked against Pleo's
+    enum by `broker.installation`, whose message lists it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: str = Field(max_length=64)
+    metadata: dict[str, Any] | None = None
+
+
+async def read_installation_request(request: Request, *, within: float) -> InstallationRequest:
+    """The installation change in the body, refused unless it arrives whole in `within` s."""
+    try:
+        async with asyncio.timeout(within):
+            raw = await _read_json_body(request)
+    except TimeoutError:
+        raise errors.RequestTimeout() from None
+    if not _nesting_within(raw, MAX_BODY_DEPTH):
+        raise errors.RequestInvalid(f"The JSON body is nested more than {MAX_BODY_DEPTH} deep.")
+    try:
+        return InstallationRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors(include_input=False, include_url=False)[0]
+        field = ".".join(str(part) for part in first["loc"]) or "body"
+        raise errors.RequestInvalid(
+            f'{field}: {first["msg"]} (send {{"status": "ACTIVATED", "metadata": {{…}}}})'
+        ) from None
 
 
 async def read_key_submission(request: Request, *, within: float) -> KeySubmission:

@@ -16,6 +16,7 @@ from broker.activation import Activation
 from broker.book import TenantBook, require_valid
 from broker.checks import Checks
 from broker.events import emit
+from broker.installation import InstallationSync
 from broker.metrics import Metrics
 from broker.pleo import PleoClient
 from broker.records import ApiKey, TenantRecord, TenantState
@@ -35,6 +36,7 @@ class TenantService:
         *,
         requirements: Requirements | None = None,
         cache_ttl: float = 10.0,
+        installation_status: str = "ACTIVATED",
     ) -> None:
         self.store = store
         self.pleo = pleo
@@ -42,9 +44,14 @@ class TenantService:
         self.requirements = requirements if requirements is not None else Requirements()
         self.registry = TenantRegistry(store, metrics, cache_ttl=cache_ttl)
         self.book = TenantBook(store, self.registry, metrics)
-        self.checks = Checks(self.book, pleo, self.requirements)
+        self.installation = InstallationSync(self.book, pleo, installation_status)
+        self.checks = Checks(self.book, pleo, self.requirements, installation=self.installation)
         self.activation = Activation(
-            self.book, pleo, self.requirements, new_key=self.checks.key_replaced
+            self.book,
+            pleo,
+            self.requirements,
+            new_key=self.checks.key_replaced,
+            installation=self.installation,
         )
 
     @property
@@ -88,12 +95,18 @@ class TenantService:
         """Pleo answered 401 to a call made with `record`'s key: the tenant is broken at once."""
         return await self.checks.key_rejected(record, caller=caller)
 
-    async def disconnect(self, tenant: str, *, actor: str = "admin") -> None:
+    async def disconnect(
+        self, tenant: str, *, actor: str = "admin", uninstall: bool = False
+    ) -> None:
         """Forget the tenant and destroy its key material; `tenant.disconnected` is written
-        with the deletion, its data the tenant as it was last seen."""
+        with the deletion, its data the tenant as it was last seen. First its installation
+        in Pleo is set `INACTIVE`, or with `uninstall` deleted (`broker.installation`)."""
         require_valid(tenant)
         async with self.book.lock(tenant):
-            events = self.book.events(await self._last_seen(tenant), actor, ["tenant.disconnected"])
+            last_seen = await self._last_seen(tenant)
+            # The event's view shows the installation as the disconnect left it.
+            seen = await self.installation.on_disconnect(last_seen, uninstall=uninstall)
+            events = self.book.events(seen, actor, ["tenant.disconnected"])
             # Stop using the key before its destruction starts: if the store fails midway (or
             # answers too late), the proxy must not go on injecting a key that may be gone.
             known = self.registry.forget(tenant)

@@ -34,7 +34,10 @@ def test_without_a_subject_the_company_comes_from_the_installation(
     view = response.json()
     assert view["state"] == "active"
     assert view["company_id"] == key.company_id
-    assert [r.path for r in sandbox.state.requests] == ["/v1/introspect", "/v1/installations/me"]
+    asked = [(r.method, r.path) for r in sandbox.state.requests]
+    assert asked[:2] == [("GET", "/v1/introspect"), ("GET", "/v1/installations/me")]
+    # then the installation's sync (broker.installation): read it, and name the tenant in it
+    assert asked[2:] == [("GET", "/v1/installations/me"), ("PUT", "/v1/installations/me")]
 
     checked = httpx.post(f"{broker.admin_url}/v1/tenants/acme/check", headers=broker.auth)
     assert checked.status_code == 200 and checked.json()["state"] == "active"

@@ -58,6 +58,7 @@ def test_activation_binds_company_and_shows_only_a_hint(
         "message",
         "activated_at",
         "updated_at",
+        "installation",
         "last_checked_at",
         "client_id",
         "application_name",

@@ -132,6 +132,7 @@ def test_demo_runs_to_the_end() -> None:
     assert "company_mismatch" in result.stdout
     assert "scope_not_granted" in result.stdout
     assert "reason=key_rejected" in result.stdout
+    assert "its installation in Pleo: status=ACTIVATED" in result.stdout
 
 
 @pytest.mark.real  # OpenBao

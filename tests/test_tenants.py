@@ -52,7 +52,7 @@ async def test_activation_stores_the_key_and_binds_the_company(
     assert (record.state, record.company_id, record.api_key) == (TenantState.ACTIVE, COMPANY, key)
     assert record.scopes == frozenset(REQUIRED_SCOPES)
     assert (record.client_id, record.application_name) == ("integration-client", "Test integration")
-    assert record.version == 1
+    assert record.version == 2  # the key, then the installation's sync (broker.installation)
     assert await memory_store.get("acme") == record
     assert tenant_service.registry.active("acme").company_id == COMPANY
     assert _activations(tenant_service, "ok") == 1
@@ -65,7 +65,8 @@ async def test_the_company_may_come_from_the_installation(
     key = fake_pleo.add_key(COMPANY, subject_in_introspection=False)
     record = await tenant_service.activate("acme", key)
     assert record.company_id == COMPANY
-    assert fake_pleo.calls["/v1/installations/me"] == 1
+    # Once for the company, then twice by the installation's sync (read it, name the tenant).
+    assert fake_pleo.calls["/v1/installations/me"] == 3
 
 
 REFUSALS: list[tuple[str, dict[str, object], type[errors.ActivationError]]] = [
@@ -185,7 +186,8 @@ async def test_rotation_replaces_the_key_and_keeps_the_company(
 
     rotated = await tenant_service.activate("acme", new_key)
 
-    assert (rotated.api_key, rotated.version) == (new_key, first.version + 1)
+    # The key, then the installation's sync (the new key's installation names the tenant).
+    assert (rotated.api_key, rotated.version) == (new_key, first.version + 2)
     assert tenant_service.registry.active("acme").key == new_key
     assert _transitions(tenant_service, "active", "rotated") == 1
 

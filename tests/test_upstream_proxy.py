@@ -154,6 +154,8 @@ def test_introspection_and_proxied_calls_go_through_the_egress_proxy_with_creden
     expected = "Basic " + base64.b64encode(f"egress@corp:{PASSWORD}".encode()).decode()
     assert [(f.method, f.target) for f in forward_proxy.seen] == [
         ("GET", f"{sandbox.url}/v1/introspect"),
+        ("GET", f"{sandbox.url}/v1/installations/me"),  # the installation's sync
+        ("PUT", f"{sandbox.url}/v1/installations/me"),
         ("GET", f"{sandbox.url}/v3/export-jobs?company_id={key.company_id}"),
     ]
     assert all(f.proxy_authorization == expected for f in forward_proxy.seen)
@@ -200,7 +202,7 @@ def test_without_credentials_no_proxy_authorization_is_sent(
 ) -> None:
     broker = make_broker(upstream_proxy=f"http://127.0.0.1:{forward_proxy.port}")
     _activate_and_call(broker, sandbox)
-    assert len(forward_proxy.seen) == 2
+    assert len(forward_proxy.seen) == 4  # introspection, the installation (GET, PUT), the call
     assert all(f.proxy_authorization is None for f in forward_proxy.seen)
 
 

@@ -78,7 +78,7 @@ __all__ = ["PLEO_ROUTES", "SandboxApp", "SandboxKey", "SandboxState", "create_ap
 
 HANDWRITTEN: tuple[PleoRoute, ...] = (
     PleoRoute("GET", "/v1/introspect", None, resources.introspect),
-    PleoRoute("GET", "/v1/installations/me", None, resources.installation),
+    PleoRoute("GET", "/v1/installations/me", None, installations.read),
     PleoRoute("POST", "/v1/installations/me", None, installations.create),
     PleoRoute("PUT", "/v1/installations/me", None, installations.update),
     PleoRoute("DELETE", "/v1/installations/me", None, installations.delete),

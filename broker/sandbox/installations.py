@@ -1,7 +1,8 @@
 """The integration's own installation (`/v1/installations/…`): create, update, activate, delete.
 
-A key starts with an `ACTIVATED` installation (`resources.installation` reads it). `POST
-/v1/installations/me` (re)creates it as `PENDING_INTEGRATION`, `:activate` and the deprecated
+A key starts with an `ACTIVATED` installation (`resources.installation` reads it; once deleted,
+`read` answers 404). `POST /v1/installations/me` (re)creates it in the `status` it is given
+(else `PENDING_INTEGRATION`), `:activate` and the deprecated
 `PUT /v1/installations/completions` make it `ACTIVATED`, `PUT` sets status, metadata and
 error code, and `DELETE` uninstalls it (`INACTIVE`; a second `DELETE` is a 404). The key
 itself keeps working, so a test can install again.
@@ -35,11 +36,19 @@ def _change(call: Call, **changes: Any) -> Response:
     return installation(call)
 
 
+def read(call: Call) -> Response:
+    """`GET /v1/installations/me`: 404 once deleted (until created again)."""
+    if call.key.installation.get("deleted"):
+        raise PleoError(404, "INSTALLATION_NOT_FOUND", "The key has no installation.")
+    return installation(call)
+
+
 def create(call: Call) -> Response:
     body = bodies.json_object({} if call.body is None else call.body)
+    status = bodies.choice(body, "status", STATUSES, required=False)
     return _change(
         call,
-        status="PENDING_INTEGRATION",
+        status=status or "PENDING_INTEGRATION",
         metadata=_metadata(body) or {},
         errorCode=None,
         deleted=False,

@@ -3,10 +3,10 @@
 `encode` gives every field but the key and the version (each store keeps those its own way:
 sealed in a column, or in the secret beside the fields, and as a row or KV version);
 `decode` reads them back. Decoding is lenient where a record written by an older broker may
-lack a field (`client_id` and `application_name` came later: absent reads as "not known")
-and strict where a broker record always has one (`state`, `updated_at`): a record missing
-one, or holding a value of the wrong kind, raises `MalformedRecord`, which each store
-translates into its own `StoreIntegrityError`.
+lack a field (`client_id`, `application_name` and the `installation_*` fields came later:
+absent reads as "not known") and strict where a broker record always has one (`state`,
+`updated_at`): a record missing one, or holding a value of the wrong kind, raises
+`MalformedRecord`, which each store translates into its own `StoreIntegrityError`.
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ def encode(record: TenantRecord) -> Fields:
         "last_checked_at": _iso(record.last_checked_at),
         "client_id": record.client_id,
         "application_name": record.application_name,
+        "installation_status": record.installation_status,
+        "installation_synced_at": _iso(record.installation_synced_at),
+        "installation_error": record.installation_error,
     }
 
 
@@ -69,6 +72,10 @@ def decode(
             version=version,
             client_id=_shared(_text(fields.get("client_id"))),  # absent from older records
             application_name=_shared(_text(fields.get("application_name"))),
+            # Absent from records older than the installation sync: not synced yet.
+            installation_status=_shared(_text(fields.get("installation_status"))),
+            installation_synced_at=_moment(fields.get("installation_synced_at")),
+            installation_error=_text(fields.get("installation_error")),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise MalformedRecord(f"the stored record of tenant {tenant!r} is malformed") from exc

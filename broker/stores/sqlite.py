@@ -46,7 +46,10 @@ CREATE TABLE IF NOT EXISTS tenants (
     last_checked_at TEXT,
     sealed_key      BLOB,
     client_id       TEXT,
-    application_name TEXT
+    application_name TEXT,
+    installation_status TEXT,
+    installation_synced_at TEXT,
+    installation_error TEXT
 );
 CREATE TABLE IF NOT EXISTS meta (
     name  TEXT PRIMARY KEY NOT NULL,
@@ -65,7 +68,13 @@ CREATE TABLE IF NOT EXISTS changes (
 
 # Columns added after the first release: a store made before them gets them at open
 # (`ALTER TABLE … ADD COLUMN`, NULL in existing rows, which read as "not known").
-_ADDED_COLUMNS = (("client_id", "TEXT"), ("application_name", "TEXT"))
+_ADDED_COLUMNS = (
+    ("client_id", "TEXT"),
+    ("application_name", "TEXT"),
+    ("installation_status", "TEXT"),
+    ("installation_synced_at", "TEXT"),
+    ("installation_error", "TEXT"),
+)
 _FIRST_COLUMNS = (
     "tenant",
     "version",

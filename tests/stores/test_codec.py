@@ -28,6 +28,9 @@ BROKEN = TenantRecord(
     version=7,
     client_id="client-1",
     application_name="Acme ERP",
+    installation_status="ACTIVATED",
+    installation_synced_at=T0,
+    installation_error="Pleo answered HTTP 503 while reading the installation",
 )
 PENDING = TenantRecord(tenant="globex", state=TenantState.PENDING, api_key=None, updated_at=T0)
 
@@ -46,6 +49,16 @@ def test_encoding_holds_neither_key_nor_version_and_only_json_values() -> None:
     assert fields["scopes"] == ["export-jobs:read", "export-jobs:write"]  # sorted: stable
     assert fields["updated_at"] == "2025-03-14T09:26:53+00:00"
     assert all(isinstance(value, str | list | None) for value in fields.values())
+
+
+def test_a_record_written_before_the_installation_fields_still_decodes() -> None:
+    fields: dict[str, Any] = dict(codec.encode(BROKEN))
+    del fields["installation_status"], fields["installation_synced_at"]
+    del fields["installation_error"]
+    decoded = codec.decode("acme", fields, version=7, api_key=BROKEN.api_key)
+    assert decoded == BROKEN.evolve(
+        installation_status=None, installation_synced_at=None, installation_error=None
+    )
 
 
 def test_a_record_written_before_the_integration_fields_still_decodes() -> None:

@@ -123,6 +123,9 @@ async def test_put_of_a_new_tenant_stores_version_1(store: SecretStore) -> None:
             last_checked_at=T0 + timedelta(days=3),
             client_id="d8b8a6d4-3c4b-4b8e-8b2e-1f2a3d4e5f6a",
             application_name="Acme ERP — Ünïcode",
+            installation_status="PENDING_INTEGRATION",
+            installation_synced_at=T0 + timedelta(days=2),
+            installation_error="Pleo answered HTTP 503 while updating the installation",
         ),
         TenantRecord(
             tenant="pending",

@@ -431,7 +431,7 @@ async def test_vault_a_retried_delete_request_announces_the_disconnect_once(
     from broker.stores.vault import VaultStore
     from broker.tenants import TenantService
 
-    pleo = PleoClient("http://127.0.0.1:9")  # never called
+    pleo = PleoClient("http://127.0.0.1:9")  # unreachable: the installation stays as it was
     service = TenantService(vault, pleo, Metrics())
     try:
         acme = await vault.put(active("acme"))
@@ -447,6 +447,9 @@ async def test_vault_a_retried_delete_request_announces_the_disconnect_once(
         monkeypatch.setattr(VaultStore, "_bury", real_bury)
         await service.disconnect("acme")  # the caller retries DELETE
         (gone,) = await everything(vault)
-        assert (gone.type, gone.data) == ("tenant.disconnected", acme.view())
+        # As it was, with why its installation in Pleo could not be set inactive.
+        unreachable = "Pleo could not be reached (ConnectError)"
+        expected = acme.evolve(installation_error=unreachable).view()
+        assert (gone.type, gone.data) == ("tenant.disconnected", expected)
     finally:
         await pleo.aclose()

@@ -446,9 +446,15 @@ async def test_a_store_made_before_the_integration_fields_opens_and_keeps_workin
         read = await reopened.get("acme")
         assert read == old and read is not None
         assert (read.client_id, read.application_name) == (None, None)
-        stored = await reopened.put(read.evolve(client_id="c-1", application_name="Acme ERP"))
+        assert (read.installation_status, read.installation_synced_at) == (None, None)
+        stored = await reopened.put(
+            read.evolve(
+                client_id="c-1", application_name="Acme ERP", installation_status="ACTIVATED"
+            )
+        )
         assert await reopened.get("acme") == stored
         assert (stored.client_id, stored.application_name) == ("c-1", "Acme ERP")
+        assert stored.installation_status == "ACTIVATED"
     finally:
         await reopened.close()
 
@@ -617,6 +623,8 @@ async def test_a_read_only_store_made_before_the_integration_fields_is_served(
         with sqlite3.connect(directory / "tenants.db") as conn:
             conn.execute("ALTER TABLE tenants DROP COLUMN client_id")
             conn.execute("ALTER TABLE tenants DROP COLUMN application_name")
+            for column in ("installation_status", "installation_synced_at", "installation_error"):
+                conn.execute(f"ALTER TABLE tenants DROP COLUMN {column}")
         conn.close()
         freeze(directory)
 

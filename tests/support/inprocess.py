@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -292,6 +293,11 @@ class PleoKey:
     client_id: str | None = "integration-client"
     application_name: str | None = "Test integration"
     subject_in_introspection: bool = True  # False: only the installation names the company
+    # The key's installation (status, metadata), as Pleo's `/v1/installations/me` keeps it;
+    # None: there is none (404) until one is created.
+    installation: dict[str, Any] | None = field(
+        default_factory=lambda: {"status": "ACTIVATED", "metadata": {}}
+    )
 
 
 class FakePleo:
@@ -345,10 +351,32 @@ class FakePleo:
         if request.url.path == "/v1/introspect":
             return httpx.Response(200, json={"data": _introspection(known, urn)})
         if request.url.path == "/v1/installations/me":
-            if urn is None:
-                return httpx.Response(404, json={"type": "NOT_FOUND"})
-            return httpx.Response(200, content=json.dumps({"resource": urn}).encode())
+            return _installation(known, urn, request)
         return httpx.Response(404, json={"type": "NOT_FOUND"})
+
+
+def _installation(known: PleoKey, urn: str | None, request: httpx.Request) -> httpx.Response:
+    """`/v1/installations/me`: read, create, update or delete the key's installation."""
+    if urn is None:
+        return httpx.Response(404, json={"type": "NOT_FOUND"})
+    if request.method == "POST":
+        body = json.loads(request.content or b"{}")
+        known.installation = {
+            "status": body.get("status", "PENDING_INTEGRATION"),
+            "metadata": body.get("metadata") or {},
+        }
+    if known.installation is None:
+        return httpx.Response(404, json={"type": "NOT_FOUND"})
+    if request.method == "DELETE":
+        known.installation = None
+        return httpx.Response(204)
+    if request.method == "PUT":
+        body = json.loads(request.content)
+        known.installation = {
+            "status": body["status"],
+            "metadata": body.get("metadata", known.installation["metadata"]),
+        }
+    return httpx.Response(200, content=json.dumps({"resource": urn, **known.installation}).encode())
 
 
 def _introspection(known: PleoKey, urn: str | None) -> dict[str, object]:

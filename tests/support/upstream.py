@@ -1,7 +1,8 @@
 """A recording stand-in for Pleo for proxy tests that need what the sandbox does not do:
 answer any path, stream large or endless bodies, count uploaded bytes, set cookies.
 
-`/v1/introspect` answers for the keys registered in `keys`; every other request is
+`/v1/introspect` answers for the keys registered in `keys`, `/v1/installations/me` keeps
+each key's installation (what the broker's own sync writes); every other request is
 recorded (method, raw path, query, headers, body size) and answered by its path."""
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class RecordingUpstream:
     endless_sent: int = 0
     release: threading.Event = field(default_factory=threading.Event)  # answers `held`
     reject: threading.Event = field(default_factory=threading.Event)  # answers `slow-401`
+    installations: dict[bytes, dict[str, Any]] = field(default_factory=dict)  # by credentials
 
     def add_key(self, api_key: str, company_id: str, scopes: list[str]) -> None:
         self.keys[api_key] = (company_id, scopes)
@@ -48,6 +50,9 @@ class RecordingUpstream:
         path: str = scope["path"]
         if path == "/v1/introspect":
             await self._introspect(scope, send)
+            return
+        if path == "/v1/installations/me":
+            await self._installation(scope, receive, send)
             return
         keep = path != UPLOAD_PATH
         body, received, complete = await _read_body(receive, keep=keep)
@@ -98,6 +103,18 @@ class RecordingUpstream:
             await _json(send, 200, {}, COOKIE_HEADERS)
         else:
             await _json(send, 200, {"data": {"echo": path}})
+
+    async def _installation(self, scope: Scope, receive: Callable[..., Any], send: Any) -> None:
+        """The broker's installation sync: kept per key, not recorded."""
+        auth = dict(scope["headers"]).get(b"authorization", b"")
+        body, _, _ = await _read_body(receive, keep=True)
+        if scope["method"] in ("POST", "PUT") and body:
+            self.installations[auth] = json.loads(body)
+        found = self.installations.get(auth)
+        if found is None:
+            await _json(send, 404, {"type": "NOT_FOUND"})
+        else:
+            await _json(send, 200, found)
 
     async def _introspect(self, scope: Scope, send: Any) -> None:
         auth = dict(scope["headers"]).get(b"authorization", b"")

@@ -162,6 +162,7 @@ BROKER_CACHE_TTL: {{ .Values.broker.cacheTtl | toString | quote }}
 BROKER_HEALTH_CHECK_INTERVAL: {{ .Values.broker.healthCheckInterval | toString | quote }}
 BROKER_HEALTH_CHECK_RATE: {{ .Values.broker.healthCheckRate | toString | quote }}
 BROKER_TENANT_MAX_IN_FLIGHT: {{ int64 .Values.broker.tenantMaxInFlight | quote }}
+BROKER_INSTALLATION_STATUS_ON_ACTIVATION: {{ .Values.broker.installationStatusOnActivation | quote }}
 {{- if include "pleo-broker.callersSecret" . }}
 BROKER_CALLERS_FILE: {{ printf "%s/%s" (include "pleo-broker.callersMountPath" .) .Values.callers.key | quote }}
 {{- end }}
