@@ -100,11 +100,7 @@ class ProxyApp:
             active = self.registry.active(tenant)  # 2. take its active record
             decision = self._decide(scope, active, content)  # 3. decide
             if caller is not None and not caller.allows_scope(decision.route.scope):
-                raise errors.CallerNotAllowed(
-                    f"The caller {caller.name!r} may not use routes that need the scope"
-                    f" {decision.route.scope!r}.",
-                    tenant=tenant,
-                )
+                raise _scope_refused(caller, decision, tenant)
             route = decision.route.template
             response = await self._send(scope, receive, head, active, decision)  # 4. send
             status = await self._relay(response, send, receive, head, active, decision)  # 5.
@@ -354,6 +350,21 @@ class ProxyApp:
             {"type": "websocket.http.response.start", "status": exc.status, "headers": headers}
         )
         await send({"type": "websocket.http.response.body", "body": body})
+
+
+def _scope_refused(caller: Caller, decision: Decision, tenant: str) -> errors.CallerNotAllowed:
+    """A caller with `scopes` on a route outside them (one needing no scope included)."""
+    scope = decision.route.scope
+    if scope is None:
+        return errors.CallerNotAllowed(
+            f"The caller {caller.name!r} may use only routes that need one of its scopes;"
+            f" {decision.route.method} {decision.route.template} needs none.",
+            tenant=tenant,
+        )
+    return errors.CallerNotAllowed(
+        f"The caller {caller.name!r} may not use routes that need the scope {scope!r}.",
+        tenant=tenant,
+    )
 
 
 class ProxyMetrics:

@@ -52,6 +52,18 @@ def entry(**fields: object) -> str:
         (entry(scopes=["read"]), "caller 1 (billing): scope 'read' is not of the form"),
         (entry(scopes=[]), "'scopes' must be a non-empty list"),
         (entry(color="red"), "caller 1 (billing): unknown field 'color'"),
+        (entry(tenants=["acme*"]), "caller 1 (billing): tenant pattern 'acme*' must be"),
+        (entry(tenants=["ac*me-*"]), "tenant pattern 'ac*me-*' must be"),
+        (entry(tenants=["**"]), "tenant pattern '**' must be"),
+        (
+            entry(tenants=["eu-north"]) + "    tenants: ['*']\n",
+            "caller 1 (billing): the field 'tenants' is given twice",
+        ),
+        (
+            entry(scopes=["export-jobs:read"]) + "    scopes: ['vendors:write']\n",
+            "caller 1 (billing): the field 'scopes' is given twice",
+        ),
+        (entry() + "callers: []\n", "the key 'callers' is given twice"),
     ],
 )
 def test_a_bad_file_is_refused_in_one_line_naming_the_entry(text: str, complaint: str) -> None:
@@ -91,6 +103,9 @@ def test_an_unreadable_file_is_named(tmp_path: Path) -> None:
         (["acme-*"], "beta-acme-eu", False),
         (["*"], "anything", True),
         (["beta", "acme-*"], "beta", True),
+        (["acme_*"], "acme_x", True),
+        (["acme.*"], "acme.x", True),
+        (["acme-*"], "acmex", False),
     ],
 )
 def test_tenant_patterns(patterns: list[str], tenant: str, allowed: bool) -> None:
@@ -98,13 +113,14 @@ def test_tenant_patterns(patterns: list[str], tenant: str, allowed: bool) -> Non
     assert caller.allows_tenant(tenant) is allowed
 
 
-def test_scopes_bound_the_routes_and_unscoped_routes_stay_open() -> None:
+def test_scopes_bound_the_routes_and_unscoped_routes_are_closed_to_scoped_callers() -> None:
     caller = parse_callers(entry(scopes=["export-jobs:read"])).identify(b"Bearer " + TOKEN.encode())
     assert caller.allows_scope("export-jobs:read")
     assert not caller.allows_scope("export-jobs:write")
-    assert caller.allows_scope(None)
+    assert not caller.allows_scope(None)  # a route needing no scope is outside any list
     unbounded = parse_callers(entry()).identify(b"Bearer " + TOKEN.encode())
     assert unbounded.allows_scope("vendors:write")
+    assert unbounded.allows_scope(None)
 
 
 @pytest.mark.parametrize(
