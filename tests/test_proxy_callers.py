@@ -230,6 +230,12 @@ def test_a_broken_file_keeps_the_old_rules(
     assert "caller 1 (billing): 'token_sha256' must be 64 hex" in failed.fields["error"]  # type: ignore[attr-defined]
     assert call(guarded, "acme", bearer("billing")).status_code == 200
     assert call(guarded, "beta", bearer("billing")).status_code == 403
+    assert "broker_callers_file_stale 1.0" in httpx.get(f"{guarded.admin_url}/metrics").text
+    write_atomically(callers_file, callers_yaml(CALLERS))
+    started = time.monotonic()
+    while "broker_callers_file_stale 0.0" not in httpx.get(f"{guarded.admin_url}/metrics").text:
+        assert time.monotonic() - started < 1.0, "the fixed file did not clear the gauge"
+        time.sleep(0.02)
 
 
 @pytest.mark.parametrize(
