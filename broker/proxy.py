@@ -243,13 +243,17 @@ class ProxyApp:
                 )
             return response.status
         finally:
-            response.close()
-            self._release(active.tenant)
+            try:
+                response.close()
+            finally:  # even if closing failed: a leaked place would keep the tenant busy
+                self._release(active.tenant)
 
     def _release(self, tenant: str) -> None:
         """Give back the upstream slot and the tenant's in-flight place `_send` took."""
-        self.upstream.release()
-        self.throttle.leave(tenant)
+        try:
+            self.upstream.release()
+        finally:
+            self.throttle.leave(tenant)
 
     def _rate_limited(
         self, response: aiohttp.ClientResponse, head: RequestHead, active: ActiveTenant
