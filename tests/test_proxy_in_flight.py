@@ -196,3 +196,53 @@ async def test_a_cancelled_wait_for_an_upstream_slot_gives_the_place_back(
     assert not sent
     for _ in range(UPSTREAM_CONNECTIONS):
         upstream.release()
+
+
+def test_a_trickling_upload_is_bounded_in_total_and_gives_the_place_back(
+    tmp_path: Path,
+) -> None:
+    # Each pause is shorter than BROKER_REQUEST_BODY_TIMEOUT; the whole body is not.
+    upstream = RecordingUpstream()
+    url, thread = start_app(upstream)
+    settings = broker_settings(
+        url,
+        tmp_path / "store",
+        required_scopes=REQUIRED,
+        tenant_max_in_flight=1,
+        request_body_timeout=1.0,
+    )
+    broker = start_broker(settings)
+    try:
+        connect(broker, upstream, "acme")
+        with socket.create_connection(("127.0.0.1", port(broker)), timeout=10) as sock:
+            started = time.monotonic()
+            sock.sendall(
+                b"PUT /v3/export-jobs/j1/items HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"X-Broker-Tenant: acme\r\nContent-Type: application/octet-stream\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n"
+            )
+            sock.settimeout(0.2)  # a byte every 0.2 s, until the broker answers
+            answer = b""
+            while not answer:
+                assert time.monotonic() - started < 5, "a trickling body was never cut off"
+                sock.sendall(b"1\r\nz\r\n")
+                try:
+                    answer = sock.recv(65536)
+                except TimeoutError:
+                    continue
+            took = time.monotonic() - started
+            sock.settimeout(5)
+            while b"request_timeout" not in answer and (more := sock.recv(65536)):
+                answer += more
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+        assert b"request_timeout" in answer
+        assert 0.9 <= took < 2.5
+        deadline = time.monotonic() + 5
+        while not upstream.seen:
+            assert time.monotonic() < deadline, "the upload never reached the upstream"
+            time.sleep(0.01)
+        assert upstream.seen[-1].complete is False  # aborted, never ended as if complete
+        assert_admitted_again(broker, "acme")
+    finally:
+        broker.thread.stop()
+        thread.stop()
