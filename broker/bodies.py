@@ -1,9 +1,11 @@
 """Bodies on the caller's side of the proxy: reading one to inspect, streaming one to Pleo,
 relaying Pleo's answer.
 
-A body to inspect must arrive within `BROKER_REQUEST_BODY_TIMEOUT`; a streamed body that stalls
-that long or ends early aborts the upstream request instead of ending it cleanly. A long answer
-stops being read from Pleo as soon as the caller goes away.
+A body must arrive within `BROKER_REQUEST_BODY_TIMEOUT` in all, whether inspected or streamed (a
+streamed body's clock starts when the broker begins sending it to Pleo): a body trickled a byte
+at a time may not hold the tenant's in-flight place and an upstream slot for ever. A streamed
+body that takes longer or ends early aborts the upstream request instead of ending it cleanly.
+A long answer stops being read from Pleo as soon as the caller goes away.
 """
 
 from __future__ import annotations
@@ -55,8 +57,8 @@ def body_timeout(timeout: float, *, streamed: bool = False) -> errors.RequestTim
     """The refusal of a body that did not arrive in time."""
     if streamed:
         return errors.RequestTimeout(
-            f"The request body stalled for {timeout:g} seconds (BROKER_REQUEST_BODY_TIMEOUT);"
-            " the call to Pleo was aborted. Send the body without pauses."
+            f"The request body did not arrive within {timeout:g} seconds"
+            " (BROKER_REQUEST_BODY_TIMEOUT); the call to Pleo was aborted."
         )
     return errors.RequestTimeout(
         f"The request body did not arrive within {timeout:g} seconds"
@@ -65,9 +67,10 @@ def body_timeout(timeout: float, *, streamed: bool = False) -> errors.RequestTim
 
 
 class StreamedBody:
-    """A caller's body streamed to Pleo. If it stalls for `timeout` seconds or the caller goes
-    away before its end, iteration raises, so aiohttp aborts the upstream request rather than
-    ending it as if the body were complete; `failure` then says what happened."""
+    """A caller's body streamed to Pleo. If it is not all there `timeout` seconds after the
+    first read, or the caller goes away before its end, iteration raises, so aiohttp aborts the
+    upstream request rather than ending it as if the body were complete; `failure` then says
+    what happened."""
 
     __slots__ = ("failure", "receive", "timeout")
 
@@ -80,9 +83,10 @@ class StreamedBody:
         return self._chunks()
 
     async def _chunks(self) -> AsyncIterator[bytes]:
+        deadline = asyncio.get_running_loop().time() + self.timeout  # for the whole body
         while True:
             try:
-                async with asyncio.timeout(self.timeout):
+                async with asyncio.timeout_at(deadline):
                     message = await self.receive()
             except TimeoutError:
                 self.failure = body_timeout(self.timeout, streamed=True)

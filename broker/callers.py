@@ -6,13 +6,16 @@
       - name: billing                       # a metric label and log field: [a-z0-9_.-], ≤ 63
         token_sha256: "<64 hex digits>"     # `broker callers hash` prints it; never the token
         tenants: ["acme", "beta-*", "*"]    # exact ids, a prefix ending in `*`, or `*` for any
-        scopes: ["export-jobs:read"]        # optional: only routes needing these (or none)
+        scopes: ["export-jobs:read"]        # optional: only routes needing one of these
 
 A caller sends `Proxy-Authorization: Bearer <token>` (the scheme in any case, as HTTP allows).
 The token's SHA-256 digest is looked up in a table of digests and the hit is compared again
 with `hmac.compare_digest`: the time taken depends only on the digest of what the caller sent,
 never on how much of a stored token it guessed. A bad file is refused with one line naming the
-entry and what is wrong, never a token or a hash.
+entry and what is wrong, never a token or a hash; a key given twice in one mapping is refused
+(YAML's usual last-one-wins would let `tenants: ['*']` below a narrower list widen the caller).
+A caller with `scopes` may use only routes whose scope is in its list: routes that need no
+scope (`/v1/introspect`, the installation routes, control plane included) are refused to it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,7 @@ _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 _HASH = re.compile(r"[0-9a-f]{64}")
 _SCOPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*:[A-Za-z0-9][A-Za-z0-9._-]*")
 _FIELDS = frozenset({"name", "token_sha256", "tenants", "scopes"})
+_SEPARATORS = "-_."  # what a tenant prefix pattern ends in before its `*`
 
 
 class CallersFileError(errors.ConfigError):
@@ -61,7 +65,9 @@ class Caller:
         return self.any_tenant or tenant in self.tenants or tenant.startswith(self.prefixes)
 
     def allows_scope(self, scope: str | None) -> bool:
-        return self.scopes is None or scope is None or scope in self.scopes
+        """A caller without `scopes` may use every route; one with `scopes` only the routes
+        whose scope is in its list (a route needing no scope is in none)."""
+        return self.scopes is None or (scope is not None and scope in self.scopes)
 
 
 class CallerTable:
@@ -103,16 +109,46 @@ def load_callers(path: Path) -> CallerTable:
     return parse_callers(text, str(path))
 
 
+class _Mapping(dict[Any, Any]):
+    """A YAML mapping that remembers the first key it was given twice."""
+
+    duplicate: str | None = None
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` whose mappings note a duplicate key instead of keeping the last."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> _Mapping:
+    loader.flatten_mapping(node)
+    mapping = _Mapping()
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, Hashable):
+            raise yaml.constructor.ConstructorError(
+                None, None, "found an unhashable key", key_node.start_mark
+            )
+        if key in mapping and mapping.duplicate is None:
+            mapping.duplicate = str(key)[:40]
+        mapping[key] = loader.construct_object(value_node, deep=True)
+    return mapping
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:map", _construct_mapping)
+
+
 def parse_callers(text: str, source: str = "callers file") -> CallerTable:
     """Validate a callers file's text; `CallersFileError` names the first bad entry."""
     try:
-        document = yaml.safe_load(text)
+        document = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise CallersFileError(f"{source}: is not valid YAML{where}") from None
     if not isinstance(document, dict) or set(document) != {"callers"}:
         raise CallersFileError(f"{source}: must be a mapping with one key, 'callers'")
+    if isinstance(document, _Mapping) and document.duplicate is not None:
+        raise CallersFileError(f"{source}: the key 'callers' is given twice")
     entries = document["callers"]
     if not isinstance(entries, list):
         raise CallersFileError(f"{source}: 'callers' must be a list of callers")
@@ -152,6 +188,8 @@ def _caller(entry: object) -> Caller:
         raise ValueError(
             f"unknown field {unknown[0][:40]!r} (known: name, token_sha256, tenants, scopes)"
         )
+    if isinstance(entry, _Mapping) and entry.duplicate is not None:
+        raise ValueError(f"the field {entry.duplicate!r} is given twice")
     name = entry.get("name")
     if not isinstance(name, str) or not _NAME.fullmatch(name) or name == ANONYMOUS:
         raise ValueError(
@@ -193,9 +231,17 @@ def _check_pattern(pattern: str) -> None:
     if pattern == "*":
         return
     stem = pattern[:-1] if pattern.endswith("*") else pattern
-    # A prefix is the start of a tenant id: completing it with a letter makes a valid one.
-    if "*" in stem or not stem or not valid_tenant_id(stem + ("a" if stem != pattern else "")):
+    # A prefix is the start of a tenant id up to a separator: `acme-*` matches `acme-eu`, and
+    # `acme*` (which would match `acmex` too) is refused. Completing it with a letter makes a
+    # valid tenant id.
+    prefix = stem != pattern
+    if (
+        "*" in stem
+        or not stem
+        or (prefix and stem[-1] not in _SEPARATORS)
+        or not valid_tenant_id(stem + ("a" if prefix else ""))
+    ):
         raise ValueError(
-            f"tenant pattern {pattern[:80]!r} must be a tenant id, a prefix ending in '*'"
-            " (acme-*), or '*'"
+            f"tenant pattern {pattern[:80]!r} must be a tenant id, a prefix ending in a"
+            " separator and '*' (acme-*, acme_*, acme.*), or '*'"
         )

@@ -49,6 +49,12 @@ class Metrics:
             buckets=OVERHEAD_BUCKETS,
             registry=r,
         )
+        self.callers_file_stale = Gauge(
+            "broker_callers_file_stale",
+            "1 while the last read of BROKER_CALLERS_FILE failed and older callers are in"
+            " force, else 0.",
+            registry=r,
+        )
         self.tenants = Gauge(
             "broker_tenants", "Tenants known to this broker, by state.", ["state"], registry=r
         )

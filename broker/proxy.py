@@ -103,11 +103,7 @@ class ProxyApp:
             active = self.registry.active(tenant)  # 2. take its active record
             decision = self._decide(scope, active, content)  # 3. decide
             if caller is not None and not caller.allows_scope(decision.route.scope):
-                raise errors.CallerNotAllowed(
-                    f"The caller {caller.name!r} may not use routes that need the scope"
-                    f" {decision.route.scope!r}.",
-                    tenant=tenant,
-                )
+                raise _scope_refused(caller, decision, tenant)
             route = decision.route.template
             sent = await self._send(scope, receive, head, active, decision, began)  # 4. send
             status = await self._relay(sent, send, receive, head, active, decision)  # 5.
@@ -254,13 +250,17 @@ class ProxyApp:
                 )
             return response.status
         finally:
-            response.close()
-            self._release(active.tenant)
+            try:
+                response.close()
+            finally:  # even if closing failed: a leaked place would keep the tenant busy
+                self._release(active.tenant)
 
     def _release(self, tenant: str) -> None:
         """Give back the upstream slot and the tenant's in-flight place `_send` took."""
-        self.upstream.release()
-        self.throttle.leave(tenant)
+        try:
+            self.upstream.release()
+        finally:
+            self.throttle.leave(tenant)
 
     def _rate_limited(
         self, response: aiohttp.ClientResponse, head: RequestHead, active: ActiveTenant
@@ -367,6 +367,21 @@ class ProxyApp:
             {"type": "websocket.http.response.start", "status": exc.status, "headers": headers}
         )
         await send({"type": "websocket.http.response.body", "body": body})
+
+
+def _scope_refused(caller: Caller, decision: Decision, tenant: str) -> errors.CallerNotAllowed:
+    """A caller with `scopes` on a route outside them (one needing no scope included)."""
+    scope = decision.route.scope
+    if scope is None:
+        return errors.CallerNotAllowed(
+            f"The caller {caller.name!r} may use only routes that need one of its scopes;"
+            f" {decision.route.method} {decision.route.template} needs none.",
+            tenant=tenant,
+        )
+    return errors.CallerNotAllowed(
+        f"The caller {caller.name!r} may not use routes that need the scope {scope!r}.",
+        tenant=tenant,
+    )
 
 
 class ProxyMetrics:

@@ -54,7 +54,11 @@ async def open_broker(
     service; close them on exit."""
     metrics = metrics if metrics is not None else Metrics()
     catalog = load_catalog(settings.catalog_path)
-    callers = CallerGate(settings.callers_file) if settings.callers_file is not None else None
+    callers = (
+        CallerGate(settings.callers_file, metrics=metrics)
+        if settings.callers_file is not None
+        else None
+    )
     # Each part is closed (in reverse order) however opening a later one, or the run, ends.
     async with contextlib.AsyncExitStack() as parts:
         raw_store = store if store is not None else open_store(settings)

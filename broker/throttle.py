@@ -3,7 +3,10 @@
 - After Pleo answers a tenant `429` with `Retry-After` (seconds, or an HTTP date), the broker
   answers that tenant's calls itself with `429 upstream_rate_limited` and the remaining
   seconds until the time has passed (at most `MAX_BACKOFF`); other tenants are unaffected. A
-  429 without a usable `Retry-After` is relayed and changes nothing.
+  429 without a usable `Retry-After` is relayed and changes nothing; nor does a shorter one
+  (`0` included) shorten a back-off already running. Seconds are ASCII digits, a fraction
+  allowed (`1.5`, answered rounded up); anything else (`²`, other scripts' digits, `1e3`) is
+  unusable.
 - At most `BROKER_TENANT_MAX_IN_FLIGHT` requests of one tenant are in flight to Pleo; the
   next gets `429 tenant_busy` at once, so one tenant's burst cannot take the whole pool
   (`broker.upstream`) while the others wait.
@@ -15,6 +18,7 @@ has no entry.
 from __future__ import annotations
 
 import math
+import re
 import time
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -25,6 +29,7 @@ from broker import errors
 from broker.metrics import Metrics
 
 MAX_BACKOFF = 3600.0  # seconds: a Retry-After beyond this is taken as this
+_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?", re.ASCII)
 
 
 def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> float | None:
@@ -33,12 +38,15 @@ def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> fl
     if value is None:
         return None
     text = value.strip()
-    if text.isdigit():
-        seconds = float(text)
+    if _SECONDS.fullmatch(text):
+        try:
+            seconds = float(text)
+        except ValueError:  # not reached for ASCII digits; never a 500 for Pleo's header
+            return None
     else:
         try:
             moment = parsedate_to_datetime(text)
-        except (TypeError, ValueError, IndexError):
+        except (TypeError, ValueError, IndexError, OverflowError):
             return None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)

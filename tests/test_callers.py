@@ -7,15 +7,17 @@ import asyncio
 import hashlib
 import io
 import logging
+import os
 import time
 from pathlib import Path
 
 import pytest
 from support.secret_volume import write_secret_volume
 
-from broker import cli, errors
-from broker.callers import CallersFileError, load_callers, parse_callers, token_hash
+from broker import callers_watch, cli, errors
+from broker.callers import CallersFileError, CallerTable, load_callers, parse_callers, token_hash
 from broker.callers_watch import CallerGate
+from broker.metrics import Metrics
 from broker.server import is_loopback, warn_if_open_to_network
 from broker.settings import Settings
 
@@ -52,6 +54,18 @@ def entry(**fields: object) -> str:
         (entry(scopes=["read"]), "caller 1 (billing): scope 'read' is not of the form"),
         (entry(scopes=[]), "'scopes' must be a non-empty list"),
         (entry(color="red"), "caller 1 (billing): unknown field 'color'"),
+        (entry(tenants=["acme*"]), "caller 1 (billing): tenant pattern 'acme*' must be"),
+        (entry(tenants=["ac*me-*"]), "tenant pattern 'ac*me-*' must be"),
+        (entry(tenants=["**"]), "tenant pattern '**' must be"),
+        (
+            entry(tenants=["eu-north"]) + "    tenants: ['*']\n",
+            "caller 1 (billing): the field 'tenants' is given twice",
+        ),
+        (
+            entry(scopes=["export-jobs:read"]) + "    scopes: ['vendors:write']\n",
+            "caller 1 (billing): the field 'scopes' is given twice",
+        ),
+        (entry() + "callers: []\n", "the key 'callers' is given twice"),
     ],
 )
 def test_a_bad_file_is_refused_in_one_line_naming_the_entry(text: str, complaint: str) -> None:
@@ -91,6 +105,9 @@ def test_an_unreadable_file_is_named(tmp_path: Path) -> None:
         (["acme-*"], "beta-acme-eu", False),
         (["*"], "anything", True),
         (["beta", "acme-*"], "beta", True),
+        (["acme_*"], "acme_x", True),
+        (["acme.*"], "acme.x", True),
+        (["acme-*"], "acmex", False),
     ],
 )
 def test_tenant_patterns(patterns: list[str], tenant: str, allowed: bool) -> None:
@@ -98,13 +115,14 @@ def test_tenant_patterns(patterns: list[str], tenant: str, allowed: bool) -> Non
     assert caller.allows_tenant(tenant) is allowed
 
 
-def test_scopes_bound_the_routes_and_unscoped_routes_stay_open() -> None:
+def test_scopes_bound_the_routes_and_unscoped_routes_are_closed_to_scoped_callers() -> None:
     caller = parse_callers(entry(scopes=["export-jobs:read"])).identify(b"Bearer " + TOKEN.encode())
     assert caller.allows_scope("export-jobs:read")
     assert not caller.allows_scope("export-jobs:write")
-    assert caller.allows_scope(None)
+    assert not caller.allows_scope(None)  # a route needing no scope is outside any list
     unbounded = parse_callers(entry()).identify(b"Bearer " + TOKEN.encode())
     assert unbounded.allows_scope("vendors:write")
+    assert unbounded.allows_scope(None)
 
 
 @pytest.mark.parametrize(
@@ -208,33 +226,115 @@ async def test_a_symlink_swap_takes_effect_within_a_second(tmp_path: Path) -> No
         await gate.stop()
 
 
+async def tick(gate: CallerGate, times: int = 2) -> bool:
+    """Look at the file `times` times (a new version applies on the second look that finds it
+    unchanged); True if the last look applied new callers."""
+    applied = False
+    for _ in range(times):
+        applied = await gate.reload_if_changed()
+    return applied
+
+
+def failures(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.fields["error"]  # type: ignore[attr-defined]
+        for r in caplog.records
+        if getattr(r, "event", "") == "callers.reload_failed"
+    ]
+
+
+def stale(metrics: Metrics) -> float | None:
+    return metrics.registry.get_sample_value("broker_callers_file_stale")
+
+
 async def test_a_broken_new_file_keeps_the_previous_callers_and_says_why(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     k8s_secret(tmp_path, entry())
-    gate = CallerGate(tmp_path / "callers.yaml")
+    metrics = Metrics()
+    gate = CallerGate(tmp_path / "callers.yaml", metrics=metrics)
     before = gate.table
+    assert stale(metrics) == 0.0
     k8s_secret(tmp_path, entry(token_sha256="nothex"))
     with caplog.at_level(logging.WARNING, logger="broker"):
-        assert not await gate.reload_if_changed()
-    assert gate.table is before
-    (failed,) = [r for r in caplog.records if getattr(r, "event", "") == "callers.reload_failed"]
-    error = failed.fields["error"]  # type: ignore[attr-defined]
-    assert "caller 1 (billing): 'token_sha256' must be 64 hex digits" in error
-    assert "previous callers stay in force" in error
-    assert not await gate.reload_if_changed()  # unchanged since: not read or logged again
+        assert not await tick(gate)
+        assert gate.table is before
+        (error,) = failures(caplog)
+        assert "caller 1 (billing): 'token_sha256' must be 64 hex digits" in error
+        assert "previous callers stay in force" in error
+        assert stale(metrics) == 1.0
+        assert not await tick(gate, 4)  # retried, but logged once per distinct error
+        assert len(failures(caplog)) == 1
+        k8s_secret(tmp_path, entry(tenants=["Acme"]))  # another error: logged again
+        assert not await tick(gate)
+        assert len(failures(caplog)) == 2
     k8s_secret(tmp_path, entry(name="fixed"))
-    assert await gate.reload_if_changed()
+    assert await tick(gate)
     assert gate.table.names == ("fixed",)
+    assert stale(metrics) == 0.0
+
+
+async def test_a_file_that_failed_to_load_is_retried_until_it_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    k8s_secret(tmp_path, entry())
+    metrics = Metrics()
+    gate = CallerGate(tmp_path / "callers.yaml", metrics=metrics)
+    real = load_callers
+    broken = [True]
+
+    def flaky(path: Path) -> CallerTable:  # a transient EIO, or a file not yet readable
+        if broken[0]:
+            raise CallersFileError(f"callers file {path}: cannot read it: Input/output error")
+        return real(path)
+
+    monkeypatch.setattr(callers_watch, "load_callers", flaky)
+    k8s_secret(tmp_path, entry(name="revoked-billing", tenants=["nobody"]))
+    with caplog.at_level(logging.WARNING, logger="broker"):
+        assert not await tick(gate, 3)
+    assert gate.table.names == ("billing",)
+    assert len(failures(caplog)) == 1
+    assert stale(metrics) == 1.0
+    broken[0] = False  # the disk recovered (or the mode was fixed): nothing else changed
+    assert await gate.reload_if_changed()
+    assert gate.table.names == ("revoked-billing",)
+    assert stale(metrics) == 0.0
+
+
+def test_a_change_of_mode_alone_is_a_new_version(tmp_path: Path) -> None:
+    path = tmp_path / "callers.yaml"
+    path.write_text(entry())
+    before = callers_watch.signature(path)
+    os.chmod(path, 0o600)
+    assert callers_watch.signature(path) != before
+
+
+async def test_a_file_rewritten_in_place_applies_only_once_it_holds_still(tmp_path: Path) -> None:
+    path = tmp_path / "callers.yaml"
+    whole = entry(scopes=["export-jobs:read"])
+    path.write_text(whole)
+    gate = CallerGate(path)
+    with path.open("w") as file:  # truncate, then rewrite: the scopes line not written yet
+        file.write(whole[: whole.index("    scopes:")])
+        file.flush()
+        assert parse_callers(whole[: whole.index("    scopes:")])  # valid, and unrestricted
+        assert not await gate.reload_if_changed()
+        assert gate.table.identify(f"Bearer {TOKEN}".encode()).scopes is not None
+        file.write(whole[whole.index("    scopes:") :])
+    assert not await gate.reload_if_changed()  # changed since the last look: wait one more
+    assert await gate.reload_if_changed()
+    assert gate.table.identify(f"Bearer {TOKEN}".encode()).scopes == frozenset({"export-jobs:read"})
 
 
 async def test_a_file_that_disappears_keeps_the_previous_callers(tmp_path: Path) -> None:
     path = tmp_path / "callers.yaml"
     path.write_text(entry())
-    gate = CallerGate(path)
+    metrics = Metrics()
+    gate = CallerGate(path, metrics=metrics)
     path.unlink()
-    assert not await gate.reload_if_changed()
+    assert not await tick(gate)
     assert gate.table.names == ("billing",)
+    assert stale(metrics) == 1.0
 
 
 def test_a_bad_file_stops_start_up(tmp_path: Path) -> None:

@@ -230,3 +230,47 @@ def test_a_broken_file_keeps_the_old_rules(
     assert "caller 1 (billing): 'token_sha256' must be 64 hex" in failed.fields["error"]  # type: ignore[attr-defined]
     assert call(guarded, "acme", bearer("billing")).status_code == 200
     assert call(guarded, "beta", bearer("billing")).status_code == 403
+    assert "broker_callers_file_stale 1.0" in httpx.get(f"{guarded.admin_url}/metrics").text
+    write_atomically(callers_file, callers_yaml(CALLERS))
+    started = time.monotonic()
+    while "broker_callers_file_stale 0.0" not in httpx.get(f"{guarded.admin_url}/metrics").text:
+        assert time.monotonic() - started < 1.0, "the fixed file did not clear the gauge"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize(
+    ("caller", "route", "expected"),
+    [
+        ("reader", ("DELETE", "/v1/installations/me"), "caller_not_allowed"),  # control plane
+        ("reader", ("GET", "/v1/installations/me"), "caller_not_allowed"),  # needs no scope
+        ("reader", UNSCOPED, "caller_not_allowed"),
+        ("reader", READ, 200),
+        ("billing", UNSCOPED, 200),  # a caller without `scopes` may use every route
+    ],
+)
+def test_a_caller_with_scopes_may_use_only_routes_needing_one_of_them(
+    make_broker: Callable[..., RunningBroker],
+    sandbox: RunningSandbox,
+    callers_file: Path,
+    caller: str,
+    route: tuple[str, str],
+    expected: int | str,
+) -> None:
+    broker = make_broker(callers_file=callers_file, proxy_allow_control_plane=True)
+    key = sandbox.state.create_key(scopes=[s for s in ALL_SCOPES if not s.startswith("accounts:")])
+    answer = httpx.put(
+        f"{broker.admin_url}/v1/tenants/acme/key",
+        headers=broker.auth,
+        json={"api_key": key.api_key},
+    )
+    assert answer.status_code == 200, answer.text
+    sandbox.state.clear_requests()
+    response = call(broker, "acme", bearer(caller), *route)
+    if isinstance(expected, int):
+        assert response.status_code == expected, response.text
+        assert len(sandbox.state.requests) == 1
+    else:
+        assert response.status_code == 403, response.text
+        assert response.json()["error"]["code"] == expected
+        assert "'reader'" in response.json()["error"]["message"]
+        assert not sandbox.state.requests  # Pleo saw nothing

@@ -34,6 +34,16 @@ NOW = datetime(2026, 11, 30, 1, 0, 0, tzinfo=UTC)
         (format_datetime(NOW - timedelta(seconds=90), usegmt=True), 0.0),  # already passed
         ("999999", MAX_BACKOFF),
         ("-1", None),
+        ("1.5", 1.5),  # fractional: honoured as given (answered rounded up)
+        ("0.0", 0.0),
+        ("\u00b2", None),  # a superscript two is a digit to str.isdigit, not to HTTP
+        ("\u0663", None),  # an Arabic-Indic three
+        ("\uff13", None),  # a fullwidth three
+        ("1e3", None),
+        ("1.", None),
+        (".5", None),
+        ("+5", None),
+        ("9" * 400, MAX_BACKOFF),
         ("soon", None),
         ("", None),
         (None, None),
@@ -60,6 +70,16 @@ def test_a_backed_off_tenant_is_answered_locally_and_others_are_not() -> None:
         "broker_proxy_throttled_total", {"reason": "upstream_rate_limited"}
     )
     assert value == 1.0
+
+
+def test_a_shorter_retry_after_never_shortens_a_running_back_off() -> None:
+    throttle = TenantThrottle(64, Metrics())
+    throttle.rate_limited("acme", "30")
+    for value in ("0", "1", "\u00b2", None):
+        throttle.rate_limited("acme", value)
+    with pytest.raises(errors.UpstreamRateLimited) as raised:
+        throttle.enter("acme")
+    assert raised.value.retry_after >= 29
 
 
 def test_the_in_flight_cap_is_per_tenant() -> None:
