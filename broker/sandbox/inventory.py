@@ -1,6 +1,6 @@
 """What the sandbox implements, as the Markdown in the README's sandbox section.
 
-`tests/test_sandbox_walk.py` checks that the README holds exactly `markdown()` between the
+`tests/sandbox/test_sandbox_walk.py` checks that the README holds exactly `markdown()` between the
 markers; after changing routes, regenerate it with `python -m broker.sandbox.inventory`.
 """
 

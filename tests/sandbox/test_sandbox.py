@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -16,18 +15,6 @@ from support.sandbox_helpers import assert_matches_spec, basic
 from broker.sandbox import SandboxKey, SandboxState, create_app
 
 ENTRY_IDS = [str(uuid.uuid4()) for _ in range(3)]
-
-
-@pytest.fixture
-def state() -> SandboxState:
-    return SandboxState()
-
-
-@pytest.fixture
-async def client(state: SandboxState) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(create_app(state))
-    async with httpx.AsyncClient(transport=transport, base_url="http://sandbox") as client:
-        yield client
 
 
 @pytest.fixture

@@ -198,7 +198,7 @@ def test_the_sandbox_serves_the_same_specs_as_the_tests_check() -> None:
 
 
 def test_the_readme_lists_what_the_sandbox_implements() -> None:
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
     assert inventory.current(readme) == inventory.markdown(), (
         "README's sandbox list is stale: run `python -m broker.sandbox.inventory`"
     )

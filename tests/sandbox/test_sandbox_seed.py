@@ -3,7 +3,6 @@ to run a whole export against."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -21,18 +20,6 @@ LISTS: list[tuple[str, str, str, Any]] = [
     ("GET", "/v0/tags", "tags-api", None),
     ("GET", "/v3/export-jobs", "export-api-v3-api", None),
 ]
-
-
-@pytest.fixture
-def state() -> SandboxState:
-    return SandboxState()
-
-
-@pytest.fixture
-async def client(state: SandboxState) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(create_app(state))
-    async with httpx.AsyncClient(transport=transport, base_url="http://sandbox") as client:
-        yield client
 
 
 async def _seed(client: httpx.AsyncClient, **body: Any) -> dict[str, Any]:

@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import httpx
 import pytest
 from support.sandbox_helpers import basic
 
-from broker.sandbox import SandboxState, create_app
+from broker.sandbox import SandboxState
 from broker.sandbox.state import RateLimit
-
-
-@pytest.fixture
-def state() -> SandboxState:
-    return SandboxState()
-
-
-@pytest.fixture
-async def client(state: SandboxState) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(create_app(state))
-    async with httpx.AsyncClient(transport=transport, base_url="http://sandbox") as client:
-        yield client
 
 
 async def _new_key(client: httpx.AsyncClient, **body: object) -> dict[str, str]:
