@@ -12,18 +12,22 @@ the record keeps the wanted status and the error, and the next check retries.
 
 from __future__ import annotations
 
-import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from broker import errors
 from broker.book import TenantBook, require_valid
 from broker.events import emit
 from broker.pleo import PleoClient
-from broker.records import TenantRecord, TenantState, utcnow
+from broker.records import BrokenReason, TenantRecord, TenantState, utcnow
+from broker.registry import not_active
 
 STATUSES = ("ACTIVATED", "INACTIVE", "AUTHORIZED", "PENDING_INTEGRATION", "ERROR")
 CHANGED = "tenant.installation_changed"
+# What an activation's first write records, so that a sync whose own write is lost is
+# retried by the next check (`due`).
+NOT_SYNCED = "Not synced with Pleo yet."
 
 
 def metadata_for(tenant: str, given: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -45,6 +49,16 @@ class InstallationSync:
         self.book = book
         self.pleo = pleo
         self.on_activation = require_status(on_activation)
+        # Breaks a tenant whose key Pleo rejected (`Checks.key_rejected`; takes the lock).
+        self.key_rejected: Callable[[TenantRecord], Awaitable[TenantRecord]] | None = None
+
+    def unsynced(self, record: TenantRecord) -> TenantRecord:
+        """`record` as an activation first writes it: its installation due for a sync."""
+        return record.evolve(
+            installation_status=self.on_activation,
+            installation_synced_at=None,
+            installation_error=NOT_SYNCED,
+        )
 
     def due(self, record: TenantRecord) -> bool:
         """Whether a check should retry: an active tenant whose last sync failed. (A tenant
@@ -85,10 +99,14 @@ class InstallationSync:
                     state=record.state.value,
                 )
             record, failure = await self.sync(record, wanted, metadata, actor)
+        if isinstance(failure, errors.PleoKeyRejected) and self.key_rejected is not None:
+            # Like any other 401: the tenant is broken at once, and answers as the proxy does.
+            raise not_active(await self.key_rejected(record)) from failure
         if failure is not None:
             raise errors.PleoUnavailable(
-                f"Pleo did not take the installation's status: {failure}. The broker keeps"
-                " the wanted status and retries on the tenant's next check.",
+                f"Pleo did not take the installation's status: {failure.message}. The broker"
+                " keeps the wanted status and retries on the tenant's next check, but not the"
+                " metadata: send the metadata again once Pleo answers.",
                 tenant=tenant,
             )
         return record
@@ -99,25 +117,25 @@ class InstallationSync:
         status: str,
         metadata: dict[str, Any] | None,
         actor: str,
-    ) -> tuple[TenantRecord, str | None]:
+    ) -> tuple[TenantRecord, errors.PleoError | None]:
         """Put `record`'s installation in `status`; the record as written, and why Pleo
         failed (None: it did not). A store failure keeps the record as it was."""
         assert record.api_key is not None
-        failure: str | None = None
+        failure: errors.PleoError | None = None
         try:
             change = await self.pleo.put_installation(
                 record.api_key, status, metadata_for(record.tenant, metadata)
             )
         except errors.PleoError as exc:
-            failure = exc.message
-            updated = record.evolve(installation_status=status, installation_error=failure)
+            failure = exc
+            updated = record.evolve(installation_status=status, installation_error=exc.message)
             announce: list[str] = []
             emit(
                 "tenant.installation_sync_failed",
                 level=logging.WARNING,
                 tenant=record.tenant,
                 status=status,
-                error=failure,
+                error=exc.message,
             )
         else:
             updated = record.evolve(
@@ -128,17 +146,83 @@ class InstallationSync:
             announce = [CHANGED] if change.changed else []
             if change.changed:
                 emit(CHANGED, tenant=record.tenant, status=status, previous=change.previous)
-        with contextlib.suppress(errors.StoreError):
-            return await self.book.write(updated, actor=actor, announce=announce), failure
-        return record, failure
+        return await self._save(record, updated, announce, actor), failure
+
+    async def _save(
+        self, record: TenantRecord, updated: TenantRecord, announce: list[str], actor: str
+    ) -> TenantRecord:
+        """Write a sync's result with its events. The store down: held until it answers
+        (`TenantRegistry.hold`). A version conflict: written again over the tenant as it is
+        now, or, if it is gone or bound to another company, the change undone in Pleo."""
+        try:
+            return await self.book.write(updated, actor=actor, announce=announce)
+        except errors.StoreConflict:
+            return await self._after_conflict(record, updated, announce, actor)
+        except errors.StoreUnavailable:
+            self.book.registry.hold(updated, self.book.events(updated, actor, announce))
+            return updated
+        except errors.StoreError:
+            return record  # the first write's NOT_SYNCED (or error) has the next check retry
+
+    async def _after_conflict(
+        self, record: TenantRecord, updated: TenantRecord, announce: list[str], actor: str
+    ) -> TenantRecord:
+        try:
+            fresh = await self.book.store.get(record.tenant)
+        except errors.StoreError:
+            return record
+        if fresh is None or fresh.company_id != record.company_id:
+            await self._undo(record)
+            return record
+        if fresh.api_key != record.api_key:
+            return fresh  # rotated meanwhile: its own activation synced the installation
+        again = fresh.evolve(
+            installation_status=updated.installation_status,
+            installation_synced_at=updated.installation_synced_at,
+            installation_error=updated.installation_error,
+        )
+        try:
+            return await self.book.write(again, actor=actor, announce=announce)
+        except errors.StoreError:
+            return fresh
+
+    async def _undo(self, record: TenantRecord) -> None:
+        """A sync raced a disconnect (or a company change) on another replica: put the
+        installation it may have re-activated back to `INACTIVE`, with the key that did it."""
+        assert record.api_key is not None
+        try:
+            await self.pleo.put_installation(
+                record.api_key, "INACTIVE", metadata_for(record.tenant), create=False
+            )
+        except errors.PleoError as exc:
+            emit(
+                "tenant.installation_sync_failed",
+                level=logging.WARNING,
+                tenant=record.tenant,
+                status="INACTIVE",
+                error=exc.message,
+            )
+            return
+        emit(
+            "tenant.installation_undone",
+            level=logging.WARNING,
+            tenant=record.tenant,
+            why="the tenant was disconnected or changed on another replica during the sync",
+        )
 
     async def on_disconnect(self, record: TenantRecord, *, uninstall: bool) -> TenantRecord:
         """Before a disconnect forgets `record`: set its installation `INACTIVE` (a failure
         is logged, the disconnect goes on), or with `uninstall` delete it in Pleo, which
-        revokes the key's access there too (a failure stops the disconnect: retry it).
+        revokes the key's access there too (a failure stops the disconnect: retry it; a key
+        Pleo rejects stops it with `tenant_not_active`: see `uninstall_refused`).
         The record as the disconnect's events show it."""
         if record.api_key is None:
             return record
+        rejected = record.state is TenantState.BROKEN and record.reason is BrokenReason.KEY_REJECTED
+        if uninstall and rejected:
+            raise uninstall_refused(record.tenant)
+        if rejected:
+            return record  # Pleo refuses the key: it cannot set anything inactive with it
         try:
             if uninstall:
                 await self.pleo.delete_installation(record.api_key)
@@ -147,6 +231,10 @@ class InstallationSync:
             change = await self.pleo.put_installation(
                 record.api_key, "INACTIVE", metadata_for(record.tenant), create=False
             )
+        except errors.PleoKeyRejected as exc:
+            if uninstall:
+                raise uninstall_refused(record.tenant) from exc
+            return self._inactive_failed(record, exc)
         except errors.PleoError as exc:
             if uninstall:
                 raise errors.PleoUnavailable(
@@ -154,14 +242,30 @@ class InstallationSync:
                     f" connected. Retry DELETE /v1/tenants/{record.tenant}?uninstall=true.",
                     tenant=record.tenant,
                 ) from exc
-            emit(
-                "tenant.installation_sync_failed",
-                level=logging.WARNING,
-                tenant=record.tenant,
-                status="INACTIVE",
-                error=exc.message,
-            )
-            return record.evolve(installation_error=exc.message)
+            return self._inactive_failed(record, exc)
         if change.status is None:
             return record  # Pleo has no installation for the key: nothing to set inactive
         return record.evolve(installation_status="INACTIVE", installation_error=None)
+
+    def _inactive_failed(self, record: TenantRecord, exc: errors.PleoError) -> TenantRecord:
+        emit(
+            "tenant.installation_sync_failed",
+            level=logging.WARNING,
+            tenant=record.tenant,
+            status="INACTIVE",
+            error=exc.message,
+        )
+        return record.evolve(installation_error=exc.message)
+
+
+def uninstall_refused(tenant: str) -> errors.TenantNotActive:
+    """The refusal of `?uninstall=true` for a tenant whose key Pleo no longer accepts: no
+    retry can succeed, so it says what can."""
+    return errors.TenantNotActive(
+        "This tenant's key no longer works in Pleo, so the broker cannot delete the"
+        " installation there. Remove it in Pleo → Settings → Integrations, or disconnect"
+        f" without uninstall (DELETE /v1/tenants/{tenant}).",
+        tenant=tenant,
+        state=TenantState.BROKEN.value,
+        reason=BrokenReason.KEY_REJECTED.value,
+    )

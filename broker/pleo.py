@@ -211,6 +211,8 @@ class PleoClient:
         response = await self._send("DELETE", key, None)
         if response.status_code == 404:
             return False
+        if response.status_code in (401, 403):
+            raise PleoKeyRejected(response.status_code)
         if response.status_code != 204:
             _raise_unless_ok(response, "deleting the installation")
         return True

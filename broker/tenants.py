@@ -8,7 +8,6 @@ detection) and here (disconnect), over the records of `broker.book`. Reads go to
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 from broker import errors
@@ -46,6 +45,7 @@ class TenantService:
         self.book = TenantBook(store, self.registry, metrics)
         self.installation = InstallationSync(self.book, pleo, installation_status)
         self.checks = Checks(self.book, pleo, self.requirements, installation=self.installation)
+        self.installation.key_rejected = self.checks.key_rejected
         self.activation = Activation(
             self.book,
             pleo,
@@ -102,6 +102,17 @@ class TenantService:
         with the deletion, its data the tenant as it was last seen. First its installation
         in Pleo is set `INACTIVE`, or with `uninstall` deleted (`broker.installation`)."""
         require_valid(tenant)
+        try:
+            await self._disconnect(tenant, actor, uninstall)
+        except errors.TenantNotActive as exc:
+            if isinstance(exc.__cause__, errors.PleoKeyRejected):
+                # The uninstall found Pleo rejecting the key: like any 401, it breaks the tenant.
+                record = self.registry.get(tenant)
+                if record is not None:
+                    await self.checks.key_rejected(record)
+            raise
+
+    async def _disconnect(self, tenant: str, actor: str, uninstall: bool) -> None:
         async with self.book.lock(tenant):
             last_seen = await self._last_seen(tenant)
             # The event's view shows the installation as the disconnect left it.
@@ -133,9 +144,11 @@ class TenantService:
             emit("tenant.disconnected", tenant=tenant)
 
     async def _last_seen(self, tenant: str) -> TenantRecord:
-        """The tenant as a disconnect's event shows it: from memory, else from the store."""
-        known = self.registry.get(tenant)
-        if known is None:
-            with contextlib.suppress(errors.StoreError):
-                known = await self.store.get(tenant)
+        """The tenant as a disconnect finds it: from the store (its installation is changed
+        with the key the store holds, not one up to BROKER_CACHE_TTL stale in memory), else,
+        when the store does not answer, from memory."""
+        try:
+            known = self.registry.enforced(tenant, await self.store.get(tenant))
+        except errors.StoreError:
+            known = self.registry.get(tenant)
         return known or TenantRecord(tenant, TenantState.PENDING, None)
