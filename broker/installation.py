@@ -13,6 +13,7 @@ the record keeps the wanted status and the error, and the next check retries.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,7 +21,7 @@ from broker import errors
 from broker.book import TenantBook, require_valid
 from broker.events import emit
 from broker.pleo import PleoClient
-from broker.records import BrokenReason, TenantRecord, TenantState, utcnow
+from broker.records import ApiKey, BrokenReason, TenantRecord, TenantState, utcnow
 from broker.registry import not_active
 
 STATUSES = ("ACTIVATED", "INACTIVE", "AUTHORIZED", "PENDING_INTEGRATION", "ERROR")
@@ -28,6 +29,7 @@ CHANGED = "tenant.installation_changed"
 # What an activation's first write records, so that a sync whose own write is lost is
 # retried by the next check (`due`).
 NOT_SYNCED = "Not synced with Pleo yet."
+RATE_LIMITED_PAUSE = 60.0  # seconds checks leave a 429 without a usable Retry-After alone
 
 
 def metadata_for(tenant: str, given: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -51,6 +53,12 @@ class InstallationSync:
         self.on_activation = require_status(on_activation)
         # Breaks a tenant whose key Pleo rejected (`Checks.key_rejected`; takes the lock).
         self.key_rejected: Callable[[TenantRecord], Awaitable[TenantRecord]] | None = None
+        self.clock: Callable[[], float] = time.monotonic
+        # What keeps checks from retrying a tenant's failed sync (this replica's memory):
+        # the key Pleo answered a permanent 4xx for (until an activation or an admin PUT
+        # syncs again), and the time a 429's back-off ends.
+        self._refused: dict[str, ApiKey] = {}
+        self._paused_until: dict[str, float] = {}
 
     def unsynced(self, record: TenantRecord) -> TenantRecord:
         """`record` as an activation first writes it: its installation due for a sync."""
@@ -60,15 +68,23 @@ class InstallationSync:
             installation_error=NOT_SYNCED,
         )
 
-    def due(self, record: TenantRecord) -> bool:
-        """Whether a check should retry: an active tenant whose last sync failed. (A tenant
+    def due(self, record: TenantRecord, actor: str = "admin") -> bool:
+        """Whether a check by `actor` should retry: an active tenant whose last sync failed
+        (or whose sync was never saved, `NOT_SYNCED`). Not a 403's re-check on the proxy's
+        path (the health check retries, once a round), not after a permanent 4xx with the same
+        key, not while a 429 from the installation calls is being honoured. (A tenant
         activated before the broker kept installations is synced by its next activation or
         installation change, not by checks: periodic checks keep to their rate.)"""
-        return (
+        if not (
             record.state is TenantState.ACTIVE
             and record.api_key is not None
             and record.installation_error is not None
-        )
+            and actor != "proxy"
+        ):
+            return False
+        if self._refused.get(record.tenant) == record.api_key:
+            return False
+        return self.clock() >= self._paused_until.get(record.tenant, 0.0)
 
     async def after_activation(self, record: TenantRecord, actor: str) -> TenantRecord:
         """Sync a freshly activated tenant (its lock held); never raises."""
@@ -129,6 +145,7 @@ class InstallationSync:
         except errors.PleoError as exc:
             failure = exc
             updated = record.evolve(installation_status=status, installation_error=exc.message)
+            self._hold_back(record, exc)
             announce: list[str] = []
             emit(
                 "tenant.installation_sync_failed",
@@ -138,6 +155,8 @@ class InstallationSync:
                 error=exc.message,
             )
         else:
+            self._refused.pop(record.tenant, None)
+            self._paused_until.pop(record.tenant, None)
             updated = record.evolve(
                 installation_status=status,
                 installation_synced_at=utcnow(),
@@ -147,6 +166,23 @@ class InstallationSync:
             if change.changed:
                 emit(CHANGED, tenant=record.tenant, status=status, previous=change.previous)
         return await self._save(record, updated, announce, actor), failure
+
+    def _hold_back(self, record: TenantRecord, failure: errors.PleoError) -> None:
+        """Keep checks from retrying what cannot work yet: a permanent 4xx (401/403 break
+        the tenant instead; 429 waits), or a 429 until its Retry-After has passed."""
+        self._refused.pop(record.tenant, None)
+        self._paused_until.pop(record.tenant, None)
+        answered = failure.details.get("answered")
+        if answered == 429:
+            wait = failure.details.get("retry_after") or RATE_LIMITED_PAUSE
+            self._paused_until[record.tenant] = self.clock() + wait
+        elif (
+            isinstance(failure, errors.PleoUnexpectedAnswer)
+            and isinstance(answered, int)
+            and 400 <= answered < 500
+            and record.api_key is not None
+        ):
+            self._refused[record.tenant] = record.api_key
 
     async def _save(
         self, record: TenantRecord, updated: TenantRecord, announce: list[str], actor: str
@@ -216,6 +252,8 @@ class InstallationSync:
         revokes the key's access there too (a failure stops the disconnect: retry it; a key
         Pleo rejects stops it with `tenant_not_active`: see `uninstall_refused`).
         The record as the disconnect's events show it."""
+        self._refused.pop(record.tenant, None)
+        self._paused_until.pop(record.tenant, None)
         if record.api_key is None:
             return record
         rejected = record.state is TenantState.BROKEN and record.reason is BrokenReason.KEY_REJECTED

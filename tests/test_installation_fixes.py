@@ -250,3 +250,64 @@ async def test_a_refused_admin_transition_says_metadata_must_be_sent_again(
         await service.installation.set_status("acme", "PENDING_INTEGRATION", {"erp": "x"})
 
     assert "metadata" in raised.value.message and "again" in raised.value.message
+
+
+async def _failed_sync(
+    client: PleoClient, answer: httpx.Response, now: list[float] | None = None
+) -> tuple[TenantService, respx.Route]:
+    """An active tenant whose first sync got `answer` to its POST, and the POST route."""
+    _pleo_accepts_keys()
+    respx.get(ME).respond(404)
+    post = respx.post(ME).mock(return_value=answer)
+    service = await _service(client)
+    if now is not None:
+        service.installation.clock = lambda: now[0]
+    record = await service.activate("acme", _key())
+    assert record.installation_error is not None and post.call_count == 1
+    return service, post
+
+
+@respx.mock
+async def test_a_permanent_4xx_is_not_retried_until_the_next_admin_put(
+    client: PleoClient,
+) -> None:
+    service, post = await _failed_sync(client, httpx.Response(400, json={"type": "BAD"}))
+
+    await service.check("acme", actor="health_check")
+    await service.check("acme")
+
+    assert post.call_count == 1
+    post.mock(return_value=httpx.Response(200, json=_installation("PENDING_INTEGRATION")))
+    record = await service.installation.set_status("acme", "PENDING_INTEGRATION", None)
+    assert post.call_count == 2 and record.installation_error is None
+
+
+@respx.mock
+async def test_a_429_on_the_installation_holds_retries_back_for_its_retry_after(
+    client: PleoClient,
+) -> None:
+    now = [1000.0]
+    answer = httpx.Response(429, headers={"Retry-After": "120"})
+    service, post = await _failed_sync(client, answer, now)
+
+    await service.check("acme", actor="health_check")
+    now[0] += 119
+    await service.check("acme")
+    assert post.call_count == 1
+
+    now[0] += 2
+    await service.check("acme", actor="health_check")
+    assert post.call_count == 2
+
+
+@respx.mock
+async def test_a_403_recheck_on_the_proxy_path_does_not_retry_the_sync(
+    client: PleoClient,
+) -> None:
+    service, post = await _failed_sync(client, httpx.Response(500))
+
+    await service.recheck_after_forbidden("acme", caller="erp")
+    assert post.call_count == 1  # the next health check retries it, once a round
+
+    await service.check("acme", actor="health_check")
+    assert post.call_count == 2
