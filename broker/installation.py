@@ -12,9 +12,11 @@ the record keeps the wanted status and the error, and the next check retries.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from broker import errors
@@ -29,7 +31,11 @@ CHANGED = "tenant.installation_changed"
 # What an activation's first write records, so that a sync whose own write is lost is
 # retried by the next check (`due`).
 NOT_SYNCED = "Not synced with Pleo yet."
+DISCONNECT_TIMEOUT = 5.0  # seconds a disconnect waits for Pleo, the key still in use
 RATE_LIMITED_PAUSE = 60.0  # seconds checks leave a 429 without a usable Retry-After alone
+# What a disconnect did to the installation (`X-Broker-Installation` on DELETE's 204): set
+# INACTIVE, deleted, none there (or no key), Pleo failed (logged), or the key Pleo rejects.
+DISCONNECT_OUTCOMES = ("inactive", "deleted", "none", "failed", "key_rejected")
 
 
 def metadata_for(tenant: str, given: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -54,6 +60,7 @@ class InstallationSync:
         # Breaks a tenant whose key Pleo rejected (`Checks.key_rejected`; takes the lock).
         self.key_rejected: Callable[[TenantRecord], Awaitable[TenantRecord]] | None = None
         self.clock: Callable[[], float] = time.monotonic
+        self.disconnect_timeout = DISCONNECT_TIMEOUT
         # What keeps checks from retrying a tenant's failed sync (this replica's memory):
         # the key Pleo answered a permanent 4xx for (until an activation or an admin PUT
         # syncs again), and the time a 429's back-off ends.
@@ -246,54 +253,73 @@ class InstallationSync:
             why="the tenant was disconnected or changed on another replica during the sync",
         )
 
-    async def on_disconnect(self, record: TenantRecord, *, uninstall: bool) -> TenantRecord:
+    async def on_disconnect(
+        self, record: TenantRecord, *, uninstall: bool
+    ) -> tuple[TenantRecord, str]:
         """Before a disconnect forgets `record`: set its installation `INACTIVE` (a failure
         is logged, the disconnect goes on), or with `uninstall` delete it in Pleo, which
         revokes the key's access there too (a failure stops the disconnect: retry it; a key
-        Pleo rejects stops it with `tenant_not_active`: see `uninstall_refused`).
-        The record as the disconnect's events show it."""
+        Pleo rejects stops it with `tenant_not_active`: see `uninstall_refused`). Pleo is
+        waited for at most `disconnect_timeout` seconds. The record as the disconnect's
+        events show it, and what became of the installation (`DISCONNECT_OUTCOMES`)."""
         self._refused.pop(record.tenant, None)
         self._paused_until.pop(record.tenant, None)
         if record.api_key is None:
-            return record
-        rejected = record.state is TenantState.BROKEN and record.reason is BrokenReason.KEY_REJECTED
-        if uninstall and rejected:
-            raise uninstall_refused(record.tenant)
-        if rejected:
-            return record  # Pleo refuses the key: it cannot set anything inactive with it
-        try:
+            return record, "none"
+        if record.state is TenantState.BROKEN and record.reason is BrokenReason.KEY_REJECTED:
             if uninstall:
-                await self.pleo.delete_installation(record.api_key)
-                emit("tenant.installation_deleted", tenant=record.tenant)
-                return record.evolve(installation_status="INACTIVE", installation_error=None)
-            change = await self.pleo.put_installation(
-                record.api_key, "INACTIVE", metadata_for(record.tenant), create=False
-            )
-        except errors.PleoKeyRejected as exc:
-            if uninstall:
-                raise uninstall_refused(record.tenant) from exc
-            return self._inactive_failed(record, exc)
-        except errors.PleoError as exc:
-            if uninstall:
-                raise errors.PleoUnavailable(
-                    f"Pleo did not delete the installation ({exc.message}); the tenant is still"
-                    f" connected. Retry DELETE /v1/tenants/{record.tenant}?uninstall=true.",
-                    tenant=record.tenant,
-                ) from exc
-            return self._inactive_failed(record, exc)
-        if change.status is None:
-            return record  # Pleo has no installation for the key: nothing to set inactive
-        return record.evolve(installation_status="INACTIVE", installation_error=None)
+                raise uninstall_refused(record.tenant)
+            return record, "key_rejected"  # Pleo refuses the key: nothing can be set with it
+        if uninstall:
+            return await self._uninstall(record, record.api_key)
+        return await self._set_inactive(record, record.api_key)
 
-    def _inactive_failed(self, record: TenantRecord, exc: errors.PleoError) -> TenantRecord:
-        emit(
-            "tenant.installation_sync_failed",
-            level=logging.WARNING,
-            tenant=record.tenant,
-            status="INACTIVE",
-            error=exc.message,
-        )
-        return record.evolve(installation_error=exc.message)
+    async def _uninstall(self, record: TenantRecord, key: ApiKey) -> tuple[TenantRecord, str]:
+        try:
+            async with self._briefly():
+                existed = await self.pleo.delete_installation(key)
+        except errors.PleoKeyRejected as exc:
+            raise uninstall_refused(record.tenant) from exc
+        except errors.PleoError as exc:
+            raise errors.PleoUnavailable(
+                f"Pleo did not delete the installation ({exc.message}); the tenant is still"
+                f" connected. Retry DELETE /v1/tenants/{record.tenant}?uninstall=true.",
+                tenant=record.tenant,
+            ) from exc
+        if not existed:
+            return record, "none"
+        emit("tenant.installation_deleted", tenant=record.tenant)
+        return record.evolve(installation_status="INACTIVE", installation_error=None), "deleted"
+
+    async def _set_inactive(self, record: TenantRecord, key: ApiKey) -> tuple[TenantRecord, str]:
+        try:
+            async with self._briefly():
+                change = await self.pleo.put_installation(
+                    key, "INACTIVE", metadata_for(record.tenant), create=False
+                )
+        except errors.PleoError as exc:
+            emit(
+                "tenant.installation_sync_failed",
+                level=logging.WARNING,
+                tenant=record.tenant,
+                status="INACTIVE",
+                error=exc.message,
+            )
+            return record.evolve(installation_error=exc.message), "failed"
+        if change.status is None:
+            return record, "none"  # Pleo has no installation for the key
+        return record.evolve(installation_status="INACTIVE", installation_error=None), "inactive"
+
+    @contextlib.asynccontextmanager
+    async def _briefly(self) -> AsyncIterator[None]:
+        """Bound a disconnect's Pleo calls: the key stays in use while they wait."""
+        try:
+            async with asyncio.timeout(self.disconnect_timeout):
+                yield
+        except TimeoutError as exc:
+            raise errors.PleoUnreachable(
+                f"Pleo did not answer within {self.disconnect_timeout:g} s"
+            ) from exc
 
 
 def uninstall_refused(tenant: str) -> errors.TenantNotActive:

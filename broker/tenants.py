@@ -116,7 +116,7 @@ class TenantService:
         async with self.book.lock(tenant):
             last_seen = await self._last_seen(tenant)
             # The event's view shows the installation as the disconnect left it.
-            seen = await self.installation.on_disconnect(last_seen, uninstall=uninstall)
+            seen, _ = await self.installation.on_disconnect(last_seen, uninstall=uninstall)
             events = self.book.events(seen, actor, ["tenant.disconnected"])
             # Stop using the key before its destruction starts: if the store fails midway (or
             # answers too late), the proxy must not go on injecting a key that may be gone.

@@ -3,6 +3,7 @@ rejects on the installation calls, a disconnect on a stale key, a sync racing a 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 from collections.abc import AsyncIterator
@@ -311,3 +312,32 @@ async def test_a_403_recheck_on_the_proxy_path_does_not_retry_the_sync(
 
     await service.check("acme", actor="health_check")
     assert post.call_count == 2
+
+
+@pytest.mark.parametrize("uninstall", [False, True])
+@respx.mock
+async def test_a_disconnect_waits_for_pleo_only_briefly(
+    client: PleoClient, uninstall: bool
+) -> None:
+    _pleo_accepts_keys()
+    respx.get(ME).respond(200, json=_installation("ACTIVATED", externalConfigurationId="acme"))
+    service = await _service(client)
+    await service.activate("acme", _key())
+    never = asyncio.Event()
+
+    async def pleo_hangs(request: httpx.Request) -> httpx.Response:
+        await never.wait()
+        raise AssertionError("not reached")
+
+    respx.get(ME).mock(side_effect=pleo_hangs)
+    respx.delete(ME).mock(side_effect=pleo_hangs)
+    service.installation.disconnect_timeout = 0.01
+
+    if uninstall:
+        with pytest.raises(errors.PleoUnavailable) as raised:
+            await service.disconnect("acme", uninstall=True)
+        assert "did not answer" in raised.value.message
+        assert service.registry.get("acme") is not None  # still connected: retry
+    else:
+        await service.disconnect("acme")  # the installation left as it was, logged
+        assert service.registry.get("acme") is None
