@@ -97,13 +97,14 @@ class TenantService:
 
     async def disconnect(
         self, tenant: str, *, actor: str = "admin", uninstall: bool = False
-    ) -> None:
+    ) -> str:
         """Forget the tenant and destroy its key material; `tenant.disconnected` is written
         with the deletion, its data the tenant as it was last seen. First its installation
-        in Pleo is set `INACTIVE`, or with `uninstall` deleted (`broker.installation`)."""
+        in Pleo is set `INACTIVE`, or with `uninstall` deleted (`broker.installation`); what
+        became of it is answered (`broker.installation.DISCONNECT_OUTCOMES`)."""
         require_valid(tenant)
         try:
-            await self._disconnect(tenant, actor, uninstall)
+            return await self._disconnect(tenant, actor, uninstall)
         except errors.TenantNotActive as exc:
             if isinstance(exc.__cause__, errors.PleoKeyRejected):
                 # The uninstall found Pleo rejecting the key: like any 401, it breaks the tenant.
@@ -112,11 +113,11 @@ class TenantService:
                     await self.checks.key_rejected(record)
             raise
 
-    async def _disconnect(self, tenant: str, actor: str, uninstall: bool) -> None:
+    async def _disconnect(self, tenant: str, actor: str, uninstall: bool) -> str:
         async with self.book.lock(tenant):
             last_seen = await self._last_seen(tenant)
             # The event's view shows the installation as the disconnect left it.
-            seen, _ = await self.installation.on_disconnect(last_seen, uninstall=uninstall)
+            seen, outcome = await self.installation.on_disconnect(last_seen, uninstall=uninstall)
             events = self.book.events(seen, actor, ["tenant.disconnected"])
             # Stop using the key before its destruction starts: if the store fails midway (or
             # answers too late), the proxy must not go on injecting a key that may be gone.
@@ -142,6 +143,7 @@ class TenantService:
             if not existed and not known:
                 raise errors.TenantUnknown(tenant=tenant)
             emit("tenant.disconnected", tenant=tenant)
+            return outcome
 
     async def _last_seen(self, tenant: str) -> TenantRecord:
         """The tenant as a disconnect finds it: from the store (its installation is changed
