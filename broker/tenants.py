@@ -103,21 +103,30 @@ class TenantService:
         in Pleo is set `INACTIVE`, or with `uninstall` deleted (`broker.installation`); what
         became of it is answered (`broker.installation.DISCONNECT_OUTCOMES`)."""
         require_valid(tenant)
+        rejected: list[TenantRecord] = []
         try:
-            return await self._disconnect(tenant, actor, uninstall)
-        except errors.TenantNotActive as exc:
-            if isinstance(exc.__cause__, errors.PleoKeyRejected):
-                # The uninstall found Pleo rejecting the key: like any 401, it breaks the tenant.
-                record = self.registry.get(tenant)
-                if record is not None:
-                    await self.checks.key_rejected(record)
+            return await self._disconnect(tenant, actor, uninstall, rejected)
+        except errors.TenantNotActive:
+            # The uninstall found Pleo rejecting the key: like any 401, it breaks the tenant
+            # (`key_rejected` takes the tenant's lock, so only once it is released).
+            for record in rejected:
+                await self.checks.key_rejected(record)
             raise
 
-    async def _disconnect(self, tenant: str, actor: str, uninstall: bool) -> str:
+    async def _disconnect(
+        self, tenant: str, actor: str, uninstall: bool, rejected: list[TenantRecord]
+    ) -> str:
         async with self.book.lock(tenant):
             last_seen = await self._last_seen(tenant)
             # The event's view shows the installation as the disconnect left it.
-            seen, outcome = await self.installation.on_disconnect(last_seen, uninstall=uninstall)
+            try:
+                seen, outcome = await self.installation.on_disconnect(
+                    last_seen, uninstall=uninstall
+                )
+            except errors.TenantNotActive as exc:
+                if isinstance(exc.__cause__, errors.PleoKeyRejected):
+                    rejected.append(last_seen)
+                raise
             events = self.book.events(seen, actor, ["tenant.disconnected"])
             # Stop using the key before its destruction starts: if the store fails midway (or
             # answers too late), the proxy must not go on injecting a key that may be gone.
@@ -153,4 +162,7 @@ class TenantService:
             known = self.registry.enforced(tenant, await self.store.get(tenant))
         except errors.StoreError:
             known = self.registry.get(tenant)
+        else:
+            if known is not None:  # read under the tenant's lock: memory may take it
+                self.registry.remember(tenant, known)
         return known or TenantRecord(tenant, TenantState.PENDING, None)

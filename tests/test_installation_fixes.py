@@ -341,3 +341,22 @@ async def test_a_disconnect_waits_for_pleo_only_briefly(
     else:
         await service.disconnect("acme")  # the installation left as it was, logged
         assert service.registry.get("acme") is None
+
+
+@respx.mock
+async def test_a_disconnect_with_the_store_down_uses_the_key_in_memory(
+    client: PleoClient,
+) -> None:
+    _pleo_accepts_keys()
+    respx.get(ME).respond(200, json=_installation("ACTIVATED", externalConfigurationId="acme"))
+    inactive = respx.put(ME).respond(200, json=_installation("INACTIVE"))
+    store = MemoryStore()
+    service = await _service(client, store)
+    key = _key()
+    await service.activate("acme", key)
+    store.down = True
+
+    with pytest.raises(errors.StoreUnavailable):
+        await service.disconnect("acme")
+
+    assert inactive.calls.last.request.headers["authorization"] == key.basic_auth()
