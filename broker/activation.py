@@ -99,6 +99,10 @@ class Activation:
                 await self._remember_failure(tenant, current, exc)
                 raise
             record = self._bind(tenant, api_key, info, company_id, current)
+            if self.installation is not None:
+                # Written "not synced yet": should the sync's own write be lost, a check
+                # retries it (InstallationSync.due).
+                record = self.installation.unsynced(record)
             stored = await self.book.write(
                 record, actor=actor, announce=announced(current, company_id, actor)
             )

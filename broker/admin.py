@@ -154,10 +154,11 @@ async def delete_tenant(request: Request) -> Response:
     uninstall = request.query_params.get("uninstall", "false")
     if uninstall not in ("true", "false"):
         raise errors.RequestInvalid("uninstall must be 'true' or 'false'.")
-    await _broker(request).tenants.disconnect(
+    outcome = await _broker(request).tenants.disconnect(
         request.path_params["tenant"], actor=_actor(request), uninstall=uninstall == "true"
     )
-    return Response(status_code=204)
+    # What became of the installation in Pleo, for the CLI (the 204 keeps its empty body).
+    return Response(status_code=204, headers={"X-Broker-Installation": outcome})
 
 
 async def put_installation(request: Request) -> Response:

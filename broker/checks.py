@@ -121,7 +121,7 @@ class Checks:
             if verdict.recovered:
                 emit("tenant.recovered", tenant=tenant, company_id=record.company_id)
                 self.book.transition(TenantState.ACTIVE, "recovered")
-            if self.installation is not None and self.installation.due(updated):
+            if self.installation is not None and self.installation.due(updated, actor):
                 updated = await self.installation.retry(updated, actor)
             return updated
 

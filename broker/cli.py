@@ -352,17 +352,25 @@ def _tenants_disconnect(args: argparse.Namespace) -> int:
     response = client.call("DELETE", f"/v1/tenants/{args.tenant}", params=params)
     if response.status_code != 204:
         return _fail(response)
-    if args.uninstall:
-        print(
-            f"Disconnected {args.tenant}; its key was destroyed and its installation deleted in"
-            " Pleo, which revoked the key's access there too."
-        )
-    else:
-        print(
-            f"Disconnected {args.tenant}; its key was destroyed and its installation in Pleo"
-            " set INACTIVE."
-        )
+    done = INSTALLATION_OUTCOMES.get(response.headers.get("X-Broker-Installation", ""))
+    print(f"Disconnected {args.tenant}; its key was destroyed{done or ''}.")
     return 0
+
+
+# What DELETE's `X-Broker-Installation` says became of the installation in Pleo.
+INSTALLATION_OUTCOMES = {
+    "inactive": " and its installation in Pleo set INACTIVE",
+    "deleted": (" and its installation deleted in Pleo, which revoked the key's access there too"),
+    "none": "; Pleo had no installation for it",
+    "failed": (
+        "; its installation in Pleo could not be set INACTIVE (Pleo did not answer; see the"
+        " broker's log, tenant.installation_sync_failed): set it in Pleo if it matters"
+    ),
+    "key_rejected": (
+        "; its installation in Pleo was left as it is (Pleo no longer accepts the key):"
+        " remove it in Pleo → Settings → Integrations"
+    ),
+}
 
 
 def _confirm_uninstall(tenant: str) -> bool:

@@ -28,6 +28,7 @@ from broker.errors import PleoKeyRejected as PleoKeyRejected
 from broker.errors import PleoUnexpectedAnswer as PleoUnexpectedAnswer
 from broker.errors import PleoUnreachable as PleoUnreachable
 from broker.records import ApiKey
+from broker.throttle import retry_after_seconds
 
 COMPANY_URN = re.compile(
     r"urn:pleo:company:([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})"
@@ -211,6 +212,8 @@ class PleoClient:
         response = await self._send("DELETE", key, None)
         if response.status_code == 404:
             return False
+        if response.status_code in (401, 403):
+            raise PleoKeyRejected(response.status_code)
         if response.status_code != 204:
             _raise_unless_ok(response, "deleting the installation")
         return True
@@ -273,10 +276,14 @@ def _raise_unless_ok(response: httpx.Response, doing: str | None = None) -> None
             " BROKER_UPSTREAM_PROXY"
         )
     while_doing = f" while {doing}" if doing is not None else ""
-    if response.status_code >= 500 or response.status_code == 429:
-        raise PleoUnreachable(f"Pleo answered HTTP {response.status_code}{while_doing}")
+    said = f"Pleo answered HTTP {response.status_code}{while_doing}"
+    if response.status_code == 429:  # `retry_after`: seconds, for whoever calls again
+        wait = retry_after_seconds(response.headers.get("retry-after"))
+        raise PleoUnreachable(said, answered=429, retry_after=wait)
+    if response.status_code >= 500:
+        raise PleoUnreachable(said, answered=response.status_code)
     if response.status_code != 200:
-        raise PleoUnexpectedAnswer(f"Pleo answered HTTP {response.status_code}{while_doing}")
+        raise PleoUnexpectedAnswer(said, answered=response.status_code)
 
 
 def _parse_introspection(response: httpx.Response) -> Introspection:

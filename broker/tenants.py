@@ -8,7 +8,6 @@ detection) and here (disconnect), over the records of `broker.book`. Reads go to
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 from broker import errors
@@ -46,6 +45,7 @@ class TenantService:
         self.book = TenantBook(store, self.registry, metrics)
         self.installation = InstallationSync(self.book, pleo, installation_status)
         self.checks = Checks(self.book, pleo, self.requirements, installation=self.installation)
+        self.installation.key_rejected = self.checks.key_rejected
         self.activation = Activation(
             self.book,
             pleo,
@@ -97,15 +97,36 @@ class TenantService:
 
     async def disconnect(
         self, tenant: str, *, actor: str = "admin", uninstall: bool = False
-    ) -> None:
+    ) -> str:
         """Forget the tenant and destroy its key material; `tenant.disconnected` is written
         with the deletion, its data the tenant as it was last seen. First its installation
-        in Pleo is set `INACTIVE`, or with `uninstall` deleted (`broker.installation`)."""
+        in Pleo is set `INACTIVE`, or with `uninstall` deleted (`broker.installation`); what
+        became of it is answered (`broker.installation.DISCONNECT_OUTCOMES`)."""
         require_valid(tenant)
+        rejected: list[TenantRecord] = []
+        try:
+            return await self._disconnect(tenant, actor, uninstall, rejected)
+        except errors.TenantNotActive:
+            # The uninstall found Pleo rejecting the key: like any 401, it breaks the tenant
+            # (`key_rejected` takes the tenant's lock, so only once it is released).
+            for record in rejected:
+                await self.checks.key_rejected(record)
+            raise
+
+    async def _disconnect(
+        self, tenant: str, actor: str, uninstall: bool, rejected: list[TenantRecord]
+    ) -> str:
         async with self.book.lock(tenant):
             last_seen = await self._last_seen(tenant)
             # The event's view shows the installation as the disconnect left it.
-            seen = await self.installation.on_disconnect(last_seen, uninstall=uninstall)
+            try:
+                seen, outcome = await self.installation.on_disconnect(
+                    last_seen, uninstall=uninstall
+                )
+            except errors.TenantNotActive as exc:
+                if isinstance(exc.__cause__, errors.PleoKeyRejected):
+                    rejected.append(last_seen)
+                raise
             events = self.book.events(seen, actor, ["tenant.disconnected"])
             # Stop using the key before its destruction starts: if the store fails midway (or
             # answers too late), the proxy must not go on injecting a key that may be gone.
@@ -131,11 +152,17 @@ class TenantService:
             if not existed and not known:
                 raise errors.TenantUnknown(tenant=tenant)
             emit("tenant.disconnected", tenant=tenant)
+            return outcome
 
     async def _last_seen(self, tenant: str) -> TenantRecord:
-        """The tenant as a disconnect's event shows it: from memory, else from the store."""
-        known = self.registry.get(tenant)
-        if known is None:
-            with contextlib.suppress(errors.StoreError):
-                known = await self.store.get(tenant)
+        """The tenant as a disconnect finds it: from the store (its installation is changed
+        with the key the store holds, not one up to BROKER_CACHE_TTL stale in memory), else,
+        when the store does not answer, from memory."""
+        try:
+            known = self.registry.enforced(tenant, await self.store.get(tenant))
+        except errors.StoreError:
+            known = self.registry.get(tenant)
+        else:
+            if known is not None:  # read under the tenant's lock: memory may take it
+                self.registry.remember(tenant, known)
         return known or TenantRecord(tenant, TenantState.PENDING, None)
