@@ -252,6 +252,20 @@ class VirtualTime:
             wake.set_result(None)
 
 
+def timed_pleo(
+    fake_pleo: FakePleo, virtual: VirtualTime, seen: list[tuple[str, float]]
+) -> httpx.MockTransport:
+    """Pleo that notes (a digest of the key, the virtual time) of every call in `seen`."""
+
+    async def timed(request: httpx.Request) -> httpx.Response:
+        # A digest, not the header: a failing assertion must not print a key.
+        digest = hashlib.sha256(request.headers["authorization"].encode()).hexdigest()[:12]
+        seen.append((digest, virtual.now))
+        return await fake_pleo.handle(request)
+
+    return httpx.MockTransport(timed)
+
+
 async def test_a_thousand_tenants_on_two_replicas_in_virtual_time(
     fake_pleo: FakePleo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -261,14 +275,7 @@ async def test_a_thousand_tenants_on_two_replicas_in_virtual_time(
     virtual = VirtualTime(start - 120)
     monkeypatch.setattr("broker.checks.utcnow", virtual.utcnow)
     seen: list[tuple[str, float]] = []
-    handle = fake_pleo.handle
-
-    async def timed(request: httpx.Request) -> httpx.Response:
-        # A digest, not the header: a failing assertion must not print a key.
-        digest = hashlib.sha256(request.headers["authorization"].encode()).hexdigest()[:12]
-        seen.append((digest, virtual.now))
-        return await handle(request)
-
+    pleo = PleoClient(PLEO_URL, transport=timed_pleo(fake_pleo, virtual, seen))
     shared = MemoryStore()
     for n in range(count):
         company = str(uuid.uuid4())
@@ -276,7 +283,6 @@ async def test_a_thousand_tenants_on_two_replicas_in_virtual_time(
         record = TenantRecord(f"t{n:04d}", TenantState.ACTIVE, key, company_id=company)
         await shared.put(record)
     replicas: list[HealthChecks] = []
-    pleo = PleoClient(PLEO_URL, transport=httpx.MockTransport(timed))
     timer = Timer(now=virtual.time, sleep=virtual.sleep)
     for store in (shared, shared.replica()):
         service = TenantService(store, pleo, Metrics(), requirements=Requirements(REQUIRED_SCOPES))
@@ -345,13 +351,7 @@ async def test_a_slow_store_does_not_bunch_the_calls_to_pleo(
     virtual = VirtualTime(start - 5)
     monkeypatch.setattr("broker.checks.utcnow", virtual.utcnow)
     seen: list[tuple[str, float]] = []
-    handle = fake_pleo.handle
-
-    async def timed(request: httpx.Request) -> httpx.Response:
-        digest = hashlib.sha256(request.headers["authorization"].encode()).hexdigest()[:12]
-        seen.append((digest, virtual.now))
-        return await handle(request)
-
+    pleo = PleoClient(PLEO_URL, transport=timed_pleo(fake_pleo, virtual, seen))
     latency = random.Random(7)
 
     async def slow(tenant: str) -> None:
@@ -362,7 +362,6 @@ async def test_a_slow_store_does_not_bunch_the_calls_to_pleo(
         company = str(uuid.uuid4())
         key = fake_pleo.add_key(company, scopes=REQUIRED_SCOPES)
         await shared.put(TenantRecord(f"t{n:02d}", TenantState.ACTIVE, key, company_id=company))
-    pleo = PleoClient(PLEO_URL, transport=httpx.MockTransport(timed))
     timer = Timer(now=virtual.time, sleep=virtual.sleep)
     replicas: list[HealthChecks] = []
     for store in (shared, shared.replica()):
