@@ -25,6 +25,7 @@ pytest_plugins = [
     "support.inprocess",
     "support.browser",
     "support.webhook_receiver",
+    "support.store_replicas",
 ]
 
 

@@ -6,49 +6,25 @@ leases run out without waiting."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from support.inprocess import MemoryBackend, MemoryStore
-from test_event_log import OpenStore, active, event, vault_store
+from support.store_replicas import OpenStore, vault_store
+from test_event_log import active, event
 
 from broker.delivery import Delivery, Settlement
 from broker.outbox import Event
 from broker.stores import SecretStore
-from broker.stores.local import LocalStore
 from broker.stores.vault import VaultStore
 
 NOW = datetime.now(UTC)
 LEASE = timedelta(seconds=3)
 
 
-@pytest.fixture(params=["memory", "local", pytest.param("vault", marks=pytest.mark.real)])
-async def replicas(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[OpenStore]:
-    """Opens store objects (replicas) on one backend's data; closes them."""
-    opened: list[SecretStore] = []
-    shared = MemoryBackend()
-
-    async def open_one() -> SecretStore:
-        store: SecretStore
-        if request.param == "memory":
-            store = MemoryStore(shared)
-        elif request.param == "local":
-            store = LocalStore(tmp_path / "store")
-        else:
-            store = vault_store(request, tmp_path / "store")
-        opened.append(store)
-        return store
-
-    yield open_one
-    for store in opened:
-        await store.close()
-
-
 @pytest.fixture
-async def one(replicas: OpenStore) -> SecretStore:
-    return await replicas()
+async def one(store_replicas: OpenStore) -> SecretStore:
+    return await store_replicas()
 
 
 async def write_events(store: SecretStore) -> dict[str, list[Event]]:
@@ -111,9 +87,9 @@ async def test_a_given_up_event_is_done_and_the_tenants_next_goes_on(one: Secret
 
 
 async def test_one_holder_at_a_time_and_a_lapsed_lease_passes_on(
-    replicas: OpenStore,
+    store_replicas: OpenStore,
 ) -> None:
-    one, other = await replicas(), await replicas()
+    one, other = await store_replicas(), await store_replicas()
     made = await write_events(one)
     assert ids(await one.claim_deliveries("a", now=NOW, lease=LEASE, limit=10))
     assert await other.claim_deliveries("b", now=NOW + LEASE / 2, lease=LEASE, limit=10) == []
@@ -243,8 +219,8 @@ async def test_the_vault_store_counts_pending_events_without_reading_the_log(
         await store.close()
 
 
-async def test_a_claim_with_events_to_send_runs_for_a_full_lease(replicas: OpenStore) -> None:
-    one, other = await replicas(), await replicas()
+async def test_a_claim_with_events_to_send_runs_for_a_full_lease(store_replicas: OpenStore) -> None:
+    one, other = await store_replicas(), await store_replicas()
     made = await write_events(one)
     await one.claim_deliveries("a", now=NOW, lease=LEASE, limit=10)
     await one.settle_deliveries("a", [Settlement(made["acme"][0].id, "delivered")], now=NOW)
@@ -274,8 +250,8 @@ def test_the_local_claim_reads_the_pending_index_not_the_whole_table() -> None:
     assert any("USING INTEGER PRIMARY KEY" in step for step in plan), plan
 
 
-async def test_a_released_lease_passes_on_at_once(replicas: OpenStore) -> None:
-    one, other = await replicas(), await replicas()
+async def test_a_released_lease_passes_on_at_once(store_replicas: OpenStore) -> None:
+    one, other = await store_replicas(), await store_replicas()
     made = await write_events(one)
     claimed = await one.claim_deliveries("a", now=NOW, lease=LEASE, limit=10)
     await one.settle_deliveries("a", [Settlement(made["acme"][0].id, "delivered")], now=NOW)

@@ -3,15 +3,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from support.inprocess import MemoryBackend, MemoryStore
+from support.store_replicas import OpenStore, vault_store
 
 from broker.errors import StoreConflict, StoreUnavailable
 from broker.events import LOGGER_NAME
@@ -21,48 +20,11 @@ from broker.stores import SecretStore
 from broker.stores.local import LocalStore
 
 T0 = datetime(2025, 3, 14, 9, 26, 53, tzinfo=UTC)
-OpenStore = Callable[[], Awaitable[SecretStore]]
-
-
-def vault_store(request: pytest.FixtureRequest, data: Path) -> SecretStore:
-    from support.openbao_server import OpenBao
-
-    from broker.stores.factory import open_vault_store
-
-    server: OpenBao = request.getfixturevalue("openbao")
-    prefix = "events-" + hashlib.sha256(str(data).encode()).hexdigest()[:16]
-    return open_vault_store(server.settings(vault_prefix=prefix))
-
-
-@pytest.fixture(
-    params=["memory", "local", pytest.param("vault", marks=pytest.mark.real)],
-)
-async def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[OpenStore]:
-    """Opens stores (replicas) on one backend's data; closes them."""
-    opened: list[SecretStore] = []
-    shared = MemoryBackend()
-
-    async def open_one() -> SecretStore:
-        store: SecretStore
-        if request.param == "memory":
-            store = MemoryStore(shared)
-        elif request.param == "local":
-            store = LocalStore(tmp_path / "store")
-        else:
-            store = vault_store(request, tmp_path / "store")
-        opened.append(store)
-        return store
-
-    try:
-        yield open_one
-    finally:
-        for store in opened:
-            await store.close()
 
 
 @pytest.fixture
-async def store(open_store: OpenStore) -> SecretStore:
-    return await open_store()
+async def store(store_replicas: OpenStore) -> SecretStore:
+    return await store_replicas()
 
 
 def active(tenant: str) -> TenantRecord:
@@ -137,8 +99,8 @@ async def test_a_delete_writes_its_event(store: SecretStore) -> None:
     assert await everything(store) == [gone]
 
 
-async def test_a_replica_reads_the_same_feed(open_store: OpenStore) -> None:
-    one, two = await open_store(), await open_store()
+async def test_a_replica_reads_the_same_feed(store_replicas: OpenStore) -> None:
+    one, two = await store_replicas(), await store_replicas()
     acme = active("acme")
     written = event(acme)
     await one.put(acme, events=[written])
@@ -225,11 +187,11 @@ async def test_local_a_change_whose_event_cannot_be_written_is_not_made(
         await store.close()
 
 
-async def test_replicas_writing_at_once_log_every_event_once(open_store: OpenStore) -> None:
+async def test_replicas_writing_at_once_log_every_event_once(store_replicas: OpenStore) -> None:
     """Enough events to fill more than one chunk of Vault's log, from two replicas racing."""
     import asyncio
 
-    one, two = await open_store(), await open_store()
+    one, two = await store_replicas(), await store_replicas()
     written: dict[str, list[Event]] = {}
 
     async def churn(store: SecretStore, tenant: str) -> None:
