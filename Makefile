@@ -50,7 +50,7 @@ image:
 	bash scripts/build-image.sh
 
 bench: $(STAMP) system-deps
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench --update README.md docs/performance.md
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache broker-data

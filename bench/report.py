@@ -296,6 +296,24 @@ def _memory_json(memory: Memory) -> dict[str, Any]:
     }
 
 
+BEGIN_MARK = "<!-- bench-results -->"
+END_MARK = "<!-- /bench-results -->"
+
+
+def update_document(path: Path, header: str, report: Report) -> None:
+    """Replace the block between `BEGIN_MARK` and `END_MARK` in `path` (the README's
+    performance section, docs/performance.md) with this run's header and tables."""
+    text = path.read_text(encoding="utf-8")
+    begin, end = text.find(BEGIN_MARK), text.find(END_MARK)
+    if begin < 0 or end < begin:
+        raise ValueError(
+            f"{path} has no block to regenerate: it needs a line {BEGIN_MARK}"
+            f" and, after it, a line {END_MARK}"
+        )
+    block = "\n".join([BEGIN_MARK, header, "", *table_lines(report), ""])
+    path.write_text(text[:begin] + block + text[end:], encoding="utf-8")
+
+
 def write(report: Report, out_dir: Path, header: str) -> tuple[Path, Path]:
     """`latest.json` and `latest.md` in `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)

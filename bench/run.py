@@ -64,6 +64,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-wrk", action="store_true", help="use the Python load generator")
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     parser.add_argument(
+        "--update",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="FILE",
+        help="regenerate the results block of these files (README.md, docs/performance.md)",
+    )
+    parser.add_argument(
         "--parts",
         nargs="+",
         choices=PARTS,
@@ -91,6 +99,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             args.parts = ["startup", "load"]
     if args.start_rounds < 1:
         parser.error("start rounds must be positive")
+    for path in args.update:
+        if not path.is_file() or report.BEGIN_MARK not in path.read_text(encoding="utf-8"):
+            parser.error(f"--update {path}: no such file with a {report.BEGIN_MARK} block")
     if args.duration <= 0 or args.rounds < 1 or args.tenants < 1 or args.transfer_mb < 1:
         parser.error("duration, rounds, tenants and transfer size must be positive")
     if not 0 < max(args.duration, args.warmup) <= 120:
@@ -118,11 +129,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     header = _header(args, result.settings)
     json_path, md_path = report.write(result, args.out, header)
+    for path in args.update:
+        report.update_document(path, header, result)
     print()
     print(header)
     print()
     print("\n".join(report.table_lines(result)))
     print(f"\nwritten: {json_path} and {md_path}")
+    for path in args.update:
+        print(f"regenerated: the results block of {path}")
     return 1 if args.check and not result.passed else 0
 
 

@@ -317,3 +317,34 @@ def test_the_bench_callers_file_is_valid_and_its_token_allows_every_tenant(
     assert len(table) == 1000
     caller = table.identify(f"Bearer {token}".encode())
     assert caller.allows_tenant("tenant-00000")
+
+
+def test_a_run_regenerates_the_results_block_of_a_document(tmp_path: Path) -> None:
+    checks = report.evaluate(FAST, _memory(), startup=STARTUP)
+    result = report.Report(FAST, _memory(), checks, {"rounds": 3}, startup=STARTUP)
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        f"# Title\n\n## Performance\n\nProse.\n\n{report.BEGIN_MARK}\nold table\n"
+        f"{report.END_MARK}\n\n## After\n"
+    )
+    report.update_document(readme, "Measured now.", result)
+    text = readme.read_text()
+    assert text.startswith("# Title\n\n## Performance\n\nProse.\n\n")
+    assert text.endswith(f"{report.END_MARK}\n\n## After\n")
+    assert "old table" not in text
+    assert f"{report.BEGIN_MARK}\nMeasured now.\n\n| configuration |" in text
+    assert "| idle RSS after start, local store, 0 tenants | 40.0 MiB | ≤ 45 | pass |" in text
+    assert text.count(report.BEGIN_MARK) == text.count(report.END_MARK) == 1
+
+
+def test_a_document_without_a_results_block_is_refused_before_the_run(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.md"
+    plain.write_text("# No block here\n")
+    with pytest.raises(SystemExit):
+        parse_args(["--update", str(plain)])
+    with pytest.raises(SystemExit):
+        parse_args(["--update", str(tmp_path / "missing.md")])
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    assert parse_args(["--update", str(readme)]).update == [readme]
+    with pytest.raises(ValueError, match="no block to regenerate"):
+        report.update_document(plain, "header", report.Report(FAST, _memory(), [], {}))
