@@ -16,7 +16,9 @@ check-and-set on that newest version, so concurrent creators still let exactly o
 
 hvac is synchronous: every call runs in a bounded thread pool (`BlockingRunner`), one call per
 thread slot, each bounded by the timeout (also the HTTP timeout). Transport errors, timeouts, a
-sealed Vault and 5xx answers become `StoreUnavailable`.
+sealed Vault and 5xx answers become `StoreUnavailable`. A full `list` reads the records with
+aiohttp instead, as many at once as there are threads, and falls back to hvac for any record
+that read cannot answer plainly (`broker.stores.vault_bulk`): 50,000 tenants in seconds.
 
 The change journal is one more secret, `<mount>/data/<prefix>/journal`: see
 `broker.stores.vault_journal`. Events travel in the tenant's secret (`outbox`) and are copied
@@ -48,6 +50,7 @@ from broker.records import TenantRecord, valid_tenant_id
 from broker.stores import report_unreadable
 from broker.stores.runner import BlockingRunner
 from broker.stores.vault_auth import TokenKeeper, VaultLogin
+from broker.stores.vault_bulk import BulkReader, SecretData, Unanswered
 from broker.stores.vault_delivery import VaultDelivery
 from broker.stores.vault_events import CLOCK_SKEW, EventLog, outbox, pending
 from broker.stores.vault_history import VersionHistory
@@ -113,6 +116,8 @@ class VaultStore:
         prefix = options.prefix.strip("/")
         self._base = f"{prefix}/tenants"
         self._secrets = TenantSecrets(self._kv, mount=self._mount, base=self._base)
+        self._threads = options.threads
+        self._timeout = options.timeout
         self._runner = BlockingRunner(
             "vault-store",
             workers=options.threads,
@@ -144,26 +149,43 @@ class VaultStore:
     async def get(self, tenant: str) -> TenantRecord | None:
         if not valid_tenant_id(tenant):
             return None
-        found = await self._call(lambda: self._secrets.read(tenant, None))
+        return await self._record(
+            tenant, await self._call(lambda: self._secrets.read(tenant, None))
+        )
+
+    async def _record(
+        self, tenant: str, found: tuple[SecretData, int] | None
+    ) -> TenantRecord | None:
+        """The record a read of the tenant's newest version found (None: no tenant)."""
         if found is not None:
             await self._rescue(found[0])
         if found is None or is_tombstone(found[0]):
             return None
         return decode(tenant, *found)
 
-    async def _get_readable(self, tenant: str) -> TenantRecord | None:
-        """`get`, but a record that cannot be read is reported and skipped (for `list`)."""
+    async def list(self) -> builtins.list[TenantRecord]:
+        names = await self._call(self._secrets.names)
+        reader = BulkReader(
+            self._client, mount=self._mount, timeout=self._timeout, limit=self._threads
+        )
+        async with reader.session():
+            records = await map_all(partial(self._list_one, reader), names, limit=self._threads)
+        self._history.listed(names)
+        return [record for record in records if record is not None]
+
+    async def _list_one(self, reader: BulkReader, tenant: str) -> TenantRecord | None:
+        """One tenant of a full list: read in bulk, else through hvac (its retries and
+        errors); a record that cannot be read is reported and skipped, not fatal."""
         try:
-            return await self.get(tenant)
+            try:
+                await self._keeper.ensure()
+                found = await reader.read(self._secrets.path(tenant))
+            except Unanswered:
+                return await self.get(tenant)
+            return await self._record(tenant, found)
         except StoreIntegrityError as exc:
             report_unreadable(self.backend, tenant, exc)
             return None
-
-    async def list(self) -> builtins.list[TenantRecord]:
-        names = await self._call(self._secrets.names)
-        records = await map_all(self._get_readable, names)
-        self._history.listed(names)
-        return [record for record in records if record is not None]
 
     async def put(self, record: TenantRecord, *, events: Sequence[Event] = ()) -> TenantRecord:
         tenant = record.tenant
