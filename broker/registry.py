@@ -136,6 +136,17 @@ class TenantRegistry:
         bound.update((r.tenant, r.company_id) for r in self._records.values())
         return bound
 
+    def bound_to(self, company_id: str) -> list[str]:
+        """The tenants bound to `company_id`, sorted, those being disconnected included (as
+        `companies`, without walking every record: an activation asks it)."""
+        bound = self._table.bound_to(company_id)
+        bound.update(
+            r.tenant
+            for r in self._disconnecting.values()
+            if r.company_id == company_id and r.tenant not in self._records
+        )
+        return sorted(bound)
+
     def enforced(self, tenant: str, stored: TenantRecord | None) -> TenantRecord | None:
         """What the proxy enforces for `tenant`, given its record as just read from the store.
 

@@ -6,7 +6,8 @@ updated on each change rather than recounted: the number of tenants in each stat
 `broker_tenants{state}` gauge) and the ids of the tenants the health checks visit (active and
 broken), sorted. That list changes only when a tenant enters or leaves those states; a write
 that keeps the state (a health check's claim writes `last_checked_at`) leaves it alone, and
-reading it is O(1) while nothing changed: the same tuple is handed out again.
+reading it is O(1) while nothing changed: the same tuple is handed out again. And the
+tenants bound to each company, for an activation's `company_in_use` check.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class TenantTable:
         self._checked: list[str] = []  # sorted
         self._snapshot: tuple[str, ...] | None = ()  # `_checked` as handed out; None: stale
         self._published = False  # every state's count told once (the gauge shows them all)
+        self._by_company: dict[str, set[str]] = {}  # company id → the tenants bound to it
 
     def put(self, tenant: str, record: TenantRecord) -> None:
         """Keep `record` as the tenant's."""
@@ -42,12 +44,16 @@ class TenantTable:
         self.records[tenant] = record
         if old is None or old.state is not record.state:
             self._moved(tenant, old.state if old is not None else None, record.state)
+        before = old.company_id if old is not None else None
+        if before != record.company_id:
+            self._bind(tenant, before, record.company_id)
 
     def pop(self, tenant: str) -> TenantRecord | None:
         """Forget the tenant; its record, if it had one."""
         old = self.records.pop(tenant, None)
         if old is not None:
             self._moved(tenant, old.state, None)
+            self._bind(tenant, old.company_id, None)
         return old
 
     def replace(self, fresh: Mapping[str, TenantRecord]) -> None:
@@ -55,8 +61,11 @@ class TenantTable:
         self.records.clear()
         self.records.update(fresh)
         counts = dict.fromkeys(TenantState, 0)
-        for record in self.records.values():
+        self._by_company = {}
+        for tenant, record in self.records.items():
             counts[record.state] += 1
+            if record.company_id is not None:
+                self._by_company.setdefault(record.company_id, set()).add(tenant)
         checked = sorted(t for t, r in self.records.items() if r.state in CHECKED_STATES)
         if checked != self._checked:
             self._checked = checked
@@ -71,6 +80,19 @@ class TenantTable:
         if self._snapshot is None:
             self._snapshot = tuple(self._checked)
         return self._snapshot
+
+    def bound_to(self, company_id: str) -> set[str]:
+        """The tenants whose records are bound to `company_id` (a copy)."""
+        return set(self._by_company.get(company_id, ()))
+
+    def _bind(self, tenant: str, before: str | None, after: str | None) -> None:
+        if before is not None:
+            tenants = self._by_company[before]
+            tenants.discard(tenant)
+            if not tenants:
+                del self._by_company[before]
+        if after is not None:
+            self._by_company.setdefault(after, set()).add(tenant)
 
     def _moved(self, tenant: str, old: TenantState | None, new: TenantState | None) -> None:
         if old is not None:

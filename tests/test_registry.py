@@ -641,6 +641,11 @@ async def test_the_gauge_and_the_checked_tenants_follow_every_change(
 
     def agree(step: str) -> None:
         assert kept(registry) == walked(registry), step
+        companies = registry.companies()  # a walk over every record
+        for company in {*companies.values(), "7b2c1e34-none"} - {None}:
+            assert company is not None
+            expected = sorted(t for t, c in companies.items() if c == company)
+            assert registry.bound_to(company) == expected, step
 
     acme = await other.put(active("acme"))
     await other.put(pending("initech"))

@@ -9,14 +9,18 @@ from broker.records import TenantRecord, TenantState
 from broker.tenant_table import CHECKED_STATES, TenantTable
 
 
-def record(tenant: str, state: TenantState) -> TenantRecord:
-    return TenantRecord(tenant=tenant, state=state, api_key=None)
+def record(tenant: str, state: TenantState, company: str | None = None) -> TenantRecord:
+    return TenantRecord(tenant=tenant, state=state, api_key=None, company_id=company)
 
 
 def agrees(table: TenantTable, told: dict[TenantState, int]) -> None:
     walked = {s: sum(r.state is s for r in table.records.values()) for s in TenantState}
     assert table.counts == walked
     assert told == walked  # what the gauge was told last
+    for company in ({r.company_id for r in table.records.values()} | {"c9"}) - {None}:
+        assert company is not None
+        expected = {t for t, r in table.records.items() if r.company_id == company}
+        assert table.bound_to(company) == expected
     assert table.checked() == tuple(
         sorted(t for t, r in table.records.items() if r.state in CHECKED_STATES)
     )
@@ -31,12 +35,13 @@ def test_random_changes_keep_counts_and_checked_tenants_exact() -> None:
     for _ in range(3000):
         tenant, roll = rng.choice(names), rng.random()
         if roll < 0.6:
-            table.put(tenant, record(tenant, rng.choice(list(TenantState))))
+            company = rng.choice([None, "c1", "c2", "c3"])
+            table.put(tenant, record(tenant, rng.choice(list(TenantState)), company))
         elif roll < 0.95:
             table.pop(tenant)
         else:
             picked = rng.sample(names, rng.randrange(len(names)))
-            table.replace({t: record(t, rng.choice(list(TenantState))) for t in picked})
+            table.replace({t: record(t, rng.choice(list(TenantState)), "c1") for t in picked})
         agrees(table, told)
 
 
