@@ -36,7 +36,9 @@ class TenantTable:
         self._checked: list[str] = []  # sorted
         self._snapshot: tuple[str, ...] | None = ()  # `_checked` as handed out; None: stale
         self._published = False  # every state's count told once (the gauge shows them all)
-        self._by_company: dict[str, set[str]] = {}  # company id → the tenants bound to it
+        # company id → the tenants bound to it (tuples: nearly always one, and 50,000 sets
+        # would cost ~12 MiB)
+        self._by_company: dict[str, tuple[str, ...]] = {}
 
     def put(self, tenant: str, record: TenantRecord) -> None:
         """Keep `record` as the tenant's."""
@@ -65,7 +67,7 @@ class TenantTable:
         for tenant, record in self.records.items():
             counts[record.state] += 1
             if record.company_id is not None:
-                self._by_company.setdefault(record.company_id, set()).add(tenant)
+                self._bind(tenant, None, record.company_id)
         checked = sorted(t for t, r in self.records.items() if r.state in CHECKED_STATES)
         if checked != self._checked:
             self._checked = checked
@@ -82,17 +84,18 @@ class TenantTable:
         return self._snapshot
 
     def bound_to(self, company_id: str) -> set[str]:
-        """The tenants whose records are bound to `company_id` (a copy)."""
+        """The tenants whose records are bound to `company_id`."""
         return set(self._by_company.get(company_id, ()))
 
     def _bind(self, tenant: str, before: str | None, after: str | None) -> None:
         if before is not None:
-            tenants = self._by_company[before]
-            tenants.discard(tenant)
-            if not tenants:
+            rest = tuple(t for t in self._by_company[before] if t != tenant)
+            if rest:
+                self._by_company[before] = rest
+            else:
                 del self._by_company[before]
         if after is not None:
-            self._by_company.setdefault(after, set()).add(tenant)
+            self._by_company[after] = (*self._by_company.get(after, ()), tenant)
 
     def _moved(self, tenant: str, old: TenantState | None, new: TenantState | None) -> None:
         if old is not None:
