@@ -50,7 +50,7 @@ from broker.records import TenantRecord, valid_tenant_id
 from broker.stores import report_unreadable
 from broker.stores.runner import BlockingRunner
 from broker.stores.vault_auth import TokenKeeper, VaultLogin
-from broker.stores.vault_bulk import BulkReader, SecretData, Unanswered
+from broker.stores.vault_bulk import BulkReader, BulkReads, Unanswered
 from broker.stores.vault_delivery import VaultDelivery
 from broker.stores.vault_events import CLOCK_SKEW, EventLog, outbox, pending
 from broker.stores.vault_history import VersionHistory
@@ -60,7 +60,14 @@ from broker.stores.vault_journal import (
     JOURNAL_VERSIONS_KEPT,
     VaultJournal,
 )
-from broker.stores.vault_kv import TenantSecrets, decode, encode, is_tombstone, tombstone
+from broker.stores.vault_kv import (
+    SecretData,
+    TenantSecrets,
+    decode,
+    encode,
+    is_tombstone,
+    tombstone,
+)
 from broker.stores.vault_sessions import SessionSecrets
 from broker.tasks import map_all
 
@@ -117,7 +124,6 @@ class VaultStore:
         self._base = f"{prefix}/tenants"
         self._secrets = TenantSecrets(self._kv, mount=self._mount, base=self._base)
         self._threads = options.threads
-        self._timeout = options.timeout
         self._runner = BlockingRunner(
             "vault-store",
             workers=options.threads,
@@ -125,6 +131,9 @@ class VaultStore:
             translate=partial(_translate_trouble, timeout=options.timeout),
         )
         self._keeper = TokenKeeper(client, credentials, self._runner.run, clock=clock)
+        self._bulk = BulkReader(
+            client, self._keeper.ensure, mount=self._mount, timeout=options.timeout
+        )
         self._journal = VaultJournal(
             self._kv,
             self._call,
@@ -135,7 +144,9 @@ class VaultStore:
         self._sessions = SessionSecrets(
             self._kv, mount=self._mount, base=f"{prefix}/connect-sessions"
         )
-        self._history = VersionHistory(self._secrets, self._call, backend=self.backend)
+        self._history = VersionHistory(
+            self._secrets, self._call, backend=self.backend, bulk=self._bulk
+        )
         self._events = EventLog(self._kv, self._call, mount=self._mount, base=f"{prefix}/events")
         self._retention = options.event_retention
         self._delivery = VaultDelivery(
@@ -165,21 +176,17 @@ class VaultStore:
 
     async def list(self) -> builtins.list[TenantRecord]:
         names = await self._call(self._secrets.names)
-        reader = BulkReader(
-            self._client, mount=self._mount, timeout=self._timeout, limit=self._threads
-        )
-        async with reader.session():
-            records = await map_all(partial(self._list_one, reader), names, limit=self._threads)
+        async with self._bulk.session(self._threads) as reads:
+            records = await map_all(partial(self._list_one, reads), names, limit=self._threads)
         self._history.listed(names)
         return [record for record in records if record is not None]
 
-    async def _list_one(self, reader: BulkReader, tenant: str) -> TenantRecord | None:
+    async def _list_one(self, reads: BulkReads, tenant: str) -> TenantRecord | None:
         """One tenant of a full list: read in bulk, else through hvac (its retries and
         errors); a record that cannot be read is reported and skipped, not fatal."""
         try:
             try:
-                await self._keeper.ensure()
-                found = await reader.read(self._secrets.path(tenant))
+                found = await reads.read(self._secrets.path(tenant))
             except Unanswered:
                 return await self.get(tenant)
             return await self._record(tenant, found)
