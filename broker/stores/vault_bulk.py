@@ -68,6 +68,14 @@ class BulkReader:
         ) as session:
             yield BulkReads(self, session)
 
+    async def request(self, kind: str, path: str) -> tuple[str, dict[str, str]]:
+        """The URL and headers of a read of `kind` (data, metadata) at `path`, as hvac would
+        send it, the token made sure of first."""
+        await self._ensure()
+        base = self._client.url.rstrip("/")
+        url = f"{base}/v1/{quote(self._mount)}/{kind}/{quote(path)}"
+        return url, _headers(self._client)
+
 
 class BulkReads:
     """One session's reads (`BulkReader.session`)."""
@@ -88,12 +96,9 @@ class BulkReads:
 
     async def _get(self, kind: str, path: str) -> Any:
         """The parsed answer (None: 404); `Unanswered` for anything but 200 and 404."""
-        reader = self._reader
-        await reader._ensure()
-        base = reader._client.url.rstrip("/")
-        url = f"{base}/v1/{quote(reader._mount)}/{kind}/{quote(path)}"
+        url, headers = await self._reader.request(kind, path)
         try:
-            async with self._session.get(url, headers=_headers(reader._client)) as response:
+            async with self._session.get(url, headers=headers) as response:
                 if response.status == 404:
                     return None
                 if response.status != 200:

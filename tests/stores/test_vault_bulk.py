@@ -18,7 +18,7 @@ from support.openbao_server import BROKER_POLICY, OpenBao, vault_settings
 from broker.records import ApiKey, TenantRecord, TenantState
 from broker.stores.factory import open_vault_store
 from broker.stores.vault import VaultStore
-from broker.stores.vault_bulk import BulkReads, Unanswered, tls_context
+from broker.stores.vault_bulk import BulkReader, BulkReads, Unanswered, tls_context
 
 T0 = datetime(2025, 3, 14, 9, 26, 53, tzinfo=UTC)
 
@@ -208,3 +208,23 @@ def test_tls_is_verified_as_requests_would() -> None:
     with pytest.raises(FileNotFoundError):
         tls_context("/nonexistent/ca.pem")  # a CA file that is missing is never ignored
     assert requests.utils.DEFAULT_CA_BUNDLE_PATH
+
+
+async def test_a_bulk_read_asks_as_hvac_would() -> None:
+    ensured: list[bool] = []
+
+    async def ensure() -> None:
+        ensured.append(True)
+
+    client = hvac.Client(url="https://vault.example:8200/", token="s.token", namespace="team-a")
+    reader = BulkReader(client, ensure, mount="kv", timeout=1.0)
+
+    url, headers = await reader.request("metadata", "pleo-broker/tenants/acme")
+
+    assert url == "https://vault.example:8200/v1/kv/metadata/pleo-broker/tenants/acme"
+    assert headers == {
+        "X-Vault-Request": "true",
+        "X-Vault-Token": "s.token",
+        "X-Vault-Namespace": "team-a",
+    }
+    assert ensured == [True]  # the token is made sure of before every read
