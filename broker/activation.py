@@ -85,8 +85,10 @@ class Activation:
         # activations of different tenants with keys of one company cannot both pass the
         # company_in_use check while the other is being written.
         async with self._binding:
-            others = self.book.registry.companies()
-            others.pop(tenant, None)
+            # Only the tenants bound to the key's company: a look-up, not a walk of them all.
+            company = info.company_id
+            bound = self.book.registry.bound_to(company) if company is not None else []
+            others: dict[str, str | None] = {t: company for t in bound if t != tenant}
             try:
                 company_id = rules.validate_key(
                     info,

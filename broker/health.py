@@ -32,9 +32,9 @@ from broker import errors
 from broker.events import emit
 from broker.metrics import Metrics
 from broker.records import TenantState
+from broker.tenant_table import CHECKED_STATES
 from broker.tenants import TenantService
 
-CHECKED_STATES = (TenantState.ACTIVE, TenantState.BROKEN)
 LATE = 0.001  # seconds
 CLAIM_BUDGET = 0.5  # seconds from a slot to its call to Pleo: the store's time to claim and read
 IDLE_SECONDS = 1.0  # how often an empty schedule looks for tenants again
@@ -109,11 +109,11 @@ class HealthChecks:
                 await task
         self._runner = None
 
-    def _due(self) -> list[str]:
+    def _due(self) -> tuple[str, ...]:
         if self.tenants.store.read_only is not None:
-            return []  # claims are writes: a read-only store takes none
-        registry = self.tenants.registry
-        return [r.tenant for r in registry.all() if r.state in CHECKED_STATES]
+            return ()  # claims are writes: a read-only store takes none
+        # Kept by the registry as tenants come, go or change state: O(1) per slot.
+        return self.tenants.registry.checked()
 
     async def _run(self) -> None:
         taken = -math.inf  # the time of the last slot this replica walked past

@@ -26,6 +26,7 @@ from broker.outbox import Event
 from broker.records import ActiveTenant, TenantRecord, TenantState
 from broker.stores import SecretStore, report_unreadable
 from broker.tasks import Repeating, map_all
+from broker.tenant_table import TenantTable
 from broker.writes import StoreWrites
 
 FULL_RELOAD_SECONDS = 600.0  # a full reload at least this often repairs a missed journal entry
@@ -43,7 +44,8 @@ class TenantRegistry:
         self.loaded = False
         self.store_problem: str | None = None
         self.writes = StoreWrites(store)  # every write, watched for a store refusing them
-        self._records: dict[str, TenantRecord] = {}
+        self._table = TenantTable(self._count)  # the records, counted by state as they change
+        self._records = self._table.records  # read here; changed only through `_table`
         self._active: dict[str, ActiveTenant] = {}  # built once per record, on first use
         self._touched: set[str] = set()
         self._held: dict[str, TenantRecord] = {}
@@ -75,9 +77,15 @@ class TenantRegistry:
         return active
 
     def all(self, state: TenantState | None = None) -> list[TenantRecord]:
-        """Every known tenant, sorted by id, optionally only those in `state`."""
+        """Every known tenant, sorted by id, optionally only those in `state` (an admin's
+        listing: it walks every record; nothing on a timer calls it)."""
         records = sorted(self._records.values(), key=lambda r: r.tenant)
         return [r for r in records if state is None or r.state is state]
+
+    def checked(self) -> tuple[str, ...]:
+        """The ids of the active and broken tenants, sorted: the health checks' schedule.
+        O(1) while that set is unchanged (the same tuple again)."""
+        return self._table.checked()
 
     def remember(self, tenant: str, record: TenantRecord | None) -> bool:
         """Take a record this process just wrote, or read under the tenant's lock (None: gone).
@@ -91,13 +99,12 @@ class TenantRegistry:
             del self._held[tenant]  # a newer write (or the tenant's removal) supersedes it
             self._held_events.pop(tenant, None)
         if record is None:
-            known = self._records.pop(tenant, None) is not None
+            known = self._table.pop(tenant) is not None
             self._active.pop(tenant, None)
         else:
             self._disconnecting.pop(tenant, None)  # connected again
             known = tenant in self._records
-            self._records[tenant] = record
-        self._update_gauge()
+            self._table.put(tenant, record)
         return known
 
     def forget(self, tenant: str) -> bool:
@@ -128,6 +135,17 @@ class TenantRegistry:
         bound = {r.tenant: r.company_id for r in self._disconnecting.values()}
         bound.update((r.tenant, r.company_id) for r in self._records.values())
         return bound
+
+    def bound_to(self, company_id: str) -> list[str]:
+        """The tenants bound to `company_id`, sorted, those being disconnected included (as
+        `companies`, without walking every record: an activation asks it)."""
+        bound = self._table.bound_to(company_id)
+        bound.update(
+            r.tenant
+            for r in self._disconnecting.values()
+            if r.company_id == company_id and r.tenant not in self._records
+        )
+        return sorted(bound)
 
     def enforced(self, tenant: str, stored: TenantRecord | None) -> TenantRecord | None:
         """What the proxy enforces for `tenant`, given its record as just read from the store.
@@ -179,7 +197,6 @@ class TenantRegistry:
             self.writes.problem = None
         self.store_problem = None
         await self._save_held()
-        self._update_gauge()
         return True
 
     def hold(self, record: TenantRecord, events: Sequence[Event] = ()) -> None:
@@ -230,7 +247,7 @@ class TenantRegistry:
                 fresh.pop(tenant, None)
             else:
                 fresh[tenant] = kept
-        self._records = fresh
+        self._table.replace(fresh)
         self._active = {t: a for t, a in self._active.items() if fresh.get(t) is a.record}
         self._cursor = cursor
         self._incremental_left = self.full_reload_every - 1
@@ -250,9 +267,9 @@ class TenantRegistry:
         for tenant, record in zip(tenants, fresh, strict=True):
             kept = self._kept(tenant, record)
             if kept is None:
-                self._records.pop(tenant, None)
+                self._table.pop(tenant)
             else:
-                self._records[tenant] = kept
+                self._table.put(tenant, kept)
 
     def _kept(self, tenant: str, fresh: TenantRecord | None) -> TenantRecord | None:
         """What memory keeps of `tenant` after a read: ours if it changed here meanwhile."""
@@ -286,8 +303,9 @@ class TenantRegistry:
         # While the store is down, retry sooner than the TTL so recovery is quick.
         return self.cache_ttl if self.store_problem is None else min(self.cache_ttl, 1.0)
 
-    def _update_gauge(self) -> None:
-        self.metrics.count_tenants(self._records.values())
+    def _count(self, state: TenantState, count: int) -> None:
+        """`broker_tenants{state}`, set as the table's count of `state` changes."""
+        self.metrics.tenants.labels(state=state.value).set(count)
 
 
 def not_active(record: TenantRecord) -> errors.TenantNotActive:

@@ -606,3 +606,122 @@ async def test_the_tenant_gauge_counts_states() -> None:
     assert gauge("broker_tenants", {"state": "active"}) == 2
     assert gauge("broker_tenants", {"state": "broken"}) == 1
     assert gauge("broker_tenants", {"state": "pending"}) == 0
+
+
+# -- what the gauge and the health checks read, kept up to date as records change --------
+# With 50,000 tenants nothing per write or per health-check slot may walk every record: the
+# registry keeps the per-state counts and the sorted ids of the checked tenants as it goes.
+# After every kind of change both must equal what a walk over every record finds.
+
+
+def walked(registry: TenantRegistry) -> tuple[dict[str, float], tuple[str, ...]]:
+    """The gauge and the checked tenants as a walk over every record finds them."""
+    records = registry.all()
+    counts = {s.value: float(sum(r.state is s for r in records)) for s in TenantState}
+    checked = tuple(r.tenant for r in records if r.state is not TenantState.PENDING)
+    return counts, checked
+
+
+def kept(registry: TenantRegistry) -> tuple[dict[str, float | None], tuple[str, ...]]:
+    """The gauge as exported and the checked tenants as the registry keeps them."""
+    gauge = registry.metrics.registry.get_sample_value
+    counts = {s.value: gauge("broker_tenants", {"state": s.value}) for s in TenantState}
+    return counts, registry.checked()
+
+
+def pending(tenant: str) -> TenantRecord:
+    return TenantRecord(tenant=tenant, state=TenantState.PENDING, api_key=None, message="no key")
+
+
+async def test_the_gauge_and_the_checked_tenants_follow_every_change(
+    mine: CountingStore, other: SecretStore, pleo: PleoClient
+) -> None:
+    tenants = service(mine, pleo)
+    registry = tenants.registry
+
+    def agree(step: str) -> None:
+        assert kept(registry) == walked(registry), step
+        companies = registry.companies()  # a walk over every record
+        for company in {*companies.values(), "7b2c1e34-none"} - {None}:
+            assert company is not None
+            expected = sorted(t for t, c in companies.items() if c == company)
+            assert registry.bound_to(company) == expected, step
+
+    acme = await other.put(active("acme"))
+    await other.put(pending("initech"))
+    await other.put(active("globex"))
+    assert await registry.refresh()
+    agree("the first load")
+    assert registry.checked() == ("acme", "globex")
+
+    hooli = await tenants.book.write(active("hooli"))
+    agree("a tenant connected here")
+    await tenants.book.write(hooli.evolve(state=TenantState.BROKEN, message="revoked"))
+    agree("a break written here")
+    await tenants.book.write(
+        (await mine.get("hooli") or hooli).evolve(state=TenantState.ACTIVE, message=None)
+    )
+    agree("a recovery written here")
+
+    await other.put(acme.evolve(state=TenantState.BROKEN, message="revoked elsewhere"))
+    await other.put(active("initech").evolve(version=1))
+    await other.delete("globex")
+    await other.put(pending("umbrella"))
+    assert await registry.refresh()
+    agree("changes by another replica, read from the journal")
+    assert registry.checked() == ("acme", "hooli", "initech")
+
+    await tenants.disconnect("hooli")
+    agree("a disconnect")
+    assert "hooli" not in registry.checked()
+
+    acme_now = await mine.get("acme")
+    assert acme_now is not None
+    mine.down = True
+    await tenants.key_rejected(acme_now.evolve(state=TenantState.ACTIVE))
+    agree("a break held while the store is down")
+    mine.down = False
+    assert await registry.refresh()
+    agree("the held break saved")
+
+    mine.full = True
+    with pytest.raises(StoreUnavailable):
+        await tenants.disconnect("initech")
+    agree("a disconnect the store failed")
+    mine.full = False
+    assert await registry.refresh()
+    agree("a refresh that keeps the failed disconnect hidden")
+
+    registry._incremental_left = 0  # the next refresh is a full reload
+    await other.put(pending("wayne"))
+    assert await registry.refresh()
+    agree("a full reload")
+    registry.remember("umbrella", None)
+    agree("a tenant gone, read under its lock")
+
+
+async def test_a_claim_that_writes_only_last_checked_at_keeps_the_checked_tenants(
+    mine: CountingStore, pleo: PleoClient
+) -> None:
+    tenants = service(mine, pleo)
+    registry = tenants.registry
+    for n in range(5):
+        await mine.put(active(f"t{n}"))
+    assert await registry.refresh()
+    before = registry.checked()
+
+    record = await mine.get("t2")
+    assert record is not None
+    await tenants.book.write(record.evolve(last_checked_at=T0 + timedelta(hours=1)))
+    assert await registry.refresh()
+
+    assert registry.checked() is before  # the same tuple: nothing rebuilt, nothing walked
+    await tenants.book.write(active("t9"))
+    assert registry.checked() == (*before, "t9")
+
+
+async def test_the_gauge_shows_every_state_from_the_first_load() -> None:
+    registry = await _registry()
+    await registry.refresh()
+    counts, checked = kept(registry)
+    assert counts == {"pending": 0, "active": 0, "broken": 0} and checked == ()

@@ -19,6 +19,7 @@ from broker import errors
 from broker.metrics import Metrics
 from broker.pleo import PleoClient
 from broker.records import ApiKey, BrokenReason, TenantState
+from broker.registry import TenantRegistry
 from broker.rules import Requirements
 from broker.tenants import TenantService
 
@@ -162,6 +163,27 @@ async def test_a_company_already_connected_is_company_in_use(
     with pytest.raises(errors.CompanyInUse) as caught:
         await tenant_service.activate("globex", fake_pleo.add_key(COMPANY))
     assert caught.value.details["other_tenant"] == "acme"
+
+
+async def test_an_activation_looks_up_its_company_without_walking_every_tenant(
+    tenant_service: TenantService, fake_pleo: FakePleo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With 50,000 tenants, a walk of every record under the activations' lock is a cost each
+    # activation pays; the company_in_use check asks the registry's index by company.
+    for n in range(3):
+        await tenant_service.activate(f"other-{n}", fake_pleo.add_key())
+    await tenant_service.activate("acme", fake_pleo.add_key(COMPANY))
+
+    def walked(*args: object) -> None:
+        raise AssertionError("an activation walked every record")
+
+    monkeypatch.setattr(TenantRegistry, "companies", walked)
+    monkeypatch.setattr(TenantRegistry, "all", walked)
+    with pytest.raises(errors.CompanyInUse) as caught:
+        await tenant_service.activate("globex", fake_pleo.add_key(COMPANY))
+    assert caught.value.details["other_tenant"] == "acme"
+    rotated = await tenant_service.activate("acme", fake_pleo.add_key(COMPANY))
+    assert rotated.company_id == COMPANY
 
 
 async def test_two_activations_with_one_company_at_once_cannot_both_win(

@@ -6,7 +6,8 @@ first) the write stands, a `store.destroy_failed` event is logged, and the histo
 at the tenant's next write or by the history check: the first `list` of a store (the broker's
 start-up) reads every tenant's version list in the background and destroys what a crash left
 (`store.history_destroyed`), and each later `list` (a full reload) retries the destroys that
-failed in this process.
+failed in this process. The check reads the version lists in bulk (`broker.stores.vault_bulk`,
+hvac for any it cannot answer plainly): with 50,000 tenants it is 50,000 reads after each start.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from functools import partial
 from broker.errors import StoreUnavailable
 from broker.events import emit
 from broker.stores.runner import Run
-from broker.stores.vault_kv import TenantSecrets
+from broker.stores.vault_bulk import BulkReader, BulkReads, Unanswered
+from broker.stores.vault_kv import TenantSecrets, Versions
 from broker.tasks import map_all
 
 HISTORY_CHECKS = 4  # version lists read at once by the history check (leaves slots for others)
@@ -28,10 +30,13 @@ HISTORY_CHECKS = 4  # version lists read at once by the history check (leaves sl
 class VersionHistory:
     """Destroys every version of a tenant's secret but the newest, now or in the background."""
 
-    def __init__(self, secrets: TenantSecrets, call: Run, *, backend: str) -> None:
+    def __init__(
+        self, secrets: TenantSecrets, call: Run, *, backend: str, bulk: BulkReader | None = None
+    ) -> None:
         self._secrets = secrets
         self._call = call
         self._backend = backend
+        self._bulk = bulk
         # Whether every tenant's versions were checked once, the tenants whose destroy failed
         # since, and the checks running in the background.
         self._checked = False
@@ -86,7 +91,12 @@ class VersionHistory:
 
     async def _check(self, tenants: tuple[str, ...], everything: bool) -> None:
         try:
-            await map_all(self._destroy_leftovers, tenants, limit=HISTORY_CHECKS)
+            if self._bulk is None:
+                await map_all(self._destroy_leftovers, tenants, limit=HISTORY_CHECKS)
+            else:
+                async with self._bulk.session(HISTORY_CHECKS) as reads:
+                    check = partial(self._destroy_leftovers, reads=reads)
+                    await map_all(check, tenants, limit=HISTORY_CHECKS)
         except StoreUnavailable as exc:
             # Vault is in trouble: stop here; the next full reload checks again.
             emit(
@@ -104,9 +114,9 @@ class VersionHistory:
             if everything:
                 self._checking_everything = False
 
-    async def _destroy_leftovers(self, tenant: str) -> None:
+    async def _destroy_leftovers(self, tenant: str, reads: BulkReads | None = None) -> None:
         """Destroy every version of `tenant` but the newest (left by a crash or a failure)."""
-        versions = await self._call(partial(self._secrets.versions, tenant))
+        versions = await self._versions(tenant, reads)
         older = () if versions is None else versions.live_below(versions.current)
         if older:
             await self._call(partial(self._secrets.destroy, tenant, older))
@@ -118,3 +128,12 @@ class VersionHistory:
                 versions=len(older),
             )
         self._undestroyed.discard(tenant)
+
+    async def _versions(self, tenant: str, reads: BulkReads | None) -> Versions | None:
+        """The tenant's version list: in bulk when it can be, else through hvac."""
+        if reads is not None:
+            try:
+                return await reads.metadata(self._secrets.path(tenant))
+            except Unanswered:
+                pass
+        return await self._call(partial(self._secrets.versions, tenant))

@@ -1,0 +1,135 @@
+"""Reading many tenants' secrets at once: a full list (the broker's start, a full reload).
+
+hvac's calls go through requests: ~0.7 ms of CPU each, so reading 50,000 tenants at start
+took about a minute on two cores, the broker's own CPU the limit. `BulkReader` reads the
+newest version of each secret with aiohttp on the event loop instead (~0.15 ms each), at most
+`limit` at once, with the hvac client's address, token, namespace and CA bundle, and nothing
+from the environment; the history check at start reads the version lists the same way. It
+answers only what it can tell for sure: a readable secret's data and version, or a version
+list (200), or none (404, as hvac's `InvalidPath`). Anything else (403: the token may
+need a new login; 429, 5xx, a transport error, a timeout, an answer it cannot parse) raises
+`Unanswered`, and the store reads that tenant through hvac as it always did, so its retries,
+errors and messages stay the same.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import hvac
+import requests.utils
+
+from broker.stores.vault_kv import SecretData, Versions
+
+
+class Unanswered(Exception):
+    """The bulk read cannot tell: read this secret through hvac."""
+
+
+def tls_context(verify: object) -> ssl.SSLContext | bool:
+    """What aiohttp verifies a server with, for requests' `verify` (True: requests' own CA
+    bundle; a path: that CA file; False: nothing)."""
+    if verify is False:
+        return False
+    cafile = verify if isinstance(verify, str) else requests.utils.DEFAULT_CA_BUNDLE_PATH
+    return ssl.create_default_context(cafile=cafile)
+
+
+class BulkReader:
+    """Opens aiohttp sessions that read KV v2 secrets on `mount` the way the hvac client would."""
+
+    def __init__(
+        self,
+        client: hvac.Client,
+        ensure: Callable[[], Awaitable[None]],
+        *,
+        mount: str,
+        timeout: float,
+    ) -> None:
+        self._client = client
+        self._ensure = ensure  # a valid token before each read (the store's `TokenKeeper`)
+        self._mount = mount
+        self._timeout = timeout
+
+    @asynccontextmanager
+    async def session(self, limit: int) -> AsyncIterator[BulkReads]:
+        """Reads over at most `limit` connections, closed when the block ends."""
+        connector = aiohttp.TCPConnector(limit=limit, ssl=tls_context(self._client.session.verify))
+        async with aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=self._timeout),
+            trust_env=False,
+        ) as session:
+            yield BulkReads(self, session)
+
+    async def request(self, kind: str, path: str) -> tuple[str, dict[str, str]]:
+        """The URL and headers of a read of `kind` (data, metadata) at `path`, as hvac would
+        send it, the token made sure of first."""
+        await self._ensure()
+        base = self._client.url.rstrip("/")
+        url = f"{base}/v1/{quote(self._mount)}/{kind}/{quote(path)}"
+        return url, _headers(self._client)
+
+
+class BulkReads:
+    """One session's reads (`BulkReader.session`)."""
+
+    def __init__(self, reader: BulkReader, session: aiohttp.ClientSession) -> None:
+        self._reader = reader
+        self._session = session
+
+    async def read(self, path: str) -> tuple[SecretData, int] | None:
+        """The newest version's data and number of the secret at `path` (None: no secret)."""
+        body = await self._get("data", path)
+        return None if body is None else _found(body)
+
+    async def metadata(self, path: str) -> Versions | None:
+        """The secret's version list (None: no metadata at all)."""
+        body = await self._get("metadata", path)
+        return None if body is None else _versions(body)
+
+    async def _get(self, kind: str, path: str) -> Any:
+        """The parsed answer (None: 404); `Unanswered` for anything but 200 and 404."""
+        url, headers = await self._reader.request(kind, path)
+        try:
+            async with self._session.get(url, headers=headers) as response:
+                if response.status == 404:
+                    return None
+                if response.status != 200:
+                    raise Unanswered(response.status)
+                return json.loads(await response.read())
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise Unanswered(type(exc).__name__) from exc
+
+
+def _headers(client: hvac.Client) -> dict[str, str]:
+    headers = {"X-Vault-Request": "true", "X-Vault-Token": client.token or ""}
+    namespace = client.adapter.namespace
+    if namespace:
+        headers["X-Vault-Namespace"] = namespace
+    return headers
+
+
+def _versions(body: Any) -> Versions:
+    try:
+        return Versions.decode(body["data"])
+    except (KeyError, TypeError, ValueError, AssertionError) as exc:
+        raise Unanswered(type(exc).__name__) from exc
+
+
+def _found(body: Any) -> tuple[SecretData, int]:
+    try:
+        data = body["data"]
+        secret = data["data"]
+        version = int(data["metadata"]["version"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise Unanswered(type(exc).__name__) from exc
+    if not isinstance(secret, dict):
+        raise Unanswered("no secret data")
+    return secret, version
