@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import compileall
 import hashlib
 import os
 import secrets
@@ -12,12 +13,22 @@ import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bench.processes import Supervisor, free_port, http_status, wait_until
+from bench.processes import BenchError, Supervisor, free_port, http_status, wait_until
 from broker.records import ApiKey, TenantRecord, TenantState
 from broker.stores.local import LocalStore
 
 SCOPES = frozenset({"export-jobs:read", "export-jobs:write"})
+BROKER_PACKAGE = Path(__file__).resolve().parent.parent / "broker"
 TENANT_HEADER = "X-Broker-Tenant"
+
+
+def compile_bytecode(package: Path = BROKER_PACKAGE) -> None:
+    """Compile `package` to bytecode, as the image's build does (Dockerfile, `compileall`):
+    the broker under test then starts as shipped, whether or not PYTHONDONTWRITEBYTECODE is
+    set where the bench runs (without bytecode every start compiles the broker's modules:
+    ~17 % more instructions to import them, ~0.6 MiB more resident)."""
+    if not compileall.compile_dir(package, quiet=1):
+        raise BenchError(f"cannot compile {package} to bytecode")
 
 
 def tenant_ids(count: int) -> list[str]:

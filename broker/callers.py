@@ -23,12 +23,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from collections.abc import Hashable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from broker import errors
 from broker.records import valid_tenant_id
@@ -109,45 +107,24 @@ def load_callers(path: Path) -> CallerTable:
     return parse_callers(text, str(path))
 
 
-class _Mapping(dict[Any, Any]):
-    """A YAML mapping that remembers the first key it was given twice."""
-
-    duplicate: str | None = None
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """`yaml.SafeLoader` whose mappings note a duplicate key instead of keeping the last."""
-
-
-def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> _Mapping:
-    loader.flatten_mapping(node)
-    mapping = _Mapping()
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if not isinstance(key, Hashable):
-            raise yaml.constructor.ConstructorError(
-                None, None, "found an unhashable key", key_node.start_mark
-            )
-        if key in mapping and mapping.duplicate is None:
-            mapping.duplicate = str(key)[:40]
-        mapping[key] = loader.construct_object(value_node, deep=True)
-    return mapping
-
-
-_StrictLoader.add_constructor("tag:yaml.org,2002:map", _construct_mapping)
+def _duplicate(mapping: object) -> str | None:
+    """The first key a YAML mapping was given twice (`callers_yaml.NotedMapping`), or None."""
+    noted = getattr(mapping, "duplicate", None)
+    return noted if isinstance(noted, str) else None
 
 
 def parse_callers(text: str, source: str = "callers file") -> CallerTable:
     """Validate a callers file's text; `CallersFileError` names the first bad entry."""
+    from broker.callers_yaml import YamlSyntaxError, load_document  # PyYAML: with a file only
+
     try:
-        document = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
+        document = load_document(text)
+    except YamlSyntaxError as exc:
+        where = f" (line {exc.line})" if exc.line is not None else ""
         raise CallersFileError(f"{source}: is not valid YAML{where}") from None
     if not isinstance(document, dict) or set(document) != {"callers"}:
         raise CallersFileError(f"{source}: must be a mapping with one key, 'callers'")
-    if isinstance(document, _Mapping) and document.duplicate is not None:
+    if _duplicate(document) is not None:
         raise CallersFileError(f"{source}: the key 'callers' is given twice")
     entries = document["callers"]
     if not isinstance(entries, list):
@@ -188,8 +165,9 @@ def _caller(entry: object) -> Caller:
         raise ValueError(
             f"unknown field {unknown[0][:40]!r} (known: name, token_sha256, tenants, scopes)"
         )
-    if isinstance(entry, _Mapping) and entry.duplicate is not None:
-        raise ValueError(f"the field {entry.duplicate!r} is given twice")
+    duplicate = _duplicate(entry)
+    if duplicate is not None:
+        raise ValueError(f"the field {duplicate!r} is given twice")
     name = entry.get("name")
     if not isinstance(name, str) or not _NAME.fullmatch(name) or name == ANONYMOUS:
         raise ValueError(

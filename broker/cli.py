@@ -9,15 +9,16 @@ import json
 import sys
 from collections.abc import Coroutine, Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
-
-import httpx
+from typing import TYPE_CHECKING, TypeVar
 
 from broker import __version__
 from broker.errors import BrokerError
 from broker.installation import STATUSES as INSTALLATION_STATUSES
 from broker.records import valid_tenant_id
 from broker.settings import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    import httpx
 
 T = TypeVar("T")
 
@@ -268,6 +269,8 @@ class AdminClient:
         if host in ("0.0.0.0", "::", ""):
             host = "127.0.0.1"
         self.base_url = (admin_url or f"http://{host}:{settings.admin_port}").rstrip("/")
+        import httpx  # the admin API's commands only: `broker serve` does not load it
+
         self._client = httpx.Client(
             base_url=self.base_url,
             headers={
@@ -286,6 +289,8 @@ class AdminClient:
         params: Mapping[str, str] | None = None,
         json: object = None,
     ) -> httpx.Response:
+        import httpx
+
         try:
             return self._client.request(method, path, params=params, json=json)
         except httpx.TransportError as exc:

@@ -11,16 +11,15 @@
 from the key's installation (`GET /v1/installations/me`, its `resource`), as Pleo's own guides
 take it. Both calls go through the egress proxy when one is configured.
 
-The data plane does not use this module: it forwards with aiohttp (see proxy.py).
+The data plane does not use this module: it forwards with aiohttp (see proxy.py). The HTTP
+client itself (httpx, `broker.pleo_http`) is made at the first call to Pleo, not at start.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from broker import errors
 from broker.errors import PleoError as PleoError
@@ -29,6 +28,11 @@ from broker.errors import PleoUnexpectedAnswer as PleoUnexpectedAnswer
 from broker.errors import PleoUnreachable as PleoUnreachable
 from broker.records import ApiKey
 from broker.throttle import retry_after_seconds
+
+if TYPE_CHECKING:
+    import httpx
+
+    from broker.pleo_http import PleoHttp
 
 COMPANY_URN = re.compile(
     r"urn:pleo:company:([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})"
@@ -85,25 +89,9 @@ class Introspection:
         return match.group(1).lower() if match else None
 
 
-class _CookielessTransport(httpx.AsyncBaseTransport):
-    """Drops `Set-Cookie` before the client sees it: one client checks every tenant's key,
-    so a cookie Pleo sets while checking one key must never travel with another."""
-
-    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
-        self._inner = inner
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        response = await self._inner.handle_async_request(request)
-        if "set-cookie" in response.headers:
-            del response.headers["set-cookie"]
-        return response
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-
 class PleoClient:
-    """Calls Pleo's control-plane endpoints with one pooled httpx client."""
+    """Calls Pleo's control-plane endpoints with one pooled httpx client, made (and httpx
+    imported) at the first call: a broker that never calls Pleo never loads it."""
 
     def __init__(
         self,
@@ -115,16 +103,13 @@ class PleoClient:
         proxy: str | None = None,
     ) -> None:
         """`proxy` is an egress proxy URL (credentials in it become Proxy-Authorization)."""
-        if transport is None:
-            transport = httpx.AsyncHTTPTransport(trust_env=False, proxy=proxy)
-        self._client = httpx.AsyncClient(
-            base_url=base_url,
-            timeout=httpx.Timeout(timeout, connect=connect_timeout),
-            follow_redirects=False,
-            trust_env=False,
-            transport=_CookielessTransport(transport),
-            headers={"Accept": "application/json", "User-Agent": "pleo-key-broker"},
-        )
+        self._base_url = base_url
+        self._connect_timeout = connect_timeout
+        self._timeout = timeout
+        self._transport = transport
+        self._proxy = proxy
+        self._http: PleoHttp | None = None
+        self._closed = False
 
     async def introspect(self, key: ApiKey) -> Introspection:
         """`GET /v1/introspect` with `key` (and, when it names no subject, the installation's
@@ -219,24 +204,30 @@ class PleoClient:
         return True
 
     async def _send(self, method: str, key: ApiKey, body: object) -> httpx.Response:
-        headers = {"Authorization": key.basic_auth()}
-        try:
-            return await self._client.request(method, INSTALLATION, headers=headers, json=body)
-        except httpx.TimeoutException as exc:
-            raise PleoUnreachable("Pleo did not answer in time") from exc
-        except httpx.TransportError as exc:
-            raise PleoUnreachable(f"Pleo could not be reached ({type(exc).__name__})") from exc
+        return await self._connection().request(method, INSTALLATION, key.basic_auth(), body)
 
     async def _get(self, path: str, key: ApiKey) -> httpx.Response:
-        try:
-            return await self._client.get(path, headers={"Authorization": key.basic_auth()})
-        except httpx.TimeoutException as exc:
-            raise PleoUnreachable("Pleo did not answer in time") from exc
-        except httpx.TransportError as exc:
-            raise PleoUnreachable(f"Pleo could not be reached ({type(exc).__name__})") from exc
+        return await self._connection().request("GET", path, key.basic_auth())
+
+    def _connection(self) -> PleoHttp:
+        if self._closed:
+            raise RuntimeError("the Pleo client is closed")
+        if self._http is None:
+            from broker.pleo_http import PleoHttp  # httpx: at the first call, not at start
+
+            self._http = PleoHttp(
+                self._base_url,
+                connect_timeout=self._connect_timeout,
+                timeout=self._timeout,
+                transport=self._transport,
+                proxy=self._proxy,
+            )
+        return self._http
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        self._closed = True
+        if self._http is not None:
+            await self._http.aclose()
 
 
 INSTALLATION = "/v1/installations/me"

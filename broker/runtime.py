@@ -8,8 +8,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-
-import httpx
+from typing import TYPE_CHECKING
 
 from broker.callers_watch import CallerGate
 from broker.catalog import Catalog, load_catalog
@@ -26,6 +25,9 @@ from broker.stores.instrumented import InstrumentedStore
 from broker.tenants import TenantService
 from broker.upstream import Upstream
 from broker.webhooks import webhooks
+
+if TYPE_CHECKING:
+    import httpx
 
 
 @dataclass(frozen=True)

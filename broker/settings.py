@@ -251,6 +251,13 @@ class Settings(BaseSettings):
             return None
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
+        try:  # checked here: the control plane's HTTP client is made at its first call
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError:
+            parts = None
+        if parts is None or not parts.hostname:
+            raise ValueError("must be a URL with a host (and a port number, if any)") from None
         return value.rstrip("/")
 
     @field_validator("tenant_header")

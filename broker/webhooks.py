@@ -37,9 +37,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from broker import errors
 from broker.connect_sessions import MAX_TTL, ConnectSessions
@@ -50,6 +48,9 @@ from broker.outbox import Event
 from broker.records import TenantState
 from broker.settings import Settings
 from broker.stores import SecretStore
+
+if TYPE_CHECKING:
+    import httpx
 
 BATCH = 20  # events sent at once (each to another tenant)
 POLL_SECONDS = 1.0  # how often an idle deliverer looks for due events
@@ -145,12 +146,8 @@ class Webhooks:
         self.lease = timedelta(seconds=2 * self.timeout + LEASE_MARGIN)
         self.holder = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         self._sleep = sleep
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(self.timeout),
-            follow_redirects=False,
-            trust_env=False,
-            transport=transport,
-        )
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None  # made at the first attempt
         self._runner: asyncio.Task[None] | None = None
         self._stopping = False
         self._in_round = False  # claiming, sending or settling a batch
@@ -181,7 +178,22 @@ class Webhooks:
                     await self.store.release_deliveries(self.holder, now=_now())
             except Exception as exc:  # the lease runs out by itself
                 emit("webhook.release_failed", level=logging.WARNING, error=type(exc).__name__)
-        await self._client.aclose()
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def _http(self) -> httpx.AsyncClient:
+        """The HTTP client, made (and httpx imported) at the first attempt, not at start."""
+        if self._client is None:
+            import httpx
+
+            self._client = httpx.AsyncClient(
+                timeout=httpx.Timeout(self.timeout),
+                follow_redirects=False,
+                trust_env=False,
+                transport=self._transport,
+            )
+        return self._client
 
     async def _run(self) -> None:
         failures = 0  # store failures in a row
@@ -272,9 +284,10 @@ class Webhooks:
             async with asyncio.timeout(self.timeout):  # the body (its link) counts too
                 body = json.dumps(await self._body(event), separators=(",", ":")).encode()
                 headers = signed_headers(self._key, event.id, body, int(time.time()))
-                request = self._client.build_request("POST", self.url, content=body)
+                client = self._http()
+                request = client.build_request("POST", self.url, content=body)
                 request.headers.update(headers)
-                response = await self._client.send(request, stream=True)
+                response = await client.send(request, stream=True)
                 await response.aclose()  # the receiver's answer is not read, only its status
         except TimeoutError:
             return f"no answer within {self.timeout:g} seconds"

@@ -5,6 +5,7 @@ Nothing here is timed; speed is measured by `make bench`, never asserted in a te
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench import load, nginx, report
-from bench.brokers import tenant_ids
+from bench.brokers import compile_bytecode, tenant_ids
 from bench.run import parse_args, sample_json
 
 WRK_OUTPUT = """\
@@ -98,6 +99,20 @@ def test_summary_of_latencies() -> None:
     assert result.rps == 50.0
     assert result.p50_ms == pytest.approx(1.0)
     assert result.p99_ms == pytest.approx(20.0)
+
+
+def test_the_broker_runs_from_compiled_bytecode_as_the_image_does(tmp_path: Path) -> None:
+    # The image compiles its bytecode at build (Dockerfile); a broker started from source
+    # with PYTHONDONTWRITEBYTECODE set would compile every module at each start instead.
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    for name in ("__init__.py", "mod.py", "sub/__init__.py", "sub/inner.py"):
+        (package / name).write_text("VALUE = 1\n")
+    compile_bytecode(package)
+    sources = sorted(package.rglob("*.py"))
+    assert len(sources) == 4
+    compiled = [Path(importlib.util.cache_from_source(str(source))) for source in sources]
+    assert [str(path) for path in compiled if not path.is_file()] == []
 
 
 def test_tenant_ids_are_valid_and_distinct() -> None:

@@ -7,6 +7,7 @@ The process is a real `broker serve` (local store, no connect page); once its /r
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.brokers import preload, write_callers
 from bench.processes import free_port
 
 # What `broker serve` does not need on the local store with the connect page off.
@@ -32,6 +34,12 @@ NOT_IMPORTED = (
     "broker.connect_pages",
     "broker.connect_view",
 )
+
+# Imported when the configuration first needs them, not at start (docs/decisions.md, "What
+# `broker serve` imports when"): the control plane's HTTP client at the first call to Pleo or
+# to the webhook receiver, the local store's cipher at the first key sealed or opened, YAML
+# with a callers file.
+LAZY = ("httpx", "httpcore", "cryptography", "yaml")
 
 PROBE = """
 import json, os, signal, socket, sys, threading, time
@@ -58,10 +66,14 @@ sys.exit(main(["serve"]))
 """
 
 
-def serve_and_list_modules(tmp_path: Path, **settings: str) -> set[str]:
-    """Run `broker serve` (its CLI entry point) until ready; the modules it had imported."""
+def serve_and_list_modules(tmp_path: Path, tenants: int = 0, **settings: str) -> set[str]:
+    """Run `broker serve` (its CLI entry point) on a local store holding `tenants` active
+    tenants until ready; the modules it had imported."""
     script, out = tmp_path / "probe.py", tmp_path / "modules.json"
     script.write_text(PROBE)
+    master_key = secrets.token_bytes(32)
+    if tenants:
+        preload(tmp_path / "store", master_key, tenants)
     env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
     env.update(
         BROKER_PLEO_BASE_URL="http://127.0.0.1:9",
@@ -72,6 +84,7 @@ def serve_and_list_modules(tmp_path: Path, **settings: str) -> set[str]:
         BROKER_ADMIN_TOKEN=secrets.token_urlsafe(24),
         BROKER_STORE="local",
         BROKER_STORE_PATH=str(tmp_path / "store"),
+        BROKER_MASTER_KEY=base64.b64encode(master_key).decode(),
         BROKER_LOG_LEVEL="WARNING",
         **settings,
     )
@@ -96,3 +109,25 @@ def test_serve_on_the_local_store_imports_nothing_it_does_not_need(tmp_path: Pat
     modules = serve_and_list_modules(tmp_path)
     assert imported(modules, "broker.proxy") and imported(modules, "broker.stores.local")
     assert [name for name in NOT_IMPORTED if imported(modules, name)] == []
+
+
+@pytest.mark.real  # runs `broker serve` as a process
+def test_serve_with_no_tenant_imports_no_http_client_cipher_or_yaml(tmp_path: Path) -> None:
+    modules = serve_and_list_modules(tmp_path)
+    assert imported(modules, "broker.pleo") and imported(modules, "broker.stores.crypto")
+    assert [name for name in LAZY if imported(modules, name)] == []
+
+
+@pytest.mark.real  # runs `broker serve` as a process
+def test_serve_with_a_tenant_loads_the_cipher_to_open_its_key(tmp_path: Path) -> None:
+    modules = serve_and_list_modules(tmp_path, tenants=1)
+    assert imported(modules, "cryptography")
+    assert not imported(modules, "yaml")
+
+
+@pytest.mark.real  # runs `broker serve` as a process
+def test_serve_with_a_callers_file_loads_yaml_to_read_it(tmp_path: Path) -> None:
+    write_callers(tmp_path / "callers.yaml", 2)
+    modules = serve_and_list_modules(tmp_path, BROKER_CALLERS_FILE=str(tmp_path / "callers.yaml"))
+    assert imported(modules, "yaml")
+    assert not imported(modules, "cryptography")

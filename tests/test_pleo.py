@@ -284,3 +284,12 @@ def test_pleo_failures_are_explained_once(
     assert isinstance(explained, errors.ActivationError)
     assert (explained.code, explained.message, explained.tenant) == (code, message, tenant)
     assert explained.details == {}
+
+
+async def test_a_closed_client_refuses_calls_even_if_it_never_made_one() -> None:
+    # Its HTTP client is made at the first call (docs/decisions.md, "What `broker serve`
+    # imports when"): closing before that must not leave a way to open one afterwards.
+    client = PleoClient(BASE, transport=httpx.MockTransport(lambda _: httpx.Response(200)))
+    await client.aclose()
+    with pytest.raises(RuntimeError, match="closed"):
+        await client.introspect(_key())

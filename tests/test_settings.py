@@ -52,6 +52,17 @@ def test_env_file_and_secrets_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     assert settings.admin_token.get_secret_value() == "from-a-secret-file-of-32-chars-or-more"
 
 
+@pytest.mark.parametrize("value", ["http://[::1", "https://", "http://pleo.example:port"])
+def test_a_pleo_base_url_without_a_host_and_port_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    # The control plane's HTTP client is made at its first call, not at start (docs/
+    # decisions.md, "What `broker serve` imports when"): the URL is checked here instead.
+    monkeypatch.setenv("BROKER_PLEO_BASE_URL", value)
+    with pytest.raises(ConfigError, match="BROKER_PLEO_BASE_URL: must be a URL with a host"):
+        load_settings()
+
+
 @pytest.mark.parametrize(
     ("name", "value", "says"),
     [

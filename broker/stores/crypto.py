@@ -5,6 +5,10 @@ what the value belongs to (for a key: its tenant), so a ciphertext copied into a
 tenant's row does not open. The master key is `BROKER_MASTER_KEY`, else the file `master.key`
 in the store directory: created once with mode 0600, base64 text (so it can be moved into
 `BROKER_MASTER_KEY` as is), and refused if its group or others may read it.
+
+cryptography (its OpenSSL binding, ~6 MiB resident) is imported when the first value is
+sealed or opened, not with this module: a broker without tenants never needs it
+(docs/decisions.md, "What `broker serve` imports when").
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ import os
 import secrets
 import stat
 from pathlib import Path
-
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from typing import TYPE_CHECKING
 
 from broker.errors import UnsealError as UnsealError  # its home is errors.py; imported here
 from broker.settings import ConfigError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 MASTER_KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -30,26 +35,40 @@ KEY_FILE_NAME = "master.key"
 class Sealer:
     """Seals and opens small secrets with AES-256-GCM; its repr never shows the master key."""
 
-    __slots__ = ("_aead",)
+    __slots__ = ("_aead", "_master_key")
 
     def __init__(self, master_key: bytes) -> None:
         if len(master_key) != MASTER_KEY_BYTES:
             raise ValueError(f"the master key must be exactly {MASTER_KEY_BYTES} bytes")
-        self._aead = AESGCM(master_key)
+        self._master_key = master_key
+        self._aead: AESGCM | None = None
 
     def seal(self, plaintext: bytes, context: bytes) -> bytes:
         """Encrypt `plaintext` bound to `context`, under a fresh random nonce."""
         nonce = secrets.token_bytes(NONCE_BYTES)
-        return nonce + self._aead.encrypt(nonce, plaintext, context)
+        return nonce + self._cipher().encrypt(nonce, plaintext, context)
 
     def open(self, sealed: bytes, context: bytes) -> bytes:
         """Decrypt what `seal` made with the same `context`, or raise UnsealError."""
         if len(sealed) < NONCE_BYTES + 16:
             raise UnsealError("sealed value is too short")
+        cipher = self._cipher()
         try:
-            return self._aead.decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], context)
-        except InvalidTag:
-            raise UnsealError("sealed value did not authenticate") from None
+            return cipher.decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], context)
+        except Exception as exc:
+            from cryptography.exceptions import InvalidTag  # loaded with the cipher
+
+            if isinstance(exc, InvalidTag):
+                raise UnsealError("sealed value did not authenticate") from None
+            raise
+
+    def _cipher(self) -> AESGCM:
+        """The AES-GCM cipher, made (and cryptography imported) at the first use."""
+        if self._aead is None:
+            from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+            self._aead = AESGCM(self._master_key)
+        return self._aead
 
     def __repr__(self) -> str:
         return "Sealer(<master key hidden>)"
@@ -67,7 +86,7 @@ def load_or_create_master_key(directory: Path) -> bytes:
         return read_master_key_file(path)
     except FileNotFoundError:
         pass
-    key = AESGCM.generate_key(bit_length=MASTER_KEY_BYTES * 8)
+    key = secrets.token_bytes(MASTER_KEY_BYTES)  # what AESGCM.generate_key does: os.urandom
     # Write a private temporary file, then hard-link it into place: the link fails if another
     # process published a key first, and no reader ever sees a half-written key file.
     temporary = directory / f".{KEY_FILE_NAME}.{secrets.token_hex(8)}.tmp"

@@ -77,6 +77,7 @@ class LocalStore:
         self._journal_size = journal_size
         self._instance = ""
         self._closed = False
+        self._key_checked = False  # the master key opened the store's key check
         self.read_only: str | None = None
         try:
             self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -241,14 +242,19 @@ class LocalStore:
         return conn
 
     def _prepare(self, conn: sqlite3.Connection, writable: bool) -> None:
-        self._check_master_key(conn, writable=writable)
+        if sqlite.has_tenants(conn):
+            self._check_master_key(conn, writable=writable)
         if writable:
             sqlite_events.create(conn)
         instance = sqlite.meta_value(conn, "instance", secrets.token_hex(8) if writable else None)
         self._instance = NO_INSTANCE if instance is None else str(instance)
 
     def _check_master_key(self, conn: sqlite3.Connection, *, writable: bool) -> None:
-        """Refuse at start-up, not at the first read, a master key the store was not made with."""
+        """Refuse a master key the store was not made with: at start-up when the store holds
+        records, else before the first key is sealed or opened (the cipher is loaded then,
+        not at start: docs/decisions.md, "What `broker serve` imports when")."""
+        if self._key_checked:
+            return
         first = self._sealer.seal(_KEY_CHECK_PLAINTEXT, _KEY_CHECK_CONTEXT) if writable else None
         check = sqlite.meta_value(conn, "key_check", first)
         if check is None:
@@ -261,6 +267,7 @@ class LocalStore:
                 " record. Use the key this store was created with (BROKER_MASTER_KEY or"
                 f" {self.path / KEY_FILE_NAME})."
             ) from exc
+        self._key_checked = True
 
     def _changes_since(
         self, conn: sqlite3.Connection, cursor: str | None
@@ -278,11 +285,17 @@ class LocalStore:
 
     def _get(self, conn: sqlite3.Connection, tenant: str) -> TenantRecord | None:
         row = conn.execute(self._select_one, (tenant,)).fetchone()
-        return self._record(sqlite.row_of(row)) if row is not None else None
+        if row is None:
+            return None
+        self._check_master_key(conn, writable=self.read_only is None)
+        return self._record(sqlite.row_of(row))
 
     def _list(self, conn: sqlite3.Connection) -> builtins.list[TenantRecord]:
         records = []
-        for values in conn.execute(self._select_all).fetchall():
+        rows = conn.execute(self._select_all).fetchall()
+        if rows:
+            self._check_master_key(conn, writable=self.read_only is None)
+        for values in rows:
             try:
                 records.append(self._record(sqlite.row_of(values)))
             except StoreIntegrityError as exc:
@@ -292,6 +305,7 @@ class LocalStore:
     def _put(
         self, conn: sqlite3.Connection, record: TenantRecord, events: Sequence[Event]
     ) -> TenantRecord:
+        self._check_master_key(conn, writable=True)
         sealed = (
             self._sealer.seal(record.api_key.reveal().encode(), tenant_context(record.tenant))
             if record.api_key is not None

@@ -215,6 +215,11 @@ def transaction(conn: sqlite3.Connection) -> Iterator[None]:
     conn.execute("COMMIT")
 
 
+def has_tenants(conn: sqlite3.Connection) -> bool:
+    """True if the `tenants` table has a row."""
+    return bool(conn.execute("SELECT EXISTS (SELECT 1 FROM tenants)").fetchone()[0])
+
+
 def meta_value(conn: sqlite3.Connection, name: str, first: object | None) -> object | None:
     """The `meta` value `name`, set to `first` if it has none (None: only read it)."""
     if first is not None:

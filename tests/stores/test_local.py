@@ -141,6 +141,46 @@ async def test_a_wrong_master_key_is_refused_at_open(store_dir: Path) -> None:
         LocalStore(store_dir, master_key=os.urandom(32))
 
 
+async def test_a_store_without_records_checks_the_master_key_at_its_first_write(
+    store_dir: Path,
+) -> None:
+    # No record to open at start: the cipher (and the check) wait for the first key
+    # sealed (docs/decisions.md, "What `broker serve` imports when"), then refuse as at open.
+    first = LocalStore(store_dir, master_key=os.urandom(32))
+    await first.put(record("acme"))
+    assert await first.delete("acme")
+    await first.close()
+
+    other = LocalStore(store_dir, master_key=os.urandom(32))
+    try:
+        assert await other.list() == []
+        with pytest.raises(StoreIntegrityError, match="wrong master key") as refused:
+            await other.put(record("beta"))
+        assert "The master key does not open" in refused.value.message
+        assert await other.list() == []
+    finally:
+        await other.close()
+
+
+async def test_a_store_checks_the_first_key_it_seals_against_later_opens(
+    store_dir: Path,
+) -> None:
+    master_key = os.urandom(32)
+    first = LocalStore(store_dir, master_key=master_key)
+    await first.close()  # opened and closed without a key sealed: nothing to check yet
+    second = LocalStore(store_dir, master_key=master_key)
+    await second.put(record("acme"))
+    await second.close()
+
+    with pytest.raises(StoreIntegrityError, match="wrong master key"):
+        LocalStore(store_dir, master_key=os.urandom(32))
+    reopened = LocalStore(store_dir, master_key=master_key)
+    try:
+        assert [r.tenant for r in await reopened.list()] == ["acme"]
+    finally:
+        await reopened.close()
+
+
 def test_a_master_key_of_the_wrong_length_is_refused(store_dir: Path) -> None:
     with pytest.raises(ValueError, match="32 bytes"):
         LocalStore(store_dir, master_key=os.urandom(16))
