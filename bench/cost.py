@@ -243,7 +243,49 @@ def run_once(args: argparse.Namespace) -> Measured:
     measured = uvloop.run(coro)
     if profiler is not None:
         print(cprofile_table(profiler, args.requests, args.top))
+        print(cprofile_areas(profiler, args.requests))
     return measured
+
+
+# Where a function's own time is counted: the first area whose marker is in its file name.
+AREAS = (
+    ("bench/", "the bench's client and upstream"),
+    ("broker/protocol.py", "listener protocol (broker/protocol.py)"),
+    ("uvicorn/", "uvicorn (ASGI cycle, parser callbacks)"),
+    ("broker/", "proxy app (broker/proxy, headers, policy, timing…)"),
+    ("prometheus_client/", "metrics (prometheus_client)"),
+    ("aiohttp/", "aiohttp (request to Pleo, its answer)"),
+    ("yarl/", "aiohttp (request to Pleo, its answer)"),
+    ("multidict/", "aiohttp (request to Pleo, its answer)"),
+    ("asyncio/", "asyncio (tasks, events, timeouts)"),
+)
+
+
+def area_of(filename: str) -> str:
+    for marker, area in AREAS:
+        if marker in filename:
+            return area
+    return "other Python (stdlib…)"
+
+
+def cprofile_areas(profiler: cProfile.Profile, requests: int) -> str:
+    """Own time by area; a C function's (`~`) is split among its callers' areas."""
+    stats = pstats.Stats(profiler, stream=io.StringIO()).stats  # type: ignore[attr-defined]
+    areas: dict[str, float] = {}
+    for (filename, _, _), (_, _, own, _, callers) in stats.items():
+        if filename != "~" or not callers:
+            area = area_of(filename)
+            areas[area] = areas.get(area, 0.0) + own
+            continue
+        called = sum(c[2] for c in callers.values()) or 1.0
+        for (caller_file, _, _), c in callers.items():
+            area = area_of(caller_file)
+            areas[area] = areas.get(area, 0.0) + own * c[2] / called
+    total = sum(areas.values())
+    lines = ["share   µs/req  area (cProfile own time; C calls counted to their callers)"]
+    for area, own in sorted(areas.items(), key=lambda item: -item[1]):
+        lines.append(f"{100 * own / total:5.1f}%  {1e6 * own / requests:6.1f}  {area}")
+    return "\n".join(lines)
 
 
 def cprofile_table(profiler: cProfile.Profile, requests: int, top: int) -> str:

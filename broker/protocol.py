@@ -7,10 +7,12 @@ Each listener gets its own subclass (`protocol_for`) carrying its `Limits` and i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 import urllib.parse
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -106,36 +108,52 @@ class ListenerCycle(RequestResponseCycle):
 
     The head is checked as uvicorn checks it (no control character in a value, no separator
     in a name), in two searches over all names and all values rather than two per header.
+
+    A request the end of the shutdown drain cancels before it answered is answered 503
+    `shutting_down` here (an answer already under way is cut short), with no wrapper around
+    every listener's app.
     """
 
+    listener: ClassVar[str] = "listener"
     loop: asyncio.AbstractEventLoop
     _held = b""  # the answer's head, not yet written
     _flusher: asyncio.Handle | None = None
 
     async def run_asgi(self, app: ASGI3Application) -> None:
         try:
-            result = await app(self.scope, self.receive, self.send)  # type: ignore[func-returns-value]
+            try:
+                result = await app(self.scope, self.receive, self.send)  # type: ignore[func-returns-value]
+            except asyncio.CancelledError:
+                # uvicorn cancels what still runs when `timeout_graceful_shutdown` passes; left
+                # alone it would log a traceback and answer a text 500.
+                emit("listener.request_cancelled", level=logging.WARNING, listener=self.listener)
+                await answer_shutting_down(self.send)
+                result = None
         except BaseException as exc:
             self.logger.error("Exception in ASGI application\n", exc_info=exc)
             if not self.response_started:
                 await self.send_500_response()
             else:
-                self.flush()
-                self.transport.close()
+                self._close()
         else:
-            if result is not None:
-                self.logger.error("ASGI callable should return None, but returned '%s'.", result)
-                self.flush()
-                self.transport.close()
-            elif not self.response_started and not self.disconnected:
-                self.logger.error("ASGI callable returned without starting response.")
-                await self.send_500_response()
-            elif not self.response_complete and not self.disconnected:
-                self.logger.error("ASGI callable returned without completing response.")
-                self.flush()
-                self.transport.close()
+            await self._returned(result)
         finally:
             self.on_response = lambda: None
+
+    async def _returned(self, result: object) -> None:
+        if result is not None:
+            self.logger.error("ASGI callable should return None, but returned '%s'.", result)
+            self._close()
+        elif not self.response_started and not self.disconnected:
+            self.logger.error("ASGI callable returned without starting response.")
+            await self.send_500_response()
+        elif not self.response_complete and not self.disconnected:
+            self.logger.error("ASGI callable returned without completing response.")
+            self._close()
+
+    def _close(self) -> None:
+        self.flush()
+        self.transport.close()
 
     def flush(self) -> None:
         """Write the held head, if any (it goes out alone)."""
@@ -280,11 +298,13 @@ class ListenerProtocol(HttpToolsProtocol):
 
     limits: ClassVar[Limits] = Limits()
     refusals: ClassVar[RefusalLog] = RefusalLog("listener")
+    cycle_class: ClassVar[type[ListenerCycle]] = ListenerCycle
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.timeout_keep_alive = self.limits.idle_timeout  # type: ignore[assignment]
         self._in_head = True  # between the end of one request and the end of the next head
+        self._head_begun = False  # a message began and its head is not whole yet
         self._head_bytes = 0  # raw bytes received while in the head
         self._header_bytes = 0  # parsed header lines of the current head
         self._head_timer: asyncio.TimerHandle | None = None
@@ -364,9 +384,10 @@ class ListenerProtocol(HttpToolsProtocol):
         if self._in_head and not self._refused:
             if self._head_bytes > self.limits.max_head_bytes:
                 self._refuse(errors.HeaderTooLarge())
-            elif self._head_timer is None and self._head_bytes > 0:
-                # Bytes since the last request ended that began no message (blank lines,
-                # which the parser skips): the next head's clock runs from them.
+            elif self._head_timer is None and (self._head_bytes > 0 or self._head_begun):
+                # A head begun but not whole, or bytes since the last request ended that
+                # began no message (blank lines, which the parser skips): the next head's
+                # clock runs from them. A head that came whole needs no clock at all.
                 self._arm_head_timer()
 
     # -- parser callbacks ---------------------------------------------------------------
@@ -375,9 +396,9 @@ class ListenerProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._header_bytes = 0
         # The head's clock starts with its first byte, not when the previous answer ended
-        # (a slow answer is no slow head; an idle connection is the idle timeout's).
-        if self._head_timer is None:
-            self._arm_head_timer()
+        # (a slow answer is no slow head; an idle connection is the idle timeout's): armed
+        # in `data_received` once the bytes at hand are parsed, if the head is not whole.
+        self._head_begun = True
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
@@ -389,11 +410,16 @@ class ListenerProtocol(HttpToolsProtocol):
         head = len(self.url) + REQUEST_LINE_OVERHEAD + self._header_bytes
         if head > self.limits.max_head_bytes:
             self._stop_parsing(errors.HeaderTooLarge())
-        super().on_header(name, value)
+        # uvicorn's, inline (once per header of every request).
+        name = name.lower()
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         """uvicorn's, with a `ListenerCycle`."""
         self._in_head = False
+        self._head_begun = False
         self._head_bytes = 0
         self._cancel_head_timer()
         parser = self.parser
@@ -424,7 +450,7 @@ class ListenerProtocol(HttpToolsProtocol):
             app = service_unavailable
             self.logger.warning("Exceeded concurrency limit.")
         existing = self.cycle
-        cycle = self.cycle = ListenerCycle(
+        cycle = self.cycle = self.cycle_class(
             scope=scope,
             transport=self.transport,
             flow=self.flow,
@@ -527,8 +553,25 @@ class ListenerProtocol(HttpToolsProtocol):
 
 def protocol_for(listener: str, limits: Limits) -> type[ListenerProtocol]:
     """The protocol class a listener named `listener` serves with, under `limits`."""
+    cycle = type(f"{listener.title()}Cycle", (ListenerCycle,), {"listener": listener})
     return type(
         f"{listener.title()}Protocol",
         (ListenerProtocol,),
-        {"limits": limits, "refusals": RefusalLog(listener)},
+        {"limits": limits, "refusals": RefusalLog(listener), "cycle_class": cycle},
     )
+
+
+async def answer_shutting_down(send: Callable[[ASGISendEvent], Awaitable[None]]) -> None:
+    """503 `shutting_down`, unless the answer had started (then it is cut short)."""
+    error = errors.ShuttingDown()
+    body = json.dumps(error.to_body()).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    # A response already under way is refused with RuntimeError and writes nothing: the
+    # connection closes instead.
+    with contextlib.suppress(RuntimeError):
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

@@ -48,7 +48,7 @@ from broker.headers import (
     new_request_id,
 )
 from broker.metrics import Metrics
-from broker.policy import BodyHandling, Decision, Policy, check_body
+from broker.policy import BodyHandling, Decision, Decisions, Policy, check_body
 from broker.records import ActiveTenant, TenantRecord, TenantState
 from broker.registry import not_active
 from broker.runtime import Broker
@@ -77,7 +77,7 @@ class ProxyApp:
         )
         self.max_body = settings.max_inspected_body
         self.body_timeout = settings.request_body_timeout
-        self.policy = Policy(broker.catalog, settings.proxy_allow_control_plane)
+        self.policy = Decisions(Policy(broker.catalog, settings.proxy_allow_control_plane))
         self.counts = ProxyMetrics(broker.metrics)
         self.callers = broker.callers
         self.throttle = TenantThrottle(settings.tenant_max_in_flight, broker.metrics)
