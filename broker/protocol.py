@@ -312,6 +312,7 @@ class ListenerProtocol(HttpToolsProtocol):
         self._refusal: errors.ListenerRefusal | None = None
         self._refused = False
         self._opened_at = time.monotonic()
+        self._idle_since: float | None = None  # loop time the last answer completed, if idle
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         cap = self.limits.max_connections
@@ -327,10 +328,48 @@ class ListenerProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
         self._cancel_drain_timer()
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
         super().connection_lost(exc)
 
+    # -- the idle (keep-alive) timeout ----------------------------------------------------
+    # uvicorn arms a timer when an answer completes and cancels it when the next bytes come:
+    # a timer made and cancelled for every request. Here the timer stays armed: bytes
+    # arriving only mark the connection busy, an answer completing marks it idle since now,
+    # and when the timer fires it closes a connection idle for the whole timeout, or waits
+    # out the rest (or, for a busy one, until its answer completes).
+
+    def _unset_keepalive_if_required(self) -> None:
+        self._idle_since = None
+
+    def _idle_check(self) -> None:
+        self.timeout_keep_alive_task = None
+        since = self._idle_since
+        if since is None or self.transport.is_closing():
+            return  # busy: armed again when its answer completes
+        remaining = since + self.timeout_keep_alive - self.loop.time()
+        if remaining > 0:
+            self.timeout_keep_alive_task = self.loop.call_later(remaining, self._idle_check)
+        else:
+            self.timeout_keep_alive_handler()
+
     def on_response_complete(self) -> None:
-        super().on_response_complete()
+        """uvicorn's, with the idle timer above."""
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            self._idle_since = None
+            pipelined, app = self.pipeline.pop()
+            self._start_asgi_task(pipelined, app)
+        else:
+            self._idle_since = self.loop.time()
+            if self.timeout_keep_alive_task is None:
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive, self._idle_check
+                )
         cycle = self.cycle
         if cycle is not None and cycle.more_body and not self.transport.is_closing():
             # Answered before its body was read (a refusal): the rest of the body may come
@@ -367,7 +406,7 @@ class ListenerProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
-        self._unset_keepalive_if_required()
+        self._idle_since = None
         if self._in_head:
             self._head_bytes += len(data)
         try:

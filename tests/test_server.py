@@ -267,6 +267,25 @@ def test_an_idle_keep_alive_connection_is_closed(quick: RunningBroker) -> None:
         assert time.monotonic() - started < 3
 
 
+def test_a_busy_keep_alive_connection_outlives_the_idle_timeout_then_closes(
+    quick: RunningBroker,
+) -> None:
+    """Requests back to back for longer than the idle timeout (0.5 s) keep the connection;
+    once they stop, it is closed after the idle timeout."""
+    with connect(quick.admin_port) as sock:
+        started = time.monotonic()
+        answered = 0
+        while time.monotonic() - started < 1.3:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_response(sock).startswith(b"HTTP/1.1 200")
+            answered += 1
+        idle = time.monotonic()
+        assert read_answer(sock) == b""
+        closed_after = time.monotonic() - idle
+    assert answered > 2
+    assert 0.3 < closed_after < 3
+
+
 def test_a_slow_but_steady_client_is_served(quick: RunningBroker) -> None:
     # The head timeout bounds the head, not each request: a connection that completes its
     # heads in time keeps working across several requests.
