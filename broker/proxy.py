@@ -392,6 +392,7 @@ class ProxyMetrics:
         self.metrics = metrics
         self._counters: dict[tuple[str, str, int, str], Counter] = {}
         self._durations: dict[str, Histogram] = {}
+        self._denials: dict[str, Counter] = {}  # by error code: a fixed set
 
     def count(self, method: str, route: str, status: int, caller: str) -> None:
         if method not in METHODS:
@@ -411,7 +412,10 @@ class ProxyMetrics:
         child.observe(seconds)
 
     def deny(self, exc: errors.BrokerError, caller: str) -> None:
-        self.metrics.proxy_denials.labels(reason=exc.code).inc()
+        child = self._denials.get(exc.code)
+        if child is None:
+            child = self._denials[exc.code] = self.metrics.proxy_denials.labels(reason=exc.code)
+        child.inc()
         level = logging.WARNING if exc.status >= 500 else logging.INFO
         emit(
             "proxy.refused",
