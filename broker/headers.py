@@ -200,12 +200,27 @@ def forwarded_response_headers(
     return out
 
 
+_ID_BATCH = 256  # request ids made per read of the system's random source
+_ids: list[bytes] = []
+# A forked child must not hand out the ids its parent had drawn.
+os.register_at_fork(after_in_child=_ids.clear)
+
+
 def new_request_id() -> bytes:
-    """A random UUID4 as 32 hex digits: what `uuid.uuid4().hex` gives, at a third of its cost."""
-    raw = bytearray(os.urandom(16))
-    raw[6] = raw[6] & 0x0F | 0x40
-    raw[8] = raw[8] & 0x3F | 0x80
-    return raw.hex().encode()
+    """A random UUID4 as 32 hex digits (what `uuid.uuid4().hex` gives), from one `os.urandom`
+    per `_ID_BATCH` ids: a system call per request was a third of the cost."""
+    if not _ids:
+        _ids.extend(_request_ids(_ID_BATCH))
+    return _ids.pop()
+
+
+def _request_ids(count: int) -> list[bytes]:
+    raw = bytearray(os.urandom(16 * count))
+    for start in range(0, len(raw), 16):
+        raw[start + 6] = raw[start + 6] & 0x0F | 0x40
+        raw[start + 8] = raw[start + 8] & 0x3F | 0x80
+    hexed = raw.hex().encode()
+    return [hexed[start : start + 32] for start in range(0, len(hexed), 32)]
 
 
 _BODY_FRAMING = frozenset({b"content-length", b"transfer-encoding"})

@@ -29,6 +29,7 @@ stay byte-identical to the caller's except for a filled-in company id.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -146,6 +147,49 @@ class Policy:
             query_string=query_string,
             body=body_handling(route, method, content),
         )
+
+
+class Decisions:
+    """`Policy.decide`, remembered: a decision is a pure function of the request's method,
+    target, query, tenant company, scopes and body kind, and the same few are asked again
+    and again. A refusal is not remembered (it is decided again, and raised, every time).
+
+    At most `size` decisions are kept (all forgotten when full), and only for targets of at
+    most `max_target` bytes, so a flood of distinct or long targets costs bounded memory.
+    """
+
+    def __init__(self, policy: Policy, size: int = 4096, max_target: int = 512) -> None:
+        self.policy = policy
+        self.size = size
+        self.max_target = max_target
+        self._known: dict[tuple[object, ...], Decision] = {}
+
+    def decide(
+        self,
+        method: str,
+        raw_path: bytes,
+        query_string: bytes,
+        *,
+        company_id: str,
+        scopes: frozenset[str],
+        content: BodyKind | None = None,
+    ) -> Decision:
+        key = (method, raw_path, query_string, company_id, scopes, content)
+        decision = self._known.get(key)
+        if decision is None:
+            decision = self.policy.decide(
+                method,
+                raw_path,
+                query_string,
+                company_id=company_id,
+                scopes=scopes,
+                content=content,
+            )
+            if len(raw_path) + len(query_string) <= self.max_target:
+                if len(self._known) >= self.size:
+                    self._known.clear()
+                self._known[key] = decision
+        return decision
 
 
 def check_body(route: Route, body: bytes, *, company_id: str) -> bytes:
@@ -281,10 +325,16 @@ def _checked_query(route: Route, query_string: bytes, company_id: str) -> bytes:
     field = route.query_company
     if field is None or any(f.name in names for f in route.company if f.location == "query"):
         return query_string
-    addition = f"{quote(field.name, safe='')}={quote(company_id, safe='')}".encode("ascii")
+    addition = _company_parameter(field.name, company_id)
     if not query_string or query_string.endswith(b"&"):
         return query_string + addition
     return query_string + b"&" + addition
+
+
+@functools.lru_cache(maxsize=4096)
+def _company_parameter(name: str, company_id: str) -> bytes:
+    """`name=company_id`, percent-encoded (the same few tenants ask again and again)."""
+    return f"{quote(name, safe='')}={quote(company_id, safe='')}".encode("ascii")
 
 
 def _normalise(name: str) -> str:

@@ -7,14 +7,26 @@ Each listener gets its own subclass (`protocol_for`) carrying its `Limits` and i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
+import urllib.parse
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn._types import ASGI3Application, ASGISendEvent
+from uvicorn.protocols.http.flow_control import service_unavailable
+from uvicorn.protocols.http.httptools_impl import (
+    HEADER_RE,
+    HEADER_VALUE_RE,
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
+from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
 from broker import errors
 from broker.events import emit
@@ -79,6 +91,197 @@ class RefusalLog:
         )
 
 
+# Response headers whose values change how the answer is framed or the connection ends.
+_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection"})
+
+
+class ListenerCycle(RequestResponseCycle):
+    """uvicorn's request/response cycle, writing an answer's head with its first body message.
+
+    uvicorn writes the head when the app sends `http.response.start` and the body when it sends
+    `http.response.body`: two writes (two system calls, and the caller woken twice) for an
+    answer whose body was in hand all along. Here the head is held until the first body
+    message, or until the event loop next runs anything else: a `call_soon` flushes it, so a
+    head is never held while the app waits (for Pleo's first chunk, say). A body message with
+    an empty chunk and `more_body` sends the head at once, as an app asks with it; a close
+    (the app failing, or returning mid-answer) flushes the head first, as before.
+
+    The head is checked as uvicorn checks it (no control character in a value, no separator
+    in a name), in two searches over all names and all values rather than two per header.
+
+    A request the end of the shutdown drain cancels before it answered is answered 503
+    `shutting_down` here (an answer already under way is cut short), with no wrapper around
+    every listener's app.
+    """
+
+    listener: ClassVar[str] = "listener"
+    loop: asyncio.AbstractEventLoop
+    _held = b""  # the answer's head, not yet written
+    _flusher: asyncio.Handle | None = None
+
+    async def run_asgi(self, app: ASGI3Application) -> None:
+        try:
+            try:
+                result = await app(self.scope, self.receive, self.send)  # type: ignore[func-returns-value]
+            except asyncio.CancelledError:
+                # uvicorn cancels what still runs when `timeout_graceful_shutdown` passes; left
+                # alone it would log a traceback and answer a text 500.
+                emit("listener.request_cancelled", level=logging.WARNING, listener=self.listener)
+                await answer_shutting_down(self.send)
+                result = None
+        except BaseException as exc:
+            self.logger.error("Exception in ASGI application\n", exc_info=exc)
+            if not self.response_started:
+                await self.send_500_response()
+            else:
+                self._close()
+        else:
+            await self._returned(result)
+        finally:
+            self.on_response = lambda: None
+
+    async def _returned(self, result: object) -> None:
+        if result is not None:
+            self.logger.error("ASGI callable should return None, but returned '%s'.", result)
+            self._close()
+        elif not self.response_started and not self.disconnected:
+            self.logger.error("ASGI callable returned without starting response.")
+            await self.send_500_response()
+        elif not self.response_complete and not self.disconnected:
+            self.logger.error("ASGI callable returned without completing response.")
+            self._close()
+
+    def _close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def flush(self) -> None:
+        """Write the held head, if any (it goes out alone)."""
+        held = self._take_held()
+        if held and not self.transport.is_closing():
+            self.transport.write(held)
+
+    def _take_held(self) -> bytes:
+        held = self._held
+        if held:
+            self._held = b""
+            if self._flusher is not None:
+                self._flusher.cancel()
+                self._flusher = None
+        return held
+
+    async def send(self, message: ASGISendEvent) -> None:
+        if self.flow.write_paused and not self.disconnected:
+            await self.flow.drain()
+        if self.disconnected:
+            return
+        if not self.response_started:
+            if message["type"] != "http.response.start":
+                raise RuntimeError(
+                    f"Expected ASGI message 'http.response.start', but got '{message['type']}'."
+                )
+            self.response_started = True
+            self.waiting_for_100_continue = False
+            self._held = self._head(message["status"], message.get("headers", ()))
+            self._flusher = self.loop.call_soon(self.flush)
+        elif not self.response_complete:
+            if message["type"] != "http.response.body":
+                raise RuntimeError(
+                    f"Expected ASGI message 'http.response.body', but got '{message['type']}'."
+                )
+            self._body(message.get("body", b""), message.get("more_body", False))
+        else:
+            raise RuntimeError(
+                f"Unexpected ASGI message '{message['type']}' sent,"
+                " after response already completed."
+            )
+
+    def _head(self, status: int, headers: Any) -> bytes:
+        """The status line and header block (uvicorn's rules); raises RuntimeError if invalid."""
+        if self.default_headers:
+            headers = [*self.default_headers, *headers]
+        if self.access_log:
+            self.access_logger.info(
+                '%s - "%s %s HTTP/%s" %d',
+                get_client_addr(self.scope),
+                self.scope["method"],
+                get_path_with_query_string(self.scope),
+                self.scope["http_version"],
+                status,
+            )
+        lines = [STATUS_LINE[status]]
+        names = []
+        values = []
+        close = False
+        for name, value in headers:
+            names.append(name)
+            values.append(value)
+            name = name.lower()
+            if name in _FRAMING:
+                close = self._framing(name, value) or close
+            lines.append(b"%s: %s\r\n" % (name, value))
+        # A tab is allowed in a value and '-' in a name: joined, they change nothing found.
+        if HEADER_RE.search(b"-".join(names)):
+            raise RuntimeError("Invalid HTTP header name.")
+        if HEADER_VALUE_RE.search(b"\t".join(values)):
+            raise RuntimeError("Invalid HTTP header value.")
+        if not self.keep_alive and not close:
+            lines.append(b"connection: close\r\n")
+        if (
+            self.chunked_encoding is None
+            and self.scope["method"] != "HEAD"
+            and status not in (204, 304)
+        ):
+            self.chunked_encoding = True
+            lines.append(b"transfer-encoding: chunked\r\n")
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
+    def _framing(self, name: bytes, value: bytes) -> bool:
+        """Take Content-Length, Transfer-Encoding or Connection; True if it says close."""
+        if name == b"content-length":
+            if self.chunked_encoding is None:
+                self.expected_content_length = int(value.decode())
+                self.chunked_encoding = False
+        elif name == b"transfer-encoding":
+            if value.lower() == b"chunked":
+                self.expected_content_length = 0
+                self.chunked_encoding = True
+        elif b"close" in [token.lower().strip() for token in value.split(b",")]:
+            self.keep_alive = False
+            return True
+        return False
+
+    def _body(self, body: bytes, more_body: bool) -> None:
+        data = self._framed(body, more_body)
+        held = self._take_held()
+        if held:
+            data = held + data
+        if data:
+            self.transport.write(data)
+        if not more_body:
+            if self.expected_content_length != 0:
+                raise RuntimeError("Response content shorter than Content-Length")
+            self.response_complete = True
+            self.message_event.set()
+            if not self.keep_alive:
+                self.transport.close()
+            self.on_response()
+
+    def _framed(self, body: bytes, more_body: bool) -> bytes:
+        """What a body message puts on the wire (uvicorn's rules)."""
+        if self.scope["method"] == "HEAD":
+            self.expected_content_length = 0
+            return b""
+        if self.chunked_encoding:
+            data = b"%x\r\n%s\r\n" % (len(body), body) if body else b""
+            return data + b"0\r\n\r\n" if not more_body else data
+        if len(body) > self.expected_content_length:
+            raise RuntimeError("Response content longer than Content-Length")
+        self.expected_content_length -= len(body)
+        return body
+
+
 class ListenerProtocol(HttpToolsProtocol):
     """httptools parsing with the listener's limits, keeping a non-origin-form target.
 
@@ -95,11 +298,13 @@ class ListenerProtocol(HttpToolsProtocol):
 
     limits: ClassVar[Limits] = Limits()
     refusals: ClassVar[RefusalLog] = RefusalLog("listener")
+    cycle_class: ClassVar[type[ListenerCycle]] = ListenerCycle
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.timeout_keep_alive = self.limits.idle_timeout  # type: ignore[assignment]
         self._in_head = True  # between the end of one request and the end of the next head
+        self._head_begun = False  # a message began and its head is not whole yet
         self._head_bytes = 0  # raw bytes received while in the head
         self._header_bytes = 0  # parsed header lines of the current head
         self._head_timer: asyncio.TimerHandle | None = None
@@ -107,6 +312,7 @@ class ListenerProtocol(HttpToolsProtocol):
         self._refusal: errors.ListenerRefusal | None = None
         self._refused = False
         self._opened_at = time.monotonic()
+        self._idle_since: float | None = None  # loop time the last answer completed, if idle
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         cap = self.limits.max_connections
@@ -122,10 +328,48 @@ class ListenerProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
         self._cancel_drain_timer()
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
         super().connection_lost(exc)
 
+    # -- the idle (keep-alive) timeout ----------------------------------------------------
+    # uvicorn arms a timer when an answer completes and cancels it when the next bytes come:
+    # a timer made and cancelled for every request. Here the timer stays armed: bytes
+    # arriving only mark the connection busy, an answer completing marks it idle since now,
+    # and when the timer fires it closes a connection idle for the whole timeout, or waits
+    # out the rest (or, for a busy one, until its answer completes).
+
+    def _unset_keepalive_if_required(self) -> None:
+        self._idle_since = None
+
+    def _idle_check(self) -> None:
+        self.timeout_keep_alive_task = None
+        since = self._idle_since
+        if since is None or self.transport.is_closing():
+            return  # busy: armed again when its answer completes
+        remaining = since + self.timeout_keep_alive - self.loop.time()
+        if remaining > 0:
+            self.timeout_keep_alive_task = self.loop.call_later(remaining, self._idle_check)
+        else:
+            self.timeout_keep_alive_handler()
+
     def on_response_complete(self) -> None:
-        super().on_response_complete()
+        """uvicorn's, with the idle timer above."""
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            self._idle_since = None
+            pipelined, app = self.pipeline.pop()
+            self._start_asgi_task(pipelined, app)
+        else:
+            self._idle_since = self.loop.time()
+            if self.timeout_keep_alive_task is None:
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive, self._idle_check
+                )
         cycle = self.cycle
         if cycle is not None and cycle.more_body and not self.transport.is_closing():
             # Answered before its body was read (a refusal): the rest of the body may come
@@ -162,7 +406,7 @@ class ListenerProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
-        self._unset_keepalive_if_required()
+        self._idle_since = None
         if self._in_head:
             self._head_bytes += len(data)
         try:
@@ -179,9 +423,10 @@ class ListenerProtocol(HttpToolsProtocol):
         if self._in_head and not self._refused:
             if self._head_bytes > self.limits.max_head_bytes:
                 self._refuse(errors.HeaderTooLarge())
-            elif self._head_timer is None and self._head_bytes > 0:
-                # Bytes since the last request ended that began no message (blank lines,
-                # which the parser skips): the next head's clock runs from them.
+            elif self._head_timer is None and (self._head_bytes > 0 or self._head_begun):
+                # A head begun but not whole, or bytes since the last request ended that
+                # began no message (blank lines, which the parser skips): the next head's
+                # clock runs from them. A head that came whole needs no clock at all.
                 self._arm_head_timer()
 
     # -- parser callbacks ---------------------------------------------------------------
@@ -190,9 +435,9 @@ class ListenerProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._header_bytes = 0
         # The head's clock starts with its first byte, not when the previous answer ended
-        # (a slow answer is no slow head; an idle connection is the idle timeout's).
-        if self._head_timer is None:
-            self._arm_head_timer()
+        # (a slow answer is no slow head; an idle connection is the idle timeout's): armed
+        # in `data_received` once the bytes at hand are parsed, if the head is not whole.
+        self._head_begun = True
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
@@ -204,15 +449,66 @@ class ListenerProtocol(HttpToolsProtocol):
         head = len(self.url) + REQUEST_LINE_OVERHEAD + self._header_bytes
         if head > self.limits.max_head_bytes:
             self._stop_parsing(errors.HeaderTooLarge())
-        super().on_header(name, value)
+        # uvicorn's, inline (once per header of every request).
+        name = name.lower()
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        """uvicorn's, with a `ListenerCycle`."""
         self._in_head = False
+        self._head_begun = False
         self._head_bytes = 0
         self._cancel_head_timer()
-        super().on_headers_complete()
-        if not self.url.startswith(b"/") and "raw_path" in self.scope:
-            self.scope["raw_path"] = self.url.partition(b"?")[0]
+        parser = self.parser
+        scope = self.scope
+        http_version = parser.get_http_version()
+        scope["method"] = parser.get_method().decode("ascii")
+        if http_version != "1.1":
+            scope["http_version"] = http_version
+        if parser.should_upgrade() and self._should_upgrade():
+            return
+        url = self.url
+        parsed_url = httptools.parse_url(url)
+        raw_path = parsed_url.path
+        path = raw_path.decode("ascii")
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        scope["path"] = self.root_path + path
+        # uvicorn reduces an absolute-form target to its path; the policy must see it whole.
+        scope["raw_path"] = (
+            self.root_path.encode("ascii") + raw_path
+            if url.startswith(b"/")
+            else url.partition(b"?")[0]
+        )
+        scope["query_string"] = parsed_url.query or b""
+        app = self.app
+        limit = self.limit_concurrency
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            app = service_unavailable
+            self.logger.warning("Exceeded concurrency limit.")
+        existing = self.cycle
+        cycle = self.cycle = self.cycle_class(
+            scope=scope,
+            transport=self.transport,
+            flow=self.flow,
+            logger=self.logger,
+            access_logger=self.access_logger,
+            access_log=self.access_log,
+            default_headers=self.server_state.default_headers,
+            message_event=asyncio.Event(),
+            expect_100_continue=self.expect_100_continue,
+            keep_alive=http_version != "1.0" and parser.should_keep_alive(),
+            on_response=self.on_response_complete,
+        )
+        cycle.loop = self.loop
+        if existing is None or existing.response_complete:
+            self._start_asgi_task(cycle, app)
+        else:
+            # Pipelined HTTP requests wait for the answer in progress.
+            self.flow.pause_reading()
+            self.pipeline.appendleft((cycle, app))
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -271,6 +567,8 @@ class ListenerProtocol(HttpToolsProtocol):
                 cycle.message_event.set()
                 if not cycle.response_started:
                     self._write_error(error)
+                elif isinstance(cycle, ListenerCycle):
+                    cycle.flush()  # the head the app sent goes out, as it would have
                 self.transport.close()
                 return
             # Finish the response in flight on this connection, then close it.
@@ -294,8 +592,25 @@ class ListenerProtocol(HttpToolsProtocol):
 
 def protocol_for(listener: str, limits: Limits) -> type[ListenerProtocol]:
     """The protocol class a listener named `listener` serves with, under `limits`."""
+    cycle = type(f"{listener.title()}Cycle", (ListenerCycle,), {"listener": listener})
     return type(
         f"{listener.title()}Protocol",
         (ListenerProtocol,),
-        {"limits": limits, "refusals": RefusalLog(listener)},
+        {"limits": limits, "refusals": RefusalLog(listener), "cycle_class": cycle},
     )
+
+
+async def answer_shutting_down(send: Callable[[ASGISendEvent], Awaitable[None]]) -> None:
+    """503 `shutting_down`, unless the answer had started (then it is cut short)."""
+    error = errors.ShuttingDown()
+    body = json.dumps(error.to_body()).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    # A response already under way is refused with RuntimeError and writes nothing: the
+    # connection closes instead.
+    with contextlib.suppress(RuntimeError):
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

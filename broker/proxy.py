@@ -48,7 +48,7 @@ from broker.headers import (
     new_request_id,
 )
 from broker.metrics import Metrics
-from broker.policy import BodyHandling, Decision, Policy, check_body
+from broker.policy import BodyHandling, Decision, Decisions, Policy, check_body
 from broker.records import ActiveTenant, TenantRecord, TenantState
 from broker.registry import not_active
 from broker.runtime import Broker
@@ -77,7 +77,7 @@ class ProxyApp:
         )
         self.max_body = settings.max_inspected_body
         self.body_timeout = settings.request_body_timeout
-        self.policy = Policy(broker.catalog, settings.proxy_allow_control_plane)
+        self.policy = Decisions(Policy(broker.catalog, settings.proxy_allow_control_plane))
         self.counts = ProxyMetrics(broker.metrics)
         self.callers = broker.callers
         self.throttle = TenantThrottle(settings.tenant_max_in_flight, broker.metrics)
@@ -392,6 +392,7 @@ class ProxyMetrics:
         self.metrics = metrics
         self._counters: dict[tuple[str, str, int, str], Counter] = {}
         self._durations: dict[str, Histogram] = {}
+        self._denials: dict[str, Counter] = {}  # by error code: a fixed set
 
     def count(self, method: str, route: str, status: int, caller: str) -> None:
         if method not in METHODS:
@@ -411,7 +412,10 @@ class ProxyMetrics:
         child.observe(seconds)
 
     def deny(self, exc: errors.BrokerError, caller: str) -> None:
-        self.metrics.proxy_denials.labels(reason=exc.code).inc()
+        child = self._denials.get(exc.code)
+        if child is None:
+            child = self._denials[exc.code] = self.metrics.proxy_denials.labels(reason=exc.code)
+        child.inc()
         level = logging.WARNING if exc.status >= 500 else logging.INFO
         emit(
             "proxy.refused",

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import gc
 import ipaddress
-import json
 import logging
 import resource
 import signal
@@ -21,9 +20,8 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import uvicorn
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
-from broker import errors
 from broker.admin import create_admin_app
 from broker.events import emit
 from broker.protocol import Limits, protocol_for
@@ -267,7 +265,7 @@ class _Server(uvicorn.Server):
 
 def _uvicorn_server(listener: Listener, drain: float | None) -> _Server:
     config = uvicorn.Config(
-        _AnswerCancelled(listener.app, listener.name),
+        listener.app,  # a request the drain's end cancels: broker.protocol answers it
         http=protocol_for(listener.name, listener.limits),
         ws="none",
         lifespan="auto",
@@ -312,40 +310,3 @@ async def _announce_when_listening(
         await asyncio.sleep(0.01)
     if started is not None:
         started()
-
-
-class _AnswerCancelled:
-    """Answers 503 `shutting_down` for a request the drain's end cancelled before it answered.
-
-    uvicorn cancels what still runs when `timeout_graceful_shutdown` passes; left alone it
-    would log a traceback and answer a text 500.
-    """
-
-    def __init__(self, app: ASGIApp, listener: str) -> None:
-        self.app = app
-        self.listener = listener
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # `send` is passed on unwrapped: the sandbox reaches through it to uvicorn's transport.
-        try:
-            await self.app(scope, receive, send)
-        except asyncio.CancelledError:
-            if scope["type"] != "http":
-                raise
-            emit("listener.request_cancelled", level=logging.WARNING, listener=self.listener)
-            await _answer_shutting_down(send)
-
-
-async def _answer_shutting_down(send: Send) -> None:
-    error = errors.ShuttingDown()
-    body = json.dumps(error.to_body()).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"connection", b"close"),
-    ]
-    # uvicorn refuses a second response start with RuntimeError and writes nothing:
-    # a response already under way is cut short instead (the connection closes).
-    with contextlib.suppress(RuntimeError):
-        await send({"type": "http.response.start", "status": 503, "headers": headers})
-        await send({"type": "http.response.body", "body": body})

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
 
 from broker import errors
 from broker.headers import (
+    _ID_BATCH,
     INVALID,
     JSON,
     OTHER,
@@ -16,6 +18,7 @@ from broker.headers import (
     forwarded_request_headers,
     forwarded_response_headers,
     named_tenant,
+    new_request_id,
 )
 
 CONTENT_TYPES: list[tuple[bytes | None, BodyKind]] = [
@@ -207,3 +210,31 @@ def test_request_id_is_the_callers_if_usable(given: bytes, kept: bool) -> None:
         assert head.request_id == given
     else:
         assert re.fullmatch(rb"[0-9a-f]{12}4[0-9a-f]{3}[89ab][0-9a-f]{15}", head.request_id)
+
+
+def test_request_ids_are_uuid4_and_distinct_across_batches() -> None:
+    ids = [new_request_id() for _ in range(3 * _ID_BATCH + 7)]
+    assert len(set(ids)) == len(ids)
+    for request_id in ids:
+        assert re.fullmatch(rb"[0-9a-f]{12}4[0-9a-f]{3}[89ab][0-9a-f]{15}", request_id)
+
+
+def test_a_forked_child_does_not_reuse_the_parents_request_ids() -> None:
+    new_request_id()  # the parent holds a drawn batch
+    parents: set[bytes] = set()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, then out
+        os.close(read_end)
+        os.write(write_end, b"".join(new_request_id() for _ in range(8)))
+        os._exit(0)
+    os.close(write_end)
+    data = b""
+    while chunk := os.read(read_end, 4096):
+        data += chunk
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    parents.update(new_request_id() for _ in range(_ID_BATCH))
+    childs = {data[i : i + 32] for i in range(0, len(data), 32)}
+    assert len(childs) == 8
+    assert not childs & parents

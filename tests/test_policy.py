@@ -23,6 +23,7 @@ from broker.policy import (
     REFUSED_METHODS,
     BodyHandling,
     Decision,
+    Decisions,
     Policy,
     body_handling,
     check_body,
@@ -517,3 +518,61 @@ def test_body_methods_are_the_catalogs_methods_that_carry_a_body() -> None:
     assert {"POST", "PUT", "PATCH", "DELETE"} == BODY_METHODS
     assert BODY_METHODS < METHODS
     assert not REFUSED_METHODS & METHODS
+
+
+# -- remembered decisions -------------------------------------------------------------------
+
+
+def test_remembered_decisions_are_the_policys() -> None:
+    decisions = Decisions(Policy(CATALOG))
+    for _ in range(2):  # decided, then remembered
+        for method, path, query, *_ in ALLOWED:
+            got = decisions.decide(method, path, query, company_id=COMPANY, scopes=ALL_SCOPES)
+            assert got == _decide(method, path, query)
+
+
+def test_remembered_decisions_still_refuse_every_time() -> None:
+    decisions = Decisions(Policy(CATALOG))
+    for method, path, query, error, _ in DENIED:
+        scopes = frozenset({"vendors:write"}) if error is ScopeNotGranted else ALL_SCOPES
+        for _ in range(2):
+            with pytest.raises(error):
+                decisions.decide(method, path, query, company_id=COMPANY, scopes=scopes)
+
+
+def test_a_decision_depends_on_the_tenants_company_and_scopes() -> None:
+    decisions = Decisions(Policy(CATALOG))
+    path, query = b"/v1/companies/" + C, b""
+    assert decisions.decide("GET", path, query, company_id=COMPANY, scopes=ALL_SCOPES)
+    with pytest.raises(CompanyMismatch):
+        decisions.decide("GET", path, query, company_id=OTHER, scopes=ALL_SCOPES)
+    allowed = decisions.decide("GET", b"/v3/export-jobs", b"", company_id=OTHER, scopes=ALL_SCOPES)
+    assert allowed.query_string == b"company_id=" + O
+    with pytest.raises(ScopeNotGranted):
+        decisions.decide("GET", b"/v3/export-jobs", b"", company_id=OTHER, scopes=frozenset())
+    posted = decisions.decide(
+        "POST", b"/v1/vendors:search", b"", company_id=COMPANY, scopes=ALL_SCOPES, content=None
+    )
+    assert posted.body is BodyHandling.NONE
+    streamed = decisions.decide(
+        "POST",
+        b"/v1/vendors:search",
+        b"",
+        company_id=COMPANY,
+        scopes=ALL_SCOPES,
+        content=BodyKind.OTHER,
+    )
+    assert streamed.body is BodyHandling.STREAM
+
+
+def test_remembered_decisions_are_bounded() -> None:
+    decisions = Decisions(Policy(CATALOG), size=8, max_target=64)
+    for i in range(20):
+        decisions.decide(
+            "GET", b"/v3/export-jobs", b"limit=%d" % i, company_id=COMPANY, scopes=ALL_SCOPES
+        )
+        assert len(decisions._known) <= 8
+    decisions._known.clear()
+    long_query = b"limit=1&" + b"x=1&" * 20
+    decisions.decide("GET", b"/v3/export-jobs", long_query, company_id=COMPANY, scopes=ALL_SCOPES)
+    assert not decisions._known

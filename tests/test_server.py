@@ -190,6 +190,34 @@ def test_a_slowloris_head_is_answered_408_and_closed(quick: RunningBroker, liste
 
 
 @pytest.mark.parametrize("listener", ["proxy", "admin"])
+def test_a_slowloris_head_after_an_answered_request_is_408(
+    quick: RunningBroker, listener: str
+) -> None:
+    """The next head on a kept-alive connection has its own clock, started by its first bytes
+    (whatever arrived whole before it needed none)."""
+    port = quick.proxy_port if listener == "proxy" else quick.admin_port
+    with connect(port) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert read_response(sock).startswith(b"HTTP/1.1 ")
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        started = time.monotonic()
+        sock.settimeout(0.1)
+        answer = b""
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            while time.monotonic() - started < 5:
+                sock.sendall(b"X")  # each byte within the idle timeout, the head never whole
+                try:
+                    answer = sock.recv(65536)
+                except TimeoutError:
+                    continue
+                break
+        elapsed = time.monotonic() - started
+    assert status_of(answer) == 408
+    assert error_code(answer) == "header_timeout"
+    assert elapsed < 3
+
+
+@pytest.mark.parametrize("listener", ["proxy", "admin"])
 def test_a_connection_that_sends_nothing_is_closed(quick: RunningBroker, listener: str) -> None:
     port = quick.proxy_port if listener == "proxy" else quick.admin_port
     with connect(port) as sock:
@@ -237,6 +265,25 @@ def test_an_idle_keep_alive_connection_is_closed(quick: RunningBroker) -> None:
         started = time.monotonic()
         assert read_answer(sock) == b""
         assert time.monotonic() - started < 3
+
+
+def test_a_busy_keep_alive_connection_outlives_the_idle_timeout_then_closes(
+    quick: RunningBroker,
+) -> None:
+    """Requests back to back for longer than the idle timeout (0.5 s) keep the connection;
+    once they stop, it is closed after the idle timeout."""
+    with connect(quick.admin_port) as sock:
+        started = time.monotonic()
+        answered = 0
+        while time.monotonic() - started < 1.3:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_response(sock).startswith(b"HTTP/1.1 200")
+            answered += 1
+        idle = time.monotonic()
+        assert read_answer(sock) == b""
+        closed_after = time.monotonic() - idle
+    assert answered > 2
+    assert 0.3 < closed_after < 3
 
 
 def test_a_slow_but_steady_client_is_served(quick: RunningBroker) -> None:
