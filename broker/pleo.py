@@ -11,7 +11,7 @@
 from the key's installation (`GET /v1/installations/me`, its `resource`), as Pleo's own guides
 take it. Both calls go through the egress proxy when one is configured.
 
-The data plane does not use this module: it forwards with aiohttp (see proxy.py).
+The data plane does not use this module: it forwards with its own client (see wire.py).
 """
 
 from __future__ import annotations

@@ -31,6 +31,9 @@ NOT_IMPORTED = (
     "broker.connect",
     "broker.connect_pages",
     "broker.connect_view",
+    "aiohttp",  # the data plane has its own client (broker.wire)
+    "yarl",
+    "multidict",
 )
 
 PROBE = """
