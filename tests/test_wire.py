@@ -356,6 +356,45 @@ async def test_a_streamed_body_is_chunked_unless_its_length_is_given() -> None:
 
 
 @on_both_loops
+async def test_a_streamed_body_waits_while_the_server_does_not_read() -> None:
+    size, chunk = 16 * 1024 * 1024, b"u" * 65536
+    may_read = asyncio.Event()
+
+    async def late_reader(origin: Origin, reader: Reader, writer: Writer, number: int) -> None:
+        await read_request(reader)  # the warm-up GET
+        writer.write(answer())
+        await may_read.wait()
+        request = await read_request(reader)
+        assert request is not None and request.endswith(chunk)
+        writer.write(answer(b"%d" % (len(request) - request.index(b"\r\n\r\n") - 4)))
+
+    async with serving(late_reader) as origin:
+        client = pool(origin.url)
+        await get(client)
+        transport = client._idle[-1].transport  # the connection the upload will use
+        assert transport is not None
+        most = 0
+
+        async def upload() -> AsyncIterator[bytes]:
+            nonlocal most
+            for _ in range(size // len(chunk)):
+                # Asked for more only while the socket takes it: never a growing buffer.
+                most = max(most, transport.get_write_buffer_size())
+                if transport.get_write_buffer_size() > 0:
+                    may_read.set()
+                yield chunk
+
+        headers = {"Content-Length": str(size)}
+        assert await read_all(await client.request("PUT", "/u", headers, upload())) == b"%d" % size
+        assert may_read.is_set() and most <= 128 * 1024
+        await client.close()
+
+
+async def read_all(response: wire.Response) -> bytes:
+    return await response.read()
+
+
+@on_both_loops
 async def test_a_failing_streamed_body_aborts_the_request() -> None:
     seen: list[bytes] = []
 
