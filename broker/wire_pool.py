@@ -253,15 +253,11 @@ class Pool:
 
     async def _tunnel(self, proxy: EgressProxy) -> Connection:
         """CONNECT through the egress proxy, then TLS to Pleo inside the tunnel."""
+        if proxy.tls:  # uvloop cannot start TLS inside TLS (it hangs): refused, not tried
+            raise ProxyUnreachable("TLS to Pleo inside TLS to an https:// egress proxy")
         loop = asyncio.get_running_loop()
         try:
-            transport, tunnel = await loop.create_connection(
-                _Tunnel,
-                proxy.host,
-                proxy.port,
-                ssl=self.ssl if proxy.tls else None,
-                server_hostname=proxy.host if proxy.tls else None,
-            )
+            transport, tunnel = await loop.create_connection(_Tunnel, proxy.host, proxy.port)
         except OSError as exc:
             raise ProxyUnreachable(f"The egress proxy could not be reached: {exc}") from exc
         try:

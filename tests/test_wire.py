@@ -708,3 +708,29 @@ async def test_close_closes_idle_connections() -> None:
         await client.close()
         assert client.closed and idle.closed
         assert idle.transport is not None and idle.transport.is_closing()
+
+
+@on_both_loops
+async def test_an_https_egress_proxy_in_front_of_https_pleo_is_refused_at_once() -> None:
+    async with serving(keep_answering) as proxy:
+        client = pool("https://pleo.example", proxy=f"https://127.0.0.1:{proxy.port}")
+        with pytest.raises(wire.ProxyUnreachable, match="inside TLS"):
+            await client.request("GET", "/", {}, None)
+        assert proxy.connections == 0
+
+
+@on_both_loops
+async def test_plain_http_pleo_through_an_egress_proxy_spoken_to_over_tls(tmp_path: Path) -> None:
+    cert = make_certificate(tmp_path, "localhost")  # its IP address is 127.0.0.1
+
+    async with serving(keep_answering, ssl_context=cert.server) as proxy:
+        trusting = ssl.create_default_context(cafile=cert.cafile)
+        client = pool(
+            "http://pleo.example",
+            ssl_context=trusting,
+            proxy=f"https://u:p@127.0.0.1:{proxy.port}",
+        )
+        assert await get(client, "/v1/x") == (200, b"conn 1")
+        assert proxy.requests[0].startswith(b"GET http://pleo.example/v1/x HTTP/1.1\r\n")
+        assert b"Proxy-Authorization: Basic dTpw\r\n" in proxy.requests[0]
+        await client.close()
