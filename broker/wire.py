@@ -311,6 +311,9 @@ class Response:
         """The body was read to its end: the connection goes back to the pool if it may."""
         if not self.released:
             self.released = True
+            if self.paused:  # paused by the answer's last bytes: the next answer is read
+                self.paused = False
+                self.connection.resume_reading()
             if self.on_release is not None:
                 self.on_release(self.connection)
 
