@@ -63,7 +63,8 @@ class ReadTimeout(WireError, TimeoutError):
 
 
 class Connection(asyncio.Protocol):
-    """One connection: `send_head`/`write_body` a request, `response()` its answer."""
+    """One connection: `send_head` (and `write_body`) a request; its `Response` is read as it
+    arrives."""
 
     def __init__(self, read_timeout: float) -> None:
         self.read_timeout = read_timeout
@@ -103,6 +104,9 @@ class Connection(asyncio.Protocol):
         self._last_data = self._loop.time()
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:  # 101: the broker asked for no upgrade
+            self._fail(PayloadError("Pleo switched protocols unasked"))
+            self.abort()
         except httptools.HttpParserError as exc:
             self._fail(PayloadError(f"Pleo's answer could not be parsed: {exc}"))
             self.abort()

@@ -325,6 +325,28 @@ async def test_a_slow_reader_pauses_the_server() -> None:
         await client.close()
 
 
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"NOT HTTP\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n",
+    ],
+    ids=["unparsable", "upgrade"],
+)
+@on_both_loops
+async def test_an_answer_that_is_not_http_is_a_payload_error(garbage: bytes) -> None:
+    async def nonsense(origin: Origin, reader: Reader, writer: Writer, number: int) -> None:
+        await read_request(reader)
+        writer.write(garbage)
+        await reader.read()
+
+    async with serving(nonsense) as origin:
+        client = pool(origin.url)
+        with pytest.raises(wire.PayloadError):
+            await client.request("GET", "/", {}, None)
+        await client.close()
+
+
 # Streamed request bodies
 
 
