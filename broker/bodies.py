@@ -105,7 +105,7 @@ class StreamedBody:
 
 
 async def relay_body(response: Response, send: Send, receive: Receive) -> None:
-    """Pleo's answer body to the caller (the answer has started); the client.s errors pass."""
+    """Pleo's answer body to the caller (the answer has started); the client's errors pass."""
     length = response.content_length
     if length is not None and length <= STREAM_WATCH_THRESHOLD:
         await send({"type": "http.response.body", "body": await response.read()})
