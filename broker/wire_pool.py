@@ -205,7 +205,7 @@ class Pool:
         connection.idle_since = now
         connection.answer = None
         self._idle.append(connection)
-        while now - self._idle[0].idle_since > KEEPALIVE:
+        while self._idle and now - self._idle[0].idle_since > KEEPALIVE:
             self._idle.popleft().abort()
 
     async def _connect(self) -> Connection:

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from broker import wire
-from broker.wire_pool import Pool
+from broker.wire_pool import KEEPALIVE, Pool
 
 Reader = asyncio.StreamReader
 Writer = asyncio.StreamWriter
@@ -164,6 +164,20 @@ async def test_connections_are_kept_alive_and_reused_last_in_first_out() -> None
             assert sorted(bodies) == [b"conn 1", b"conn 2"]
             assert await get(client) == (200, bodies[-1])  # the one given back last
         assert origin.connections == 2
+        await client.close()
+
+
+@on_both_loops
+async def test_a_connection_idle_for_longer_than_the_keepalive_is_closed() -> None:
+    async with serving(keep_answering) as origin:
+        client = pool(origin.url)
+        both = await asyncio.gather(*(client.request("GET", "/", {}, None) for _ in range(2)))
+        await both[0].read()
+        old = client._idle[0]
+        old.idle_since -= KEEPALIVE + 1  # as if given back 16 s ago
+        await both[1].read()  # giving one back looks at the oldest
+        assert list(client._idle) == [both[1].connection]
+        assert old.closed
         await client.close()
 
 
