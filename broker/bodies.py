@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-import aiohttp
 from starlette.types import Receive, Send
 
 from broker import errors
+from broker.wire import Response
 
 STREAM_WATCH_THRESHOLD = 64 * 1024
 CHUNK = 64 * 1024
@@ -68,7 +68,7 @@ def body_timeout(timeout: float, *, streamed: bool = False) -> errors.RequestTim
 
 class StreamedBody:
     """A caller's body streamed to Pleo. If it is not all there `timeout` seconds after the
-    first read, or the caller goes away before its end, iteration raises, so aiohttp aborts the
+    first read, or the caller goes away before its end, iteration raises, so the client aborts the
     upstream request rather than ending it as if the body were complete; `failure` then says
     what happened."""
 
@@ -104,8 +104,8 @@ class StreamedBody:
                 return
 
 
-async def relay_body(response: aiohttp.ClientResponse, send: Send, receive: Receive) -> None:
-    """Pleo's answer body to the caller (the answer has started); aiohttp's errors pass."""
+async def relay_body(response: Response, send: Send, receive: Receive) -> None:
+    """Pleo's answer body to the caller (the answer has started); the client's errors pass."""
     length = response.content_length
     if length is not None and length <= STREAM_WATCH_THRESHOLD:
         await send({"type": "http.response.body", "body": await response.read()})

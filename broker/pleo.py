@@ -11,8 +11,8 @@
 from the key's installation (`GET /v1/installations/me`, its `resource`), as Pleo's own guides
 take it. Both calls go through the egress proxy when one is configured.
 
-The data plane does not use this module: it forwards with aiohttp (see proxy.py). The HTTP
-client itself (httpx, `broker.pleo_http`) is made at the first call to Pleo, not at start.
+The data plane does not use this module: it forwards with its own client (see wire.py). The
+HTTP client itself (httpx, `broker.pleo_http`) is made at the first call to Pleo, not at start.
 """
 
 from __future__ import annotations

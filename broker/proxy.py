@@ -27,7 +27,6 @@ import os
 import time
 import traceback
 
-import aiohttp
 from prometheus_client import Counter, Histogram
 from starlette.types import Receive, Scope, Send
 
@@ -55,6 +54,7 @@ from broker.runtime import Broker
 from broker.throttle import TenantThrottle
 from broker.timing import Overhead, Sent
 from broker.upstream import map_exceptions
+from broker.wire import Response
 
 UNMATCHED = "unmatched"
 JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -262,9 +262,7 @@ class ProxyApp:
         finally:
             self.throttle.leave(tenant)
 
-    def _rate_limited(
-        self, response: aiohttp.ClientResponse, head: RequestHead, active: ActiveTenant
-    ) -> None:
+    def _rate_limited(self, response: Response, head: RequestHead, active: ActiveTenant) -> None:
         """Pleo's 429: the tenant's next calls are answered here until its Retry-After."""
         seconds = self.throttle.rate_limited(active.tenant, response.headers.get("Retry-After"))
         emit(
@@ -277,7 +275,7 @@ class ProxyApp:
         )
 
     async def _judge(
-        self, response: aiohttp.ClientResponse, head: RequestHead, active: ActiveTenant
+        self, response: Response, head: RequestHead, active: ActiveTenant
     ) -> bytes | None:
         """Pleo's 401 breaks the tenant, its 403 re-checks it; their (small) body, read first."""
         caller = self._event_caller(head)

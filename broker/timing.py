@@ -12,8 +12,9 @@ from __future__ import annotations
 from time import perf_counter
 from typing import NamedTuple
 
-import aiohttp
 from prometheus_client import Histogram
+
+from broker.wire import Response
 
 SERVER_TIMING = b"server-timing"
 
@@ -21,7 +22,7 @@ SERVER_TIMING = b"server-timing"
 class Sent(NamedTuple):
     """A request sent to Pleo, with its answer's headers in."""
 
-    response: aiohttp.ClientResponse
+    response: Response
     began: float  # perf_counter() when the request arrived
     waited: float  # seconds from sending to Pleo until its answer headers arrived
 

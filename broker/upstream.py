@@ -1,22 +1,24 @@
-"""The way to Pleo: one pooled aiohttp session for every tenant, and its failures translated.
+"""The way to Pleo: one pool of keep-alive connections for every tenant (`broker.wire_pool`),
+and its failures translated.
 
 At most `UPSTREAM_CONNECTIONS` calls are in flight to Pleo; the next waits at most
-`BROKER_UPSTREAM_POOL_TIMEOUT` for one (503 `upstream_busy`). aiohttp's exceptions become the
-broker's in one place, `map_exceptions`: not connected in time or not at all is 502
-`upstream_unreachable`, connected but no answer in time is 504 `upstream_timeout`.
+`BROKER_UPSTREAM_POOL_TIMEOUT` for one (503 `upstream_busy`). The client's exceptions
+(`broker.wire`) become the broker's in one place, `map_exceptions`: not connected in time or
+not at all is 502 `upstream_unreachable`, connected but no answer in time is 504
+`upstream_timeout`.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Protocol
 
-import aiohttp
-from yarl import URL
-
-from broker import errors
+from broker import errors, wire
 from broker.settings import Settings
+from broker.wire import Response
+from broker.wire_pool import Pool
 
 UPSTREAM_CONNECTIONS = 256  # calls in flight to Pleo at once; the next waits for a free one
 
@@ -28,15 +30,15 @@ _EGRESS_UNREACHABLE = (
     "The egress proxy (BROKER_UPSTREAM_PROXY) could not be reached; check its address."
 )
 
-# First match wins: aiohttp's connect timeout is also a TimeoutError, but nothing was sent;
+# First match wins: the connect timeout is also a TimeoutError, but nothing was sent;
 # the egress proxy's failures are named, since no change at Pleo would fix them. A message of
 # None is the broker error's own.
 EXCEPTION_MAP: tuple[tuple[type[BaseException], type[errors.UpstreamError], str | None], ...] = (
-    (aiohttp.ClientHttpProxyError, errors.UpstreamUnreachable, _EGRESS_REFUSED),
-    (aiohttp.ClientProxyConnectionError, errors.UpstreamUnreachable, _EGRESS_UNREACHABLE),
-    (aiohttp.ConnectionTimeoutError, errors.UpstreamUnreachable, None),
-    (TimeoutError, errors.UpstreamTimeout, None),  # aiohttp.ServerTimeoutError among them
-    (aiohttp.ClientError, errors.UpstreamUnreachable, None),
+    (wire.ProxyRefused, errors.UpstreamUnreachable, _EGRESS_REFUSED),
+    (wire.ProxyUnreachable, errors.UpstreamUnreachable, _EGRESS_UNREACHABLE),
+    (wire.ConnectTimeout, errors.UpstreamUnreachable, None),
+    (TimeoutError, errors.UpstreamTimeout, None),  # wire.ReadTimeout among them
+    (wire.WireError, errors.UpstreamUnreachable, None),
 )
 
 
@@ -46,8 +48,14 @@ class BodySource(Protocol):
     failure: errors.BrokerError | None
 
 
+class StreamedBody(BodySource, Protocol):
+    """A `BodySource` read as it arrives (`broker.bodies.StreamedBody`)."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+
 def map_exceptions(tenant: str, body: BodySource | None = None) -> _ExceptionMap:
-    """A context translating aiohttp's exceptions (and timeouts) into `UpstreamError`s for
+    """A context translating the client's exceptions (and timeouts) into `UpstreamError`s for
     `tenant`, by `EXCEPTION_MAP`. If `body` (a streamed request body) failed, its failure is
     raised instead: the caller's body broke the call, not Pleo."""
     return _ExceptionMap(tenant, body)
@@ -71,7 +79,7 @@ class _ExceptionMap:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if exc is None or not isinstance(exc, aiohttp.ClientError | TimeoutError):
+        if exc is None or not isinstance(exc, wire.WireError | TimeoutError):
             return
         if self.body is not None and self.body.failure is not None:
             raise self.body.failure from None
@@ -81,37 +89,28 @@ class _ExceptionMap:
 
 
 class Upstream:
-    """The aiohttp session to Pleo (opened in `runtime.open_broker`) and its in-flight bound."""
+    """The pool of connections to Pleo (opened in `runtime.open_broker`) and its in-flight
+    bound."""
 
     def __init__(self, settings: Settings) -> None:
         self.base_url = settings.pleo_base_url
         self.pool_timeout = settings.upstream_pool_timeout
         self._slots = asyncio.Semaphore(UPSTREAM_CONNECTIONS)
-        # `connect` would also count waiting for a pooled connection; only the socket's own
-        # connect is bounded here, so a busy pool is not mistaken for an unreachable Pleo. The
-        # wait for a free connection is bounded by `_slots` (UPSTREAM_CONNECTIONS), which keeps
-        # aiohttp's connector (unlimited) from ever queueing a request.
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=None,
-            sock_connect=settings.upstream_connect_timeout,
-            sock_read=settings.upstream_timeout,
-        )
+        # Only the connect itself (TCP, TLS, the egress proxy's CONNECT) is bounded by the
+        # connect timeout, so a busy pool is not mistaken for an unreachable Pleo: the wait for
+        # a free call is bounded by `_slots` (UPSTREAM_CONNECTIONS); the pool has no limit.
+        # One pool serves every tenant and keeps no cookies: a cookie Pleo sets for one is never
+        # replayed on another's call. Answers pass through undecoded.
         egress = settings.upstream_proxy  # credentials in it: never logged
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300),
-            timeout=timeout,
-            auto_decompress=False,
-            # One session serves every tenant: a cookie Pleo sets for one must never be
-            # replayed on another's call, so the session keeps no cookies at all.
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
-            trust_env=False,
+        self.pool = Pool(
+            settings.pleo_base_url,
+            connect_timeout=settings.upstream_connect_timeout,
+            read_timeout=settings.upstream_timeout,
             proxy=egress.get_secret_value() if egress is not None else None,
         )
 
     async def close(self) -> None:
-        await self.session.close()
+        await self.pool.close()
 
     async def acquire(self, tenant: str) -> None:
         """Take one of the UPSTREAM_CONNECTIONS calls (waiting at most `pool_timeout`);
@@ -133,17 +132,12 @@ class Upstream:
         method: str,
         target: str,
         headers: dict[str, str],
-        body: bytes | BodySource | None,
+        body: bytes | StreamedBody | None,
         *,
         tenant: str,
-    ) -> aiohttp.ClientResponse:
-        """Send one request (`target`: the path and query, as they go on the wire)."""
+    ) -> Response:
+        """Send one request (`target`: the path and query, as they go on the wire); its answer
+        once the head is in."""
         stream = body if body is not None and not isinstance(body, bytes) else None
         with map_exceptions(tenant, stream):
-            return await self.session.request(
-                method,
-                URL(self.base_url + target, encoded=True),
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-            )
+            return await self.pool.request(method, target, headers, body)

@@ -33,6 +33,9 @@ NOT_IMPORTED = (
     "broker.connect",
     "broker.connect_pages",
     "broker.connect_view",
+    "aiohttp",  # the data plane has its own client (broker.wire)
+    "yarl",
+    "multidict",
 )
 
 # Imported when the configuration first needs them, not at start (docs/decisions.md, "What

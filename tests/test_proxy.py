@@ -660,7 +660,7 @@ def test_upstream_dying_mid_answer_cuts_the_answer_short(
 
 
 def test_upstream_cookies_are_never_replayed(tmp_path: Path) -> None:
-    # A host name, not an IP address: aiohttp's default cookie jar ignores cookies of IPs.
+    # A host name, not an IP address: a cookie jar may ignore cookies of IPs (aiohttp's did).
     upstream = RecordingUpstream()
     url, thread = start_app(upstream)
     key = "pik_" + secrets.token_hex(20)

@@ -15,13 +15,13 @@ from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import httpx
 import pytest
 from support.inprocess import FakePleo
 from support.servers import RunningBroker, broker_settings, start_app, start_broker
 from support.upstream import RecordingUpstream
 
+from broker import wire
 from broker.proxy import ProxyApp
 from broker.runtime import Broker
 from broker.upstream import UPSTREAM_CONNECTIONS
@@ -89,10 +89,10 @@ def test_a_response_whose_close_raises_still_gives_the_place_back(
 ) -> None:
     _, broker = capped
 
-    def close(self: aiohttp.ClientResponse) -> None:
+    def close(self: wire.Response) -> None:
         raise RuntimeError("close failed")
 
-    monkeypatch.setattr(aiohttp.ClientResponse, "close", close)
+    monkeypatch.setattr(wire.Response, "close", close)
     get(broker, "acme")
     second = get(broker, "acme")
     assert second.status_code == 200, second.text  # not tenant_busy: the place came back

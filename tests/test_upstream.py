@@ -1,7 +1,7 @@
-"""broker.upstream: the data plane's aiohttp session and the one translation of its errors.
+"""broker.upstream: the data plane's connection pool and the one translation of its errors.
 
 The table is checked on exception values, then each row that a real socket can produce is
-produced with a real aiohttp session against a server on 127.0.0.1.
+produced with the real client (broker.wire) against an aiohttp server on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-import aiohttp
 import pytest
 from aiohttp import web
 from starlette.types import Message
 
-from broker import errors, upstream
+from broker import errors, upstream, wire
 from broker.proxy import create_proxy_app
 from broker.runtime import open_broker
 from broker.settings import Settings
@@ -46,19 +45,20 @@ class FailedBody:
 
 
 MAPPING: list[tuple[BaseException, type[errors.BrokerError]]] = [
-    (aiohttp.ConnectionTimeoutError(), errors.UpstreamUnreachable),  # nothing sent in time
-    (aiohttp.SocketTimeoutError(), errors.UpstreamTimeout),
-    (aiohttp.ServerTimeoutError(), errors.UpstreamTimeout),
+    (wire.ConnectTimeout(), errors.UpstreamUnreachable),  # nothing sent in time
+    (wire.ReadTimeout(), errors.UpstreamTimeout),
     (TimeoutError(), errors.UpstreamTimeout),
-    (aiohttp.ServerDisconnectedError(), errors.UpstreamUnreachable),
-    (aiohttp.ClientConnectionError(), errors.UpstreamUnreachable),
-    (aiohttp.ClientPayloadError(), errors.UpstreamUnreachable),
-    (aiohttp.ClientError(), errors.UpstreamUnreachable),
+    (wire.ServerDisconnected(), errors.UpstreamUnreachable),
+    (wire.ConnectError(), errors.UpstreamUnreachable),
+    (wire.PayloadError(), errors.UpstreamUnreachable),
+    (wire.ProxyUnreachable(), errors.UpstreamUnreachable),
+    (wire.ProxyRefused(), errors.UpstreamUnreachable),
+    (wire.WireError(), errors.UpstreamUnreachable),
 ]
 
 
 @pytest.mark.parametrize(("raised", "expected"), MAPPING)
-def test_map_exceptions_translates_aiohttp_errors(
+def test_map_exceptions_translates_the_clients_errors(
     raised: BaseException, expected: type[errors.BrokerError]
 ) -> None:
     with pytest.raises(expected) as caught, map_exceptions("acme"):
@@ -80,10 +80,10 @@ def test_map_exceptions_lets_other_errors_pass() -> None:
 def test_a_failed_streamed_body_wins_over_the_transport_error() -> None:
     failure = errors.RequestTimeout("stalled")
     with pytest.raises(errors.RequestTimeout) as caught, map_exceptions("a", FailedBody(failure)):
-        raise aiohttp.ClientOSError()
+        raise wire.ServerDisconnected()
     assert caught.value is failure
     with pytest.raises(errors.UpstreamUnreachable), map_exceptions("a", FailedBody(None)):
-        raise aiohttp.ClientOSError()
+        raise wire.ServerDisconnected()
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -152,7 +152,7 @@ async def test_nothing_listening_is_upstream_unreachable(
     pleo = await opened()
     with pytest.raises(errors.UpstreamUnreachable) as caught:
         await pleo.send("GET", "/", {}, None, tenant="acme")
-    assert isinstance(caught.value.__cause__, aiohttp.ClientConnectionError)
+    assert isinstance(caught.value.__cause__, wire.ConnectError)
 
 
 async def test_an_egress_proxy_out_of_reach_is_named(
@@ -195,7 +195,7 @@ async def test_a_dropped_connection_is_upstream_unreachable(
     pleo = await opened(drop)
     with pytest.raises(errors.UpstreamUnreachable) as caught:
         await pleo.send("GET", "/", {}, None, tenant="acme")
-    assert isinstance(caught.value.__cause__, aiohttp.ServerDisconnectedError)
+    assert isinstance(caught.value.__cause__, wire.ServerDisconnected)
 
 
 async def test_a_full_pool_is_upstream_busy_after_the_pool_timeout(
@@ -212,16 +212,16 @@ async def test_a_full_pool_is_upstream_busy_after_the_pool_timeout(
     pleo.release()
 
 
-async def test_close_closes_the_session(opened: Callable[..., Awaitable[Upstream]]) -> None:
+async def test_close_closes_the_pool(opened: Callable[..., Awaitable[Upstream]]) -> None:
     pleo = await opened()
     await pleo.close()
-    assert pleo.session.closed
+    assert pleo.pool.closed
 
 
-async def test_the_one_lifespan_opens_and_closes_the_session(tmp_path: Path) -> None:
+async def test_the_one_lifespan_opens_and_closes_the_pool(tmp_path: Path) -> None:
     async with open_broker(_settings(tmp_path, "http://127.0.0.1:9")) as broker:
-        session = broker.upstream.session
-        assert not session.closed
+        pool = broker.upstream.pool
+        assert not pool.closed
         app = create_proxy_app(broker)
 
         async def receive() -> Message:
@@ -232,4 +232,4 @@ async def test_the_one_lifespan_opens_and_closes_the_session(tmp_path: Path) -> 
 
         await app({"type": "lifespan"}, receive, send)
         assert app.upstream is broker.upstream
-    assert session.closed
+    assert pool.closed

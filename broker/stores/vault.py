@@ -17,8 +17,9 @@ check-and-set on that newest version, so concurrent creators still let exactly o
 hvac is synchronous: every call runs in a bounded thread pool (`BlockingRunner`), one call per
 thread slot, each bounded by the timeout (also the HTTP timeout). Transport errors, timeouts, a
 sealed Vault and 5xx answers become `StoreUnavailable`. A full `list` reads the records with
-aiohttp instead, as many at once as there are threads, and falls back to hvac for any record
-that read cannot answer plainly (`broker.stores.vault_bulk`): 50,000 tenants in seconds.
+the data plane's client (`broker.wire_pool`) instead, as many at once as there are threads,
+and falls back to hvac for any record that read cannot answer plainly
+(`broker.stores.vault_bulk`): 50,000 tenants in seconds.
 
 The change journal is one more secret, `<mount>/data/<prefix>/journal`: see
 `broker.stores.vault_journal`. Events travel in the tenant's secret (`outbox`) and are copied

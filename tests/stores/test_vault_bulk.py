@@ -1,5 +1,6 @@
 """A full list on the Vault store (broker/stores/vault_bulk.py): the records are read with
-aiohttp, not hvac, and any record that read cannot answer plainly is read through hvac."""
+the data plane's HTTP client (broker.wire_pool), not hvac, and any record that read cannot
+answer plainly is read through hvac."""
 
 from __future__ import annotations
 
@@ -204,7 +205,8 @@ def test_tls_is_verified_as_requests_would() -> None:
     default = tls_context(True)
     assert isinstance(default, ssl.SSLContext) and default.verify_mode is ssl.CERT_REQUIRED
     assert default.check_hostname
-    assert tls_context(False) is False
+    unverified = tls_context(False)  # hvac told not to verify: neither does the bulk read
+    assert unverified.verify_mode is ssl.CERT_NONE and not unverified.check_hostname
     with pytest.raises(FileNotFoundError):
         tls_context("/nonexistent/ca.pem")  # a CA file that is missing is never ignored
     assert requests.utils.DEFAULT_CA_BUNDLE_PATH
@@ -219,9 +221,9 @@ async def test_a_bulk_read_asks_as_hvac_would() -> None:
     client = hvac.Client(url="https://vault.example:8200/", token="s.token", namespace="team-a")
     reader = BulkReader(client, ensure, mount="kv", timeout=1.0)
 
-    url, headers = await reader.request("metadata", "pleo-broker/tenants/acme")
+    target, headers = await reader.request("metadata", "pleo-broker/tenants/acme")
 
-    assert url == "https://vault.example:8200/v1/kv/metadata/pleo-broker/tenants/acme"
+    assert target == "/v1/kv/metadata/pleo-broker/tenants/acme"
     assert headers == {
         "X-Vault-Request": "true",
         "X-Vault-Token": "s.token",

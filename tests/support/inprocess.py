@@ -460,7 +460,7 @@ async def inprocess_admin(inprocess_broker: Broker) -> AsyncIterator[httpx.Async
 @pytest.fixture
 async def inprocess_proxy(inprocess_broker: Broker) -> AsyncIterator[httpx.AsyncClient]:
     """The proxy on `httpx.ASGITransport`: for answers given before anything is sent to Pleo
-    (the data plane's aiohttp session is not on the fake)."""
+    (the data plane's connection pool is not on the fake)."""
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=create_proxy_app(inprocess_broker)),
         base_url="http://127.0.0.1",  # a host name the proxy accepts by default

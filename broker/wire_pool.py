@@ -1,0 +1,303 @@
+"""Connections to the one Pleo origin, kept alive and reused: the data plane's client pool.
+
+Idle connections are reused last-in first-out and closed after `KEEPALIVE` idle seconds (looked
+at whenever one is given back); a connection is never reused after an answer not read to its
+end, a `Connection: close`, an HTTP/1.0 answer, an answer to `HEAD` or the server closing it.
+The pool sets no limit of its own: `broker.upstream` bounds the calls in flight.
+
+A request sent on a reused connection that the server had closed meanwhile (it went away
+before any answer) is sent once more on a new connection if its method is idempotent (`GET`,
+`HEAD`, `OPTIONS`, `PUT`, `DELETE`, `TRACE`) and its body is in hand, as aiohttp did; never a
+`POST` or `PATCH`, nor a streamed body.
+
+With an egress proxy, `http://` Pleo gets absolute-form requests carrying the proxy's
+`Proxy-Authorization`, `https://` Pleo a `CONNECT` tunnel with TLS inside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ssl
+from collections import deque
+from collections.abc import AsyncIterable
+from urllib.parse import unquote, urlsplit
+
+from broker.wire import (
+    ConnectError,
+    Connection,
+    ConnectTimeout,
+    ProxyRefused,
+    ProxyUnreachable,
+    Response,
+    ServerDisconnected,
+    WireError,
+)
+
+KEEPALIVE = 15.0  # seconds an idle connection is kept
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+BODILESS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # no Content-Length: 0 without a body
+ONE_WRITE = 64 * 1024  # a body up to this size goes out in the head's write
+
+Body = bytes | AsyncIterable[bytes] | None
+
+
+class EgressProxy:
+    """BROKER_UPSTREAM_PROXY, parsed; its credentials are never shown."""
+
+    __slots__ = ("authorization", "host", "port", "tls")
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.tls = parts.scheme == "https"
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if self.tls else 80)
+        self.authorization: str | None = None
+        if parts.username is not None:
+            pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+            self.authorization = "Basic " + base64.b64encode(pair.encode()).decode()
+
+    def __repr__(self) -> str:
+        return f"EgressProxy({self.host}:{self.port})"
+
+
+class Pool:
+    """Keep-alive connections to `base_url`'s origin; `request` sends one request on one."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        proxy: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        parts = urlsplit(base_url)
+        self.tls = parts.scheme == "https"
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if self.tls else 80)
+        self.prefix = parts.path.rstrip("/")
+        self.host_header = parts.netloc.rpartition("@")[2]
+        if parts.port in (80, 443) and parts.port == (443 if self.tls else 80):
+            self.host_header = self.host_header.rpartition(":")[0]
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.proxy = EgressProxy(proxy) if proxy else None
+        self.ssl = ssl_context
+        if self.ssl is None and (self.tls or (self.proxy is not None and self.proxy.tls)):
+            self.ssl = ssl.create_default_context()  # certificates and names checked
+        if self.ssl is not None:
+            self.ssl.set_alpn_protocols(["http/1.1"])
+        # Through a proxy, plain http goes in absolute form with the proxy's credentials.
+        self._absolute = ""
+        self._proxy_line = ""
+        if self.proxy is not None and not self.tls:
+            self._absolute = f"http://{self.host_header}"
+            if self.proxy.authorization is not None:
+                self._proxy_line = f"Proxy-Authorization: {self.proxy.authorization}\r\n"
+        self._idle: deque[Connection] = deque()
+        self.closed = False
+
+    async def close(self) -> None:
+        self.closed = True
+        while self._idle:
+            self._idle.pop().abort()
+
+    async def request(
+        self, method: str, target: str, headers: dict[str, str], body: Body
+    ) -> Response:
+        """Send a request (`target`: path and query) and return its answer once its head is
+        in; the body is read from the answer, which gives the connection back."""
+        head = self._head(method, target, headers, body)
+        streamed = body is not None and not isinstance(body, bytes)
+        connection = self._pooled() or await self._connect()
+        try:
+            answer = await self._exchange(connection, head, body, method)
+        except ServerDisconnected:
+            if not connection.reused or streamed or method not in IDEMPOTENT:
+                raise
+            # The server closed the idle connection as the request went out: once more, anew.
+            answer = await self._exchange(await self._connect(), head, body, method)
+        if answer.status == 407 and self._absolute:
+            answer.close()
+            raise ProxyRefused("The egress proxy answered 407")
+        return answer
+
+    def _head(self, method: str, target: str, headers: dict[str, str], body: Body) -> bytes:
+        lines = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
+        if lines.count("\n") != len(headers) or lines.count("\r") != len(headers):
+            raise ValueError("a header to Pleo holds a line break")
+        has_length = "Content-Length" in headers or "content-length" in headers
+        if has_length:
+            framing = ""
+        elif isinstance(body, bytes):
+            framing = f"Content-Length: {len(body)}\r\n"
+        elif body is not None:
+            framing = "Transfer-Encoding: chunked\r\n"
+        elif method not in BODILESS:
+            framing = "Content-Length: 0\r\n"
+        else:
+            framing = ""
+        return (
+            f"{method} {self._absolute}{self.prefix}{target} HTTP/1.1\r\n"
+            f"Host: {self.host_header}\r\n{lines}{framing}{self._proxy_line}\r\n"
+        ).encode("latin-1")
+
+    async def _exchange(
+        self, connection: Connection, head: bytes, body: Body, method: str
+    ) -> Response:
+        head_only = method == "HEAD"
+        try:
+            if body is None:
+                answer = connection.send_head(head, head_only=head_only)
+            elif isinstance(body, bytes):
+                if len(body) <= ONE_WRITE:
+                    answer = connection.send_head(head + body, head_only=head_only)
+                else:
+                    answer = connection.send_head(head, head_only=head_only)
+                    await connection.write_body(body)
+            else:
+                answer = connection.send_head(head, head_only=head_only)
+                await self._stream(connection, body, chunked=b"Transfer-Encoding: chunked" in head)
+            while not answer.started:
+                await connection.wait()
+        except BaseException:
+            connection.abort()
+            raise
+        answer.on_release = self._release
+        return answer
+
+    async def _stream(
+        self, connection: Connection, body: AsyncIterable[bytes], *, chunked: bool
+    ) -> None:
+        """A streamed body; stops early if Pleo answered and closed before its end."""
+        try:
+            async for chunk in body:
+                if chunk:
+                    await connection.write_body(
+                        f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n" if chunked else chunk
+                    )
+            if chunked:
+                await connection.write_body(b"0\r\n\r\n")
+        except ServerDisconnected:
+            answer = connection.answer
+            if answer is None or not answer.started:
+                raise
+
+    def _pooled(self) -> Connection | None:
+        while self._idle:
+            connection = self._idle.pop()
+            transport = connection.transport
+            if not connection.closed and transport is not None and not transport.is_closing():
+                return connection
+            connection.abort()
+        return None
+
+    def _release(self, connection: Connection) -> None:
+        """An answer was read to its end (or dropped): keep its connection if it may be."""
+        transport = connection.transport
+        if self.closed or connection.closed or transport is None or transport.is_closing():
+            connection.abort()
+            return
+        now = asyncio.get_running_loop().time()
+        connection.reused = True
+        connection.idle_since = now
+        connection.answer = None
+        self._idle.append(connection)
+        while self._idle and now - self._idle[0].idle_since > KEEPALIVE:
+            self._idle.popleft().abort()
+
+    async def _connect(self) -> Connection:
+        """A new connection (through the egress proxy, if any), within the connect timeout."""
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                if self.proxy is None:
+                    return await self._open(self.host, self.port, tls=self.tls)
+                if not self.tls:
+                    return await self._open_proxy(self.proxy)
+                return await self._tunnel(self.proxy)
+        except TimeoutError:
+            raise ConnectTimeout(
+                f"Not connected to Pleo within {self.connect_timeout:g} s"
+            ) from None
+        except WireError:
+            raise
+        except OSError as exc:  # refused, unreachable, TLS (ssl.SSLError)
+            raise ConnectError(f"Could not connect to Pleo: {exc}") from exc
+
+    async def _open(self, host: str, port: int, *, tls: bool) -> Connection:
+        loop = asyncio.get_running_loop()
+        _, connection = await loop.create_connection(
+            lambda: Connection(self.read_timeout),
+            host,
+            port,
+            ssl=self.ssl if tls else None,
+            server_hostname=self.host if tls else None,
+        )
+        return connection
+
+    async def _open_proxy(self, proxy: EgressProxy) -> Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            _, connection = await loop.create_connection(
+                lambda: Connection(self.read_timeout),
+                proxy.host,
+                proxy.port,
+                ssl=self.ssl if proxy.tls else None,
+                server_hostname=proxy.host if proxy.tls else None,
+            )
+        except OSError as exc:
+            raise ProxyUnreachable(f"The egress proxy could not be reached: {exc}") from exc
+        return connection
+
+    async def _tunnel(self, proxy: EgressProxy) -> Connection:
+        """CONNECT through the egress proxy, then TLS to Pleo inside the tunnel."""
+        if proxy.tls:  # uvloop cannot start TLS inside TLS (it hangs): refused, not tried
+            raise ProxyUnreachable("TLS to Pleo inside TLS to an https:// egress proxy")
+        loop = asyncio.get_running_loop()
+        try:
+            transport, tunnel = await loop.create_connection(_Tunnel, proxy.host, proxy.port)
+        except OSError as exc:
+            raise ProxyUnreachable(f"The egress proxy could not be reached: {exc}") from exc
+        try:
+            authority = f"{self.host}:{self.port}"
+            credentials = (
+                f"Proxy-Authorization: {proxy.authorization}\r\n" if proxy.authorization else ""
+            )
+            transport.write(
+                f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{credentials}\r\n".encode()
+            )
+            status = await tunnel.status
+            if status != 200:
+                raise ProxyRefused(f"The egress proxy answered CONNECT with {status}")
+            connection = Connection(self.read_timeout)
+            assert self.ssl is not None
+            secured = await loop.start_tls(
+                transport, connection, self.ssl, server_hostname=self.host
+            )
+            assert secured is not None
+            connection.connection_made(secured)
+            return connection
+        except BaseException:
+            transport.abort()
+            raise
+
+
+class _Tunnel(asyncio.Protocol):
+    """The egress proxy's answer to CONNECT: its status once its head is in."""
+
+    def __init__(self) -> None:
+        self.status: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._head = b""
+
+    def data_received(self, data: bytes) -> None:
+        self._head += data
+        if b"\r\n\r\n" in self._head and not self.status.done():
+            parts = self._head.split(b" ", 2)
+            ok = len(parts) > 1 and parts[1].isdigit()
+            self.status.set_result(int(parts[1]) if ok else 0)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.status.done():
+            self.status.set_exception(ProxyRefused("The egress proxy closed the CONNECT"))
