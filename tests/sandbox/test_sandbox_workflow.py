@@ -23,6 +23,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from support.sandbox_helpers import assert_matches_spec, basic
 from support.servers import RunningBroker, RunningSandbox, start_app
+from support.webhook_receiver import wait_until
 
 DEADLINE = 10.0
 TENANT = {"X-Broker-Tenant": "acme"}
@@ -165,7 +166,14 @@ def test_a_failed_delivery_is_retried(sandbox: RunningSandbox) -> None:
             body = {"companyId": key.company_id, "accountingEntryIds": [str(uuid.uuid4())]}
             client.post("/v3/export-jobs", json=body).raise_for_status()
             receiver.wait_for("v1.export-job.created", count=3)
-            deliveries = client.get("/_sandbox/webhooks").json()["deliveries"]
+
+            def settled() -> list[dict[str, Any]] | None:
+                # The receiver counts the third attempt as it arrives; the sandbox records its
+                # 204 once the answer is back.
+                found: list[dict[str, Any]] = client.get("/_sandbox/webhooks").json()["deliveries"]
+                return found if found and found[0]["delivered"] else None
+
+            deliveries = wait_until(settled, within=5, what="the third attempt recorded")
     finally:
         receiver.thread.stop()
     ids = {headers["webhook-id"] for headers, _ in receiver.deliveries}
