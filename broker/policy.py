@@ -106,6 +106,13 @@ class Policy:
         """Allow, rewrite or refuse one request; raises a PolicyDenied error to refuse.
 
         `content` is the kind of body the request has (None: none)."""
+        return self.locate(method, raw_path, query_string, content).for_tenant(company_id, scopes)
+
+    def locate(
+        self, method: str, raw_path: bytes, query_string: bytes, content: BodyKind | None = None
+    ) -> Located:
+        """The part of a decision that holds for every tenant: the route (refusing what no
+        tenant may send) and what the query holds; `Located.for_tenant` finishes it."""
         if method in REFUSED_METHODS:
             raise RouteNotAllowed(f"The broker does not forward {method} requests.")
         path = _canonical_path(raw_path)
@@ -127,42 +134,81 @@ class Policy:
                 " installation in Pleo), which the proxy does not forward; an operator can allow"
                 " it with BROKER_PROXY_ALLOW_CONTROL_PLANE=true."
             )
-        if route.scope is not None and route.scope not in scopes:
-            raise ScopeNotGranted(
-                f"{method} {route.template} needs the scope {route.scope!r},"
-                " which this tenant's key was not granted.",
-                required_scope=route.scope,
-            )
-        tenant_company = company_id.lower()
-        path_param = route.path_company
-        if path_param is not None and found.params[path_param].lower() != tenant_company:
-            raise CompanyMismatch(
-                f"The path names company {_shorten(found.params[path_param])!r}"
-                f" but this tenant is connected to company {company_id!r}."
-            )
-        query_string = _checked_query(route, query_string, company_id)
-        return Decision(
+        checks, named = _query_checks(query_string)
+        field = route.query_company
+        fill = field is not None and not any(
+            f.name in named for f in route.company if f.location == "query"
+        )
+        return Located(
             route=route,
+            method=method,
             path=raw_path.decode("ascii"),
+            path_company=found.params[route.path_company] if route.path_company else None,
             query_string=query_string,
+            query_checks=checks,
+            fill=fill,
             body=body_handling(route, method, content),
         )
 
 
-class Decisions:
-    """`Policy.decide`, remembered: a decision is a pure function of the request's method,
-    target, query, tenant company, scopes and body kind, and the same few are asked again
-    and again. A refusal is not remembered (it is decided again, and raised, every time).
+@dataclass(frozen=True, slots=True)
+class Located:
+    """A request's route and what its path and query name (`Policy.locate`): the same for
+    every tenant, so one is kept per target while 50,000 tenants take turns."""
 
-    At most `size` decisions are kept (all forgotten when full), and only for targets of at
-    most `max_target` bytes, so a flood of distinct or long targets costs bounded memory.
+    route: Route
+    method: str
+    path: str
+    path_company: str | None  # the company id the path names (None: the route has none)
+    query_string: bytes
+    # What the query names, in its order: ("override" | "organisation" | "company", name, value).
+    query_checks: tuple[tuple[str, str, str], ...]
+    fill: bool  # the route's query company is absent: the tenant's is added
+    body: BodyHandling
+
+    def for_tenant(self, company_id: str, scopes: frozenset[str]) -> Decision:
+        """The decision for a tenant of `company_id` granted `scopes`; raises to refuse."""
+        route = self.route
+        if route.scope is not None and route.scope not in scopes:
+            raise ScopeNotGranted(
+                f"{self.method} {route.template} needs the scope {route.scope!r},"
+                " which this tenant's key was not granted.",
+                required_scope=route.scope,
+            )
+        tenant_company = company_id.lower()
+        if self.path_company is not None and self.path_company.lower() != tenant_company:
+            raise CompanyMismatch(
+                f"The path names company {_shorten(self.path_company)!r}"
+                f" but this tenant is connected to company {company_id!r}."
+            )
+        for kind, name, value in self.query_checks:
+            _check_query_parameter(kind, name, value, company_id)
+        query_string = self.query_string
+        if self.fill:
+            assert route.query_company is not None  # a fill is planned only where there is one
+            addition = _company_parameter(route.query_company.name, company_id)
+            if query_string and not query_string.endswith(b"&"):
+                addition = b"&" + addition
+            query_string += addition
+        return Decision(route=route, path=self.path, query_string=query_string, body=self.body)
+
+
+class Decisions:
+    """`Policy.decide`, with the tenant-independent part remembered: where a request goes
+    (`Policy.locate`) is a pure function of its method, target, query and body kind, and the
+    same few are asked again and again, by one tenant or by 50,000 in turn. The tenant's part
+    (scope, company, the filled-in company id: `Located.for_tenant`) is decided every time,
+    and so is every refusal (a target refused for every tenant is not remembered).
+
+    At most `size` targets are kept (all forgotten when full), and only those of at most
+    `max_target` bytes, so a flood of distinct or long targets costs bounded memory.
     """
 
     def __init__(self, policy: Policy, size: int = 4096, max_target: int = 512) -> None:
         self.policy = policy
         self.size = size
         self.max_target = max_target
-        self._known: dict[tuple[object, ...], Decision] = {}
+        self._known: dict[tuple[object, ...], Located] = {}
 
     def decide(
         self,
@@ -174,22 +220,15 @@ class Decisions:
         scopes: frozenset[str],
         content: BodyKind | None = None,
     ) -> Decision:
-        key = (method, raw_path, query_string, company_id, scopes, content)
-        decision = self._known.get(key)
-        if decision is None:
-            decision = self.policy.decide(
-                method,
-                raw_path,
-                query_string,
-                company_id=company_id,
-                scopes=scopes,
-                content=content,
-            )
+        key = (method, raw_path, query_string, content)
+        located = self._known.get(key)
+        if located is None:
+            located = self.policy.locate(method, raw_path, query_string, content)
             if len(raw_path) + len(query_string) <= self.max_target:
                 if len(self._known) >= self.size:
                     self._known.clear()
-                self._known[key] = decision
-        return decision
+                self._known[key] = located
+        return located.for_tenant(company_id, scopes)
 
 
 def check_body(route: Route, body: bytes, *, company_id: str) -> bytes:
@@ -295,40 +334,45 @@ def _check_escapes(raw_path: bytes) -> None:
         position = raw_path.find(b"%", position + 3)
 
 
-def _checked_query(route: Route, query_string: bytes, company_id: str) -> bytes:
-    """The query to forward: every company id checked, the route's one filled in if absent."""
+def _query_checks(query_string: bytes) -> tuple[tuple[tuple[str, str, str], ...], set[str]]:
+    """What the query names that the policy checks, in order (a method override, an
+    organisation, a company id, each with its name and decoded value), and every name in it."""
+    checks: list[tuple[str, str, str]] = []
     names: set[str] = set()
-    if query_string:
-        tenant_company = company_id.lower()
-        for part in query_string.replace(b";", b"&").split(b"&"):
-            raw_name, _, raw_value = part.partition(b"=")
-            name = unquote(raw_name.replace(b"+", b" ").decode("latin-1"), errors="replace")
-            normalised = _normalise(name)
-            if normalised == "method" and name.startswith("_"):
-                raise RouteNotAllowed(
-                    f"The query names {name!r}, a method override; the broker forwards the"
-                    " request's own method only, so send that method instead."
-                )
-            if normalised in _ORGANIZATION_NAMES:
-                raise CompanyMismatch(
-                    f"The query names an organisation ({name!r}); the broker keeps requests"
-                    " inside this tenant's company."
-                )
-            if normalised in _COMPANY_NAMES:
-                value = unquote(raw_value.replace(b"+", b" ").decode("latin-1"), errors="replace")
-                if value.lower() != tenant_company:
-                    raise CompanyMismatch(
-                        f"The query names company {_shorten(value)!r} in {name!r}"
-                        f" but this tenant is connected to company {company_id!r}."
-                    )
-            names.add(name)
-    field = route.query_company
-    if field is None or any(f.name in names for f in route.company if f.location == "query"):
-        return query_string
-    addition = _company_parameter(field.name, company_id)
-    if not query_string or query_string.endswith(b"&"):
-        return query_string + addition
-    return query_string + b"&" + addition
+    if not query_string:
+        return (), names
+    for part in query_string.replace(b";", b"&").split(b"&"):
+        raw_name, _, raw_value = part.partition(b"=")
+        name = unquote(raw_name.replace(b"+", b" ").decode("latin-1"), errors="replace")
+        normalised = _normalise(name)
+        if normalised == "method" and name.startswith("_"):
+            checks.append(("override", name, ""))
+        elif normalised in _ORGANIZATION_NAMES:
+            checks.append(("organisation", name, ""))
+        elif normalised in _COMPANY_NAMES:
+            value = unquote(raw_value.replace(b"+", b" ").decode("latin-1"), errors="replace")
+            checks.append(("company", name, value))
+        names.add(name)
+    return tuple(checks), names
+
+
+def _check_query_parameter(kind: str, name: str, value: str, company_id: str) -> None:
+    """Refuse a query parameter `_query_checks` found, unless it is the tenant's company."""
+    if kind == "override":
+        raise RouteNotAllowed(
+            f"The query names {name!r}, a method override; the broker forwards the"
+            " request's own method only, so send that method instead."
+        )
+    if kind == "organisation":
+        raise CompanyMismatch(
+            f"The query names an organisation ({name!r}); the broker keeps requests"
+            " inside this tenant's company."
+        )
+    if value.lower() != company_id.lower():
+        raise CompanyMismatch(
+            f"The query names company {_shorten(value)!r} in {name!r}"
+            f" but this tenant is connected to company {company_id!r}."
+        )
 
 
 @functools.lru_cache(maxsize=4096)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from typing import Any
 from urllib.parse import unquote, unquote_plus
 
@@ -576,3 +577,33 @@ def test_remembered_decisions_are_bounded() -> None:
     long_query = b"limit=1&" + b"x=1&" * 20
     decisions.decide("GET", b"/v3/export-jobs", long_query, company_id=COMPANY, scopes=ALL_SCOPES)
     assert not decisions._known
+
+
+def test_tenants_taking_turns_share_one_remembered_target() -> None:
+    # 50,000 tenants of one integration ask the same few targets: what a target is is kept
+    # once, what each tenant may do with it is decided for each.
+    decisions = Decisions(Policy(CATALOG))
+    companies = [str(uuid.uuid4()) for _ in range(50)]
+    for company in companies:
+        allowed = decisions.decide(
+            "GET", b"/v3/export-jobs", b"limit=5", company_id=company, scopes=ALL_SCOPES
+        )
+        assert allowed.query_string == b"limit=5&company_id=" + company.encode()
+        own = f"company_id={company.upper()}".encode()
+        assert (
+            decisions.decide(
+                "GET", b"/v3/export-jobs", own, company_id=company, scopes=ALL_SCOPES
+            ).query_string
+            == own
+        )
+    assert len(decisions._known) == 1 + len(companies)  # one target each with its own company
+    first = f"company_id={companies[0]}".encode()
+    for company in companies[1:]:
+        with pytest.raises(CompanyMismatch):  # another tenant's company, remembered target
+            decisions.decide(
+                "GET", b"/v3/export-jobs", first, company_id=company, scopes=ALL_SCOPES
+            )
+    with pytest.raises(ScopeNotGranted):
+        decisions.decide(
+            "GET", b"/v3/export-jobs", b"limit=5", company_id=companies[0], scopes=frozenset()
+        )

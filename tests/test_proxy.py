@@ -1189,7 +1189,7 @@ def test_an_unexpected_failure_is_a_json_500(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("something nobody foresaw")
 
-    monkeypatch.setattr("broker.policy.Policy.decide", broken)
+    monkeypatch.setattr("broker.policy.Policy.locate", broken)
     response = httpx.get(f"{broker.proxy_url}/v3/export-jobs", headers=TENANT)
     assert (response.status_code, code_of(response)) == (500, "internal_error")
     assert "nobody foresaw" not in response.text
