@@ -350,6 +350,9 @@ def _startup_figures(
     if "startup" in args.parts:
         work = _dir(tmp, "broker-idle")
         env = startup.local_env(work, upstream_url, 0)
+        # The sidecar as shipped: Pleo's own https address (BROKER_PLEO_BASE_URL's default),
+        # never called with no tenant, so whatever the broker makes for TLS at start counts.
+        del env["BROKER_PLEO_BASE_URL"]
         idle = startup.median_start(
             supervisor, name="broker-idle", env=env, work_dir=work, rounds=rounds
         )

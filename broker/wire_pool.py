@@ -84,11 +84,9 @@ class Pool:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.proxy = EgressProxy(proxy) if proxy else None
-        self.ssl = ssl_context
-        if self.ssl is None and (self.tls or (self.proxy is not None and self.proxy.tls)):
-            self.ssl = ssl.create_default_context()  # certificates and names checked
-        if self.ssl is not None:
-            self.ssl.set_alpn_protocols(["http/1.1"])
+        self._ssl = ssl_context
+        if self._ssl is not None:
+            self._ssl.set_alpn_protocols(["http/1.1"])
         # Through a proxy, plain http goes in absolute form with the proxy's credentials.
         self._absolute = ""
         self._proxy_line = ""
@@ -98,6 +96,15 @@ class Pool:
                 self._proxy_line = f"Proxy-Authorization: {self.proxy.authorization}\r\n"
         self._idle: deque[Connection] = deque()
         self.closed = False
+
+    @property
+    def ssl(self) -> ssl.SSLContext:
+        """The TLS context, made at the first TLS connection: the system's CA certificates
+        (~2 MiB in memory) are loaded when a connection needs them, not at start."""
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context()  # certificates and names checked
+            self._ssl.set_alpn_protocols(["http/1.1"])
+        return self._ssl
 
     async def close(self) -> None:
         self.closed = True
@@ -272,7 +279,6 @@ class Pool:
             if status != 200:
                 raise ProxyRefused(f"The egress proxy answered CONNECT with {status}")
             connection = Connection(self.read_timeout)
-            assert self.ssl is not None
             secured = await loop.start_tls(
                 transport, connection, self.ssl, server_hostname=self.host
             )

@@ -620,8 +620,12 @@ async def test_https_checks_the_certificate_and_its_name(tmp_path: Path) -> None
         assert origin.requests[0].startswith(b"GET / HTTP/1.1\r\nHost: localhost:%d" % origin.port)
         await client.close()
         untrusting = pool(f"https://localhost:{origin.port}")  # the system's CAs only
+        assert untrusting._ssl is None  # made at the first TLS connection, not before
         with pytest.raises(wire.ConnectError):
             await untrusting.request("GET", "/", {}, None)
+        made = untrusting._ssl
+        assert made is not None and made.verify_mode is ssl.CERT_REQUIRED and made.check_hostname
+        assert untrusting.ssl is made  # one context for every connection
     wrong = make_certificate(tmp_path, "pleo.example")
     async with serving(keep_answering, ssl_context=wrong.server) as origin:
         trusting = ssl.create_default_context(cafile=wrong.cafile)
