@@ -54,7 +54,7 @@ from broker.runtime import Broker
 from broker.throttle import TenantThrottle
 from broker.timing import Overhead, Sent
 from broker.upstream import map_exceptions
-from broker.wire import Response
+from broker.wire import MAX_READ, Response
 
 UNMATCHED = "unmatched"
 JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -289,7 +289,7 @@ class ProxyApp:
         elif response.status != 403:
             return None
         with map_exceptions(active.tenant):
-            buffered = await response.read()
+            buffered = await response.read(limit=MAX_READ)
         if response.status == 403:
             checked = await self._recheck(active, caller)
             if checked.state is not TenantState.ACTIVE:

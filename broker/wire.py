@@ -2,10 +2,12 @@
 
 An asyncio protocol with httptools' response parser, in place of aiohttp (docs/decisions.md):
 the request goes out in one write where it can; the answer's head is parsed into a `Response`
-whose body is read by `Content-Length`, chunked, or until the server closes. Reading pauses
-while more than `HIGH_WATER` bytes wait for a slow caller. Every wait for the server (the
-answer's head, each body read, a write's drain) is bounded by the read timeout: no byte in
-that time is `ReadTimeout`. `broker.wire_pool` connects, pools and retries; `broker.upstream`
+whose body is read by `Content-Length`, chunked, or until the server closes (cleanly: a reset
+is `ServerDisconnected`). Reading pauses while more than `HIGH_WATER` bytes wait for a slow
+caller. Every wait for the server (each body read, a write's drain) is bounded by the read
+timeout: no byte in that time is `ReadTimeout`; the answer's head must be whole within one
+read timeout of the request's end (a head trickled a byte at a time is cut off too) and
+within `MAX_ANSWER_HEAD` bytes. `broker.wire_pool` connects, pools and retries; `broker.upstream`
 translates the errors below.
 
     WireError
@@ -28,6 +30,8 @@ import httptools
 
 HIGH_WATER = 256 * 1024  # answer bytes held for the caller before reading pauses
 LOW_WATER = 64 * 1024
+MAX_ANSWER_HEAD = 64 * 1024  # bytes of an answer's head (interim answers too) at most
+MAX_READ = 1024 * 1024  # an answer read whole to be looked at (a 401, 403, a Vault secret)
 
 
 class WireError(Exception):
@@ -81,6 +85,8 @@ class Connection(asyncio.Protocol):
         self._writable = True
         self._head_only = False  # HEAD: the answer has no body whatever its headers say
         self._error: WireError | None = None
+        self.received = 0  # bytes of the current request's answer so far
+        self._head_deadline: float | None = None  # the answer's head is due by then
 
     # asyncio.Protocol
 
@@ -91,8 +97,8 @@ class Connection(asyncio.Protocol):
         self.closed = True
         answer = self.answer
         if answer is not None and not answer.complete:
-            if answer.started and not answer.length_known and not self._head_only:
-                answer.complete = True  # a body delimited by the close
+            if answer.started and not answer.length_known and not self._head_only and exc is None:
+                answer.complete = True  # a body delimited by the (clean) close
             else:
                 self._fail(ServerDisconnected("Pleo closed the connection mid-answer"))
         self._wake()
@@ -102,8 +108,13 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._last_data = self._loop.time()
+        self.received += len(data)
+        answer = self.answer
         try:
             self.parser.feed_data(data)
+            if answer is not None and not answer.started and self.received > MAX_ANSWER_HEAD:
+                self._fail(PayloadError(f"Pleo's answer head is over {MAX_ANSWER_HEAD} bytes"))
+                self.abort()
         except httptools.HttpParserUpgrade:  # 101: the broker asked for no upgrade
             self._fail(PayloadError("Pleo switched protocols unasked"))
             self.abort()
@@ -148,6 +159,7 @@ class Connection(asyncio.Protocol):
             return
         answer.status = status
         answer.started = True
+        self._head_deadline = None
         if self._head_only:
             answer.complete = True
             self.closed = True  # its body framing cannot be skipped by the parser: not reused
@@ -177,6 +189,8 @@ class Connection(asyncio.Protocol):
         """Write the request's head (and a body in hand); the answer to read."""
         assert self.transport is not None
         self._head_only = head_only
+        self.received = 0
+        self._head_deadline = None
         self.answer = Response(self)
         self.transport.write(data)
         return self.answer
@@ -190,6 +204,16 @@ class Connection(asyncio.Protocol):
         while not self._writable and not self.closed:
             await self.wait()
 
+    def expect_head(self) -> None:
+        """The request is out: its answer's head is due within the read timeout."""
+        if self.answer is not None and not self.answer.started:
+            self._head_deadline = self._loop.time() + self.read_timeout
+
+    def _due(self) -> float:
+        due = self._last_data + self.read_timeout
+        deadline = self._head_deadline
+        return due if deadline is None or deadline > due else deadline
+
     async def wait(self) -> None:
         """Until something happens on the connection (ReadTimeout after the read timeout
         without any byte from the server)."""
@@ -198,7 +222,7 @@ class Connection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self._waiter = waiter = loop.create_future()
         self._last_data = loop.time()
-        self._timer = loop.call_at(self._last_data + self.read_timeout, self._timed_out)
+        self._timer = loop.call_at(self._due(), self._timed_out)
         try:
             await waiter
         finally:
@@ -209,11 +233,15 @@ class Connection(asyncio.Protocol):
 
     def _timed_out(self) -> None:
         loop = asyncio.get_running_loop()
-        due = self._last_data + self.read_timeout
+        due = self._due()
         if loop.time() < due:  # bytes arrived meanwhile: the wait goes on
             self._timer = loop.call_at(due, self._timed_out)
             return
-        self._fail(ReadTimeout(f"Pleo sent nothing for {self.read_timeout:g} s"))
+        if self._head_deadline is not None and due == self._head_deadline:
+            message = f"Pleo's answer head was not complete within {self.read_timeout:g} s"
+        else:
+            message = f"Pleo sent nothing for {self.read_timeout:g} s"
+        self._fail(ReadTimeout(message))
         self.abort()
         self._wake()
 
@@ -276,17 +304,22 @@ class Response:
         """The body as a stream (what `iter_chunked` reads)."""
         return self
 
-    async def read(self) -> bytes:
-        """The whole body."""
+    async def read(self, limit: int | None = None) -> bytes:
+        """The whole body (PayloadError past `limit` bytes: the connection is dropped)."""
         while not self.complete:
+            if limit is not None and self.buffered > limit:
+                self.connection.abort()
+                break
             if self.paused:  # all of it is wanted: no point holding back
                 self.paused = False
                 self.connection.resume_reading()
             await self.connection.wait()
-        body = b"".join(self.chunks)
+        body = b"".join(self.chunks) if limit is None or self.buffered <= limit else None
         self.chunks.clear()
         self.buffered = 0
         self._done()
+        if body is None:
+            raise PayloadError(f"Pleo's answer body is over {limit} bytes")
         return body
 
     async def iter_chunked(self, size: int) -> AsyncIterator[bytes]:

@@ -1,17 +1,24 @@
 """Connections to the one Pleo origin, kept alive and reused: the data plane's client pool.
 
 Idle connections are reused last-in first-out and closed after `KEEPALIVE` idle seconds (looked
-at whenever one is given back); a connection is never reused after an answer not read to its
-end, a `Connection: close`, an HTTP/1.0 answer, an answer to `HEAD` or the server closing it.
+at whenever one is given back or taken); a connection is never reused after an answer not read
+to its end, a `Connection: close`, an HTTP/1.0 answer, an answer to `HEAD` or the server
+closing it.
 The pool sets no limit of its own: `broker.upstream` bounds the calls in flight.
 
 A request sent on a reused connection that the server had closed meanwhile (it went away
-before any answer) is sent once more on a new connection if its method is idempotent (`GET`,
-`HEAD`, `OPTIONS`, `PUT`, `DELETE`, `TRACE`) and its body is in hand, as aiohttp did; never a
-`POST` or `PATCH`, nor a streamed body.
+before any byte of an answer) is sent once more on a new connection if its method is
+idempotent (`GET`, `HEAD`, `OPTIONS`, `PUT`, `DELETE`, `TRACE`) and its body is in hand, as
+aiohttp did; never a `POST` or `PATCH`, nor a streamed body.
 
 With an egress proxy, `http://` Pleo gets absolute-form requests carrying the proxy's
 `Proxy-Authorization`, `https://` Pleo a `CONNECT` tunnel with TLS inside it.
+
+The pool frames every request itself: a body in hand by its length; a streamed one raw under
+the `Content-Length` given with it (byte counted: a body of another length is never sent as
+if it were the declared one) or chunked when none is given. A `Transfer-Encoding` given with
+the headers is refused, and nothing in a header's value can change the framing: the client
+decides it from what it was given, never by reading back the head it wrote.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from broker.wire import (
     ConnectError,
     Connection,
     ConnectTimeout,
+    PayloadError,
     ProxyRefused,
     ProxyUnreachable,
     Response,
@@ -106,6 +114,12 @@ class Pool:
             self._ssl.set_alpn_protocols(["http/1.1"])
         return self._ssl
 
+    @property
+    def authority(self) -> str:
+        """Pleo's host and port as a `CONNECT` names them (an IPv6 address in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
     async def close(self) -> None:
         self.closed = True
         while self._idle:
@@ -116,43 +130,52 @@ class Pool:
     ) -> Response:
         """Send a request (`target`: path and query) and return its answer once its head is
         in; the body is read from the answer, which gives the connection back."""
-        head = self._head(method, target, headers, body)
+        head, declared = self._head(method, target, headers, body)
         streamed = body is not None and not isinstance(body, bytes)
         connection = self._pooled() or await self._connect()
         try:
-            answer = await self._exchange(connection, head, body, method)
+            answer = await self._exchange(connection, head, body, method, declared)
         except ServerDisconnected:
-            if not connection.reused or streamed or method not in IDEMPOTENT:
+            if not connection.reused or connection.received or streamed:
                 raise
-            # The server closed the idle connection as the request went out: once more, anew.
-            answer = await self._exchange(await self._connect(), head, body, method)
+            if method not in IDEMPOTENT:
+                raise
+            # The server closed the idle connection as the request went out, before a byte of
+            # an answer: once more, anew.
+            answer = await self._exchange(await self._connect(), head, body, method, declared)
         if answer.status == 407 and self._absolute:
             answer.close()
             raise ProxyRefused("The egress proxy answered 407")
         return answer
 
-    def _head(self, method: str, target: str, headers: dict[str, str], body: Body) -> bytes:
+    def _head(
+        self, method: str, target: str, headers: dict[str, str], body: Body
+    ) -> tuple[bytes, int | None]:
+        """The request's head, and the length a streamed body was declared with (None: it
+        goes chunked, or the body is in hand or absent)."""
         lines = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
         if lines.count("\n") != len(headers) or lines.count("\r") != len(headers):
             raise ValueError("a header to Pleo holds a line break")
-        has_length = "Content-Length" in headers or "content-length" in headers
-        if has_length:
-            framing = ""
-        elif isinstance(body, bytes):
-            framing = f"Content-Length: {len(body)}\r\n"
+        given = _given_length(headers)
+        declared = None
+        if isinstance(body, bytes):
+            if given is not None and given != len(body):
+                raise ValueError("the Content-Length given is not the body's length")
+            framing = "" if given is not None else f"Content-Length: {len(body)}\r\n"
         elif body is not None:
-            framing = "Transfer-Encoding: chunked\r\n"
-        elif method not in BODILESS:
-            framing = "Content-Length: 0\r\n"
-        else:
+            declared = given
+            framing = "" if given is not None else "Transfer-Encoding: chunked\r\n"
+        elif given is not None or method in BODILESS:
             framing = ""
+        else:
+            framing = "Content-Length: 0\r\n"
         return (
             f"{method} {self._absolute}{self.prefix}{target} HTTP/1.1\r\n"
             f"Host: {self.host_header}\r\n{lines}{framing}{self._proxy_line}\r\n"
-        ).encode("latin-1")
+        ).encode("latin-1"), declared
 
     async def _exchange(
-        self, connection: Connection, head: bytes, body: Body, method: str
+        self, connection: Connection, head: bytes, body: Body, method: str, declared: int | None
     ) -> Response:
         head_only = method == "HEAD"
         try:
@@ -166,7 +189,8 @@ class Pool:
                     await connection.write_body(body)
             else:
                 answer = connection.send_head(head, head_only=head_only)
-                await self._stream(connection, body, chunked=b"Transfer-Encoding: chunked" in head)
+                await self._stream(connection, body, declared)
+            connection.expect_head()
             while not answer.started:
                 await connection.wait()
         except BaseException:
@@ -176,27 +200,42 @@ class Pool:
         return answer
 
     async def _stream(
-        self, connection: Connection, body: AsyncIterable[bytes], *, chunked: bool
+        self, connection: Connection, body: AsyncIterable[bytes], declared: int | None
     ) -> None:
-        """A streamed body; stops early if Pleo answered and closed before its end."""
+        """A streamed body, raw under its `declared` length (counted) or chunked; stops early
+        if Pleo answered and closed before its end."""
+        sent = 0
         try:
             async for chunk in body:
-                if chunk:
-                    await connection.write_body(
-                        f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n" if chunked else chunk
-                    )
-            if chunked:
+                if not chunk:
+                    continue
+                if declared is None:
+                    await connection.write_body(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                    continue
+                sent += len(chunk)
+                if sent > declared:
+                    raise PayloadError("The request body is longer than its Content-Length")
+                await connection.write_body(chunk)
+            if declared is None:
                 await connection.write_body(b"0\r\n\r\n")
+            elif sent != declared:
+                raise PayloadError("The request body is shorter than its Content-Length")
         except ServerDisconnected:
             answer = connection.answer
             if answer is None or not answer.started:
                 raise
 
     def _pooled(self) -> Connection | None:
+        now = asyncio.get_running_loop().time() if self._idle else 0.0
         while self._idle:
             connection = self._idle.pop()
             transport = connection.transport
-            if not connection.closed and transport is not None and not transport.is_closing():
+            if (
+                not connection.closed
+                and transport is not None
+                and not transport.is_closing()
+                and now - connection.idle_since <= KEEPALIVE
+            ):
                 return connection
             connection.abort()
         return None
@@ -268,7 +307,7 @@ class Pool:
         except OSError as exc:
             raise ProxyUnreachable(f"The egress proxy could not be reached: {exc}") from exc
         try:
-            authority = f"{self.host}:{self.port}"
+            authority = self.authority
             credentials = (
                 f"Proxy-Authorization: {proxy.authorization}\r\n" if proxy.authorization else ""
             )
@@ -307,3 +346,18 @@ class _Tunnel(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.status.done():
             self.status.set_exception(ProxyRefused("The egress proxy closed the CONNECT"))
+
+
+def _given_length(headers: dict[str, str]) -> int | None:
+    """The Content-Length given with the headers (None: none); a Transfer-Encoding or an
+    unreadable length is refused: the pool frames the request."""
+    given = None
+    for name, value in headers.items():
+        lowered = name.lower()
+        if lowered == "transfer-encoding":
+            raise ValueError("a Transfer-Encoding was given: the pool frames requests itself")
+        if lowered == "content-length":
+            if given is not None or not value.isdigit() or not value.isascii():
+                raise ValueError("the Content-Length given is not one plain number")
+            given = int(value)
+    return given

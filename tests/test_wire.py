@@ -77,7 +77,7 @@ async def read_request(reader: Reader) -> bytes | None:
     except asyncio.IncompleteReadError:
         return None
     lower = head.lower()
-    if b"transfer-encoding: chunked" in lower:
+    if b"\r\ntransfer-encoding: chunked\r\n" in lower:  # a header line, not a value
         body = b""
         while True:
             size_line = await reader.readuntil(b"\r\n")
@@ -763,4 +763,169 @@ async def test_plain_http_pleo_through_an_egress_proxy_spoken_to_over_tls(tmp_pa
         assert await get(client, "/v1/x") == (200, b"conn 1")
         assert proxy.requests[0].startswith(b"GET http://pleo.example/v1/x HTTP/1.1\r\n")
         assert b"Proxy-Authorization: Basic dTpw\r\n" in proxy.requests[0]
+        await client.close()
+
+
+# Found by review: framing, retries, bounds
+
+
+async def pieces(*chunks: bytes) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
+
+
+@on_both_loops
+async def test_a_header_value_naming_chunked_does_not_change_the_framing() -> None:
+    # A caller's header value that reads "Transfer-Encoding: chunked" once made the client
+    # chunk a body declared by Content-Length: Pleo then read the chunk sizes as the body and
+    # the rest as a request of the caller's making, on a connection other tenants reuse.
+    async with serving(keep_answering) as origin:
+        client = pool(origin.url)
+        headers = {"content-length": "10", "x-note": "Transfer-Encoding: chunked"}
+        response = await client.request("POST", "/up", headers, pieces(b"01234", b"56789"))
+        assert (response.status, await response.read()) == (200, b"conn 1")
+        assert await get(client) == (200, b"conn 1")  # the same connection, in step
+        first = origin.requests[0]
+        assert first.endswith(b"\r\n\r\n0123456789")
+        assert first.lower().count(b"transfer-encoding: chunked") == 1  # the caller's value only
+        assert len(origin.requests) == 2
+        await client.close()
+
+
+@on_both_loops
+async def test_a_streamed_body_that_does_not_match_its_length_is_not_sent_as_is() -> None:
+    async with serving(keep_answering) as origin:
+        client = pool(origin.url)
+        for chunks in ((b"0123",), (b"0123456789", b"extra")):
+            with pytest.raises(wire.WireError):
+                await client.request("POST", "/up", {"content-length": "10"}, pieces(*chunks))
+        with pytest.raises(ValueError):  # the pool frames requests itself
+            await client.request("POST", "/up", {"transfer-encoding": "chunked"}, b"x")
+        with pytest.raises(ValueError):
+            await client.request("POST", "/up", {"Content-Length": "5"}, b"0123456789")
+        await client.close()
+
+
+@on_both_loops
+async def test_a_request_is_not_retried_once_any_of_its_answer_arrived() -> None:
+    async def partial_then_reset(origin: Origin, reader: Reader, writer: Writer, n: int) -> None:
+        request = await read_request(reader)
+        assert request is not None
+        origin.requests.append(request)
+        if n == 1:  # the first connection answers once, then half an answer and a reset
+            writer.write(answer(b"first"))
+            await writer.drain()
+            request = await read_request(reader)
+            assert request is not None
+            origin.requests.append(request)
+            writer.write(b"HTTP/1.1 200 OK\r\nX-Partial: y")
+            await writer.drain()
+            writer.transport.abort()
+            return
+        writer.write(answer(b"again"))
+        await writer.drain()
+
+    async with serving(partial_then_reset) as origin:
+        client = pool(origin.url)
+        assert await get(client, "/one") == (200, b"first")
+        with pytest.raises(wire.ServerDisconnected):
+            await client.request("PUT", "/transfer", {}, b"{}")
+        assert [r.split(b" ")[1] for r in origin.requests] == [b"/one", b"/transfer"]
+        await client.close()
+
+
+@on_both_loops
+async def test_an_answer_head_beyond_the_bound_is_refused() -> None:
+    async def huge_head(origin: Origin, reader: Reader, writer: Writer, number: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Big: ")
+        for _ in range(64):
+            writer.write(b"x" * 16384)
+            await writer.drain()
+        writer.write(b"\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.read()
+
+    async with serving(huge_head) as origin:
+        client = pool(origin.url)
+        with pytest.raises(wire.PayloadError, match="head"):
+            await client.request("GET", "/", {}, None)
+        await client.close()
+
+
+@on_both_loops
+async def test_an_answer_head_trickled_past_the_read_timeout_is_a_timeout() -> None:
+    async def trickle(origin: Origin, reader: Reader, writer: Writer, number: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        for _ in range(40):  # a byte every 0.05 s: each within the read timeout, never done
+            writer.write(b"X")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+
+    async with serving(trickle) as origin:
+        client = pool(origin.url, read_timeout=0.5)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(wire.ReadTimeout):
+            await client.request("GET", "/", {}, None)
+        assert asyncio.get_running_loop().time() - started < 1.5
+        await client.close()
+
+
+@on_both_loops
+async def test_an_idle_connection_past_the_keepalive_is_not_taken(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("broker.wire_pool.KEEPALIVE", 0.2)
+    async with serving(keep_answering) as origin:
+        client = pool(origin.url)
+        assert await get(client) == (200, b"conn 1")
+        await asyncio.sleep(0.3)  # nothing else given back meanwhile
+        assert await get(client) == (200, b"conn 2")
+        await client.close()
+
+
+@on_both_loops
+async def test_a_body_cut_by_a_reset_is_not_complete() -> None:
+    async def reset_mid_body(origin: Origin, reader: Reader, writer: Writer, n: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\npart of it")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        writer.transport.abort()
+
+    async with serving(reset_mid_body) as origin:
+        client = pool(origin.url)
+        response = await client.request("GET", "/", {}, None)
+        with pytest.raises(wire.WireError):
+            await response.read()
+        await client.close()
+
+
+def test_connect_through_a_proxy_brackets_an_ipv6_pleo() -> None:
+    client = Pool(
+        "https://[::1]:8443", connect_timeout=1.0, read_timeout=1.0, proxy="http://proxy:3128"
+    )
+    assert client.authority == "[::1]:8443"
+    assert Pool("https://pleo.example", connect_timeout=1, read_timeout=1).authority == (
+        "pleo.example:443"
+    )
+
+
+@on_both_loops
+async def test_a_body_read_whole_is_bounded() -> None:
+    async def big(origin: Origin, reader: Reader, writer: Writer, number: int) -> None:
+        while await read_request(reader) is not None:
+            writer.write(answer(b"x" * 5000))
+            await writer.drain()
+
+    async with serving(big) as origin:
+        client = pool(origin.url)
+        response = await client.request("GET", "/", {}, None)
+        with pytest.raises(wire.PayloadError, match="over 1000 bytes"):
+            await response.read(limit=1000)
+        response = await client.request("GET", "/", {}, None)
+        assert len(await response.read(limit=5000)) == 5000
         await client.close()

@@ -27,7 +27,7 @@ import hvac
 import requests.utils
 
 from broker.stores.vault_kv import SecretData, Versions
-from broker.wire import WireError
+from broker.wire import MAX_READ, WireError
 from broker.wire_pool import Pool
 
 
@@ -121,7 +121,7 @@ class BulkReads:
                         return None
                     if response.status != 200:
                         raise Unanswered(response.status)
-                    return json.loads(await response.read())
+                    return json.loads(await response.read(limit=MAX_READ))
                 finally:
                     response.close()
         except (WireError, OSError, TimeoutError, ValueError) as exc:
