@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import httptools
+from uvicorn import __version__ as uvicorn_version
 from uvicorn._types import ASGI3Application, ASGISendEvent
 from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import (
@@ -30,6 +31,31 @@ from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
 from broker import errors
 from broker.events import emit
+
+# The uvicorn versions this module works with, [from, below): it builds on uvicorn's private
+# HTTP protocol (`HttpToolsProtocol._start_asgi_task` came in 0.45; `HEADER_VALUE_RE` allows
+# a tab since 0.40). pyproject.toml requires the same range (tests/test_protocol_versions.py).
+UVICORN_FROM = (0, 45)
+UVICORN_BELOW = (0, 55)
+
+
+def check_uvicorn(version: str) -> None:
+    """Refuse a uvicorn outside `UVICORN_FROM`..`UVICORN_BELOW`, saying what to install,
+    rather than fail at the first request with an AttributeError."""
+    try:
+        found = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:
+        found = ()
+    if not UVICORN_FROM <= found < UVICORN_BELOW:
+        wanted = f">={'.'.join(map(str, UVICORN_FROM))},<{'.'.join(map(str, UVICORN_BELOW))}"
+        raise ImportError(
+            f"uvicorn {version} is installed, but the broker's listeners need uvicorn"
+            f" {wanted} (broker/protocol.py builds on its HTTP protocol's internals);"
+            " install the locked versions: pip install -r requirements.lock"
+        )
+
+
+check_uvicorn(uvicorn_version)
 
 # The request line's fixed part (method, spaces, `HTTP/1.1`, CRLF) counted against the head.
 REQUEST_LINE_OVERHEAD = 20
