@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import httptools
+from uvicorn import __version__ as uvicorn_version
 from uvicorn._types import ASGI3Application, ASGISendEvent
 from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import (
@@ -30,6 +31,31 @@ from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
 from broker import errors
 from broker.events import emit
+
+# The uvicorn versions this module works with, [from, below): it builds on uvicorn's private
+# HTTP protocol (`HttpToolsProtocol._start_asgi_task` came in 0.45; `HEADER_VALUE_RE` allows
+# a tab since 0.40). pyproject.toml requires the same range (tests/test_protocol_versions.py).
+UVICORN_FROM = (0, 45)
+UVICORN_BELOW = (0, 55)
+
+
+def check_uvicorn(version: str) -> None:
+    """Refuse a uvicorn outside `UVICORN_FROM`..`UVICORN_BELOW`, saying what to install,
+    rather than fail at the first request with an AttributeError."""
+    try:
+        found = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:
+        found = ()
+    if not UVICORN_FROM <= found < UVICORN_BELOW:
+        wanted = f">={'.'.join(map(str, UVICORN_FROM))},<{'.'.join(map(str, UVICORN_BELOW))}"
+        raise ImportError(
+            f"uvicorn {version} is installed, but the broker's listeners need uvicorn"
+            f" {wanted} (broker/protocol.py builds on its HTTP protocol's internals);"
+            " install the locked versions: pip install -r requirements.lock"
+        )
+
+
+check_uvicorn(uvicorn_version)
 
 # The request line's fixed part (method, spaces, `HTTP/1.1`, CRLF) counted against the head.
 REQUEST_LINE_OVERHEAD = 20
@@ -91,6 +117,13 @@ class RefusalLog:
         )
 
 
+def _answered(*_: object) -> None:
+    """A cycle's `on_response` once its app has returned: nothing left to tell."""
+
+
+# Statuses whose answers never have a body (RFC 9110 §15: 1xx, 204, 304).
+_BODILESS = frozenset((*range(100, 200), 204, 304))
+
 # Response headers whose values change how the answer is framed or the connection ends.
 _FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection"})
 
@@ -117,6 +150,7 @@ class ListenerCycle(RequestResponseCycle):
     listener: ClassVar[str] = "listener"
     loop: asyncio.AbstractEventLoop
     _held = b""  # the answer's head, not yet written
+    _bodiless = False  # a HEAD request's answer, or a 1xx, 204 or 304: nothing after the head
     _flusher: asyncio.Handle | None = None
 
     async def run_asgi(self, app: ASGI3Application) -> None:
@@ -138,7 +172,7 @@ class ListenerCycle(RequestResponseCycle):
         else:
             await self._returned(result)
         finally:
-            self.on_response = lambda: None
+            self.on_response = _answered
 
     async def _returned(self, result: object) -> None:
         if result is not None:
@@ -227,11 +261,12 @@ class ListenerCycle(RequestResponseCycle):
             raise RuntimeError("Invalid HTTP header value.")
         if not self.keep_alive and not close:
             lines.append(b"connection: close\r\n")
-        if (
-            self.chunked_encoding is None
-            and self.scope["method"] != "HEAD"
-            and status not in (204, 304)
-        ):
+        if self.scope["method"] == "HEAD" or status in _BODILESS:
+            # No body follows, whatever Content-Length says (a 304 carries the full
+            # answer's): the answer is whole with its head (RFC 9112 §6.3).
+            self._bodiless = True
+            self.expected_content_length = 0
+        elif self.chunked_encoding is None:
             self.chunked_encoding = True
             lines.append(b"transfer-encoding: chunked\r\n")
         lines.append(b"\r\n")
@@ -266,12 +301,11 @@ class ListenerCycle(RequestResponseCycle):
             self.message_event.set()
             if not self.keep_alive:
                 self.transport.close()
-            self.on_response()
+            self.on_response(self)
 
     def _framed(self, body: bytes, more_body: bool) -> bytes:
         """What a body message puts on the wire (uvicorn's rules)."""
-        if self.scope["method"] == "HEAD":
-            self.expected_content_length = 0
+        if self._bodiless:
             return b""
         if self.chunked_encoding:
             data = b"%x\r\n%s\r\n" % (len(body), body) if body else b""
@@ -354,27 +388,34 @@ class ListenerProtocol(HttpToolsProtocol):
         else:
             self.timeout_keep_alive_handler()
 
-    def on_response_complete(self) -> None:
-        """uvicorn's, with the idle timer above."""
+    def on_response_complete(self, cycle: RequestResponseCycle | None = None) -> None:
+        """uvicorn's, with the idle timer above; `cycle` is the one whose answer completed
+        (a `ListenerCycle` passes itself), not `self.cycle`, which may be one pipelined
+        behind it."""
         self.server_state.total_requests += 1
         if self.transport.is_closing():
             return
         self.flow.resume_reading()
+        if cycle is not None and cycle.more_body:
+            # Answered before its body was read (a refusal): the rest of the body may come
+            # for `head_timeout` seconds at most, or a trickle would hold the socket forever.
+            # (Nothing is pipelined behind it: its body comes first.)
+            self._cancel_drain_timer()
+            self._drain_timer = self.loop.call_later(self.limits.head_timeout, self._drained)
         if self.pipeline:
             self._idle_since = None
             pipelined, app = self.pipeline.pop()
             self._start_asgi_task(pipelined, app)
         else:
-            self._idle_since = self.loop.time()
-            if self.timeout_keep_alive_task is None:
-                self.timeout_keep_alive_task = self.loop.call_later(
-                    self.timeout_keep_alive, self._idle_check
-                )
-        cycle = self.cycle
-        if cycle is not None and cycle.more_body and not self.transport.is_closing():
-            # Answered before its body was read (a refusal): the rest of the body may come
-            # for `head_timeout` seconds at most, or a trickle would hold the socket forever.
-            self._drain_timer = self.loop.call_later(self.limits.head_timeout, self._drained)
+            self._idle()
+
+    def _idle(self) -> None:
+        """No request in flight from now on: idle since now, under the idle timer."""
+        self._idle_since = self.loop.time()
+        if self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self._idle_check
+            )
 
     def _drained(self) -> None:
         self._drain_timer = None
@@ -434,6 +475,9 @@ class ListenerProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._header_bytes = 0
+        # Not idle while a request is under way (bytes in the packet that ended the last
+        # body may begin it): the head timer, then the answer's completion, take over.
+        self._idle_since = None
         # The head's clock starts with its first byte, not when the previous answer ended
         # (a slow answer is no slow head; an idle connection is the idle timeout's): armed
         # in `data_received` once the bytes at hand are parsed, if the head is not whole.
@@ -512,9 +556,15 @@ class ListenerProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
-        self._cancel_drain_timer()  # the refused request's body came whole in time
         self._in_head = True
         self._head_bytes = 0
+        self._cancel_drain_timer()  # the refused request's body came whole in time
+        # Answered before its body was read: the body's bytes marked the connection busy,
+        # but no answer is left to complete and re-arm the idle timer.
+        cycle = self.cycle
+        answered = cycle is not None and cycle.response_complete and not self.pipeline
+        if answered and not self.transport.is_closing():
+            self._idle()
 
     # -- refusals -------------------------------------------------------------------------
 

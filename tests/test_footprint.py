@@ -7,6 +7,7 @@ The process is a real `broker serve` (local store, no connect page); once its /r
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -19,6 +20,10 @@ import pytest
 
 from bench.brokers import preload, write_callers
 from bench.processes import free_port
+from broker.records import ApiKey, TenantRecord, TenantState
+from broker.stores.local import LocalStore
+
+KEY = ApiKey("pls_" + "0" * 40)
 
 # What `broker serve` does not need on the local store with the connect page off.
 NOT_IMPORTED = (
@@ -69,12 +74,25 @@ sys.exit(main(["serve"]))
 """
 
 
-def serve_and_list_modules(tmp_path: Path, tenants: int = 0, **settings: str) -> set[str]:
+def serve_and_list_modules(
+    tmp_path: Path, tenants: int = 0, master_key: bytes | None = None, **settings: str
+) -> set[str]:
     """Run `broker serve` (its CLI entry point) on a local store holding `tenants` active
     tenants until ready; the modules it had imported."""
+    out = tmp_path / "modules.json"
+    done = serve_probed(tmp_path, tenants, master_key, **settings)
+    assert out.exists(), f"broker serve never became ready: {done.stderr[-2000:]}"
+    return set(json.loads(out.read_text()))
+
+
+def serve_probed(
+    tmp_path: Path, tenants: int = 0, master_key: bytes | None = None, **settings: str
+) -> subprocess.CompletedProcess[str]:
+    """Run `broker serve` with the probe (`PROBE`) until it stops; how it ended."""
     script, out = tmp_path / "probe.py", tmp_path / "modules.json"
     script.write_text(PROBE)
-    master_key = secrets.token_bytes(32)
+    if master_key is None:
+        master_key = secrets.token_bytes(32)
     if tenants:
         preload(tmp_path / "store", master_key, tenants)
     env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
@@ -91,7 +109,7 @@ def serve_and_list_modules(tmp_path: Path, tenants: int = 0, **settings: str) ->
         BROKER_LOG_LEVEL="WARNING",
         **settings,
     )
-    done = subprocess.run(
+    return subprocess.run(
         [sys.executable, str(script), str(out)],
         env=env,
         cwd=tmp_path,
@@ -99,8 +117,6 @@ def serve_and_list_modules(tmp_path: Path, tenants: int = 0, **settings: str) ->
         text=True,
         timeout=90,
     )
-    assert out.exists(), f"broker serve never became ready: {done.stderr[-2000:]}"
-    return set(json.loads(out.read_text()))
 
 
 def imported(modules: set[str], name: str) -> bool:
@@ -134,3 +150,40 @@ def test_serve_with_a_callers_file_loads_yaml_to_read_it(tmp_path: Path) -> None
     modules = serve_and_list_modules(tmp_path, BROKER_CALLERS_FILE=str(tmp_path / "callers.yaml"))
     assert imported(modules, "yaml")
     assert not imported(modules, "cryptography")
+
+
+def emptied_store(path: Path, master_key: bytes) -> None:
+    """A local store that held a tenant (so it sealed its key check) and holds none now."""
+
+    async def write() -> None:
+        store = LocalStore(path, master_key=master_key)
+        try:
+            await store.put(TenantRecord(tenant="acme", state=TenantState.ACTIVE, api_key=KEY))
+            assert await store.delete("acme")
+        finally:
+            await store.close()
+
+    asyncio.run(write())
+
+
+@pytest.mark.real  # runs `broker serve` as a process
+def test_serve_on_an_emptied_store_checks_the_master_key_without_the_cipher(
+    tmp_path: Path,
+) -> None:
+    master_key = secrets.token_bytes(32)
+    emptied_store(tmp_path / "store", master_key)
+    modules = serve_and_list_modules(tmp_path, master_key=master_key)
+    assert not imported(modules, "cryptography")
+
+
+@pytest.mark.real  # runs `broker serve` as a process
+def test_serve_on_an_emptied_store_refuses_a_wrong_master_key_at_start(tmp_path: Path) -> None:
+    """Refused at start (it used to start, answer /readyz 200, and fail the first
+    activation), with the store's one-line message."""
+    emptied_store(tmp_path / "store", secrets.token_bytes(32))
+    done = serve_probed(tmp_path, master_key=secrets.token_bytes(32))
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert not (tmp_path / "modules.json").exists()  # never ready
+    (line,) = [line for line in done.stderr.splitlines() if "master key" in line]
+    assert line.startswith("error: The master key does not open ")
+    assert "wrong master key" in line

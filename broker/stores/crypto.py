@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import os
 import secrets
 import stat
@@ -30,6 +32,8 @@ if TYPE_CHECKING:
 MASTER_KEY_BYTES = 32
 NONCE_BYTES = 12
 KEY_FILE_NAME = "master.key"
+# What a master key's fingerprint is the HMAC-SHA256 of, under the key (`Sealer.fingerprint`).
+_FINGERPRINT_LABEL = b"pleo-key-broker/master-key-fingerprint/v1"
 
 
 class Sealer:
@@ -61,6 +65,12 @@ class Sealer:
             if isinstance(exc, InvalidTag):
                 raise UnsealError("sealed value did not authenticate") from None
             raise
+
+    def fingerprint(self) -> str:
+        """HMAC-SHA256 of a fixed label under the master key, in hex: tells whether two keys
+        are the same without holding either (recovering the key from it means breaking
+        HMAC-SHA256), and without loading the cipher."""
+        return hmac.new(self._master_key, _FINGERPRINT_LABEL, hashlib.sha256).hexdigest()
 
     def _cipher(self) -> AESGCM:
         """The AES-GCM cipher, made (and cryptography imported) at the first use."""

@@ -23,6 +23,7 @@ or from a database that was deleted and created again, means "reload everything"
 from __future__ import annotations
 
 import builtins
+import hmac
 import secrets
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -54,6 +55,7 @@ JOURNAL_SIZE = 10_000
 
 _KEY_CHECK_PLAINTEXT = b"pleo-key-broker master key check"
 _KEY_CHECK_CONTEXT = b"pleo-key-broker/key-check/v1"
+_FINGERPRINT = "key_fingerprint"  # the `meta` row of the master key's fingerprint
 
 
 class LocalStore:
@@ -242,12 +244,35 @@ class LocalStore:
         return conn
 
     def _prepare(self, conn: sqlite3.Connection, writable: bool) -> None:
+        self._check_fingerprint(conn, writable=writable)
         if sqlite.has_tenants(conn):
             self._check_master_key(conn, writable=writable)
         if writable:
             sqlite_events.create(conn)
         instance = sqlite.meta_value(conn, "instance", secrets.token_hex(8) if writable else None)
         self._instance = NO_INSTANCE if instance is None else str(instance)
+
+    def _check_fingerprint(self, conn: sqlite3.Connection, *, writable: bool) -> None:
+        """Refuse, at open, a master key other than the one the store sealed its key check
+        with, whatever the store holds, by the key's fingerprint (no cipher needed). A store
+        made before fingerprints has none: its key check is opened instead, once (the
+        cipher loaded for it), and the fingerprint written."""
+        stored = sqlite.meta_value(conn, _FINGERPRINT, None)
+        if stored is None:
+            if sqlite.meta_value(conn, "key_check", None) is not None:
+                self._check_master_key(conn, writable=writable)
+            return  # else nothing was ever sealed: the first key sealed binds the store
+        if not isinstance(stored, str) or not hmac.compare_digest(
+            stored, self._sealer.fingerprint()
+        ):
+            raise self._wrong_key()
+
+    def _wrong_key(self) -> StoreIntegrityError:
+        return StoreIntegrityError(
+            f"The master key does not open {self.db_path}: wrong master key or tampered"
+            " record. Use the key this store was created with (BROKER_MASTER_KEY or"
+            f" {self.path / KEY_FILE_NAME})."
+        )
 
     def _check_master_key(self, conn: sqlite3.Connection, *, writable: bool) -> None:
         """Refuse a master key the store was not made with: at start-up when the store holds
@@ -262,11 +287,10 @@ class LocalStore:
         try:
             self._sealer.open(_blob(check), _KEY_CHECK_CONTEXT)
         except (UnsealError, TypeError) as exc:
-            raise StoreIntegrityError(
-                f"The master key does not open {self.db_path}: wrong master key or tampered"
-                " record. Use the key this store was created with (BROKER_MASTER_KEY or"
-                f" {self.path / KEY_FILE_NAME})."
-            ) from exc
+            raise self._wrong_key() from exc
+        if writable:
+            # Checked with the cipher: from now on, a wrong key is refused at open without it.
+            sqlite.meta_value(conn, _FINGERPRINT, self._sealer.fingerprint())
         self._key_checked = True
 
     def _changes_since(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -37,12 +38,16 @@ class Unanswered(Exception):
 
 def tls_context(verify: object) -> ssl.SSLContext:
     """What the bulk read verifies an https Vault with, for requests' `verify` (True:
-    requests' own CA bundle; a path: that CA file; False: nothing, as hvac was told)."""
+    requests' own CA bundle; a file: that CA bundle; a directory: the CA certificates in it,
+    named by subject hash as `c_rehash` does, as requests reads one; False: nothing, as
+    hvac was told). Raises if the file cannot be read as a CA bundle."""
     if verify is False:
         unverified = ssl.create_default_context()
         unverified.check_hostname = False
         unverified.verify_mode = ssl.CERT_NONE
         return unverified
+    if isinstance(verify, str) and os.path.isdir(verify):
+        return ssl.create_default_context(capath=verify)
     cafile = verify if isinstance(verify, str) else requests.utils.DEFAULT_CA_BUNDLE_PATH
     return ssl.create_default_context(cafile=cafile)
 
@@ -72,18 +77,22 @@ class BulkReader:
     async def session(self, limit: int) -> AsyncIterator[BulkReads]:
         """Reads over at most `limit` connections, closed when the block ends."""
         url = self._client.url
-        pool = Pool(
-            url,
-            connect_timeout=self._timeout,
-            read_timeout=self._timeout,
-            ssl_context=tls_context(self._client.session.verify)
-            if url.startswith("https:")
-            else None,
-        )
+        pool: Pool | None = None
+        try:
+            context = tls_context(self._client.session.verify) if url.startswith("https:") else None
+        except Exception:
+            # No CA to verify with (a CA file missing or not one): no pool, so every secret
+            # is read through hvac, which says what is wrong as it always did.
+            context = None
+        else:
+            pool = Pool(
+                url, connect_timeout=self._timeout, read_timeout=self._timeout, ssl_context=context
+            )
         try:
             yield BulkReads(self, pool, asyncio.Semaphore(limit))
         finally:
-            await pool.close()
+            if pool is not None:
+                await pool.close()
 
     async def request(self, kind: str, path: str) -> tuple[str, dict[str, str]]:
         """The target (path under the Vault address) and headers of a read of `kind` (data,
@@ -95,7 +104,7 @@ class BulkReader:
 class BulkReads:
     """One session's reads (`BulkReader.session`)."""
 
-    def __init__(self, reader: BulkReader, pool: Pool, slots: asyncio.Semaphore) -> None:
+    def __init__(self, reader: BulkReader, pool: Pool | None, slots: asyncio.Semaphore) -> None:
         self._reader = reader
         self._pool = pool
         self._slots = slots
@@ -111,7 +120,10 @@ class BulkReads:
         return None if body is None else _versions(body)
 
     async def _get(self, kind: str, path: str) -> Any:
-        """The parsed answer (None: 404); `Unanswered` for anything but 200 and 404."""
+        """The parsed answer (None: 404); `Unanswered` for anything but 200 and 404 (and
+        for everything without a pool: no TLS context could be made)."""
+        if self._pool is None:
+            raise Unanswered("no TLS context")
         target, headers = await self._reader.request(kind, path)
         try:
             async with self._slots, asyncio.timeout(self._reader.timeout):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import os
 import secrets
 import shutil
@@ -22,6 +23,7 @@ from support.servers import REQUIRED_SCOPES, RunningBroker, RunningSandbox
 from broker.errors import StoreConflict, StoreIntegrityError, StoreUnavailable
 from broker.records import ApiKey, TenantRecord, TenantState
 from broker.settings import ConfigError, load_settings
+from broker.stores.crypto import Sealer
 from broker.stores.factory import open_store
 from broker.stores.local import LocalStore
 
@@ -141,25 +143,95 @@ async def test_a_wrong_master_key_is_refused_at_open(store_dir: Path) -> None:
         LocalStore(store_dir, master_key=os.urandom(32))
 
 
-async def test_a_store_without_records_checks_the_master_key_at_its_first_write(
-    store_dir: Path,
+def no_cipher(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From now on, loading the cipher (cryptography) fails the test."""
+
+    def refused(self: Sealer) -> None:
+        raise AssertionError("the cipher was loaded")
+
+    monkeypatch.setattr(Sealer, "_cipher", refused)
+
+
+async def test_a_store_without_records_refuses_a_wrong_master_key_at_open(
+    store_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # No record to open at start: the cipher (and the check) wait for the first key
-    # sealed (docs/decisions.md, "What `broker serve` imports when"), then refuse as at open.
-    first = LocalStore(store_dir, master_key=os.urandom(32))
+    """A store that sealed a key once, and holds no record now: a wrong master key is
+    refused at start, not at the first activation, and without loading the cipher (the
+    store keeps a fingerprint of its key: docs/decisions.md)."""
+    master_key = os.urandom(32)
+    first = LocalStore(store_dir, master_key=master_key)
     await first.put(record("acme"))
     assert await first.delete("acme")
     await first.close()
 
-    other = LocalStore(store_dir, master_key=os.urandom(32))
+    no_cipher(monkeypatch)
+    with pytest.raises(StoreIntegrityError, match="wrong master key") as refused:
+        LocalStore(store_dir, master_key=os.urandom(32))
+    assert refused.value.message.startswith("The master key does not open ")
+    assert "\n" not in refused.value.message
+    right = LocalStore(store_dir, master_key=master_key)  # the right key opens it, cipher-less
     try:
-        assert await other.list() == []
-        with pytest.raises(StoreIntegrityError, match="wrong master key") as refused:
-            await other.put(record("beta"))
-        assert "The master key does not open" in refused.value.message
-        assert await other.list() == []
+        assert await right.list() == []
     finally:
-        await other.close()
+        await right.close()
+
+
+def fingerprint_of(directory: Path) -> object:
+    with sqlite3.connect(directory / "tenants.db") as conn:
+        row = conn.execute("SELECT value FROM meta WHERE name = 'key_fingerprint'").fetchone()
+    conn.close()
+    return None if row is None else row[0]
+
+
+async def test_the_fingerprint_tells_the_key_without_holding_it(store_dir: Path) -> None:
+    master_key = os.urandom(32)
+    store = LocalStore(store_dir, master_key=master_key)
+    try:
+        await store.put(record("acme"))
+    finally:
+        await store.close()
+    fingerprint = fingerprint_of(store_dir)
+    assert isinstance(fingerprint, str) and len(fingerprint) == 64  # HMAC-SHA256, hex
+    for form in (master_key, master_key.hex().encode(), base64.b64encode(master_key)):
+        assert files_holding(store_dir, form) == []
+    assert fingerprint != hashlib.sha256(master_key).hexdigest()  # keyed, not a bare hash
+
+
+async def test_a_store_made_before_fingerprints_is_checked_once_then_fingerprinted(
+    store_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    master_key = os.urandom(32)
+    first = LocalStore(store_dir, master_key=master_key)
+    await first.put(record("acme"))
+    assert await first.delete("acme")
+    await first.close()
+    with sqlite3.connect(store_dir / "tenants.db") as conn:  # as a store made before them
+        conn.execute("DELETE FROM meta WHERE name = 'key_fingerprint'")
+    conn.close()
+
+    # Its sealed key check still refuses a wrong key at open (the cipher loaded for it).
+    with pytest.raises(StoreIntegrityError, match="wrong master key"):
+        LocalStore(store_dir, master_key=os.urandom(32))
+    assert fingerprint_of(store_dir) is None
+    # The right key passes the check, and the store is fingerprinted from then on.
+    await LocalStore(store_dir, master_key=master_key).close()
+    assert fingerprint_of(store_dir) is not None
+    no_cipher(monkeypatch)
+    with pytest.raises(StoreIntegrityError, match="wrong master key"):
+        LocalStore(store_dir, master_key=os.urandom(32))
+
+
+async def test_a_store_that_never_sealed_a_key_takes_any_master_key(store_dir: Path) -> None:
+    """Nothing sealed, nothing to protect: the key is bound at the first key sealed."""
+    await LocalStore(store_dir, master_key=os.urandom(32)).close()
+    assert fingerprint_of(store_dir) is None
+    master_key = os.urandom(32)
+    store = LocalStore(store_dir, master_key=master_key)
+    try:
+        await store.put(record("acme"))
+    finally:
+        await store.close()
+    assert fingerprint_of(store_dir) is not None
 
 
 async def test_a_store_checks_the_first_key_it_seals_against_later_opens(

@@ -5,20 +5,29 @@ answer plainly is read through hvac."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import secrets
 import ssl
-from collections.abc import Callable
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import hvac
 import pytest
 import requests.utils
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from support.openbao_server import BROKER_POLICY, OpenBao, vault_settings
 
 from broker.records import ApiKey, TenantRecord, TenantState
 from broker.stores.factory import open_vault_store
 from broker.stores.vault import VaultStore
+from broker.stores.vault_auth import build_client
 from broker.stores.vault_bulk import BulkReader, BulkReads, Unanswered, tls_context
 
 T0 = datetime(2025, 3, 14, 9, 26, 53, tzinfo=UTC)
@@ -230,3 +239,107 @@ async def test_a_bulk_read_asks_as_hvac_would() -> None:
         "X-Vault-Namespace": "team-a",
     }
     assert ensured == [True]  # the token is made sure of before every read
+
+
+# -- BROKER_VAULT_CACERT: a file or a directory, and one that cannot be used ----------------------
+
+
+def ca_certificate(directory: Path) -> ssl.SSLContext:
+    """A self-signed CA certificate for localhost, put in `directory` under the name OpenSSL
+    looks it up by (`<subject hash>.0`, as `c_rehash` names it); the server's TLS context."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    # OpenSSL's X509_NAME_hash: SHA-1 of the name's canonical DER (a lower-case UTF8String
+    # common name already is), without its outer SEQUENCE header; 4 bytes, little-endian.
+    name = subject.public_bytes()
+    assert name[0] == 0x30 and name[1] < 0x80
+    digest = hashlib.sha1(name[2:], usedforsecurity=False).digest()
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    (directory / f"{int.from_bytes(digest[:4], 'little'):08x}.0").write_bytes(pem)
+    keyfile = directory.parent / "server.key"
+    keyfile.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    certfile = directory.parent / "server.pem"
+    certfile.write_bytes(pem)
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(certfile, keyfile)
+    return server
+
+
+@asynccontextmanager
+async def tls_vault(context: ssl.SSLContext) -> AsyncIterator[str]:
+    """An https stand-in for Vault on 127.0.0.1 that answers every read with one secret."""
+    body = json.dumps({"data": {"data": {"k": "v"}, "metadata": {"version": 3}}}).encode()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while await reader.readuntil(b"\r\n\r\n"):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"https://localhost:{port}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def nothing_to_ensure() -> None:
+    return None
+
+
+async def test_a_ca_directory_is_trusted_as_requests_would(tmp_path: Path) -> None:
+    """BROKER_VAULT_CACERT may name a directory of CA certificates (requests, so hvac,
+    accepts one): the bulk read trusts what is in it, and only that."""
+    trusted, empty = tmp_path / "ca", tmp_path / "empty"
+    trusted.mkdir()
+    empty.mkdir()
+    async with tls_vault(ca_certificate(trusted)) as url:
+        client = build_client(url, cacert=trusted)
+        async with BulkReader(client, nothing_to_ensure, mount="kv", timeout=5).session(2) as reads:
+            assert await reads.read("pleo-broker/tenants/acme") == ({"k": "v"}, 3)
+        # The same server, with a directory that does not hold its CA: not verified.
+        client = build_client(url, cacert=empty)
+        async with BulkReader(client, nothing_to_ensure, mount="kv", timeout=5).session(2) as reads:
+            with pytest.raises(Unanswered):
+                await reads.read("pleo-broker/tenants/acme")
+
+
+@pytest.mark.parametrize("cacert", ["missing.pem", "garbage.pem"])
+async def test_a_ca_the_bulk_read_cannot_load_leaves_every_read_to_hvac(
+    tmp_path: Path, cacert: str
+) -> None:
+    """No TLS context can be built (a CA file missing or unreadable): the session opens
+    anyway and answers nothing, so each secret is read through hvac, which reports the CA
+    problem in its own words, rather than the list failing with an OSError."""
+    (tmp_path / "garbage.pem").write_text("not a certificate")
+    client = build_client("https://vault.example:8200", cacert=tmp_path / cacert)
+    async with BulkReader(client, nothing_to_ensure, mount="kv", timeout=1).session(2) as reads:
+        with pytest.raises(Unanswered):
+            await reads.read("pleo-broker/tenants/acme")
+        with pytest.raises(Unanswered):
+            await reads.metadata("pleo-broker/tenants/acme")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from broker.protocol import Limits
 from broker.sandbox import SandboxState, create_app
 from broker.server import Listener, bind, run_listeners, serve
 from broker.settings import Settings
@@ -79,13 +80,15 @@ class RunningSandbox:
     thread: ThreadedLoop
 
 
-def start_app(app: Any) -> tuple[str, ThreadedLoop]:
-    """Serve an ASGI app on a free 127.0.0.1 port; returns its URL and its thread."""
+def start_app(app: Any, limits: Limits | None = None) -> tuple[str, ThreadedLoop]:
+    """Serve an ASGI app on a free 127.0.0.1 port (under `limits`, if given); returns its URL
+    and its thread."""
     sock = bind("127.0.0.1", 0)
     port = sock.getsockname()[1]
+    listener = Listener("app", app, sock, limits=limits or Limits())
 
     async def start(stop: asyncio.Event, started: Callable[..., None]) -> None:
-        await run_listeners([Listener("app", app, sock)], stop=stop, started=started)
+        await run_listeners([listener], stop=stop, started=started)
 
     return f"http://127.0.0.1:{port}", ThreadedLoop(start)
 
