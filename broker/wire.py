@@ -86,6 +86,7 @@ class Connection(asyncio.Protocol):
         self._head_only = False  # HEAD: the answer has no body whatever its headers say
         self._error: WireError | None = None
         self.received = 0  # bytes of the current request's answer so far
+        self.reusable = True  # False: closed once its answer is read, never pooled again
         self._head_deadline: float | None = None  # the answer's head is due by then
 
     # asyncio.Protocol
@@ -180,7 +181,7 @@ class Connection(asyncio.Protocol):
         assert answer is not None
         if answer.started:
             answer.complete = True
-            if not self.parser.should_keep_alive():
+            if not self.parser.should_keep_alive() or self.parser.get_http_version() != "1.1":
                 self.closed = True
 
     # the request

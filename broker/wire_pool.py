@@ -31,6 +31,7 @@ from collections.abc import AsyncIterable
 from urllib.parse import unquote, urlsplit
 
 from broker.wire import (
+    MAX_ANSWER_HEAD,
     ConnectError,
     Connection,
     ConnectTimeout,
@@ -165,6 +166,8 @@ class Pool:
         elif body is not None:
             declared = given
             framing = "" if given is not None else "Transfer-Encoding: chunked\r\n"
+        elif given not in (None, 0):
+            raise ValueError("a Content-Length was given for a request without a body")
         elif given is not None or method in BODILESS:
             framing = ""
         else:
@@ -190,6 +193,11 @@ class Pool:
             else:
                 answer = connection.send_head(head, head_only=head_only)
                 await self._stream(connection, body, declared)
+            if body is not None and (method in BODILESS or answer.started):
+                # A body where a server may not expect one (it might read it as the next
+                # request), or one answered before it was all sent (the server may not read
+                # the rest): the connection serves this request only.
+                connection.reusable = False
             connection.expect_head()
             while not answer.started:
                 await connection.wait()
@@ -243,7 +251,13 @@ class Pool:
     def _release(self, connection: Connection) -> None:
         """An answer was read to its end (or dropped): keep its connection if it may be."""
         transport = connection.transport
-        if self.closed or connection.closed or transport is None or transport.is_closing():
+        if (
+            self.closed
+            or connection.closed
+            or not connection.reusable
+            or transport is None
+            or transport.is_closing()
+        ):
             connection.abort()
             return
         now = asyncio.get_running_loop().time()
@@ -337,11 +351,20 @@ class _Tunnel(asyncio.Protocol):
         self._head = b""
 
     def data_received(self, data: bytes) -> None:
+        if self.status.done():
+            return
+        searched = max(0, len(self._head) - 3)  # the end may straddle two reads
         self._head += data
-        if b"\r\n\r\n" in self._head and not self.status.done():
+        if self._head.find(b"\r\n\r\n", searched) != -1:
             parts = self._head.split(b" ", 2)
             ok = len(parts) > 1 and parts[1].isdigit()
             self.status.set_result(int(parts[1]) if ok else 0)
+        elif len(self._head) > MAX_ANSWER_HEAD:
+            self.status.set_exception(
+                ProxyRefused(
+                    f"The egress proxy's CONNECT answer head is over {MAX_ANSWER_HEAD} bytes"
+                )
+            )
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.status.done():

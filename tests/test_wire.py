@@ -929,3 +929,80 @@ async def test_a_body_read_whole_is_bounded() -> None:
         response = await client.request("GET", "/", {}, None)
         assert len(await response.read(limit=5000)) == 5000
         await client.close()
+
+
+@on_both_loops
+async def test_a_connection_that_carried_a_body_on_a_bodiless_method_is_not_reused() -> None:
+    # A server that ignores a GET's Content-Length would read the body as the next request:
+    # another tenant's, on the shared pool. Such a connection serves no second request.
+    async with serving(keep_answering) as origin:
+        client = pool(origin.url)
+        for method in ("GET", "OPTIONS"):
+            response = await client.request(method, "/", {"content-length": "4"}, pieces(b"GET "))
+            assert await response.read() == b"conn %d" % origin.connections
+        assert await get(client) == (200, b"conn 3")
+        assert await get(client) == (200, b"conn 3")  # an ordinary GET's connection is kept
+        await client.close()
+
+
+@on_both_loops
+async def test_a_connection_answered_before_its_body_was_sent_is_not_reused() -> None:
+    async def early(origin: Origin, reader: Reader, writer: Writer, number: int) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        origin.requests.append(head)
+        writer.write(answer(b"early %d" % number))  # before the body, which it reads after
+        await writer.drain()
+        await reader.readexactly(6)
+        await keep_answering(origin, reader, writer, number)
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        yield b"abc"
+        await asyncio.sleep(0.1)
+        yield b"def"
+
+    async with serving(early) as origin:
+        client = pool(origin.url)
+        response = await client.request("POST", "/", {"content-length": "6"}, slow_body())
+        assert await response.read() == b"early 1"
+        assert await get(client) == (200, b"early 2")  # a new connection
+        await client.close()
+
+
+@on_both_loops
+async def test_an_http_1_0_answer_is_not_reused_even_if_kept_alive() -> None:
+    async def old(origin: Origin, reader: Reader, writer: Writer, number: int) -> None:
+        while await read_request(reader) is not None:
+            writer.write(
+                answer(b"conn %d" % number, extra=b"Connection: keep-alive\r\n", version=b"1.0")
+            )
+            await writer.drain()
+
+    async with serving(old) as origin:
+        client = pool(origin.url)
+        assert [await get(client) for _ in range(2)] == [(200, b"conn 1"), (200, b"conn 2")]
+        await client.close()
+
+
+@on_both_loops
+async def test_a_length_given_without_a_body_is_refused() -> None:
+    client = pool("http://127.0.0.1:9")
+    with pytest.raises(ValueError):
+        await client.request("GET", "/", {"content-length": "5"}, None)
+    await client.close()
+
+
+@on_both_loops
+async def test_an_egress_proxys_endless_connect_answer_is_cut_off() -> None:
+    async def endless(origin: Origin, reader: Reader, writer: Writer, number: int) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 Connection Established\r\nX-Pad: ")
+        for _ in range(64):
+            writer.write(b"x" * 16384)
+            await writer.drain()
+        await reader.read()
+
+    async with serving(endless) as proxy:
+        client = pool("https://pleo.example", proxy=proxy.url, connect_timeout=5.0)
+        with pytest.raises(wire.ProxyRefused, match="head"):
+            await client.request("GET", "/", {}, None)
+        await client.close()

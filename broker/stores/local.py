@@ -263,7 +263,7 @@ class LocalStore:
                 self._check_master_key(conn, writable=writable)
             return  # else nothing was ever sealed: the first key sealed binds the store
         if not isinstance(stored, str) or not hmac.compare_digest(
-            stored, self._sealer.fingerprint()
+            stored.encode("utf-8", "replace"), self._sealer.fingerprint().encode("ascii")
         ):
             raise self._wrong_key()
 

@@ -772,3 +772,17 @@ async def test_a_read_only_store_with_changes_only_in_its_log_is_refused(tmp_pat
 
         with pytest.raises(StoreUnavailable, match="write-ahead log"):
             LocalStore(directory, master_key=master_key)
+
+
+@pytest.mark.parametrize("stored", ["é" * 64, "", "00"], ids=["non-ascii", "empty", "short"])
+async def test_a_damaged_fingerprint_is_a_wrong_key_not_a_crash(
+    store_dir: Path, stored: str
+) -> None:
+    master_key = os.urandom(32)
+    first = LocalStore(store_dir, master_key=master_key)
+    await first.put(record("acme"))
+    await first.close()
+    with sqlite3.connect(store_dir / "tenants.db") as conn:
+        conn.execute("UPDATE meta SET value = ? WHERE name = 'key_fingerprint'", (stored,))
+    with pytest.raises(StoreIntegrityError, match="wrong master key"):
+        LocalStore(store_dir, master_key=master_key)
