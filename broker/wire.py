@@ -96,6 +96,9 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         answer = self.answer
         if answer is not None and not answer.complete:
             if answer.started and not answer.length_known and not self._head_only and exc is None:
@@ -220,20 +223,25 @@ class Connection(asyncio.Protocol):
         without any byte from the server)."""
         if self._error is not None:
             raise self._error
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         self._waiter = waiter = loop.create_future()
         self._last_data = loop.time()
-        self._timer = loop.call_at(self._due(), self._timed_out)
+        # One timer a connection, not one a wait: it fires no later than any wait's due
+        # moment (those only move later) and re-arms itself while someone waits.
+        if self._timer is None:
+            self._timer = loop.call_at(self._due(), self._timed_out)
         try:
             await waiter
         finally:
             self._waiter = None
-            self._timer.cancel()
         if self._error is not None:
             raise self._error
 
     def _timed_out(self) -> None:
-        loop = asyncio.get_running_loop()
+        self._timer = None
+        if self._waiter is None:
+            return  # nobody waits: the next wait arms it again
+        loop = self._loop
         due = self._due()
         if loop.time() < due:  # bytes arrived meanwhile: the wait goes on
             self._timer = loop.call_at(due, self._timed_out)
@@ -262,6 +270,9 @@ class Connection(asyncio.Protocol):
 
     def abort(self) -> None:
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.transport is not None:
             self.transport.abort()
 

@@ -607,3 +607,11 @@ def test_tenants_taking_turns_share_one_remembered_target() -> None:
         decisions.decide(
             "GET", b"/v3/export-jobs", b"limit=5", company_id=companies[0], scopes=frozenset()
         )
+
+
+def test_a_filled_in_company_id_is_percent_encoded_when_it_needs_to_be() -> None:
+    policy = Policy(CATALOG)
+    plain = policy.decide("GET", b"/v3/export-jobs", b"", company_id=COMPANY, scopes=ALL_SCOPES)
+    assert plain.query_string == b"company_id=" + C
+    odd = policy.decide("GET", b"/v3/export-jobs", b"a=1", company_id="a b/c&d", scopes=ALL_SCOPES)
+    assert odd.query_string == b"a=1&company_id=a%20b%2Fc%26d"
