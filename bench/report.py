@@ -300,18 +300,31 @@ BEGIN_MARK = "<!-- bench-results -->"
 END_MARK = "<!-- /bench-results -->"
 
 
-def update_document(path: Path, header: str, report: Report) -> None:
-    """Replace the block between `BEGIN_MARK` and `END_MARK` in `path` (the README's
-    performance section, docs/performance.md) with this run's header and tables."""
-    text = path.read_text(encoding="utf-8")
-    begin, end = text.find(BEGIN_MARK), text.find(END_MARK)
-    if begin < 0 or end < begin:
+def results_block(text: str) -> tuple[int, int]:
+    """The line numbers of the results block's two marker lines in `text`: each marker alone
+    on its line, once (a marker quoted in prose is not one)."""
+    lines = text.split("\n")
+    begins = [i for i, line in enumerate(lines) if line.strip() == BEGIN_MARK]
+    ends = [i for i, line in enumerate(lines) if line.strip() == END_MARK]
+    if len(begins) != 1 or len(ends) != 1 or ends[0] < begins[0]:
         raise ValueError(
-            f"{path} has no block to regenerate: it needs a line {BEGIN_MARK}"
-            f" and, after it, a line {END_MARK}"
+            f"no single block to regenerate: it needs one line {BEGIN_MARK} and, after it,"
+            f" one line {END_MARK}"
         )
-    block = "\n".join([BEGIN_MARK, header, "", *table_lines(report), ""])
-    path.write_text(text[:begin] + block + text[end:], encoding="utf-8")
+    return begins[0], ends[0]
+
+
+def update_document(path: Path, header: str, report: Report) -> None:
+    """Replace the block between the `BEGIN_MARK` and `END_MARK` lines of `path` (the
+    README's performance section, docs/performance.md) with this run's header and tables."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        begin, end = results_block(text)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    lines = text.split("\n")
+    block = [BEGIN_MARK, header, "", *table_lines(report), ""]
+    path.write_text("\n".join([*lines[:begin], *block, *lines[end:]]), encoding="utf-8")
 
 
 def write(report: Report, out_dir: Path, header: str) -> tuple[Path, Path]:

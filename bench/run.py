@@ -107,8 +107,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.start_rounds < 1:
         parser.error("start rounds must be positive")
     for path in args.update:
-        if not path.is_file() or report.BEGIN_MARK not in path.read_text(encoding="utf-8"):
-            parser.error(f"--update {path}: no such file with a {report.BEGIN_MARK} block")
+        if not path.is_file():
+            parser.error(f"--update {path}: no such file")
+        try:
+            report.results_block(path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            parser.error(f"--update {path}: {exc}")
     if args.duration <= 0 or args.rounds < 1 or args.tenants < 1 or args.transfer_mb < 1:
         parser.error("duration, rounds, tenants and transfer size must be positive")
     if not 0 < max(args.duration, args.warmup) <= 120:

@@ -361,5 +361,23 @@ def test_a_document_without_a_results_block_is_refused_before_the_run(tmp_path: 
         parse_args(["--update", str(tmp_path / "missing.md")])
     readme = Path(__file__).resolve().parents[1] / "README.md"
     assert parse_args(["--update", str(readme)]).update == [readme]
-    with pytest.raises(ValueError, match="no block to regenerate"):
+    with pytest.raises(ValueError, match="no single block to regenerate"):
         report.update_document(plain, "header", report.Report(FAST, _memory(), [], {}))
+
+
+def test_a_marker_quoted_in_prose_is_not_the_block(tmp_path: Path) -> None:
+    # The first version took the first occurrence of the marker, quoted in a sentence above
+    # the block, and replaced the whole page between that sentence and the block's end.
+    checks = report.evaluate(FAST, _memory(), startup=STARTUP)
+    result = report.Report(FAST, _memory(), checks, {"rounds": 3}, startup=STARTUP)
+    page = tmp_path / "performance.md"
+    prose = f"The bench regenerates the block between `{report.BEGIN_MARK}` markers.\n\n## Keep\n"
+    page.write_text(f"{prose}\n{report.BEGIN_MARK}\nold\n{report.END_MARK}\n\n## After\n")
+    report.update_document(page, "Measured now.", result)
+    text = page.read_text()
+    assert text.startswith(prose) and text.endswith(f"{report.END_MARK}\n\n## After\n")
+    assert "old" not in text and "Measured now." in text
+    twice = tmp_path / "twice.md"
+    twice.write_text(f"{report.BEGIN_MARK}\n{report.END_MARK}\n{report.BEGIN_MARK}\n")
+    with pytest.raises(SystemExit):
+        parse_args(["--update", str(twice)])
