@@ -6,11 +6,7 @@ path, a tenant id or a key.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-from broker.records import TenantRecord, TenantState
 
 UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0)
@@ -102,11 +98,3 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-
-    def count_tenants(self, records: Iterable[TenantRecord]) -> None:
-        """Set `broker_tenants{state}` from every known record."""
-        counts = dict.fromkeys(TenantState, 0)
-        for record in records:
-            counts[record.state] += 1
-        for state, count in counts.items():
-            self.tenants.labels(state=state.value).set(count)
