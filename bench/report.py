@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -316,7 +317,8 @@ def results_block(text: str) -> tuple[int, int]:
 
 def update_document(path: Path, header: str, report: Report) -> None:
     """Replace the block between the `BEGIN_MARK` and `END_MARK` lines of `path` (the
-    README's performance section, docs/performance.md) with this run's header and tables."""
+    README's performance section, docs/performance.md) with this run's header and tables;
+    the new text replaces the file whole (written beside it, then renamed over it)."""
     text = path.read_text(encoding="utf-8")
     try:
         begin, end = results_block(text)
@@ -324,7 +326,9 @@ def update_document(path: Path, header: str, report: Report) -> None:
         raise ValueError(f"{path}: {exc}") from None
     lines = text.split("\n")
     block = [BEGIN_MARK, header, "", *table_lines(report), ""]
-    path.write_text("\n".join([*lines[:begin], *block, *lines[end:]]), encoding="utf-8")
+    written = path.with_name(path.name + ".tmp")
+    written.write_text("\n".join([*lines[:begin], *block, *lines[end:]]), encoding="utf-8")
+    os.replace(written, path)
 
 
 def write(report: Report, out_dir: Path, header: str) -> tuple[Path, Path]:

@@ -140,8 +140,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     header = _header(args, result.settings)
     json_path, md_path = report.write(result, args.out, header)
-    for path in args.update:
-        report.update_document(path, header, result)
+    try:
+        for path in args.update:  # each checked again now: documents edited during the run
+            report.results_block(path.read_text(encoding="utf-8"))
+        for path in args.update:
+            report.update_document(path, header, result)
+    except (OSError, ValueError) as exc:
+        print(f"bench: the results are in {md_path}, but not in {path}: {exc}", file=sys.stderr)
+        return 1
     print()
     print(header)
     print()

@@ -195,12 +195,16 @@ class Pool:
                 await self._stream(connection, body, declared)
             if body is not None and (method in BODILESS or answer.started):
                 # A body where a server may not expect one (it might read it as the next
-                # request), or one answered before it was all sent (the server may not read
-                # the rest): the connection serves this request only.
+                # request), or one answered before it was all handed to the transport (the
+                # server may not read the rest): the connection serves this request only.
                 connection.reusable = False
             connection.expect_head()
             while not answer.started:
                 await connection.wait()
+            if answer.status >= 400 and body is not None and body != b"":
+                # Refused: a server that answers on the head may never read the body, which
+                # it would then take for the start of the next request on this connection.
+                connection.reusable = False
         except BaseException:
             connection.abort()
             raise

@@ -1006,3 +1006,31 @@ async def test_an_egress_proxys_endless_connect_answer_is_cut_off() -> None:
         with pytest.raises(wire.ProxyRefused, match="head"):
             await client.request("GET", "/", {}, None)
         await client.close()
+
+
+@on_both_loops
+async def test_a_connection_whose_body_was_refused_is_not_reused() -> None:
+    # A server answering on the head without reading the body (and not closing) would take
+    # the body for the next request: another tenant's, its key appended.
+    async def heads_only(origin: Origin, reader: Reader, writer: Writer, number: int) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            origin.requests.append(head)
+            status = b"401 Unauthorized" if head.startswith(b"POST") else b"200 OK"
+            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 6\r\n\r\nconn %d" % number)
+            await writer.drain()
+
+    async with serving(heads_only) as origin:
+        client = pool(origin.url)
+        smuggled = b"GET /v1/admin HTTP/1.1\r\nHost: x\r\nX: "
+        for body in (smuggled, pieces(smuggled)):
+            headers = {"content-length": str(len(smuggled))}
+            response = await client.request("POST", "/upload", headers, body)
+            assert (response.status, await response.read()) == (
+                401,
+                b"conn %d" % origin.connections,
+            )
+            fresh = b"conn %d" % (origin.connections + 1)
+            assert await get(client, "/v1/expenses") == (200, fresh)
+        assert [r.split(b" ")[1] for r in origin.requests] == [b"/upload", b"/v1/expenses"] * 2
+        await client.close()
