@@ -250,7 +250,8 @@ def run_once(args: argparse.Namespace) -> Measured:
 # Where a function's own time is counted: the first area whose marker is in its file name.
 AREAS = (
     ("bench/", "the bench's client and upstream"),
-    ("broker/protocol.py", "listener protocol (broker/protocol.py)"),
+    ("broker/protocol.py", "listener protocol (broker/protocol.py, listener_cycle.py)"),
+    ("broker/listener_cycle.py", "listener protocol (broker/protocol.py, listener_cycle.py)"),
     ("uvicorn/", "uvicorn (ASGI cycle, parser callbacks)"),
     ("broker/", "proxy app (broker/proxy, headers, policy, timing…)"),
     ("prometheus_client/", "metrics (prometheus_client)"),

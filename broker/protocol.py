@@ -1,5 +1,7 @@
 """The HTTP/1.1 protocol of the broker's listeners: uvicorn's httptools parser, with limits.
 
+Each request's answer is written by its cycle, `broker.listener_cycle.ListenerCycle`.
+
 Each listener gets its own subclass (`protocol_for`) carrying its `Limits` and its
 `RefusalLog`; a refusal is answered in JSON like every other error, and the connection closes.
 """
@@ -7,30 +9,25 @@ Each listener gets its own subclass (`protocol_for`) carrying its `Limits` and i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import httptools
 from uvicorn import __version__ as uvicorn_version
-from uvicorn._types import ASGI3Application, ASGISendEvent
 from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import (
-    HEADER_RE,
-    HEADER_VALUE_RE,
     STATUS_LINE,
     HttpToolsProtocol,
     RequestResponseCycle,
 )
-from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
 from broker import errors
 from broker.events import emit
+from broker.listener_cycle import ListenerCycle
 
 # The uvicorn versions this module works with, [from, below): it builds on uvicorn's private
 # HTTP protocol (`HttpToolsProtocol._start_asgi_task` came in 0.45; `HEADER_VALUE_RE` allows
@@ -115,205 +112,6 @@ class RefusalLog:
             client=client,
             count=count,
         )
-
-
-def _answered(*_: object) -> None:
-    """A cycle's `on_response` once its app has returned: nothing left to tell."""
-
-
-# Statuses whose answers never have a body (RFC 9110 §15: 1xx, 204, 304).
-_BODILESS = frozenset((*range(100, 200), 204, 304))
-
-# Response headers whose values change how the answer is framed or the connection ends.
-_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection"})
-
-
-class ListenerCycle(RequestResponseCycle):
-    """uvicorn's request/response cycle, writing an answer's head with its first body message.
-
-    uvicorn writes the head when the app sends `http.response.start` and the body when it sends
-    `http.response.body`: two writes (two system calls, and the caller woken twice) for an
-    answer whose body was in hand all along. Here the head is held until the first body
-    message, or until the event loop next runs anything else: a `call_soon` flushes it, so a
-    head is never held while the app waits (for Pleo's first chunk, say). A body message with
-    an empty chunk and `more_body` sends the head at once, as an app asks with it; a close
-    (the app failing, or returning mid-answer) flushes the head first, as before.
-
-    The head is checked as uvicorn checks it (no control character in a value, no separator
-    in a name), in two searches over all names and all values rather than two per header.
-
-    A request the end of the shutdown drain cancels before it answered is answered 503
-    `shutting_down` here (an answer already under way is cut short), with no wrapper around
-    every listener's app.
-    """
-
-    listener: ClassVar[str] = "listener"
-    loop: asyncio.AbstractEventLoop
-    _held = b""  # the answer's head, not yet written
-    _bodiless = False  # a HEAD request's answer, or a 1xx, 204 or 304: nothing after the head
-    _flusher: asyncio.Handle | None = None
-
-    async def run_asgi(self, app: ASGI3Application) -> None:
-        try:
-            try:
-                result = await app(self.scope, self.receive, self.send)  # type: ignore[func-returns-value]
-            except asyncio.CancelledError:
-                # uvicorn cancels what still runs when `timeout_graceful_shutdown` passes; left
-                # alone it would log a traceback and answer a text 500.
-                emit("listener.request_cancelled", level=logging.WARNING, listener=self.listener)
-                await answer_shutting_down(self.send)
-                result = None
-        except BaseException as exc:
-            self.logger.error("Exception in ASGI application\n", exc_info=exc)
-            if not self.response_started:
-                await self.send_500_response()
-            else:
-                self._close()
-        else:
-            await self._returned(result)
-        finally:
-            self.on_response = _answered
-
-    async def _returned(self, result: object) -> None:
-        if result is not None:
-            self.logger.error("ASGI callable should return None, but returned '%s'.", result)
-            self._close()
-        elif not self.response_started and not self.disconnected:
-            self.logger.error("ASGI callable returned without starting response.")
-            await self.send_500_response()
-        elif not self.response_complete and not self.disconnected:
-            self.logger.error("ASGI callable returned without completing response.")
-            self._close()
-
-    def _close(self) -> None:
-        self.flush()
-        self.transport.close()
-
-    def flush(self) -> None:
-        """Write the held head, if any (it goes out alone)."""
-        held = self._take_held()
-        if held and not self.transport.is_closing():
-            self.transport.write(held)
-
-    def _take_held(self) -> bytes:
-        held = self._held
-        if held:
-            self._held = b""
-            if self._flusher is not None:
-                self._flusher.cancel()
-                self._flusher = None
-        return held
-
-    async def send(self, message: ASGISendEvent) -> None:
-        if self.flow.write_paused and not self.disconnected:
-            await self.flow.drain()
-        if self.disconnected:
-            return
-        if not self.response_started:
-            if message["type"] != "http.response.start":
-                raise RuntimeError(
-                    f"Expected ASGI message 'http.response.start', but got '{message['type']}'."
-                )
-            self.response_started = True
-            self.waiting_for_100_continue = False
-            self._held = self._head(message["status"], message.get("headers", ()))
-            self._flusher = self.loop.call_soon(self.flush)
-        elif not self.response_complete:
-            if message["type"] != "http.response.body":
-                raise RuntimeError(
-                    f"Expected ASGI message 'http.response.body', but got '{message['type']}'."
-                )
-            self._body(message.get("body", b""), message.get("more_body", False))
-        else:
-            raise RuntimeError(
-                f"Unexpected ASGI message '{message['type']}' sent,"
-                " after response already completed."
-            )
-
-    def _head(self, status: int, headers: Any) -> bytes:
-        """The status line and header block (uvicorn's rules); raises RuntimeError if invalid."""
-        if self.default_headers:
-            headers = [*self.default_headers, *headers]
-        if self.access_log:
-            self.access_logger.info(
-                '%s - "%s %s HTTP/%s" %d',
-                get_client_addr(self.scope),
-                self.scope["method"],
-                get_path_with_query_string(self.scope),
-                self.scope["http_version"],
-                status,
-            )
-        lines = [STATUS_LINE[status]]
-        names = []
-        values = []
-        close = False
-        for name, value in headers:
-            names.append(name)
-            values.append(value)
-            name = name.lower()
-            if name in _FRAMING:
-                close = self._framing(name, value) or close
-            lines.append(b"%s: %s\r\n" % (name, value))
-        # A tab is allowed in a value and '-' in a name: joined, they change nothing found.
-        if HEADER_RE.search(b"-".join(names)):
-            raise RuntimeError("Invalid HTTP header name.")
-        if HEADER_VALUE_RE.search(b"\t".join(values)):
-            raise RuntimeError("Invalid HTTP header value.")
-        if not self.keep_alive and not close:
-            lines.append(b"connection: close\r\n")
-        if self.scope["method"] == "HEAD" or status in _BODILESS:
-            # No body follows, whatever Content-Length says (a 304 carries the full
-            # answer's): the answer is whole with its head (RFC 9112 §6.3).
-            self._bodiless = True
-            self.expected_content_length = 0
-        elif self.chunked_encoding is None:
-            self.chunked_encoding = True
-            lines.append(b"transfer-encoding: chunked\r\n")
-        lines.append(b"\r\n")
-        return b"".join(lines)
-
-    def _framing(self, name: bytes, value: bytes) -> bool:
-        """Take Content-Length, Transfer-Encoding or Connection; True if it says close."""
-        if name == b"content-length":
-            if self.chunked_encoding is None:
-                self.expected_content_length = int(value.decode())
-                self.chunked_encoding = False
-        elif name == b"transfer-encoding":
-            if value.lower() == b"chunked":
-                self.expected_content_length = 0
-                self.chunked_encoding = True
-        elif b"close" in [token.lower().strip() for token in value.split(b",")]:
-            self.keep_alive = False
-            return True
-        return False
-
-    def _body(self, body: bytes, more_body: bool) -> None:
-        data = self._framed(body, more_body)
-        held = self._take_held()
-        if held:
-            data = held + data
-        if data:
-            self.transport.write(data)
-        if not more_body:
-            if self.expected_content_length != 0:
-                raise RuntimeError("Response content shorter than Content-Length")
-            self.response_complete = True
-            self.message_event.set()
-            if not self.keep_alive:
-                self.transport.close()
-            self.on_response(self)
-
-    def _framed(self, body: bytes, more_body: bool) -> bytes:
-        """What a body message puts on the wire (uvicorn's rules)."""
-        if self._bodiless:
-            return b""
-        if self.chunked_encoding:
-            data = b"%x\r\n%s\r\n" % (len(body), body) if body else b""
-            return data + b"0\r\n\r\n" if not more_body else data
-        if len(body) > self.expected_content_length:
-            raise RuntimeError("Response content longer than Content-Length")
-        self.expected_content_length -= len(body)
-        return body
 
 
 class ListenerProtocol(HttpToolsProtocol):
@@ -648,19 +446,3 @@ def protocol_for(listener: str, limits: Limits) -> type[ListenerProtocol]:
         (ListenerProtocol,),
         {"limits": limits, "refusals": RefusalLog(listener), "cycle_class": cycle},
     )
-
-
-async def answer_shutting_down(send: Callable[[ASGISendEvent], Awaitable[None]]) -> None:
-    """503 `shutting_down`, unless the answer had started (then it is cut short)."""
-    error = errors.ShuttingDown()
-    body = json.dumps(error.to_body()).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"connection", b"close"),
-    ]
-    # A response already under way is refused with RuntimeError and writes nothing: the
-    # connection closes instead.
-    with contextlib.suppress(RuntimeError):
-        await send({"type": "http.response.start", "status": 503, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
