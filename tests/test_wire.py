@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime
 import inspect
-import ipaddress
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -21,10 +19,7 @@ from typing import Any
 
 import pytest
 import uvloop
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from support.certificates import self_signed
 
 from broker import wire
 from broker.wire_pool import KEEPALIVE, Pool
@@ -566,39 +561,10 @@ class Certificate:
 
 
 def make_certificate(tmp_path: Path, name: str) -> Certificate:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName(name), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-                if name == "localhost"
-                else [x509.DNSName(name)]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
+    # localhost also names 127.0.0.1, where the test servers listen.
+    made = self_signed(name, addresses=("127.0.0.1",) if name == "localhost" else ())
     cafile, keyfile = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
-    cafile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    keyfile.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server.load_cert_chain(cafile, keyfile)
+    server = made.server_context(cafile, keyfile)
     server.set_alpn_protocols(["http/1.1"])
     return Certificate(cafile, server)
 

@@ -11,17 +11,14 @@ import secrets
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import hvac
 import pytest
 import requests.utils
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from support.certificates import self_signed
 from support.openbao_server import BROKER_POLICY, OpenBao, vault_settings
 
 from broker.records import ApiKey, TenantRecord, TenantState
@@ -247,41 +244,14 @@ async def test_a_bulk_read_asks_as_hvac_would() -> None:
 def ca_certificate(directory: Path) -> ssl.SSLContext:
     """A self-signed CA certificate for localhost, put in `directory` under the name OpenSSL
     looks it up by (`<subject hash>.0`, as `c_rehash` names it); the server's TLS context."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(hours=1))
-        .not_valid_after(now + timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
+    made = self_signed("localhost")
     # OpenSSL's X509_NAME_hash: SHA-1 of the name's canonical DER (a lower-case UTF8String
     # common name already is), without its outer SEQUENCE header; 4 bytes, little-endian.
-    name = subject.public_bytes()
+    name = made.subject.public_bytes()
     assert name[0] == 0x30 and name[1] < 0x80
     digest = hashlib.sha1(name[2:], usedforsecurity=False).digest()
-    pem = cert.public_bytes(serialization.Encoding.PEM)
-    (directory / f"{int.from_bytes(digest[:4], 'little'):08x}.0").write_bytes(pem)
-    keyfile = directory.parent / "server.key"
-    keyfile.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    certfile = directory.parent / "server.pem"
-    certfile.write_bytes(pem)
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server.load_cert_chain(certfile, keyfile)
-    return server
+    (directory / f"{int.from_bytes(digest[:4], 'little'):08x}.0").write_bytes(made.cert_pem)
+    return made.server_context(directory.parent / "server.pem", directory.parent / "server.key")
 
 
 @asynccontextmanager
