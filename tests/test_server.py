@@ -166,24 +166,29 @@ def quick(make_broker: Callable[..., RunningBroker]) -> RunningBroker:
     return make_broker(header_timeout=0.5, idle_timeout=0.5)
 
 
+def trickle(sock: socket.socket) -> tuple[bytes, float]:
+    """Trickle a header byte by byte, each in time, the head never whole, until an answer
+    comes (at most 5 s); the answer and the seconds it took."""
+    started = time.monotonic()
+    sock.settimeout(0.1)
+    answer = b""
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        while time.monotonic() - started < 5:
+            sock.sendall(b"X")
+            try:
+                answer = sock.recv(65536)
+            except TimeoutError:
+                continue
+            break
+    return answer, time.monotonic() - started
+
+
 @pytest.mark.parametrize("listener", ["proxy", "admin"])
 def test_a_slowloris_head_is_answered_408_and_closed(quick: RunningBroker, listener: str) -> None:
     port = quick.proxy_port if listener == "proxy" else quick.admin_port
     with connect(port) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
-        started = time.monotonic()
-        sock.settimeout(0.1)
-        # Trickle a header byte by byte: every byte arrives in time, the head never ends.
-        answer = b""
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            while time.monotonic() - started < 5:
-                sock.sendall(b"X")
-                try:
-                    answer = sock.recv(65536)
-                except TimeoutError:
-                    continue
-                break
-        elapsed = time.monotonic() - started
+        answer, elapsed = trickle(sock)
     assert status_of(answer) == 408
     assert error_code(answer) == "header_timeout"
     assert elapsed < 3
@@ -200,18 +205,7 @@ def test_a_slowloris_head_after_an_answered_request_is_408(
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert read_response(sock).startswith(b"HTTP/1.1 ")
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
-        started = time.monotonic()
-        sock.settimeout(0.1)
-        answer = b""
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            while time.monotonic() - started < 5:
-                sock.sendall(b"X")  # each byte within the idle timeout, the head never whole
-                try:
-                    answer = sock.recv(65536)
-                except TimeoutError:
-                    continue
-                break
-        elapsed = time.monotonic() - started
+        answer, elapsed = trickle(sock)
     assert status_of(answer) == 408
     assert error_code(answer) == "header_timeout"
     assert elapsed < 3
