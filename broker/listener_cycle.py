@@ -1,5 +1,5 @@
-"""One request's answer on a listener connection: uvicorn's request/response cycle, with the
-answer's head written together with its first body message (`ListenerCycle`), and the 503 a
+"""One request's answer on a listener connection (`ListenerCycle`): the request's body handed
+to the app, the answer's head written together with its first body message, and the 503 a
 request the drain's end cancels gets (`answer_shutting_down`). `broker.protocol` parses the
 connection and makes one cycle per request.
 """
@@ -13,17 +13,11 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
-from uvicorn._types import ASGI3Application, ASGISendEvent
-from uvicorn.protocols.http.httptools_impl import (
-    HEADER_RE,
-    HEADER_VALUE_RE,
-    STATUS_LINE,
-    RequestResponseCycle,
-)
-from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
+from starlette.types import ASGIApp, Message, Scope
 
 from broker import errors
 from broker.events import emit
+from broker.http1 import HEADER_RE, HEADER_VALUE_RE, STATUS_LINE, FlowControl
 
 
 def _answered(*_: object) -> None:
@@ -36,19 +30,25 @@ _BODILESS = frozenset((*range(100, 200), 204, 304))
 # Response headers whose values change how the answer is framed or the connection ends.
 _FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection"})
 
+_INTERNAL_ERROR = (
+    STATUS_LINE[500]
+    + b"content-type: text/plain; charset=utf-8\r\ncontent-length: 21\r\nconnection: close\r\n\r\n"
+    + b"Internal Server Error"
+)
 
-class ListenerCycle(RequestResponseCycle):
-    """uvicorn's request/response cycle, writing an answer's head with its first body message.
 
-    uvicorn writes the head when the app sends `http.response.start` and the body when it sends
-    `http.response.body`: two writes (two system calls, and the caller woken twice) for an
-    answer whose body was in hand all along. Here the head is held until the first body
-    message, or until the event loop next runs anything else: a `call_soon` flushes it, so a
-    head is never held while the app waits (for Pleo's first chunk, say). A body message with
-    an empty chunk and `more_body` sends the head at once, as an app asks with it; a close
-    (the app failing, or returning mid-answer) flushes the head first, as before.
+class ListenerCycle:
+    """One request's answer, writing its head together with its first body message.
 
-    The head is checked as uvicorn checks it (no control character in a value, no separator
+    Writing the head when the app sends `http.response.start` and the body when it sends
+    `http.response.body` would be two writes (two system calls, and the caller woken twice)
+    for an answer whose body was in hand all along. Here the head is held until the first
+    body message, or until the event loop next runs anything else: a `call_soon` flushes it,
+    so a head is never held while the app waits (for Pleo's first chunk, say). A body message
+    with an empty chunk and `more_body` sends the head at once, as an app asks with it; a
+    close (the app failing, or returning mid-answer) flushes the head first.
+
+    The head is checked as uvicorn checked it (no control character in a value, no separator
     in a name), in two searches over all names and all values rather than two per header.
 
     A request the end of the shutdown drain cancels before it answered is answered 503
@@ -61,38 +61,103 @@ class ListenerCycle(RequestResponseCycle):
     _held = b""  # the answer's head, not yet written
     _bodiless = False  # a HEAD request's answer, or a 1xx, 204 or 304: nothing after the head
     _flusher: asyncio.Handle | None = None
+    _waiter: asyncio.Future[None] | None = None  # `receive` waiting for the connection
+    _woken = False  # something for `receive` happened since it last looked
 
-    async def run_asgi(self, app: ASGI3Application) -> None:
+    def __init__(
+        self,
+        scope: Scope,
+        transport: asyncio.Transport,
+        flow: FlowControl,
+        expect_100_continue: bool,
+        keep_alive: bool,
+        on_response: Callable[..., None],
+    ) -> None:
+        self.scope = scope
+        self.transport = transport
+        self.flow = flow
+        self.on_response = on_response
+        # The connection's state
+        self.disconnected = False
+        self.keep_alive = keep_alive
+        self.waiting_for_100_continue = expect_100_continue
+        # The request's
+        self.body = bytearray()
+        self.more_body = True
+        # The answer's
+        self.response_started = False
+        self.response_complete = False
+        self.chunked_encoding: bool | None = None
+        self.expected_content_length = 0
+
+    def wake(self) -> None:
+        """Tell a waiting `receive` that body, the body's end or a disconnect arrived."""
+        self._woken = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def receive(self) -> Message:
+        if self.waiting_for_100_continue and not self.transport.is_closing():
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.waiting_for_100_continue = False
+        if not self.disconnected and not self.response_complete:
+            self.flow.resume_reading()
+            if not self._woken:
+                self._waiter = self.loop.create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+            self._woken = False
+        if self.disconnected or self.response_complete:
+            return {"type": "http.disconnect"}
+        message = {"type": "http.request", "body": bytes(self.body), "more_body": self.more_body}
+        self.body = bytearray()
+        return message
+
+    async def run_asgi(self, app: ASGIApp) -> None:
         try:
             try:
                 result = await app(self.scope, self.receive, self.send)  # type: ignore[func-returns-value]
             except asyncio.CancelledError:
-                # uvicorn cancels what still runs when `timeout_graceful_shutdown` passes; left
-                # alone it would log a traceback and answer a text 500.
+                # The end of the shutdown drain cancels what still runs; left alone it would
+                # end in a traceback and a text 500.
                 emit("listener.request_cancelled", level=logging.WARNING, listener=self.listener)
                 await answer_shutting_down(self.send)
                 result = None
         except BaseException as exc:
-            self.logger.error("Exception in ASGI application\n", exc_info=exc)
+            self._failed("raised", error_type=type(exc).__name__)
             if not self.response_started:
-                await self.send_500_response()
+                self._internal_error()
             else:
                 self._close()
         else:
-            await self._returned(result)
+            self._returned(result)
         finally:
             self.on_response = _answered
 
-    async def _returned(self, result: object) -> None:
+    def _returned(self, result: object) -> None:
         if result is not None:
-            self.logger.error("ASGI callable should return None, but returned '%s'.", result)
+            self._failed("returned a value")
             self._close()
         elif not self.response_started and not self.disconnected:
-            self.logger.error("ASGI callable returned without starting response.")
-            await self.send_500_response()
+            self._failed("returned without starting an answer")
+            self._internal_error()
         elif not self.response_complete and not self.disconnected:
-            self.logger.error("ASGI callable returned without completing response.")
+            self._failed("returned without completing its answer")
             self._close()
+
+    def _failed(self, how: str, **fields: Any) -> None:
+        """Log the app's failure: its exception's type, never its message (it may hold data)."""
+        emit("listener.app_failed", level=logging.ERROR, listener=self.listener, how=how, **fields)
+
+    def _internal_error(self) -> None:
+        """A text 500 and close, for an app that failed before it answered."""
+        if not self.disconnected and not self.transport.is_closing():
+            self.transport.write(_INTERNAL_ERROR)
+            self.transport.close()
+        self.response_started = self.response_complete = True
 
     def _close(self) -> None:
         self.flush()
@@ -113,7 +178,7 @@ class ListenerCycle(RequestResponseCycle):
                 self._flusher = None
         return held
 
-    async def send(self, message: ASGISendEvent) -> None:
+    async def send(self, message: Message) -> None:
         if self.flow.write_paused and not self.disconnected:
             await self.flow.drain()
         if self.disconnected:
@@ -141,17 +206,6 @@ class ListenerCycle(RequestResponseCycle):
 
     def _head(self, status: int, headers: Any) -> bytes:
         """The status line and header block (uvicorn's rules); raises RuntimeError if invalid."""
-        if self.default_headers:
-            headers = [*self.default_headers, *headers]
-        if self.access_log:
-            self.access_logger.info(
-                '%s - "%s %s HTTP/%s" %d',
-                get_client_addr(self.scope),
-                self.scope["method"],
-                get_path_with_query_string(self.scope),
-                self.scope["http_version"],
-                status,
-            )
         lines = [STATUS_LINE[status]]
         names = []
         values = []
@@ -207,7 +261,7 @@ class ListenerCycle(RequestResponseCycle):
             if self.expected_content_length != 0:
                 raise RuntimeError("Response content shorter than Content-Length")
             self.response_complete = True
-            self.message_event.set()
+            self.wake()
             if not self.keep_alive:
                 self.transport.close()
             self.on_response(self)
@@ -225,7 +279,7 @@ class ListenerCycle(RequestResponseCycle):
         return body
 
 
-async def answer_shutting_down(send: Callable[[ASGISendEvent], Awaitable[None]]) -> None:
+async def answer_shutting_down(send: Callable[[Message], Awaitable[None]]) -> None:
     """503 `shutting_down`, unless the answer had started (then it is cut short)."""
     error = errors.ShuttingDown()
     body = json.dumps(error.to_body()).encode()

@@ -1,9 +1,11 @@
-"""The HTTP/1.1 protocol of the broker's listeners: uvicorn's httptools parser, with limits.
+"""The HTTP/1.1 protocol of the broker's listeners: the httptools parser, with limits.
 
 Each request's answer is written by its cycle, `broker.listener_cycle.ListenerCycle`.
 
 Each listener gets its own subclass (`protocol_for`) carrying its `Limits` and its
 `RefusalLog`; a refusal is answered in JSON like every other error, and the connection closes.
+What a listener's connections share (its app, its open connections, its running requests) is
+its `ListenerState`; `broker.server` makes one per listener and stops them.
 """
 
 from __future__ import annotations
@@ -13,46 +15,21 @@ import json
 import logging
 import time
 import urllib.parse
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import httptools
-from uvicorn import __version__ as uvicorn_version
-from uvicorn.protocols.http.flow_control import service_unavailable
-from uvicorn.protocols.http.httptools_impl import (
-    STATUS_LINE,
-    HttpToolsProtocol,
-    RequestResponseCycle,
-)
+from starlette.types import ASGIApp
 
 from broker import errors
 from broker.events import emit
+from broker.forwarded import forwarded
+from broker.http1 import HIGH_WATER_LIMIT, STATUS_LINE, FlowControl
 from broker.listener_cycle import ListenerCycle
 
-# The uvicorn versions this module works with, [from, below): it builds on uvicorn's private
-# HTTP protocol (`HttpToolsProtocol._start_asgi_task` came in 0.45; `HEADER_VALUE_RE` allows
-# a tab since 0.40). pyproject.toml requires the same range (tests/test_protocol_versions.py).
-UVICORN_FROM = (0, 45)
-UVICORN_BELOW = (0, 55)
-
-
-def check_uvicorn(version: str) -> None:
-    """Refuse a uvicorn outside `UVICORN_FROM`..`UVICORN_BELOW`, saying what to install,
-    rather than fail at the first request with an AttributeError."""
-    try:
-        found = tuple(int(part) for part in version.split(".")[:2])
-    except ValueError:
-        found = ()
-    if not UVICORN_FROM <= found < UVICORN_BELOW:
-        wanted = f">={'.'.join(map(str, UVICORN_FROM))},<{'.'.join(map(str, UVICORN_BELOW))}"
-        raise ImportError(
-            f"uvicorn {version} is installed, but the broker's listeners need uvicorn"
-            f" {wanted} (broker/protocol.py builds on its HTTP protocol's internals);"
-            " install the locked versions: pip install -r requirements.lock"
-        )
-
-
-check_uvicorn(uvicorn_version)
+# The scope's `asgi` entry, the same for every request.
+_ASGI = {"version": "3.0", "spec_version": "2.3"}
 
 # The request line's fixed part (method, spaces, `HTTP/1.1`, CRLF) counted against the head.
 REQUEST_LINE_OVERHEAD = 20
@@ -114,27 +91,81 @@ class RefusalLog:
         )
 
 
-class ListenerProtocol(HttpToolsProtocol):
+@dataclass(eq=False)
+class ListenerState:
+    """What one listener's connections share: its app, its open connections, its requests
+    running, and whether it trusts `X-Forwarded-Proto`/`-For` from a peer on loopback."""
+
+    app: ASGIApp
+    forwarded_headers: bool = False
+    connections: set[ListenerProtocol] = field(default_factory=set)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _quiet: asyncio.Event | None = None
+
+    def run(self, task: asyncio.Task[None]) -> None:
+        self.tasks.add(task)
+        task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self._settle()
+
+    def closed(self, connection: ListenerProtocol) -> None:
+        self.connections.discard(connection)
+        self._settle()
+
+    def _settle(self) -> None:
+        if self._quiet is not None and not self.connections and not self.tasks:
+            self._quiet.set()
+
+    async def settled(self) -> None:
+        """Wait until no connection is open and no request runs."""
+        self._quiet = asyncio.Event()
+        self._settle()
+        await self._quiet.wait()
+
+
+class ListenerProtocol(asyncio.Protocol):
     """httptools parsing with the listener's limits, keeping a non-origin-form target.
 
-    uvicorn reduces `GET http://host/path` to `raw_path=/path`; the proxy must refuse
-    absolute-form targets (docs/contract.md), so the full target is put back in `raw_path`,
-    where the policy sees that it does not start with `/`.
+    A target in absolute form (`GET http://host/path`) is kept whole in `raw_path`: the proxy
+    must refuse it (docs/contract.md), and the policy sees that it does not start with `/`.
 
     Limits (`Limits`, one subclass per listener): the head (request line and headers) is
     counted as it arrives and refused with 431 (414 for the target alone) before more of it
     is buffered; a head not complete `head_timeout` seconds after its first byte (or after
     the connection opened) is answered 408, or closed quietly if nothing arrived; beyond
     `max_connections` open connections a new one is answered 503 and closed at once.
+
+    Requests pipelined behind one being answered wait for its answer; an `Upgrade` is
+    answered as plain HTTP and the connection closes (neither listener speaks WebSocket).
     """
 
     limits: ClassVar[Limits] = Limits()
     refusals: ClassVar[RefusalLog] = RefusalLog("listener")
     cycle_class: ClassVar[type[ListenerCycle]] = ListenerCycle
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.timeout_keep_alive = self.limits.idle_timeout  # type: ignore[assignment]
+    transport: asyncio.Transport
+    flow: FlowControl
+    url: bytes
+    headers: list[tuple[bytes, bytes]]
+    scope: dict[str, Any]
+
+    def __init__(self, state: ListenerState, loop: asyncio.AbstractEventLoop) -> None:
+        self.state = state
+        self.app = state.app
+        self.loop = loop
+        self.connections = state.connections
+        self.parser = httptools.HttpRequestParser(self)
+        # Parse (and answer) a request pipelined after one that closes the connection.
+        self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        self.timeout_keep_alive = self.limits.idle_timeout
+        self.timeout_keep_alive_task: asyncio.TimerHandle | None = None
+        self.server: tuple[str, int] | None = None
+        self.client: tuple[str, int] | None = None
+        self.pipeline: deque[tuple[ListenerCycle, ASGIApp]] = deque()
+        self.expect_100_continue = False
+        self.cycle: ListenerCycle | None = None
         self._in_head = True  # between the end of one request and the end of the next head
         self._head_begun = False  # a message began and its head is not whole yet
         self._head_bytes = 0  # raw bytes received while in the head
@@ -146,24 +177,59 @@ class ListenerProtocol(HttpToolsProtocol):
         self._opened_at = time.monotonic()
         self._idle_since: float | None = None  # loop time the last answer completed, if idle
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
         cap = self.limits.max_connections
         full = cap is not None and len(self.connections) >= cap
         if full and self.limits.evict_idle:
             full = not self._evict_oldest_idle()
-        super().connection_made(transport)
+        self.connections.add(self)
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        self.flow = FlowControl(self.transport)
+        self.server = _address(transport.get_extra_info("sockname"))
+        self.client = _address(transport.get_extra_info("peername"))
         if full:
             self._refuse(errors.TooManyConnections())
         else:
             self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.state.closed(self)
         self._cancel_head_timer()
         self._cancel_drain_timer()
         if self.timeout_keep_alive_task is not None:
             self.timeout_keep_alive_task.cancel()
             self.timeout_keep_alive_task = None
-        super().connection_lost(exc)
+        cycle = self.cycle
+        if cycle is not None:
+            if not cycle.response_complete:
+                cycle.disconnected = True
+            cycle.wake()
+        self.flow.resume_writing()
+        if exc is None:
+            self.transport.close()
+
+    def eof_received(self) -> None:
+        """The caller is done sending: the transport closes (an answer in progress is cut)."""
+
+    def pause_writing(self) -> None:
+        self.flow.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.flow.resume_writing()
+
+    def shutdown(self) -> None:
+        """Stop the connection: at once if idle, else after the answer in progress."""
+        if self.cycle is None or self.cycle.response_complete:
+            self.transport.close()
+        else:
+            self.cycle.keep_alive = False
+
+    def timeout_keep_alive_handler(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def _start_asgi_task(self, cycle: ListenerCycle, app: ASGIApp) -> None:
+        self.state.run(self.loop.create_task(cycle.run_asgi(app)))
 
     # -- the idle (keep-alive) timeout ----------------------------------------------------
     # uvicorn arms a timer when an answer completes and cancels it when the next bytes come:
@@ -186,11 +252,10 @@ class ListenerProtocol(HttpToolsProtocol):
         else:
             self.timeout_keep_alive_handler()
 
-    def on_response_complete(self, cycle: RequestResponseCycle | None = None) -> None:
-        """uvicorn's, with the idle timer above; `cycle` is the one whose answer completed
-        (a `ListenerCycle` passes itself), not `self.cycle`, which may be one pipelined
-        behind it."""
-        self.server_state.total_requests += 1
+    def on_response_complete(self, cycle: ListenerCycle | None = None) -> None:
+        """An answer completed: start the request pipelined behind it, or idle under the idle
+        timer. `cycle` is the one whose answer completed (a `ListenerCycle` passes itself),
+        not `self.cycle`, which may be one pipelined behind it."""
         if self.transport.is_closing():
             return
         self.flow.resume_reading()
@@ -271,7 +336,19 @@ class ListenerProtocol(HttpToolsProtocol):
     # -- parser callbacks ---------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        super().on_message_begin()
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
+        self.scope = {
+            "type": "http",
+            "asgi": _ASGI,
+            "http_version": "1.1",
+            "server": self.server,
+            "client": self.client,
+            "scheme": "http",
+            "root_path": "",
+            "headers": self.headers,
+        }
         self._header_bytes = 0
         # Not idle while a request is under way (bytes in the packet that ended the last
         # body may begin it): the head timer, then the answer's completion, take over.
@@ -282,7 +359,7 @@ class ListenerProtocol(HttpToolsProtocol):
         self._head_begun = True
 
     def on_url(self, url: bytes) -> None:
-        super().on_url(url)
+        self.url += url
         if len(self.url) + REQUEST_LINE_OVERHEAD > self.limits.max_head_bytes:
             self._stop_parsing(errors.TargetTooLong())
 
@@ -291,14 +368,14 @@ class ListenerProtocol(HttpToolsProtocol):
         head = len(self.url) + REQUEST_LINE_OVERHEAD + self._header_bytes
         if head > self.limits.max_head_bytes:
             self._stop_parsing(errors.HeaderTooLarge())
-        # uvicorn's, inline (once per header of every request).
         name = name.lower()
         if name == b"expect" and value.lower() == b"100-continue":
             self.expect_100_continue = True
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        """uvicorn's, with a `ListenerCycle`."""
+        """The head is whole: the request's scope, and its cycle started (or queued behind
+        the answer in progress)."""
         self._in_head = False
         self._head_begun = False
         self._head_bytes = 0
@@ -309,37 +386,24 @@ class ListenerProtocol(HttpToolsProtocol):
         scope["method"] = parser.get_method().decode("ascii")
         if http_version != "1.1":
             scope["http_version"] = http_version
-        if parser.should_upgrade() and self._should_upgrade():
-            return
         url = self.url
         parsed_url = httptools.parse_url(url)
         raw_path = parsed_url.path
         path = raw_path.decode("ascii")
         if "%" in path:
             path = urllib.parse.unquote(path)
-        scope["path"] = self.root_path + path
-        # uvicorn reduces an absolute-form target to its path; the policy must see it whole.
-        scope["raw_path"] = (
-            self.root_path.encode("ascii") + raw_path
-            if url.startswith(b"/")
-            else url.partition(b"?")[0]
-        )
+        scope["path"] = path
+        # An absolute-form target is kept whole: the policy must see it to refuse it.
+        scope["raw_path"] = raw_path if url.startswith(b"/") else url.partition(b"?")[0]
         scope["query_string"] = parsed_url.query or b""
+        if self.state.forwarded_headers:
+            forwarded(scope)
         app = self.app
-        limit = self.limit_concurrency
-        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
-            app = service_unavailable
-            self.logger.warning("Exceeded concurrency limit.")
         existing = self.cycle
         cycle = self.cycle = self.cycle_class(
-            scope=scope,
-            transport=self.transport,
-            flow=self.flow,
-            logger=self.logger,
-            access_logger=self.access_logger,
-            access_log=self.access_log,
-            default_headers=self.server_state.default_headers,
-            message_event=asyncio.Event(),
+            scope,
+            self.transport,
+            self.flow,
             expect_100_continue=self.expect_100_continue,
             keep_alive=http_version != "1.0" and parser.should_keep_alive(),
             on_response=self.on_response_complete,
@@ -352,14 +416,25 @@ class ListenerProtocol(HttpToolsProtocol):
             self.flow.pause_reading()
             self.pipeline.appendleft((cycle, app))
 
+    def on_body(self, body: bytes) -> None:
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete:
+            return
+        cycle.body += body
+        if len(cycle.body) > HIGH_WATER_LIMIT:
+            self.flow.pause_reading()
+        cycle.wake()
+
     def on_message_complete(self) -> None:
-        super().on_message_complete()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.more_body = False
+            cycle.wake()
         self._in_head = True
         self._head_bytes = 0
         self._cancel_drain_timer()  # the refused request's body came whole in time
         # Answered before its body was read: the body's bytes marked the connection busy,
         # but no answer is left to complete and re-arm the idle timer.
-        cycle = self.cycle
         answered = cycle is not None and cycle.response_complete and not self.pipeline
         if answered and not self.transport.is_closing():
             self._idle()
@@ -395,7 +470,7 @@ class ListenerProtocol(HttpToolsProtocol):
         if self.cycle is not None and not self.cycle.response_complete:
             self.cycle.keep_alive = False
             self.cycle.more_body = False
-            self.cycle.message_event.set()
+            self.cycle.wake()
         else:
             self.transport.close()
 
@@ -412,7 +487,7 @@ class ListenerProtocol(HttpToolsProtocol):
                 # The request's own body broke off: the app must see the caller gone (and
                 # abort anything it forwards), as when the connection drops.
                 cycle.disconnected = True
-                cycle.message_event.set()
+                cycle.wake()
                 if not cycle.response_started:
                     self._write_error(error)
                 elif isinstance(cycle, ListenerCycle):
@@ -446,3 +521,10 @@ def protocol_for(listener: str, limits: Limits) -> type[ListenerProtocol]:
         (ListenerProtocol,),
         {"limits": limits, "refusals": RefusalLog(listener), "cycle_class": cycle},
     )
+
+
+def _address(info: Any) -> tuple[str, int] | None:
+    """A socket address as ASGI's `client` and `server` give it: (host, port)."""
+    if isinstance(info, tuple | list) and len(info) >= 2:
+        return (str(info[0]), int(info[1]))
+    return None

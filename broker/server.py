@@ -1,4 +1,4 @@
-"""Running listeners: the broker's two (proxy and admin) on one event loop, under uvicorn.
+"""Running listeners: the broker's two (proxy and admin) on one event loop.
 
 `serve` fits the connection caps to the open-file limit, binds both sockets, opens the broker
 (the one lifespan) and runs the listeners until stopped; `run_listeners` is the part that
@@ -10,25 +10,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import ipaddress
 import logging
 import resource
 import signal
 import socket
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
-import uvicorn
 from starlette.types import ASGIApp
 
 from broker.admin import create_admin_app
 from broker.events import emit
-from broker.protocol import Limits, protocol_for
+from broker.protocol import Limits, ListenerState, protocol_for
 from broker.proxy import create_proxy_app
 from broker.runtime import Broker, open_broker
 from broker.settings import Settings
 from broker.stores import SecretStore
+
+# Connections the kernel queues for a listener before it accepts them.
+BACKLOG = 2048
 
 
 @dataclass(frozen=True)
@@ -38,8 +41,8 @@ class Listener:
     name: str
     app: ASGIApp
     sock: socket.socket
-    # uvicorn's X-Forwarded-* middleware: the data plane reads neither client nor scheme,
-    # so it skips that wrapper on every request.
+    # X-Forwarded-Proto/-For from a proxy on loopback (broker.forwarded): the data plane
+    # reads neither client nor scheme, so it skips them on every request.
     forwarded_headers: bool = True
     limits: Limits = field(default_factory=Limits)
 
@@ -58,7 +61,7 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
-    sock.listen(2048)
+    sock.listen(BACKLOG)
     sock.setblocking(False)
     return sock
 
@@ -237,47 +240,53 @@ async def run_listeners(
 ) -> None:
     """Serve every listener until `stop` is set or SIGINT/SIGTERM arrives.
 
-    On stop, requests in flight get `drain` seconds to finish (None: as long as they take);
-    then they are cancelled and answered 503 `shutting_down` if they had not answered yet.
+    On stop, the listeners stop accepting, idle connections close, and requests in flight get
+    `drain` seconds to finish (None: as long as they take); then they are cancelled and
+    answered 503 `shutting_down` if they had not answered yet.
     """
-    servers = [_uvicorn_server(listener, drain) for listener in listeners]
+    loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
+    states = [ListenerState(ln.app, forwarded_headers=ln.forwarded_headers) for ln in listeners]
+    servers: list[asyncio.AbstractServer] = []
     with _stopped_by_signals(stop):
-        stopper = asyncio.create_task(_exit_when_set(stop, servers))
-        announcer = asyncio.create_task(_announce_when_listening(servers, started))
         try:
-            await asyncio.gather(
-                *(s.serve(sockets=[ln.sock]) for s, ln in zip(servers, listeners, strict=True))
-            )
+            for listener, state in zip(listeners, states, strict=True):
+                protocol = protocol_for(listener.name, listener.limits)
+                server = await loop.create_server(
+                    functools.partial(protocol, state, loop), sock=listener.sock, backlog=BACKLOG
+                )
+                servers.append(server)
+            if started is not None:
+                started()
+            await stop.wait()
         finally:
             stop.set()
-            for task in (stopper, announcer):
-                task.cancel()
+            await _shut_down(servers, states, drain)
 
 
-class _Server(uvicorn.Server):
-    """A uvicorn server that leaves signals to `run_listeners`, which stops every listener."""
+async def _shut_down(
+    servers: Sequence[asyncio.AbstractServer], states: Sequence[ListenerState], drain: float | None
+) -> None:
+    """Stop accepting, close idle connections, let requests finish within `drain` seconds."""
+    for server in servers:
+        server.close()
+    for state in states:
+        for connection in list(state.connections):
+            connection.shutdown()
+    try:
+        async with asyncio.timeout(drain):
+            await asyncio.gather(*(state.settled() for state in states))
+    except TimeoutError:
+        running = [task for state in states for task in state.tasks]
+        for task in running:
+            task.cancel()
+        if running:
+            # Each answers 503 `shutting_down` as it ends (broker.listener_cycle).
+            await asyncio.wait(running, timeout=CANCELLED_GRACE)
 
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
 
-
-def _uvicorn_server(listener: Listener, drain: float | None) -> _Server:
-    config = uvicorn.Config(
-        listener.app,  # a request the drain's end cancels: broker.protocol answers it
-        http=protocol_for(listener.name, listener.limits),
-        ws="none",
-        lifespan="auto",
-        access_log=False,
-        log_level="warning",
-        server_header=False,
-        date_header=False,
-        proxy_headers=listener.forwarded_headers,
-        # uvicorn annotates int but only waits with it: fractions work.
-        timeout_graceful_shutdown=drain,  # type: ignore[arg-type]
-    )
-    return _Server(config)
+# Seconds a request cancelled at the drain's end gets to send its 503.
+CANCELLED_GRACE = 1.0
 
 
 @contextlib.contextmanager
@@ -294,19 +303,3 @@ def _stopped_by_signals(stop: asyncio.Event) -> Iterator[None]:
     finally:
         for sig in handled:
             loop.remove_signal_handler(sig)
-
-
-async def _exit_when_set(stop: asyncio.Event, servers: Sequence[_Server]) -> None:
-    await stop.wait()
-    for server in servers:
-        server.should_exit = True
-
-
-async def _announce_when_listening(
-    servers: Sequence[_Server], started: Callable[[], None] | None
-) -> None:
-    # uvicorn offers only a flag for "listening"; poll it briefly.
-    while not all(server.started for server in servers):  # noqa: ASYNC110
-        await asyncio.sleep(0.01)
-    if started is not None:
-        started()

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
-from support.quick import quicken_uvicorn, share_tls_context
+from support.quick import share_tls_context
 from support.servers import (
     REQUIRED_SCOPES,
     RunningBroker,
@@ -32,7 +32,7 @@ pytest_plugins = [
 @pytest.fixture(scope="session", autouse=True)
 def quick_servers_and_clients() -> Iterator[None]:
     """Servers on threads stop in milliseconds; clients share one TLS context (support.quick)."""
-    undo = [quicken_uvicorn(), share_tls_context()]
+    undo = [share_tls_context()]
     yield
     for step in undo:
         step()

@@ -41,6 +41,10 @@ NOT_IMPORTED = (
     "aiohttp",  # the data plane has its own client (broker.wire)
     "yarl",
     "multidict",
+    "uvicorn",  # the listeners are the broker's own (broker.protocol, broker.server)
+    "click",  # uvicorn's command line
+    "multiprocessing",  # uvicorn's supervisors
+    "logging.config",  # uvicorn's log configuration
 )
 
 # Imported when the configuration first needs them, not at start (docs/decisions.md, "What

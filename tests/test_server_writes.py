@@ -5,6 +5,7 @@ and close work as before."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import secrets
 import socket
@@ -273,3 +274,68 @@ def read_answer(sock: socket.socket) -> bytes:
     while len(body) < int(match.group(1)):
         body += sock.recv(65536)
     return head + b"\r\n\r\n" + body
+
+
+SECRET_IN_MESSAGE = "pls_" + "7" * 40
+
+
+async def raising(scope: Any, receive: Any, send: Any) -> None:
+    if scope["type"] == "http":
+        raise ValueError(SECRET_IN_MESSAGE)
+
+
+async def silent(scope: Any, receive: Any, send: Any) -> None:
+    """Returns without answering."""
+
+
+@pytest.mark.parametrize(("app", "how"), [(raising, "raised"), (silent, "returned without")])
+def test_an_app_that_fails_before_answering_gets_a_500_and_a_log_line_without_its_message(
+    serve: Callable[[Any], int], caplog: pytest.LogCaptureFixture, app: Any, how: str
+) -> None:
+    port = serve(app)
+    with request(port) as sock:
+        answer = read_to_close(sock)
+    assert answer.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
+    assert b"connection: close\r\n" in answer and answer.endswith(b"Internal Server Error")
+    failed = [r for r in caplog.records if getattr(r, "event", None) == "listener.app_failed"]
+    assert len(failed) == 1
+    fields = failed[0].fields  # type: ignore[attr-defined]
+    assert fields["how"].startswith(how) and fields["listener"] == "app"
+    assert fields.get("error_type") == ("ValueError" if app is raising else None)
+    assert SECRET_IN_MESSAGE not in caplog.text
+
+
+async def echo_scope(scope: Any, receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    seen = {k: scope[k] for k in ("scheme", "client", "server", "asgi", "http_version", "path")}
+    body = json.dumps(seen).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def scope_seen(port: int, extra: bytes = b"") -> dict[str, Any]:
+    with request(port, extra + b"Connection: close\r\n") as sock:
+        answer = read_to_close(sock)
+    return dict(json.loads(answer.partition(b"\r\n\r\n")[2]))
+
+
+def test_the_scope_names_both_ends_of_the_connection(serve: Callable[[Any], int]) -> None:
+    port = serve(echo_scope)
+    seen = scope_seen(port)
+    assert seen["scheme"] == "http" and seen["http_version"] == "1.1" and seen["path"] == "/"
+    assert seen["server"] == ["127.0.0.1", port]
+    assert seen["client"][0] == "127.0.0.1" and seen["client"][1] > 0
+    assert seen["asgi"] == {"version": "3.0", "spec_version": "2.3"}
+
+
+def test_a_loopback_proxy_tells_the_scheme_and_the_client(serve: Callable[[Any], int]) -> None:
+    port = serve(echo_scope)
+    seen = scope_seen(
+        port, b"X-Forwarded-Proto: https\r\nX-Forwarded-For: 203.0.113.9, 127.0.0.1\r\n"
+    )
+    assert seen["scheme"] == "https"
+    assert seen["client"] == ["203.0.113.9", 0]
+    # anything but http or https is no scheme
+    assert scope_seen(port, b"X-Forwarded-Proto: javascript\r\n")["scheme"] == "http"

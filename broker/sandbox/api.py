@@ -228,7 +228,7 @@ def _rate_limited(wait: float) -> Response:
 async def _drop(scope: Scope, receive: Receive) -> None:
     """Close the connection without answering.
 
-    ASGI has no way to say this, so reach for the server's transport: uvicorn's `send` is a
+    ASGI has no way to say this, so reach for the server's transport: the listener's `send` is a
     method of its request cycle, which holds it (`SandboxApp` keeps the server's own `send`
     in the scope). In-process (httpx.ASGITransport) raise what httpx raises when a server
     hangs up.

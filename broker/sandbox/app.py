@@ -191,10 +191,14 @@ def create_app(state: SandboxState | None = None, state_file: Path | None = None
 
 
 def run(host: str, port: int, state_file: Path | None = None) -> None:
-    """Serve the sandbox with uvicorn until interrupted; state kept in `state_file` if given
-    (raises `persist.StateFileError` when that file is not a sandbox's state)."""
-    import uvicorn
+    """Serve the sandbox on the broker's listener until interrupted; state kept in
+    `state_file` if given (raises `persist.StateFileError` when that file is not a sandbox's
+    state)."""
+    import uvloop
+
+    from broker.server import Listener, bind, run_listeners
 
     state = None if state_file is None else persist.load(state_file)
     app = create_app(state, state_file)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    sock = bind(host, port)
+    uvloop.run(run_listeners([Listener("sandbox", app, sock)]))
