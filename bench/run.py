@@ -187,7 +187,9 @@ def run(args: argparse.Namespace, tmp: Path, supervisor: Supervisor) -> report.R
     with (data / "download.bin").open("wb") as sparse:
         sparse.truncate(transfer_size)
 
-    compile_bytecode()  # the broker as shipped: its image holds compiled bytecode
+    # The broker as shipped: its image holds bytecode compiled for -OO.
+    for where in compile_bytecode():
+        _say(f"note: {where} is not writable; its modules compile at every start of the broker")
     use_nginx = not args.no_nginx and nginx.find_nginx() is not None
     wrk = None if args.no_wrk else load.find_wrk()
     upstream_port = free_port()

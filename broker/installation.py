@@ -143,11 +143,11 @@ class InstallationSync:
     ) -> tuple[TenantRecord, errors.PleoError | None]:
         """Put `record`'s installation in `status`; the record as written, and why Pleo
         failed (None: it did not). A store failure keeps the record as it was."""
-        assert record.api_key is not None
+        api_key = _key_of(record)
         failure: errors.PleoError | None = None
         try:
             change = await self.pleo.put_installation(
-                record.api_key, status, metadata_for(record.tenant, metadata)
+                api_key, status, metadata_for(record.tenant, metadata)
             )
         except errors.PleoError as exc:
             failure = exc
@@ -232,10 +232,10 @@ class InstallationSync:
     async def _undo(self, record: TenantRecord) -> None:
         """A sync raced a disconnect (or a company change) on another replica: put the
         installation it may have re-activated back to `INACTIVE`, with the key that did it."""
-        assert record.api_key is not None
+        api_key = _key_of(record)
         try:
             await self.pleo.put_installation(
-                record.api_key, "INACTIVE", metadata_for(record.tenant), create=False
+                api_key, "INACTIVE", metadata_for(record.tenant), create=False
             )
         except errors.PleoError as exc:
             emit(
@@ -333,3 +333,11 @@ def uninstall_refused(tenant: str) -> errors.TenantNotActive:
         state=TenantState.BROKEN.value,
         reason=BrokenReason.KEY_REJECTED.value,
     )
+
+
+def _key_of(record: TenantRecord) -> ApiKey:
+    """The key of a record its caller already knows has one (a checked invariant: the
+    container runs with asserts compiled out)."""
+    if record.api_key is None:
+        raise RuntimeError(f"tenant {record.tenant!r} has no key to sync its installation with")
+    return record.api_key

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench import load, nginx, report
-from bench.brokers import compile_bytecode, tenant_ids
+from bench.brokers import broker_env, compile_bytecode, tenant_ids
 from bench.run import parse_args, sample_json
 
 WRK_OUTPUT = """\
@@ -101,18 +101,27 @@ def test_summary_of_latencies() -> None:
     assert result.p99_ms == pytest.approx(20.0)
 
 
-def test_the_broker_runs_from_compiled_bytecode_as_the_image_does(tmp_path: Path) -> None:
-    # The image compiles its bytecode at build (Dockerfile); a broker started from source
-    # with PYTHONDONTWRITEBYTECODE set would compile every module at each start instead.
+def test_the_broker_runs_from_bytecode_compiled_for_oo_as_the_image_does(tmp_path: Path) -> None:
+    # The image compiles its bytecode for -OO at build and runs with it (Dockerfile); a broker
+    # started from source with PYTHONDONTWRITEBYTECODE set would compile every module at each
+    # start instead.
     package = tmp_path / "pkg"
     (package / "sub").mkdir(parents=True)
     for name in ("__init__.py", "mod.py", "sub/__init__.py", "sub/inner.py"):
         (package / name).write_text("VALUE = 1\n")
-    compile_bytecode(package)
+    assert compile_bytecode(package, libraries=False) == []
     sources = sorted(package.rglob("*.py"))
     assert len(sources) == 4
-    compiled = [Path(importlib.util.cache_from_source(str(source))) for source in sources]
+    compiled = [Path(importlib.util.cache_from_source(str(s), optimization=2)) for s in sources]
     assert [str(path) for path in compiled if not path.is_file()] == []
+    env = broker_env(
+        upstream_url="http://127.0.0.1:1",
+        store_path=tmp_path / "store",
+        master_key=bytes(32),
+        proxy_port=1,
+        admin_port=2,
+    )
+    assert env["PYTHONOPTIMIZE"] == "2"
 
 
 def test_tenant_ids_are_valid_and_distinct() -> None:

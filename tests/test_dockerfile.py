@@ -140,6 +140,19 @@ def test_runtime_environment_suits_a_read_only_root() -> None:
     assert f"chown {UID}:{UID} /data" in runs
 
 
+def test_python_runs_with_oo_from_bytecode_compiled_for_it() -> None:
+    """-OO saves memory in every sidecar (docs/decisions.md); a read-only root cannot take the
+    bytecode it would otherwise compile at each start, so the build compiles it, for -OO."""
+    assert env_of_final_stage()["PYTHONOPTIMIZE"] == "2"
+    builder = " ".join(
+        s.args for s in instructions() if s.keyword == "RUN" and s not in final_stage()
+    )
+    assert "compileall -q -o 2 /opt/broker" in builder
+    assert builder.count("--no-compile") == 2  # pip's own bytecode (without -OO) is not kept
+    runtime = " ".join(step.args for step in final_stage() if step.keyword == "RUN")
+    assert re.search(r"compileall -q -o 2 .*sysconfig.*stdlib", runtime)
+
+
 def test_entrypoint_is_broker_serve() -> None:
     steps = final_stage()
     entrypoint = exec_form(next(s for s in steps if s.keyword == "ENTRYPOINT"))

@@ -224,6 +224,27 @@ def test_the_root_file_system_is_read_only_and_tmp_is_writable(container: Runnin
     assert run("exec", container.name, "python", "-c", probe, "/tmp/probe").returncode == 0
 
 
+UNCOMPILED = """
+import os, sys
+import broker.cli, broker.server, broker.stores.local  # what `broker serve` imports
+print(sys.flags.optimize)
+for module in list(sys.modules.values()):
+    cached = getattr(module, "__cached__", None)
+    if cached and not os.path.exists(cached):
+        print(module.__name__, cached)
+"""
+
+
+def test_the_broker_runs_with_oo_from_bytecode_made_for_it(container: Running) -> None:
+    """Every module `broker serve` imports has -OO bytecode in the image: none is compiled
+    at start (the root is read-only, so none could be written either)."""
+    environ = run("exec", container.name, "cat", "/proc/1/environ").stdout.split("\0")
+    assert "PYTHONOPTIMIZE=2" in environ
+    lines = run("exec", container.name, "python", "-c", UNCOMPILED).stdout.splitlines()
+    assert lines[0] == "2"
+    assert lines[1:] == []
+
+
 def test_a_tenant_connects_and_a_proxied_call_succeeds(container: Running) -> None:
     key = container.sandbox.state.create_key(scopes=REQUIRED)
     connected = httpx.put(

@@ -117,7 +117,8 @@ def settle(
     applied: list[str] = []
     for item in settled:
         if item.result == "retried":
-            assert item.retry_at is not None
+            if item.retry_at is None:
+                raise ValueError(f"event {item.event_id}: a retry without a time to retry at")
             cursor = conn.execute(
                 "UPDATE events SET attempts = attempts + 1, claimed_by = NULL,"
                 " claimed_until = ? WHERE id = ? AND claimed_by = ? AND delivered_at IS NULL",

@@ -106,13 +106,15 @@ class DeliveryState:
 
     def size(self) -> int:
         """The length of the state's JSON."""
-        encoded = self.encode()["state"]
-        assert isinstance(encoded, str)
-        return len(encoded)
+        return len(json.dumps(self._plain(), sort_keys=True))
 
     def encode(self) -> dict[str, object]:
         """The secret's data."""
-        state = {
+        return {"state": json.dumps(self._plain(), sort_keys=True)}
+
+    def _plain(self) -> dict[str, object]:
+        """The state as plain JSON values."""
+        return {
             "cursor": self.cursor,
             "holder": self.holder,
             "lease_until": self.lease_until,
@@ -122,13 +124,13 @@ class DeliveryState:
             ],
             "resume": {tenant: list(where) for tenant, where in self.resume.items()},
         }
-        return {"state": json.dumps(state, sort_keys=True)}
 
     @classmethod
     def decode(cls, data: object) -> DeliveryState:
         """The state `data` holds (StoreUnavailable if it is not one)."""
         try:
-            assert isinstance(data, dict)
+            if not isinstance(data, dict):
+                raise TypeError(f"the delivery secret holds {type(data).__name__}, not a map")
             state = json.loads(data["state"])
             queue = tuple(
                 Queued(Event.loads(json.dumps(item["event"])), int(item["attempts"]), item["due"])
@@ -139,7 +141,7 @@ class DeliveryState:
                 for tenant, where in state.get("resume", {}).items()
             }
             return cls(state["cursor"], state["holder"], state["lease_until"], queue, resume)
-        except (AssertionError, AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
             raise StoreUnavailable(
                 "The webhook delivery state in Vault cannot be read; delete the secret"
                 " <prefix>/delivery to start delivering again from the oldest event kept."

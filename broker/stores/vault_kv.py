@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 import hvac.exceptions
 from hvac.api.secrets_engines.kv_v2 import KvV2
 
-from broker.errors import StoreConflict, StoreIntegrityError
+from broker.errors import StoreConflict, StoreIntegrityError, StoreUnavailable
 from broker.records import ApiKey, TenantRecord, valid_tenant_id
 from broker.stores import codec
 
@@ -106,7 +106,8 @@ class Versions:
     def decode(cls, metadata: Mapping[str, object]) -> Versions:
         """The version list in a metadata answer."""
         versions = metadata.get("versions") or {}
-        assert isinstance(versions, dict)
+        if not isinstance(versions, dict):
+            raise StoreUnavailable("Vault's metadata answer has no version list")
         current = int(str(metadata.get("current_version") or 0))
         newest = versions.get(str(current), {})
         return cls(
