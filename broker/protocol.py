@@ -3,30 +3,27 @@
 Each request's answer is written by its cycle, `broker.listener_cycle.ListenerCycle`.
 
 Each listener gets its own subclass (`protocol_for`) carrying its `Limits` and its
-`RefusalLog`; a refusal is answered in JSON like every other error, and the connection closes.
-What a listener's connections share (its app, its open connections, its running requests) is
-its `ListenerState`; `broker.server` makes one per listener and stops them.
+`RefusalLog` (`broker.listening`); a refusal is answered in JSON like every other error, and
+the connection closes. A connection is made with its listener's `ListenerState`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 import urllib.parse
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import httptools
 from starlette.types import ASGIApp
 
 from broker import errors
-from broker.events import emit
 from broker.forwarded import forwarded
 from broker.http1 import HIGH_WATER_LIMIT, STATUS_LINE, FlowControl
 from broker.listener_cycle import ListenerCycle
+from broker.listening import Limits, ListenerState, RefusalLog
 
 # The scope's `asgi` entry, the same for every request.
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
@@ -35,94 +32,8 @@ _ASGI = {"version": "3.0", "spec_version": "2.3"}
 REQUEST_LINE_OVERHEAD = 20
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What one listener grants a client connection."""
-
-    listener: str = "listener"
-    # The request line and header lines together, in bytes (431; 414 for the target alone).
-    max_head_bytes: int = 32_768
-    # Seconds from the connection's first byte (or its opening) to the end of its headers.
-    head_timeout: float = 10.0
-    # Seconds an idle keep-alive connection is kept between requests.
-    idle_timeout: float = 5.0
-    # Open connections beyond this are answered 503 and closed (None: no cap).
-    max_connections: int | None = None
-    # At the cap, close the oldest connection with no request in flight (an idle or
-    # half-sent one) to make room, rather than refusing the new one: the admin listener's
-    # probes then always get in while a flood of idle sockets only pushes itself out.
-    evict_idle: bool = False
-    # Headers every refusal of the listener itself carries (the connect page's security ones).
-    answer_headers: tuple[tuple[bytes, bytes], ...] = ()
-
-
 class _Refused(Exception):
     """Raised in a parser callback to stop parsing; the protocol answers `error`."""
-
-
-class RefusalLog:
-    """Logs a listener's refusals, at most one line per code every `every` seconds.
-
-    A flood (ten thousand idle sockets) would otherwise write ten thousand lines; each
-    line says how many refusals of its code it stands for.
-    """
-
-    def __init__(self, listener: str, every: float = 1.0) -> None:
-        self.listener = listener
-        self.every = every
-        self._last: dict[str, float] = {}
-        self._unlogged: dict[str, int] = {}
-
-    def note(self, code: str, client: str | None) -> None:
-        now = time.monotonic()
-        count = self._unlogged.get(code, 0) + 1
-        if now - self._last.get(code, -self.every) < self.every:
-            self._unlogged[code] = count
-            return
-        self._last[code] = now
-        self._unlogged[code] = 0
-        emit(
-            "listener.refused",
-            level=logging.WARNING,
-            listener=self.listener,
-            code=code,
-            client=client,
-            count=count,
-        )
-
-
-@dataclass(eq=False)
-class ListenerState:
-    """What one listener's connections share: its app, its open connections, its requests
-    running, and whether it trusts `X-Forwarded-Proto`/`-For` from a peer on loopback."""
-
-    app: ASGIApp
-    forwarded_headers: bool = False
-    connections: set[ListenerProtocol] = field(default_factory=set)
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    _quiet: asyncio.Event | None = None
-
-    def run(self, task: asyncio.Task[None]) -> None:
-        self.tasks.add(task)
-        task.add_done_callback(self._ended)
-
-    def _ended(self, task: asyncio.Task[None]) -> None:
-        self.tasks.discard(task)
-        self._settle()
-
-    def closed(self, connection: ListenerProtocol) -> None:
-        self.connections.discard(connection)
-        self._settle()
-
-    def _settle(self) -> None:
-        if self._quiet is not None and not self.connections and not self.tasks:
-            self._quiet.set()
-
-    async def settled(self) -> None:
-        """Wait until no connection is open and no request runs."""
-        self._quiet = asyncio.Event()
-        self._settle()
-        await self._quiet.wait()
 
 
 class ListenerProtocol(asyncio.Protocol):

@@ -24,7 +24,8 @@ from starlette.types import ASGIApp
 
 from broker.admin import create_admin_app
 from broker.events import emit
-from broker.protocol import Limits, ListenerState, protocol_for
+from broker.listening import Limits, ListenerState
+from broker.protocol import protocol_for
 from broker.proxy import create_proxy_app
 from broker.runtime import Broker, open_broker
 from broker.settings import Settings

@@ -24,7 +24,7 @@ import pytest
 from support.servers import RunningBroker, broker_settings, start_app, start_broker
 from support.upstream import RecordingUpstream
 
-from broker.protocol import RefusalLog
+from broker.listening import RefusalLog
 from broker.server import connection_caps, raise_file_limit
 from broker.settings import Settings
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from support.servers import ThreadedLoop, start_app
 
-from broker.protocol import Limits
+from broker.listening import Limits
 
 pytestmark = pytest.mark.real
 

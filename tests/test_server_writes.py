@@ -27,7 +27,8 @@ from support.servers import (
 from support.upstream import RecordingUpstream
 
 import broker.protocol
-from broker.protocol import Limits, ListenerProtocol
+from broker.listening import Limits
+from broker.protocol import ListenerProtocol
 
 pytestmark = pytest.mark.real
 

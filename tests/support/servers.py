@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker.protocol import Limits
+from broker.listening import Limits
 from broker.sandbox import SandboxState, create_app
 from broker.server import Listener, bind, run_listeners, serve
 from broker.settings import Settings
