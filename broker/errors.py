@@ -464,6 +464,15 @@ class TooManyConnections(ListenerRefusal):
     default_message = "This listener has as many connections open as it allows; retry shortly."
 
 
+class TooManyPipelined(ListenerRefusal):
+    status = 503
+    code = "too_many_pipelined"
+    default_message = (
+        "Too many requests were sent on this connection before their answers; the connection"
+        " closes: send this request and the ones after it again on a new connection."
+    )
+
+
 class ShuttingDown(ListenerRefusal):
     status = 503
     code = "shutting_down"

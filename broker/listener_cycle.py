@@ -10,10 +10,10 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, ClassVar
 
-from starlette.types import ASGIApp, Message, Scope
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker import errors
 from broker.events import emit
@@ -189,6 +189,10 @@ class ListenerCycle:
                     f"Expected ASGI message 'http.response.start', but got '{message['type']}'."
                 )
             self.response_started = True
+            if self.waiting_for_100_continue and self.more_body:
+                # Answered before the body it asked to send: the client may send it or not
+                # (RFC 9110 §10.1.1), so what came next on the connection would be misread.
+                self.keep_alive = False
             self.waiting_for_100_continue = False
             self._held = self._head(message["status"], message.get("headers", ()))
             self._flusher = self.loop.call_soon(self.flush)
@@ -279,9 +283,19 @@ class ListenerCycle:
         return body
 
 
-async def answer_shutting_down(send: Callable[[Message], Awaitable[None]]) -> None:
+async def answer_shutting_down(send: Send) -> None:
     """503 `shutting_down`, unless the answer had started (then it is cut short)."""
-    error = errors.ShuttingDown()
+    await answer_refusal(send, errors.ShuttingDown())
+
+
+async def answer_too_many_pipelined(scope: Scope, receive: Receive, send: Send) -> None:
+    """The app of the first request pipelined beyond `Limits.max_pipelined`."""
+    await answer_refusal(send, errors.TooManyPipelined())
+
+
+async def answer_refusal(send: Send, error: errors.ListenerRefusal) -> None:
+    """`error` in JSON, closing the connection, unless the answer had started (then it is
+    cut short)."""
     body = json.dumps(error.to_body()).encode()
     headers = [
         (b"content-type", b"application/json"),
@@ -291,5 +305,5 @@ async def answer_shutting_down(send: Callable[[Message], Awaitable[None]]) -> No
     # A response already under way is refused with RuntimeError and writes nothing: the
     # connection closes instead.
     with contextlib.suppress(RuntimeError):
-        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.start", "status": error.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})

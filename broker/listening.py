@@ -36,6 +36,9 @@ class Limits:
     # half-sent one) to make room, rather than refusing the new one: the admin listener's
     # probes then always get in while a flood of idle sockets only pushes itself out.
     evict_idle: bool = False
+    # Requests one connection may pipeline behind the one being answered; the first beyond is
+    # answered 503 `too_many_pipelined` in its turn and the connection closes.
+    max_pipelined: int = 16
     # Headers every refusal of the listener itself carries (the connect page's security ones).
     answer_headers: tuple[tuple[bytes, bytes], ...] = ()
 
@@ -80,6 +83,7 @@ class ListenerState:
     forwarded_headers: bool = False
     connections: set[ListenerProtocol] = field(default_factory=set)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    closing: bool = False  # stopping: a connection accepted now is closed at once
     _quiet: asyncio.Event | None = None
 
     def run(self, task: asyncio.Task[None]) -> None:

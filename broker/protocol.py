@@ -22,11 +22,16 @@ from starlette.types import ASGIApp
 from broker import errors
 from broker.forwarded import forwarded
 from broker.http1 import HIGH_WATER_LIMIT, STATUS_LINE, FlowControl
-from broker.listener_cycle import ListenerCycle
+from broker.listener_cycle import ListenerCycle, answer_too_many_pipelined
 from broker.listening import Limits, ListenerState, RefusalLog
 
 # The scope's `asgi` entry, the same for every request.
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
+
+_UPGRADE_WITH_BODY = (
+    "A request that asks to upgrade the connection (Upgrade) cannot carry a body here;"
+    " send it without Upgrade. The connection is closed."
+)
 
 # The request line's fixed part (method, spaces, `HTTP/1.1`, CRLF) counted against the head.
 REQUEST_LINE_OVERHEAD = 20
@@ -76,7 +81,8 @@ class ListenerProtocol(asyncio.Protocol):
         self.client: tuple[str, int] | None = None
         self.pipeline: deque[tuple[ListenerCycle, ASGIApp]] = deque()
         self.expect_100_continue = False
-        self.cycle: ListenerCycle | None = None
+        self.cycle: ListenerCycle | None = None  # the request parsed last
+        self._answering: ListenerCycle | None = None  # the request whose app runs
         self._in_head = True  # between the end of one request and the end of the next head
         self._head_begun = False  # a message began and its head is not whole yet
         self._head_bytes = 0  # raw bytes received while in the head
@@ -98,7 +104,10 @@ class ListenerProtocol(asyncio.Protocol):
         self.flow = FlowControl(self.transport)
         self.server = _address(transport.get_extra_info("sockname"))
         self.client = _address(transport.get_extra_info("peername"))
-        if full:
+        if self.state.closing:
+            self._refused = True
+            self.transport.close()
+        elif full:
             self._refuse(errors.TooManyConnections())
         else:
             self._arm_head_timer()
@@ -110,11 +119,12 @@ class ListenerProtocol(asyncio.Protocol):
         if self.timeout_keep_alive_task is not None:
             self.timeout_keep_alive_task.cancel()
             self.timeout_keep_alive_task = None
-        cycle = self.cycle
-        if cycle is not None:
-            if not cycle.response_complete:
-                cycle.disconnected = True
-            cycle.wake()
+        # The request being answered and every one queued behind it see the caller gone.
+        for cycle in {self._answering, self.cycle, *(queued for queued, _ in self.pipeline)}:
+            if cycle is not None:
+                if not cycle.response_complete:
+                    cycle.disconnected = True
+                cycle.wake()
         self.flow.resume_writing()
         if exc is None:
             self.transport.close()
@@ -140,6 +150,7 @@ class ListenerProtocol(asyncio.Protocol):
             self.transport.close()
 
     def _start_asgi_task(self, cycle: ListenerCycle, app: ASGIApp) -> None:
+        self._answering = cycle
         self.state.run(self.loop.create_task(cycle.run_asgi(app)))
 
     # -- the idle (keep-alive) timeout ----------------------------------------------------
@@ -230,6 +241,8 @@ class ListenerProtocol(asyncio.Protocol):
             self._upgrade_refused()
             return
         except httptools.HttpParserError:
+            if self._refused:
+                return  # refused from a callback, which did what a refusal does
             if self._refusal is not None:
                 self._refuse(self._refusal)
                 return
@@ -297,6 +310,9 @@ class ListenerProtocol(asyncio.Protocol):
         scope["method"] = parser.get_method().decode("ascii")
         if http_version != "1.1":
             scope["http_version"] = http_version
+        if parser.should_upgrade() and self._declares_body():
+            # The parser stops at an upgrade's head: its body would reach the app as none.
+            self._stop_parsing(errors.RequestMalformed(_UPGRADE_WITH_BODY))
         url = self.url
         parsed_url = httptools.parse_url(url)
         raw_path = parsed_url.path
@@ -323,8 +339,10 @@ class ListenerProtocol(asyncio.Protocol):
         if existing is None or existing.response_complete:
             self._start_asgi_task(cycle, app)
         else:
-            # Pipelined HTTP requests wait for the answer in progress.
+            # Pipelined HTTP requests wait for the answer in progress, so many at most.
             self.flow.pause_reading()
+            if len(self.pipeline) >= self.limits.max_pipelined:
+                self._pipeline_full(cycle)
             self.pipeline.appendleft((cycle, app))
 
     def on_body(self, body: bytes) -> None:
@@ -350,7 +368,26 @@ class ListenerProtocol(asyncio.Protocol):
         if answered and not self.transport.is_closing():
             self._idle()
 
+    def _declares_body(self) -> bool:
+        return any(name in (b"content-length", b"transfer-encoding") for name, _ in self.headers)
+
     # -- refusals -------------------------------------------------------------------------
+
+    def _pipeline_full(self, cycle: ListenerCycle) -> None:
+        """The first request beyond `max_pipelined` is answered 503 in its turn, the
+        connection closes after it, and nothing more is parsed or read."""
+        cycle.keep_alive = False
+        self.pipeline.appendleft((cycle, answer_too_many_pipelined))
+        self._refused = True
+        self.refusals.note(errors.TooManyPipelined.code, self.client[0] if self.client else None)
+        raise _Refused(errors.TooManyPipelined.code)  # stops parsing what is at hand
+
+    def _close_after_answers(self) -> None:
+        """Close the connection once the requests already taken are answered."""
+        last = self.pipeline[0][0] if self.pipeline else self._answering
+        if last is not None:
+            last.keep_alive = False
+        self.flow.pause_reading()
 
     def _stop_parsing(self, error: errors.ListenerRefusal) -> None:
         self._refusal = error
@@ -393,6 +430,13 @@ class ListenerProtocol(asyncio.Protocol):
         if self.transport.is_closing():
             return
         cycle = self.cycle
+        if cycle is not None and self.pipeline and self.pipeline[0][0] is cycle:
+            # The broken request waits behind an answer in progress: an answer written now
+            # would cut into that one, so it gets none, and the connection closes after the
+            # answers before it.
+            self.pipeline.popleft()
+            self._close_after_answers()
+            return
         if cycle is not None and not cycle.response_complete:
             if cycle.more_body:
                 # The request's own body broke off: the app must see the caller gone (and

@@ -272,6 +272,7 @@ async def _shut_down(
     for server in servers:
         server.close()
     for state in states:
+        state.closing = True
         for connection in list(state.connections):
             connection.shutdown()
     try:

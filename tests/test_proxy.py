@@ -1176,8 +1176,10 @@ def test_a_protocol_upgrade_with_a_body_is_refused(
         b"Upgrade: " + upgrade + b"\r\nConnection: Upgrade, close\r\n"
         b"Content-Type: application/octet-stream\r\nContent-Length: 2\r\n\r\nab",
     )
-    assert answer.startswith(b"HTTP/1.1 403"), answer[:300]
-    assert b"route_not_allowed" in answer
+    # The listener refuses it before the app: the parser stops at an upgrade's head, so the
+    # body would otherwise reach the app as none (tests/test_server_pipelining.py).
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
+    assert b"request_malformed" in answer
     assert not upstream.seen
 
 
