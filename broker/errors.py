@@ -58,6 +58,7 @@
         ├── TargetTooLong            414 target_too_long
         ├── HeaderTooLarge           431 header_too_large
         ├── TooManyConnections       503 too_many_connections
+        ├── TooManyPipelined         503 too_many_pipelined
         └── ShuttingDown             503 shutting_down
 
 `to_body()` is the one place an error becomes the JSON body
