@@ -72,7 +72,8 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, read_timeout: float) -> None:
         self.read_timeout = read_timeout
-        self._loop = asyncio.get_running_loop()
+        # The loop, kept: on Python 3.11 each `asyncio.get_running_loop()` is a system call.
+        self.loop = self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False  # lost, or the server said it would close

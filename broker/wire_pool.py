@@ -238,7 +238,9 @@ class Pool:
                 raise
 
     def _pooled(self) -> Connection | None:
-        now = asyncio.get_running_loop().time() if self._idle else 0.0
+        # The connections' loop, not `asyncio.get_running_loop()`: a system call (getpid)
+        # each on Python 3.11, twice a request.
+        now = self._idle[-1].loop.time() if self._idle else 0.0
         while self._idle:
             connection = self._idle.pop()
             transport = connection.transport
@@ -264,7 +266,7 @@ class Pool:
         ):
             connection.abort()
             return
-        now = asyncio.get_running_loop().time()
+        now = connection.loop.time()
         connection.reused = True
         connection.idle_since = now
         connection.answer = None
