@@ -152,6 +152,8 @@ class Connection(asyncio.Protocol):
             answer.content_length = int(value) if value.isdigit() else None
         elif len(name) == 17 and name.lower() == b"transfer-encoding":
             answer.length_known = True
+        elif len(name) == 10 and answer.connection_header is None and name.lower() == b"connection":
+            answer.connection_header = value.decode("latin-1")  # the first, as `headers.get` gives
 
     def on_headers_complete(self) -> None:
         answer = self.answer
@@ -159,6 +161,7 @@ class Connection(asyncio.Protocol):
         status = self.parser.get_status_code()
         if 100 <= status < 200:  # an interim answer: the real one follows
             answer.raw_headers.clear()
+            answer.connection_header = None
             answer.length_known = False
             answer.content_length = None
             return
@@ -302,6 +305,7 @@ class Response:
         self.status = 0
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.headers = Headers(self.raw_headers)
+        self.connection_header: str | None = None  # the first Connection header, as parsed
         self.content_length: int | None = None
         self.length_known = False
         self.started = False  # the head is in
@@ -366,6 +370,14 @@ class Response:
                 self.connection.resume_reading()
             if self.on_release is not None:
                 self.on_release(self.connection)
+
+    def whole(self) -> bytes:
+        """The body of a `complete` answer, read without a wait; the connection stays with the
+        answer until `close` (called once the body is passed on: not on the answer's way)."""
+        body = b"".join(self.chunks)
+        self.chunks.clear()
+        self.buffered = 0
+        return body
 
     def close(self) -> None:
         """Done with the answer: a connection whose answer was not read to its end is closed."""
