@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 from urllib.parse import quote, unquote, unquote_to_bytes
 
@@ -46,7 +46,7 @@ _PATH_BYTES = frozenset(
     b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@/%"
 )
 _HEX = frozenset(b"0123456789abcdefABCDEF")
-_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_UNRESERVED_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"
 _REFUSED_ESCAPES = frozenset({ord("."), ord("/"), ord("\\"), 0x7F, *range(0x20)})
 _COMPANY_NAMES = frozenset({"companyid"})
 _ORGANIZATION_NAMES = frozenset({"organizationid", "organisationid"})
@@ -152,6 +152,18 @@ class Policy:
         )
 
 
+class _Last:
+    """A `Located`'s last decision, with the company and the scopes (that very set: the
+    tenant's record's) it was made for."""
+
+    __slots__ = ("company", "decision", "scopes")
+
+    def __init__(self) -> None:
+        self.scopes: frozenset[str] | None = None
+        self.company = ""
+        self.decision: Decision | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Located:
     """A request's route and what its path and query name (`Policy.locate`): the same for
@@ -166,9 +178,19 @@ class Located:
     query_checks: tuple[tuple[str, str, str], ...]
     fill: bytes  # `name=` of the route's query company when absent (the tenant's is added)
     body: BodyHandling
+    # The last decision made: a tenant asking again gets it again.
+    last: _Last = field(default_factory=lambda: _Last(), compare=False, repr=False)
 
     def for_tenant(self, company_id: str, scopes: frozenset[str]) -> Decision:
         """The decision for a tenant of `company_id` granted `scopes`; raises to refuse."""
+        last = self.last
+        if last.scopes is scopes and last.company == company_id and last.decision is not None:
+            return last.decision
+        decision = self._decide(company_id, scopes)
+        last.scopes, last.company, last.decision = scopes, company_id, decision
+        return decision
+
+    def _decide(self, company_id: str, scopes: frozenset[str]) -> Decision:
         route = self.route
         if route.scope is not None and route.scope not in scopes:
             raise ScopeNotGranted(
@@ -176,8 +198,7 @@ class Located:
                 " which this tenant's key was not granted.",
                 required_scope=route.scope,
             )
-        tenant_company = company_id.lower()
-        if self.path_company is not None and self.path_company.lower() != tenant_company:
+        if self.path_company is not None and self.path_company.lower() != company_id.lower():
             raise CompanyMismatch(
                 f"The path names company {_shorten(self.path_company)!r}"
                 f" but this tenant is connected to company {company_id!r}."
@@ -378,8 +399,10 @@ def _check_query_parameter(kind: str, name: str, value: str, company_id: str) ->
 def _quoted(value: str) -> bytes:
     """`value` percent-encoded for a query (a company id, a UUID, needs none: no call to
     `quote` then, which 50,000 tenants taking turns would make on every request)."""
-    if _UNRESERVED.issuperset(value):
-        return value.encode("ascii")
+    if value.isascii():
+        raw = value.encode("ascii")
+        if not raw.translate(None, _UNRESERVED_BYTES):  # nothing but unreserved characters
+            return raw
     return quote(value, safe="").encode("ascii")
 
 
