@@ -31,7 +31,7 @@ from __future__ import annotations
 import enum
 import json
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 from urllib.parse import quote, unquote, unquote_to_bytes
 
 from broker.catalog import METHODS, Catalog, Route
@@ -61,10 +61,10 @@ class BodyHandling(enum.Enum):
     INSPECT_JSON = "inspect_json"  # read it whole, check it (`check_body`), send the result
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """What to forward: the route, the path as received, the query to send, and what to do
-    with the body."""
+    with the body. Immutable (a `Located` hands its last one out again) and a tuple: made in
+    less than half a frozen dataclass's time, once per tenant and target."""
 
     route: Route
     path: str
