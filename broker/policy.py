@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple, NoReturn
 from urllib.parse import quote, unquote, unquote_to_bytes
 
@@ -63,8 +63,8 @@ class BodyHandling(enum.Enum):
 
 class Decision(NamedTuple):
     """What to forward: the route, the path as received, the query to send, and what to do
-    with the body. Immutable (a `Located` hands its last one out again) and a tuple: made in
-    less than half a frozen dataclass's time, once per tenant and target."""
+    with the body. A tuple: as immutable as a frozen dataclass, made in less than half its
+    time (once a request)."""
 
     route: Route
     path: str
@@ -152,18 +152,6 @@ class Policy:
         )
 
 
-class _Last:
-    """A `Located`'s last decision, with the company and the scopes (that very set: the
-    tenant's record's) it was made for."""
-
-    __slots__ = ("company", "decision", "scopes")
-
-    def __init__(self) -> None:
-        self.scopes: frozenset[str] | None = None
-        self.company = ""
-        self.decision: Decision | None = None
-
-
 @dataclass(frozen=True, slots=True)
 class Located:
     """A request's route and what its path and query name (`Policy.locate`): the same for
@@ -178,19 +166,9 @@ class Located:
     query_checks: tuple[tuple[str, str, str], ...]
     fill: bytes  # `name=` of the route's query company when absent (the tenant's is added)
     body: BodyHandling
-    # The last decision made: a tenant asking again gets it again.
-    last: _Last = field(default_factory=lambda: _Last(), compare=False, repr=False)
 
     def for_tenant(self, company_id: str, scopes: frozenset[str]) -> Decision:
         """The decision for a tenant of `company_id` granted `scopes`; raises to refuse."""
-        last = self.last
-        if last.scopes is scopes and last.company == company_id and last.decision is not None:
-            return last.decision
-        decision = self._decide(company_id, scopes)
-        last.scopes, last.company, last.decision = scopes, company_id, decision
-        return decision
-
-    def _decide(self, company_id: str, scopes: frozenset[str]) -> Decision:
         route = self.route
         if route.scope is not None and route.scope not in scopes:
             raise ScopeNotGranted(

@@ -617,23 +617,6 @@ def test_a_filled_in_company_id_is_percent_encoded_when_it_needs_to_be() -> None
     assert odd.query_string == b"a=1&company_id=a%20b%2Fc%26d"
 
 
-def test_a_tenants_decision_is_kept_until_another_tenant_asks() -> None:
-    """The last tenant's decision for a target is handed out again while the same tenant (its
-    company and its very scopes) asks; any other tenant's is decided anew, refusals too."""
-    decisions = Decisions(Policy(CATALOG))
-    scopes = frozenset(ALL_SCOPES)
-    first = decisions.decide("GET", b"/v3/export-jobs", b"", company_id=COMPANY, scopes=scopes)
-    again = decisions.decide("GET", b"/v3/export-jobs", b"", company_id=COMPANY, scopes=scopes)
-    assert again is first
-    other = decisions.decide("GET", b"/v3/export-jobs", b"", company_id=OTHER, scopes=scopes)
-    assert other.query_string == b"company_id=" + O
-    with pytest.raises(ScopeNotGranted):  # the same company, scopes without the route's
-        decisions.decide("GET", b"/v3/export-jobs", b"", company_id=OTHER, scopes=frozenset())
-    back = decisions.decide("GET", b"/v3/export-jobs", b"", company_id=COMPANY, scopes=scopes)
-    assert back == first and back is not first
-    assert back.query_string == b"company_id=" + C
-
-
 def test_a_company_id_needing_no_escapes_is_filled_in_as_it_is() -> None:
     decisions = Decisions(Policy(CATALOG))
     SCOPES = ALL_SCOPES
