@@ -189,7 +189,7 @@ class Located:
             if query_string and not query_string.endswith(b"&"):
                 addition = b"&" + addition
             query_string += addition
-        return Decision(route=route, path=self.path, query_string=query_string, body=self.body)
+        return Decision(route, self.path, query_string, self.body)  # positional: faster
 
 
 class Decisions:
