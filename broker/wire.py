@@ -194,14 +194,17 @@ class Connection(asyncio.Protocol):
     # the request
 
     def send_head(self, data: bytes, *, head_only: bool) -> Response:
-        """Write the request's head (and a body in hand); the answer to read."""
+        """Write the request's head (and a body in hand); the answer to read.
+
+        Written first: the answer's record is made while Pleo works (no byte of the answer
+        is read before the event loop runs again)."""
         assert self.transport is not None
+        self.transport.write(data)
         self._head_only = head_only
         self.received = 0
         self._head_deadline = None
-        self.answer = Response(self)
-        self.transport.write(data)
-        return self.answer
+        self.answer = answer = Response(self)
+        return answer
 
     async def write_body(self, data: bytes) -> None:
         """Write part of a streamed body, waiting while the server does not read."""
