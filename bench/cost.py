@@ -1,8 +1,9 @@
 """`python -m bench.cost`: what one proxied request costs, in-process and repeatable.
 
 One process, one event loop (uvloop, as `broker serve` runs): a tiny asyncio upstream answering
-~1 KB of JSON, the broker's proxy listener (`broker.server.serve`, one active tenant on a local
-store) and a raw-socket keep-alive client. The client sends `--requests` requests over
+~1 KB of JSON, the broker's proxy listener (`broker.server.serve`, `--tenants` active tenants on
+a local store, 1 by default) and a raw-socket keep-alive client, whose requests take the tenants
+in turn (as the bench's "rotating" case does). The client sends `--requests` requests over
 `--connections` connections, after `--warmup` ones; the same run straight to the upstream
 (`--mode direct`) is the baseline, so the broker's part is the difference.
 
@@ -12,6 +13,10 @@ store) and a raw-socket keep-alive client. The client sends `--requests` request
   counts), instructions per request = the difference of the totals ÷ the difference of the
   counts (start-up cancels out); the same whatever else the machine runs.
 - `--cprofile`: cProfile over the measured requests, the functions' own-time shares.
+
+With `--tenants N` the warm-up is at least N requests, so that every tenant was served once
+(its first request builds what the broker keeps for it) before the measured ones; under
+`--callgrind` the store is written once, outside valgrind, and shared by the runs.
 
 py-spy: `py-spy record --format raw -o out.txt -- python -m bench.cost --requests 20000`, then
 `bench.profile.summarise`.
@@ -34,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -71,7 +76,7 @@ class Load:
     """The client's shared budget and what it measured."""
 
     total: int
-    request: bytes
+    requests: list[bytes]  # taken in turn, one tenant each
     done: asyncio.Future[None]
     sent: int = 0
     answered: int = 0
@@ -95,9 +100,11 @@ class ClientProtocol(asyncio.Protocol):
         load = self.load
         if load.sent >= load.total:
             return
+        requests = load.requests
+        request = requests[load.sent % len(requests)]
         load.sent += 1
         self.sent_at = time.perf_counter()
-        self.transport.write(load.request)
+        self.transport.write(request)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -121,15 +128,16 @@ class ClientProtocol(asyncio.Protocol):
         self._next()
 
 
-async def drive(port: int, request: bytes, total: int, connections: int) -> Load:
-    """Send `total` requests over `connections` keep-alive connections; wait for every answer."""
+async def drive(port: int, requests: list[bytes], total: int, connections: int) -> Load:
+    """Send `total` requests (`requests` in turn) over `connections` keep-alive connections;
+    wait for every answer."""
     loop = asyncio.get_running_loop()
-    load = Load(total=total, request=request, done=loop.create_future())
+    load = Load(total=total, requests=requests, done=loop.create_future())
     transports = []
     for _ in range(connections):
         transport, _ = await loop.create_connection(lambda: ClientProtocol(load), "127.0.0.1", port)
         transports.append(transport)
-    await asyncio.wait_for(load.done, 60)
+    await asyncio.wait_for(load.done, 60 + total / 100)  # under valgrind: ~150 requests a second
     for transport in transports:
         transport.close()
     return load
@@ -152,14 +160,15 @@ class Measured:
 
 
 async def measure(
-    port: int, request: bytes, args: argparse.Namespace, profiler: cProfile.Profile | None
+    port: int, requests: list[bytes], args: argparse.Namespace, profiler: cProfile.Profile | None
 ) -> Measured:
-    if args.warmup:
-        await drive(port, request, args.warmup, args.connections)
+    warmup = max(args.warmup, len(requests)) if len(requests) > 1 else args.warmup
+    if warmup:
+        await drive(port, requests, warmup, args.connections)
     cpu, wall = time.process_time(), time.perf_counter()
     if profiler is not None:
         profiler.enable()
-    load = await drive(port, request, args.requests, args.connections)
+    load = await drive(port, requests, args.requests, args.connections)
     if profiler is not None:
         profiler.disable()
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
@@ -182,50 +191,64 @@ async def with_upstream(body: Callable[[int], object]) -> object:
         server.close()
 
 
-async def run_broker(args: argparse.Namespace, profiler: cProfile.Profile | None) -> Measured:
-    """Serve the proxy (one active tenant) against the upstream and measure through it."""
+@contextlib.contextmanager
+def tenant_store(args: argparse.Namespace) -> Iterator[tuple[Path, bytes]]:
+    """The local store with `args.tenants` active tenants, and its master key: the one
+    `--store` names (written by the parent of a `--callgrind` run), or a new one."""
+    if args.store is not None:
+        yield Path(args.store), base64.b64decode(os.environ["BENCH_COST_MASTER_KEY"])
+        return
+    with tempfile.TemporaryDirectory(dir=SCRATCH) as d:
+        master_key = secrets.token_bytes(32)
+        asyncio.run(_preload(Path(d) / "store", master_key, tenant_ids(args.tenants)))
+        yield Path(d) / "store", master_key
+
+
+async def run_broker(
+    args: argparse.Namespace, profiler: cProfile.Profile | None, store: tuple[Path, bytes]
+) -> Measured:
+    """Serve the proxy (`args.tenants` active tenants) against the upstream and measure
+    through it, the tenants taken in turn."""
     from broker.server import serve
     from broker.settings import Settings
 
-    with tempfile.TemporaryDirectory(dir=SCRATCH) as d:
-        master_key = secrets.token_bytes(32)
-        (tenant,) = tenant_ids(1)
-        await _preload(Path(d) / "store", master_key, [tenant])
+    store_path, master_key = store
+    requests = [request_for("127.0.0.1", t) for t in tenant_ids(args.tenants)]
 
-        async def through(upstream_port: int) -> Measured:
-            settings = Settings(
-                pleo_base_url=f"http://127.0.0.1:{upstream_port}",
-                proxy_host="127.0.0.1",
-                proxy_port=0,
-                admin_host="127.0.0.1",
-                admin_port=0,
-                admin_token=secrets.token_urlsafe(24),
-                store="local",
-                store_path=Path(d) / "store",
-                master_key=base64.b64encode(master_key).decode(),
-                log_level="WARNING",
-                health_check_interval=0,
-            )
-            stop = asyncio.Event()
-            ports: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-            server = asyncio.ensure_future(
-                serve(settings, stop=stop, started=lambda p, *_: ports.set_result(p))
-            )
-            proxy_port = await asyncio.wait_for(asyncio.shield(ports), 60)
-            try:
-                return await measure(proxy_port, request_for("127.0.0.1", tenant), args, profiler)
-            finally:
-                stop.set()
-                await server
+    async def through(upstream_port: int) -> Measured:
+        settings = Settings(
+            pleo_base_url=f"http://127.0.0.1:{upstream_port}",
+            proxy_host="127.0.0.1",
+            proxy_port=0,
+            admin_host="127.0.0.1",
+            admin_port=0,
+            admin_token=secrets.token_urlsafe(24),
+            store="local",
+            store_path=store_path,
+            master_key=base64.b64encode(master_key).decode(),
+            log_level="WARNING",
+            health_check_interval=0,
+        )
+        stop = asyncio.Event()
+        ports: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        server = asyncio.ensure_future(
+            serve(settings, stop=stop, started=lambda p, *_: ports.set_result(p))
+        )
+        proxy_port = await asyncio.wait_for(asyncio.shield(ports), 60)
+        try:
+            return await measure(proxy_port, requests, args, profiler)
+        finally:
+            stop.set()
+            await server
 
-        result = await with_upstream(through)
-        assert isinstance(result, Measured)
-        return result
+    result = await with_upstream(through)
+    assert isinstance(result, Measured)
+    return result
 
 
 async def run_direct(args: argparse.Namespace) -> Measured:
     async def direct(port: int) -> Measured:
-        return await measure(port, request_for("127.0.0.1", None), args, None)
+        return await measure(port, [request_for("127.0.0.1", None)], args, None)
 
     result = await with_upstream(direct)
     assert isinstance(result, Measured)
@@ -239,8 +262,11 @@ def run_once(args: argparse.Namespace) -> Measured:
 
     configure_logging("WARNING")
     profiler = cProfile.Profile() if args.cprofile else None
-    coro = run_broker(args, profiler) if args.mode == "broker" else run_direct(args)
-    measured = uvloop.run(coro)
+    if args.mode == "broker":
+        with tenant_store(args) as store:
+            measured = uvloop.run(run_broker(args, profiler, store))
+    else:
+        measured = uvloop.run(run_direct(args))
     if profiler is not None:
         print(cprofile_table(profiler, args.requests, args.top))
         print(cprofile_areas(profiler, args.requests))
@@ -312,8 +338,11 @@ def cprofile_table(profiler: cProfile.Profile, requests: int, top: int) -> str:
 # -- callgrind ------------------------------------------------------------------------------
 
 
-def callgrind_total(mode: str, requests: int, args: argparse.Namespace) -> int:
-    """Instructions the whole process executed for `requests` requests (after the warm-up)."""
+def callgrind_total(
+    mode: str, requests: int, args: argparse.Namespace, store: tuple[Path, bytes] | None = None
+) -> int:
+    """Instructions the whole process executed for `requests` requests (after the warm-up),
+    the broker's tenants in `store` (written outside valgrind)."""
     with tempfile.TemporaryDirectory() as d:
         argv = [
             "valgrind",
@@ -330,8 +359,13 @@ def callgrind_total(mode: str, requests: int, args: argparse.Namespace) -> int:
             str(args.warmup),
             "--connections",
             str(args.connections),
+            "--tenants",
+            str(args.tenants),
         ]
         env = {**os.environ, "PYTHONHASHSEED": "0"}
+        if store is not None:
+            argv += ["--store", str(store[0])]
+            env["BENCH_COST_MASTER_KEY"] = base64.b64encode(store[1]).decode()
         done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
         match = re.search(r"Collected : (\d+)", done.stderr)
         if done.returncode != 0 or match is None:
@@ -342,11 +376,15 @@ def callgrind_total(mode: str, requests: int, args: argparse.Namespace) -> int:
 def callgrind(args: argparse.Namespace) -> None:
     small, large = args.requests // 4, args.requests
     per: dict[str, float] = {}
-    for mode in ("direct", "broker"):
-        low = callgrind_total(mode, small, args)
-        high = callgrind_total(mode, large, args)
-        per[mode] = (high - low) / (large - small)
-        print(f"{mode:7} {per[mode]:10,.0f} instructions/request ({small} vs {large} requests)")
+    with tenant_store(args) as store:
+        for mode in ("direct", "broker"):
+            low = callgrind_total(mode, small, args, store)
+            high = callgrind_total(mode, large, args, store)
+            per[mode] = (high - low) / (large - small)
+            print(
+                f"{mode:7} {per[mode]:10,.0f} instructions/request ({small} vs {large} requests,"
+                f" {args.tenants} tenant{'s' if args.tenants > 1 else ''})"
+            )
     print(f"broker part: {per['broker'] - per['direct']:,.0f} instructions/request")
 
 
@@ -356,6 +394,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=4000)
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--connections", type=int, default=1)
+    parser.add_argument(
+        "--tenants", type=int, default=1, help="active tenants, taken in turn (default 1)"
+    )
+    parser.add_argument("--store", help=argparse.SUPPRESS)  # a `--callgrind` run's, written once
     parser.add_argument("--cprofile", action="store_true")
     parser.add_argument("--callgrind", action="store_true")
     parser.add_argument("--top", type=int, default=40)

@@ -108,7 +108,10 @@ async def relay_body(response: Response, send: Send, receive: Receive) -> None:
     """Pleo's answer body to the caller (the answer has started); the client's errors pass."""
     length = response.content_length
     if length is not None and length <= STREAM_WATCH_THRESHOLD:
-        await send({"type": "http.response.body", "body": await response.read()})
+        # Whole already, as a short answer nearly always is: no wait, and the connection goes
+        # back to the pool when the answer is closed, after this write.
+        body = response.whole() if response.complete else await response.read()
+        await send({"type": "http.response.body", "body": body})
         return
     # A long answer: stop reading from Pleo as soon as the caller goes away.
     gone = asyncio.ensure_future(disconnected(receive))

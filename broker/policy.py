@@ -31,7 +31,7 @@ from __future__ import annotations
 import enum
 import json
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 from urllib.parse import quote, unquote, unquote_to_bytes
 
 from broker.catalog import METHODS, Catalog, Route
@@ -46,7 +46,7 @@ _PATH_BYTES = frozenset(
     b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@/%"
 )
 _HEX = frozenset(b"0123456789abcdefABCDEF")
-_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_UNRESERVED_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"
 _REFUSED_ESCAPES = frozenset({ord("."), ord("/"), ord("\\"), 0x7F, *range(0x20)})
 _COMPANY_NAMES = frozenset({"companyid"})
 _ORGANIZATION_NAMES = frozenset({"organizationid", "organisationid"})
@@ -61,10 +61,10 @@ class BodyHandling(enum.Enum):
     INSPECT_JSON = "inspect_json"  # read it whole, check it (`check_body`), send the result
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """What to forward: the route, the path as received, the query to send, and what to do
-    with the body."""
+    with the body. A tuple: as immutable as a frozen dataclass, made in less than half its
+    time (once a request)."""
 
     route: Route
     path: str
@@ -176,8 +176,7 @@ class Located:
                 " which this tenant's key was not granted.",
                 required_scope=route.scope,
             )
-        tenant_company = company_id.lower()
-        if self.path_company is not None and self.path_company.lower() != tenant_company:
+        if self.path_company is not None and self.path_company.lower() != company_id.lower():
             raise CompanyMismatch(
                 f"The path names company {_shorten(self.path_company)!r}"
                 f" but this tenant is connected to company {company_id!r}."
@@ -190,7 +189,7 @@ class Located:
             if query_string and not query_string.endswith(b"&"):
                 addition = b"&" + addition
             query_string += addition
-        return Decision(route=route, path=self.path, query_string=query_string, body=self.body)
+        return Decision(route, self.path, query_string, self.body)  # positional: faster
 
 
 class Decisions:
@@ -378,8 +377,10 @@ def _check_query_parameter(kind: str, name: str, value: str, company_id: str) ->
 def _quoted(value: str) -> bytes:
     """`value` percent-encoded for a query (a company id, a UUID, needs none: no call to
     `quote` then, which 50,000 tenants taking turns would make on every request)."""
-    if _UNRESERVED.issuperset(value):
-        return value.encode("ascii")
+    if value.isascii():
+        raw = value.encode("ascii")
+        if not raw.translate(None, _UNRESERVED_BYTES):  # nothing but unreserved characters
+            return raw
     return quote(value, safe="").encode("ascii")
 
 

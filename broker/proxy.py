@@ -151,8 +151,11 @@ class ProxyApp:
             target += "?" + decision.query_string.decode("latin-1")
         self.throttle.enter(active.tenant)  # refused before the body is read
         try:
-            body = await self._body(receive, headers, active, decision)
-            await self.upstream.acquire(active.tenant)
+            body = None  # no coroutine for the (most common) request without a body
+            if decision.body is not BodyHandling.NONE:
+                body = await self._body(receive, headers, active, decision)
+            if not self.upstream.take():
+                await self.upstream.acquire(active.tenant)
         except BaseException:
             self.throttle.leave(active.tenant)
             raise
@@ -166,9 +169,7 @@ class ProxyApp:
         except BaseException:
             self._release(active.tenant)
             raise
-        waited = time.perf_counter() - started
-        self.counts.observe(decision.route.template, waited)
-        return Sent(response, began, waited)
+        return Sent(response, began, time.perf_counter() - started)
 
     async def _body(
         self, receive: Receive, headers: dict[str, str], active: ActiveTenant, decision: Decision
@@ -216,18 +217,24 @@ class ProxyApp:
         active: ActiveTenant,
         decision: Decision,
     ) -> int:
-        """Relay Pleo's answer (after judging a 401 or 403); frees the upstream slot."""
+        """Relay Pleo's answer (after judging a 401 or 403); frees the upstream slot. What
+        only counts (the histograms, the connection back to the pool) comes after the answer
+        is written: at one connection, all before it is latency."""
         response = sent.response
+        spent = None
         try:
             if response.status == 429:
                 self._rate_limited(response, head, active)
-            buffered = await self._judge(response, head, active)
+            buffered = None
+            if response.status in (401, 403):
+                buffered = await self._judge(response, head, active)
             headers = forwarded_response_headers(
                 response.raw_headers,
-                connection=response.headers.get("Connection"),
+                connection=response.connection_header,
                 request_id=head.request_id,
             )
-            headers.append(self.timing.proxied(sent))
+            timing, spent = self.timing.proxied(sent)
+            headers.append(timing)
             start = {"type": "http.response.start", "status": response.status, "headers": headers}
             await send(start)
             try:
@@ -250,10 +257,22 @@ class ProxyApp:
                 )
             return response.status
         finally:
-            try:
-                response.close()
-            finally:  # even if closing failed: a leaked place would keep the tenant busy
-                self._release(active.tenant)
+            self._finish(sent, active.tenant, decision.route.template, spent)
+
+    def _finish(self, sent: Sent, tenant: str, route: str, spent: float | None) -> None:
+        """Close the answer (its connection back to the pool), give back the places `_send`
+        took, and count the call: Pleo's wait, and the broker's part if the answer got as far
+        as its head."""
+        try:
+            sent.response.close()
+        except BaseException:
+            sent.response.connection.abort()  # a failed close leaves no socket open
+            raise
+        finally:  # even if closing failed: a leaked place would keep the tenant busy
+            self._release(tenant)
+            self.counts.observe(route, sent.waited)
+            if spent is not None:
+                self.timing.observe(spent)
 
     def _release(self, tenant: str) -> None:
         """Give back the upstream slot and the tenant's in-flight place `_send` took."""

@@ -33,12 +33,16 @@ class Overhead:
     def __init__(self, histogram: Histogram) -> None:
         self._observe = histogram.observe
 
-    def proxied(self, sent: Sent) -> tuple[bytes, bytes]:
-        """The header of an answer relayed from Pleo (its headers about to be sent)."""
+    def proxied(self, sent: Sent) -> tuple[tuple[bytes, bytes], float]:
+        """The header of an answer relayed from Pleo (its headers about to be sent), and the
+        broker's part to `observe` once the answer is out (not on the answer's way)."""
         spent = perf_counter() - sent.began - sent.waited
+        value = b"broker;dur=%.3f, pleo;dur=%.3f" % (spent * 1000, sent.waited * 1000)
+        return (SERVER_TIMING, value), spent
+
+    def observe(self, spent: float) -> None:
+        """Count the broker's part of a relayed answer (`proxied`'s second value)."""
         self._observe(spent)
-        value = f"broker;dur={spent * 1000:.3f}, pleo;dur={sent.waited * 1000:.3f}"
-        return SERVER_TIMING, value.encode()
 
     def refused(self, began: float) -> tuple[bytes, bytes]:
         """The header of the broker's own answer (nothing, or nothing usable, from Pleo)."""

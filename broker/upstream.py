@@ -112,6 +112,18 @@ class Upstream:
     async def close(self) -> None:
         await self.pool.close()
 
+    def take(self) -> bool:
+        """Take one of the UPSTREAM_CONNECTIONS calls if one is free and nobody waits for one
+        (True; `release` gives it back), without a coroutine: the proxy's way on every request,
+        `acquire` only when this says no."""
+        slots = self._slots
+        # asyncio.Semaphore's own state (typed in typeshed): `locked()` builds a generator
+        # over the waiters on every call. Never takes a call that `acquire` would wait for.
+        if slots._value > 0 and not slots._waiters:
+            slots._value -= 1
+            return True
+        return False
+
     async def acquire(self, tenant: str) -> None:
         """Take one of the UPSTREAM_CONNECTIONS calls (waiting at most `pool_timeout`);
         `release` gives it back."""

@@ -72,7 +72,8 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, read_timeout: float) -> None:
         self.read_timeout = read_timeout
-        self._loop = asyncio.get_running_loop()
+        # The loop, kept: on Python 3.11 each `asyncio.get_running_loop()` is a system call.
+        self.loop = self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False  # lost, or the server said it would close
@@ -151,6 +152,8 @@ class Connection(asyncio.Protocol):
             answer.content_length = int(value) if value.isdigit() else None
         elif len(name) == 17 and name.lower() == b"transfer-encoding":
             answer.length_known = True
+        elif len(name) == 10 and answer.connection_header is None and name.lower() == b"connection":
+            answer.connection_header = value.decode("latin-1")  # the first, as `headers.get` gives
 
     def on_headers_complete(self) -> None:
         answer = self.answer
@@ -158,6 +161,7 @@ class Connection(asyncio.Protocol):
         status = self.parser.get_status_code()
         if 100 <= status < 200:  # an interim answer: the real one follows
             answer.raw_headers.clear()
+            answer.connection_header = None
             answer.length_known = False
             answer.content_length = None
             return
@@ -190,14 +194,17 @@ class Connection(asyncio.Protocol):
     # the request
 
     def send_head(self, data: bytes, *, head_only: bool) -> Response:
-        """Write the request's head (and a body in hand); the answer to read."""
+        """Write the request's head (and a body in hand); the answer to read.
+
+        Written first: the answer's record is made while Pleo works (no byte of the answer
+        is read before the event loop runs again)."""
         assert self.transport is not None
+        self.transport.write(data)
         self._head_only = head_only
         self.received = 0
         self._head_deadline = None
-        self.answer = Response(self)
-        self.transport.write(data)
-        return self.answer
+        self.answer = answer = Response(self)
+        return answer
 
     async def write_body(self, data: bytes) -> None:
         """Write part of a streamed body, waiting while the server does not read."""
@@ -301,6 +308,7 @@ class Response:
         self.status = 0
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.headers = Headers(self.raw_headers)
+        self.connection_header: str | None = None  # the first Connection header, as parsed
         self.content_length: int | None = None
         self.length_known = False
         self.started = False  # the head is in
@@ -365,6 +373,14 @@ class Response:
                 self.connection.resume_reading()
             if self.on_release is not None:
                 self.on_release(self.connection)
+
+    def whole(self) -> bytes:
+        """The body of a `complete` answer, read without a wait; the connection stays with the
+        answer until `close` (called once the body is passed on: not on the answer's way)."""
+        body = b"".join(self.chunks)
+        self.chunks.clear()
+        self.buffered = 0
+        return body
 
     def close(self) -> None:
         """Done with the answer: a connection whose answer was not read to its end is closed."""

@@ -47,6 +47,7 @@ KEEPALIVE = 15.0  # seconds an idle connection is kept
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 BODILESS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # no Content-Length: 0 without a body
 ONE_WRITE = 64 * 1024  # a body up to this size goes out in the head's write
+_FRAMING_LENGTHS = (len("content-length"), len("transfer-encoding"))
 
 Body = bytes | AsyncIterable[bytes] | None
 
@@ -132,11 +133,11 @@ class Pool:
         """Send a request (`target`: path and query) and return its answer once its head is
         in; the body is read from the answer, which gives the connection back."""
         head, declared = self._head(method, target, headers, body)
-        streamed = body is not None and not isinstance(body, bytes)
         connection = self._pooled() or await self._connect()
         try:
             answer = await self._exchange(connection, head, body, method, declared)
         except ServerDisconnected:
+            streamed = body is not None and not isinstance(body, bytes)
             if not connection.reused or connection.received or streamed:
                 raise
             if method not in IDEMPOTENT:
@@ -238,7 +239,9 @@ class Pool:
                 raise
 
     def _pooled(self) -> Connection | None:
-        now = asyncio.get_running_loop().time() if self._idle else 0.0
+        # The connections' loop, not `asyncio.get_running_loop()`: a system call (getpid)
+        # each on Python 3.11, twice a request.
+        now = self._idle[-1].loop.time() if self._idle else 0.0
         while self._idle:
             connection = self._idle.pop()
             transport = connection.transport
@@ -264,7 +267,7 @@ class Pool:
         ):
             connection.abort()
             return
-        now = asyncio.get_running_loop().time()
+        now = connection.loop.time()
         connection.reused = True
         connection.idle_since = now
         connection.answer = None
@@ -380,6 +383,8 @@ def _given_length(headers: dict[str, str]) -> int | None:
     unreadable length is refused: the pool frames the request."""
     given = None
     for name, value in headers.items():
+        if len(name) not in _FRAMING_LENGTHS:
+            continue  # neither name: not lower-cased (most headers, every request)
         lowered = name.lower()
         if lowered == "transfer-encoding":
             raise ValueError("a Transfer-Encoding was given: the pool frames requests itself")

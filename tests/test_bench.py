@@ -390,3 +390,31 @@ def test_a_marker_quoted_in_prose_is_not_the_block(tmp_path: Path) -> None:
     twice.write_text(f"{report.BEGIN_MARK}\n{report.END_MARK}\n{report.BEGIN_MARK}\n")
     with pytest.raises(SystemExit):
         parse_args(["--update", str(twice)])
+
+
+async def test_bench_cost_takes_the_tenants_in_turn_after_a_warm_up_of_each() -> None:
+    """`python -m bench.cost --tenants N`: the direct upstream sees every tenant's request in
+    turn, N of them in the warm-up (each tenant served once) and then the measured ones."""
+    import argparse
+    import asyncio
+
+    from bench import cost
+
+    tenants = tenant_ids(3)
+    requests = [cost.request_for("127.0.0.1", t) for t in tenants]
+    seen: list[bytes] = []
+
+    class Recording(cost.UpstreamProtocol):
+        def data_received(self, data: bytes) -> None:
+            seen.append(data)
+            super().data_received(data)
+
+    server = await asyncio.get_running_loop().create_server(Recording, "127.0.0.1", 0)
+    try:
+        args = argparse.Namespace(warmup=1, requests=4, connections=1)
+        measured = await cost.measure(server.sockets[0].getsockname()[1], requests, args, None)
+    finally:
+        server.close()
+    assert measured.statuses == {200: 4}
+    named = [next(t for t in tenants if t.encode() in request) for request in seen]
+    assert named == [*tenants, *tenants, tenants[0]]  # a warm-up of 3 (not 1), then 4

@@ -615,3 +615,15 @@ def test_a_filled_in_company_id_is_percent_encoded_when_it_needs_to_be() -> None
     assert plain.query_string == b"company_id=" + C
     odd = policy.decide("GET", b"/v3/export-jobs", b"a=1", company_id="a b/c&d", scopes=ALL_SCOPES)
     assert odd.query_string == b"a=1&company_id=a%20b%2Fc%26d"
+
+
+def test_a_company_id_needing_no_escapes_is_filled_in_as_it_is() -> None:
+    decisions = Decisions(Policy(CATALOG))
+    SCOPES = ALL_SCOPES
+    for company, filled in (
+        ("Ab-1._~", b"Ab-1._~"),
+        ("a b/é", b"a%20b%2F%C3%A9"),
+        ("a&b=c", b"a%26b%3Dc"),
+    ):
+        got = decisions.decide("GET", b"/v3/export-jobs", b"", company_id=company, scopes=SCOPES)
+        assert got.query_string == b"company_id=" + filled

@@ -725,3 +725,17 @@ async def test_the_gauge_shows_every_state_from_the_first_load() -> None:
     await registry.refresh()
     counts, checked = kept(registry)
     assert counts == {"pending": 0, "active": 0, "broken": 0} and checked == ()
+
+
+async def test_tenants_granted_the_same_scopes_are_served_one_set_of_them() -> None:
+    """50,000 tenants taking turns read one shared scope set, not one each."""
+    scopes = ["export-jobs:read", "export-jobs:write"]
+    acme, globex = (_active(name).evolve(scopes=frozenset(scopes)) for name in ("acme", "globex"))
+    assert acme.scopes == globex.scopes and acme.scopes is not globex.scopes
+    registry = await _registry(acme, globex, _active("initech").evolve(scopes=frozenset()))
+    await registry.refresh()
+    first, second = registry.active("acme"), registry.active("globex")
+    assert first.scopes is second.scopes
+    assert first.scopes == frozenset(scopes) and first.record.scopes == frozenset(scopes)
+    assert registry.active("initech").scopes == frozenset()
+    assert registry.active("acme") is first  # built once

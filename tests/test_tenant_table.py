@@ -5,12 +5,21 @@ from __future__ import annotations
 
 import random
 
-from broker.records import TenantRecord, TenantState
+from broker.records import ActiveTenant, ApiKey, TenantRecord, TenantState
 from broker.tenant_table import CHECKED_STATES, TenantTable
 
 
 def record(tenant: str, state: TenantState, company: str | None = None) -> TenantRecord:
-    return TenantRecord(tenant=tenant, state=state, api_key=None, company_id=company)
+    key = ApiKey("pik_" + "k" * 40) if state is TenantState.ACTIVE and company else None
+    return TenantRecord(tenant=tenant, state=state, api_key=key, company_id=company)
+
+
+def serve(table: TenantTable, tenant: str) -> None:
+    """What `TenantRegistry.active` keeps of a tenant it served: built from its record."""
+    current = table.records.get(tenant)
+    active = ActiveTenant.of(current) if current is not None else None
+    if active is not None:
+        table.served[tenant] = active
 
 
 def agrees(table: TenantTable, told: dict[TenantState, int]) -> None:
@@ -24,6 +33,8 @@ def agrees(table: TenantTable, told: dict[TenantState, int]) -> None:
     assert table.checked() == tuple(
         sorted(t for t, r in table.records.items() if r.state in CHECKED_STATES)
     )
+    # A tenant served is served from its record as it is now, never an older one.
+    assert all(table.records.get(t) is a.record for t, a in table.served.items())
 
 
 def test_random_changes_keep_counts_and_checked_tenants_exact() -> None:
@@ -41,8 +52,13 @@ def test_random_changes_keep_counts_and_checked_tenants_exact() -> None:
             table.pop(tenant)
         else:
             picked = rng.sample(names, rng.randrange(len(names)))
-            table.replace({t: record(t, rng.choice(list(TenantState)), "c1") for t in picked})
+            fresh = {t: record(t, rng.choice(list(TenantState)), "c1") for t in picked}
+            kept = rng.sample(sorted(table.records), len(table.records) // 2)
+            fresh.update((t, table.records[t]) for t in kept)  # records a reload finds as-is
+            table.replace(fresh)
+        serve(table, rng.choice(names))
         agrees(table, told)
+    assert table.served  # the walk did serve tenants, and kept some across reloads
 
 
 def test_the_checked_tenants_are_the_same_tuple_until_the_set_changes() -> None:

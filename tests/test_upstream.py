@@ -212,6 +212,26 @@ async def test_a_full_pool_is_upstream_busy_after_the_pool_timeout(
     pleo.release()
 
 
+async def test_a_free_call_is_taken_at_once_and_never_ahead_of_a_waiter(
+    opened: Callable[..., Awaitable[Upstream]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`take` (the proxy's way, no coroutine) takes a free call, refuses when none is free
+    or when a caller already waits for one (first come, first served), and `release` then
+    hands the call to that waiter."""
+    monkeypatch.setattr(upstream, "UPSTREAM_CONNECTIONS", 1)
+    pleo = await opened(upstream_pool_timeout=5)
+    assert pleo.take()
+    assert not pleo.take()  # none free
+    waiter = asyncio.ensure_future(pleo.acquire("acme"))
+    await asyncio.sleep(0)  # it waits now
+    pleo.release()  # the one call goes to the waiter ...
+    assert not pleo.take()  # ... not to a newcomer
+    await asyncio.wait_for(waiter, 5)
+    pleo.release()
+    assert pleo.take()
+    pleo.release()
+
+
 async def test_close_closes_the_pool(opened: Callable[..., Awaitable[Upstream]]) -> None:
     pleo = await opened()
     await pleo.close()

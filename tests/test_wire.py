@@ -1000,3 +1000,48 @@ async def test_a_connection_whose_body_was_refused_is_not_reused() -> None:
             assert await get(client, "/v1/expenses") == (200, fresh)
         assert [r.split(b" ")[1] for r in origin.requests] == [b"/upload", b"/v1/expenses"] * 2
         await client.close()
+
+
+@on_both_loops
+async def test_a_request_on_a_kept_alive_connection_asks_for_no_running_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On Python 3.11 each `asyncio.get_running_loop()` is a `getpid` system call: a request
+    on a pooled connection (taking it, giving it back) uses the connection's loop instead."""
+    async with serving(keep_answering) as origin:
+        client = pool(origin.url)
+        assert await get(client) == (200, b"conn 1")
+        calls = 0
+        real = asyncio.get_running_loop
+
+        def counted() -> asyncio.AbstractEventLoop:
+            nonlocal calls
+            calls += 1
+            return real()
+
+        monkeypatch.setattr(asyncio, "get_running_loop", counted)
+        response = await client.request("GET", "/", {}, None)
+        body = await response.read()
+        monkeypatch.undo()
+        assert (response.status, body, calls) == (200, b"conn 1", 0)
+        await client.close()
+
+
+@on_both_loops
+async def test_the_answers_connection_header_is_kept_as_parsed() -> None:
+    """The first `Connection` header (what the proxy drops along with the names it lists),
+    taken while the head is parsed; none after an interim answer's."""
+
+    async def answering(origin: Origin, reader: Reader, writer: Writer, number: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 100 Continue\r\nConnection: x-interim\r\n\r\n")
+        writer.write(answer(extra=b"connection: x-secret, close\r\nConnection: other\r\n"))
+        await writer.drain()
+
+    async with serving(answering) as origin:
+        client = pool(origin.url)
+        response = await client.request("GET", "/", {}, None)
+        assert response.connection_header == "x-secret, close"
+        assert response.connection_header == response.headers.get("Connection")
+        assert await response.read() == b"ok"
+        await client.close()
