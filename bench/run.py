@@ -249,12 +249,24 @@ def run(args: argparse.Namespace, tmp: Path, supervisor: Supervisor) -> report.R
         ),
         many.pid,
     )
-    for config in [*configs, spread, callers]:
+    # The rotating run's baseline: one tenant through the same wrk script, its table as long
+    # (the one tenant in every slot). wrk's 50,000 formatted requests alone cost the broker
+    # ~3.5 % of its throughput on the two shared cores (docs/performance.md, "50,000 tenants").
+    spread_baseline = Config(
+        report.BROKER_ONE_ROTATING,
+        load.Target(
+            one.proxy_url + nginx.JSON_PATH,
+            rotate_header=TENANT_HEADER,
+            rotate_values=one.tenants * len(many.tenants),
+        ),
+        one.pid,
+    )
+    for config in [*configs, spread, spread_baseline, callers]:
         _expect_body(config.target, json_body)
 
     high = max(args.connections)
     plan = [(c, n) for c in configs for n in args.connections]
-    plan += [(spread, high), (callers, high)]
+    plan += [(spread, high), (spread_baseline, high), (callers, high)]
     if "load" not in parts:
         plan = []
     runner = _runner(args, wrk, tmp)
