@@ -12,7 +12,7 @@ import secrets
 import sys
 import sysconfig
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bench.processes import BenchError, Supervisor, free_port, http_status, wait_until
@@ -90,6 +90,20 @@ class RunningBroker:
     admin_url: str
     tenants: tuple[str, ...]
     caller_token: str | None = None  # a token of the callers file, when it has one
+    # How it was started, to start it again alike (`restart_broker`).
+    name: str = ""
+    env: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    work_dir: Path | None = None
+
+
+def restart_broker(supervisor: Supervisor, broker: RunningBroker) -> RunningBroker:
+    """Stop `broker` and start a fresh process alike: the same environment (ports, store,
+    callers file), ready when /readyz answers 200."""
+    if broker.work_dir is None:
+        raise BenchError(f"{broker.name or broker.pid} was not started by run_broker")
+    supervisor.stop_pid(broker.pid)
+    fresh = run_broker(supervisor, broker.name, broker.env, broker.work_dir, broker.tenants)
+    return replace(fresh, caller_token=broker.caller_token)
 
 
 def broker_env(
@@ -184,4 +198,7 @@ def run_broker(
         proxy_url=f"http://127.0.0.1:{env['BROKER_PROXY_PORT']}",
         admin_url=admin_url,
         tenants=tenants if tenants is not None else (),
+        name=name,
+        env=env,
+        work_dir=work_dir,
     )

@@ -80,6 +80,12 @@ class Supervisor:
                 finally:
                     self.stop(child)
 
+    def stop_pid(self, pid: int) -> None:
+        """Stop the child with process id `pid` (nothing if it is not one of them)."""
+        for _, child in list(self._children):
+            if child.pid == pid:
+                self.stop(child)
+
     def stop_all(self) -> None:
         """Stop every child still known, newest first."""
         for _, child in reversed(list(self._children)):

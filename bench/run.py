@@ -22,6 +22,7 @@ from bench.brokers import (
     TENANT_HEADER,
     RunningBroker,
     compile_bytecode,
+    restart_broker,
     run_broker,
     start_broker,
     tenant_ids,
@@ -43,13 +44,36 @@ JSON_BODY_SIZE = 1024
 PARTS = ("startup", "load", "transfer", "openbao")
 
 
+@dataclass(eq=False)
+class Process:
+    """The process a load's CPU time is read from; a broker's can be started afresh
+    (`restart`), which every round of load does: the brokers compared are then as many
+    processes each, and what one process's layout favours (its hash seed, where its
+    allocations fell: identical brokers differed by up to 7 %) averages out in the median."""
+
+    pid: int | None
+    broker: RunningBroker | None = None
+
+    def restart(self, supervisor: Supervisor) -> bool:
+        """Start the broker again in a fresh process (False if this is no broker)."""
+        if self.broker is None:
+            return False
+        self.broker = restart_broker(supervisor, self.broker)
+        self.pid = self.broker.pid
+        return True
+
+
 @dataclass(frozen=True)
 class Config:
-    """One thing to load: a name, a target, and the pid whose CPU time it costs."""
+    """One thing to load: a name, a target, and the process whose CPU time it costs."""
 
     name: str
     target: load.Target
-    pid: int | None
+    process: Process
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -210,7 +234,9 @@ def run(args: argparse.Namespace, tmp: Path, supervisor: Supervisor) -> report.R
     if not parts & {"load", "transfer"} and not args.profile:
         return _report(args, [], None, figures, [], (use_nginx, wrk))
 
-    configs = [Config(report.DIRECT, load.Target(upstream_url + nginx.JSON_PATH), upstream)]
+    configs = [
+        Config(report.DIRECT, load.Target(upstream_url + nginx.JSON_PATH), Process(upstream))
+    ]
     if use_nginx and "load" in parts:
         configs += _nginx_configs(supervisor, tmp, upstream_port)
 
@@ -235,11 +261,12 @@ def run(args: argparse.Namespace, tmp: Path, supervisor: Supervisor) -> report.R
         tenants=1,
         callers=args.callers,
     )
+    one_process, many_process = Process(one.pid, one), Process(many.pid, many)
     configs += [
-        Config(report.BROKER_ONE, _broker_target(one, one.tenants[0]), one.pid),
-        Config(report.BROKER_MANY, _broker_target(many, many.tenants[0]), many.pid),
+        Config(report.BROKER_ONE, _broker_target(one, one.tenants[0]), one_process),
+        Config(report.BROKER_MANY, _broker_target(many, many.tenants[0]), many_process),
     ]
-    callers = Config(report.BROKER_CALLERS, _guarded_target(guarded), guarded.pid)
+    callers = Config(report.BROKER_CALLERS, _guarded_target(guarded), Process(guarded.pid, guarded))
     spread = Config(
         report.BROKER_SPREAD,
         load.Target(
@@ -247,7 +274,7 @@ def run(args: argparse.Namespace, tmp: Path, supervisor: Supervisor) -> report.R
             rotate_header=TENANT_HEADER,
             rotate_values=many.tenants,
         ),
-        many.pid,
+        many_process,
     )
     # The rotating run's baseline: one tenant through the same wrk script, its table as long
     # (the one tenant in every slot). wrk's 50,000 formatted requests alone cost the broker
@@ -259,7 +286,7 @@ def run(args: argparse.Namespace, tmp: Path, supervisor: Supervisor) -> report.R
             rotate_header=TENANT_HEADER,
             rotate_values=one.tenants * len(many.tenants),
         ),
-        one.pid,
+        one_process,
     )
     for config in [*configs, spread, spread_baseline, callers]:
         _expect_body(config.target, json_body)
@@ -275,6 +302,7 @@ def run(args: argparse.Namespace, tmp: Path, supervisor: Supervisor) -> report.R
         _profile(args, supervisor, runner, broker_config, high)
         return None
     rows = _rounds(args, supervisor, runner, plan, high)
+    one, many = one_process.broker or one, many_process.broker or many  # the last round's
     transfers = _transfers(args, one, data, transfer_size) if "transfer" in parts else []
     rss_one, hwm_one = process_memory(one.pid)
     rss_many, hwm_many = process_memory(many.pid)
@@ -306,7 +334,8 @@ def _nginx_configs(supervisor: Supervisor, tmp: Path, upstream_port: int) -> lis
         master = supervisor.start(name, argv, log=layout.prefix / "stdout.log")
         proxy_url = f"http://127.0.0.1:{proxy_port}"
         _wait_http(supervisor, proxy_url + nginx.JSON_PATH, name, layout.error_log)
-        configs.append(Config(name, load.Target(proxy_url + nginx.JSON_PATH), _worker(master.pid)))
+        target = load.Target(proxy_url + nginx.JSON_PATH)
+        configs.append(Config(name, target, Process(_worker(master.pid))))
     return configs
 
 
@@ -320,11 +349,13 @@ def _rounds(
     """Warm-up, then interleaved rounds of the plan: one row per (config, connections)."""
     if plan:
         _say(f"warm-up, then {args.rounds} rounds of {len(plan)} runs of {args.duration:g} s")
-    for config, _ in plan:
-        runner(config.target, high, args.warmup)
     results: dict[tuple[str, int], list[load.LoadResult]] = {}
     cpu: dict[tuple[str, int], list[float]] = {}
     for round_no in range(args.rounds):
+        fresh = _fresh_brokers(supervisor, plan) if round_no else None
+        for config, _ in plan:
+            if fresh is None or config.process in fresh:
+                runner(config.target, high, args.warmup)
         shift = round_no * max(1, len(plan) // args.rounds)
         for config, connections in plan[shift:] + plan[:shift]:
             supervisor.check_alive()
@@ -342,6 +373,15 @@ def _rounds(
         report.Row(c.name, n, tuple(results[(c.name, n)]), _median(cpu.get((c.name, n))))
         for c, n in plan
     ]
+
+
+def _fresh_brokers(supervisor: Supervisor, plan: list[tuple[Config, int]]) -> list[Process]:
+    """Every broker of the plan started again in a fresh process (see `Process`)."""
+    fresh: list[Process] = []
+    for config, _ in plan:
+        if config.process not in fresh and config.process.restart(supervisor):
+            fresh.append(config.process)
+    return fresh
 
 
 def _dir(tmp: Path, name: str) -> Path:

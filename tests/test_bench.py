@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 
 from bench import load, nginx, report
-from bench.brokers import broker_env, compile_bytecode, tenant_ids
+from bench.brokers import broker_env, compile_bytecode, restart_broker, start_broker, tenant_ids
+from bench.processes import Supervisor
 from bench.run import parse_args, sample_json
 
 WRK_OUTPUT = """\
@@ -434,3 +437,31 @@ async def test_bench_cost_takes_the_tenants_in_turn_after_a_warm_up_of_each() ->
     assert measured.statuses == {200: 4}
     named = [next(t for t in tenants if t.encode() in request) for request in seen]
     assert named == [*tenants, *tenants, tenants[0]]  # a warm-up of 3 (not 1), then 4
+
+
+@pytest.mark.real  # real `broker serve` processes
+def test_a_broker_restarted_for_a_round_is_a_fresh_process_on_the_same_ports_and_store(
+    tmp_path: Path,
+) -> None:
+    """Each round of load runs on fresh broker processes (bench.run.Process): identical
+    brokers differ by a few % per process, which a single process would make a bias."""
+    with Supervisor() as supervisor:
+        first = start_broker(
+            supervisor,
+            name="broker-1",
+            work_dir=tmp_path,
+            upstream_url="http://127.0.0.1:9",
+            tenants=1,
+            callers=3,
+        )
+        fresh = restart_broker(supervisor, first)
+        assert fresh.pid != first.pid
+        assert (fresh.proxy_url, fresh.admin_url) == (first.proxy_url, first.admin_url)
+        assert fresh.tenants == first.tenants and fresh.caller_token == first.caller_token
+        with pytest.raises(ProcessLookupError):
+            os.kill(first.pid, 0)  # the old one is gone
+        tenant = httpx.get(
+            f"{fresh.admin_url}/v1/tenants/{fresh.tenants[0]}",
+            headers={"Authorization": f"Bearer {fresh.env['BROKER_ADMIN_TOKEN']}"},
+        )
+        assert tenant.status_code == 200 and tenant.json()["state"] == "active"
