@@ -17,7 +17,7 @@ import pytest
 from bench import load, nginx, report
 from bench.brokers import broker_env, compile_bytecode, restart_broker, start_broker, tenant_ids
 from bench.processes import Supervisor
-from bench.run import parse_args, sample_json
+from bench.run import parse_args, sample_json, warmup_seconds
 
 WRK_OUTPUT = """\
 Running 5s test @ http://127.0.0.1:8080/v3/export-jobs
@@ -465,3 +465,14 @@ def test_a_broker_restarted_for_a_round_is_a_fresh_process_on_the_same_ports_and
             headers={"Authorization": f"Bearer {fresh.env['BROKER_ADMIN_TOKEN']}"},
         )
         assert tenant.status_code == 200 and tenant.json()["state"] == "active"
+
+
+def test_a_rotating_warm_up_lasts_long_enough_to_visit_every_tenant() -> None:
+    plain = load.Target("http://127.0.0.1:1/x")
+    assert warmup_seconds(plain, 1.0) == 1.0
+    many = load.Target(
+        "http://127.0.0.1:1/x", rotate_header="X", rotate_values=tuple(tenant_ids(50_000))
+    )
+    assert warmup_seconds(many, 1.0) == pytest.approx(6.0)  # 50,000 at 10,000 a second, at least
+    one = load.Target("http://127.0.0.1:1/x", rotate_header="X", rotate_values=("t",) * 50_000)
+    assert warmup_seconds(one, 1.0) == pytest.approx(1.0001)
