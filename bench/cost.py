@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
-from bench.brokers import TENANT_HEADER, _preload, tenant_ids
+from bench.brokers import TENANT_HEADER, _preload, tenant_ids, write_callers
 from bench.nginx import JSON_PATH
 
 SCRATCH = "/dev/shm" if os.path.isdir("/dev/shm") else None  # the local store syncs writes
@@ -143,10 +143,12 @@ async def drive(port: int, requests: list[bytes], total: int, connections: int) 
     return load
 
 
-def request_for(host: str, tenant: str | None) -> bytes:
+def request_for(host: str, tenant: str | None, token: str | None = None) -> bytes:
     lines = [f"GET {JSON_PATH} HTTP/1.1", f"Host: {host}", "Accept: application/json"]
     if tenant is not None:
         lines.append(f"{TENANT_HEADER}: {tenant}")
+    if token is not None:
+        lines.append(f"Proxy-Authorization: Bearer {token}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
@@ -213,7 +215,11 @@ async def run_broker(
     from broker.settings import Settings
 
     store_path, master_key = store
-    requests = [request_for("127.0.0.1", t) for t in tenant_ids(args.tenants)]
+    callers_file, token = None, None
+    if args.callers:  # a callers file of that many, the requests naming the one matching all
+        callers_file = store_path.parent / "callers.yaml"
+        token = write_callers(callers_file, args.callers)
+    requests = [request_for("127.0.0.1", t, token) for t in tenant_ids(args.tenants)]
 
     async def through(upstream_port: int) -> Measured:
         settings = Settings(
@@ -228,6 +234,7 @@ async def run_broker(
             master_key=base64.b64encode(master_key).decode(),
             log_level="WARNING",
             health_check_interval=0,
+            callers_file=callers_file,
         )
         stop = asyncio.Event()
         ports: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -361,6 +368,8 @@ def callgrind_total(
             str(args.connections),
             "--tenants",
             str(args.tenants),
+            "--callers",
+            str(args.callers),
         ]
         env = {**os.environ, "PYTHONHASHSEED": "0"}
         if store is not None:
@@ -396,6 +405,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--connections", type=int, default=1)
     parser.add_argument(
         "--tenants", type=int, default=1, help="active tenants, taken in turn (default 1)"
+    )
+    parser.add_argument(
+        "--callers", type=int, default=0, help="callers in a callers file (default: none)"
     )
     parser.add_argument("--store", help=argparse.SUPPRESS)  # a `--callgrind` run's, written once
     parser.add_argument("--cprofile", action="store_true")

@@ -10,10 +10,12 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support.secret_volume import write_secret_volume
 
+from broker import callers as callers_module
 from broker import callers_watch, cli, errors
 from broker.callers import CallersFileError, CallerTable, load_callers, parse_callers, token_hash
 from broker.callers_watch import CallerGate
@@ -163,6 +165,51 @@ def test_a_thousand_callers_are_told_apart() -> None:
     table = parse_callers(text)
     assert len(table) == 1000
     assert table.identify(f"Bearer {tokens[617]}".encode()).name == "c617"
+
+
+def test_a_value_seen_before_names_its_caller_without_hashing_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    table = parse_callers(entry())
+    header = f"Bearer {TOKEN}".encode()
+    assert table.identify(header).name == "billing"
+    hashed: list[bytes] = []
+    real = hashlib.sha256
+
+    def counting(data: bytes) -> Any:
+        hashed.append(data)
+        return real(data)
+
+    monkeypatch.setattr(hashlib, "sha256", counting)
+    assert table.identify(header).name == "billing"
+    assert hashed == []
+    # a wrong value is never remembered: each try is hashed and refused
+    for _ in range(2):
+        with pytest.raises(errors.CallerUnauthenticated):
+            table.identify(f"Bearer {OTHER}".encode())
+    assert len(hashed) == 2
+
+
+def test_the_values_remembered_are_bounded_and_belong_to_one_version_of_the_file() -> None:
+    tokens = [f"token-{i:04d}-{'x' * 30}" for i in range(3)]
+
+    def file_of(kept: range) -> str:
+        return "callers:\n" + "".join(
+            f"  - name: c{i}\n    token_sha256: {token_hash(tokens[i])}\n    tenants: ['*']\n"
+            for i in kept
+        )
+
+    table = parse_callers(file_of(range(3)))
+    spellings = [f"{s} {t}".encode() for t in tokens for s in ("Bearer", "bearer", "BEARER")]
+    for _ in range(callers_module.KNOWN_VALUES // len(spellings) + 2):
+        for value in spellings:
+            assert table.identify(value).name.startswith("c")
+    assert 0 < len(table._known) <= callers_module.KNOWN_VALUES
+    # the next version of the file, without c0: its table knows nothing of the old one's
+    newer = parse_callers(file_of(range(1, 3)))
+    with pytest.raises(errors.CallerUnauthenticated):
+        newer.identify(spellings[0])
+    assert newer.identify(spellings[3]).name == "c1"
 
 
 # -- broker callers hash ----------------------------------------------------------------------
