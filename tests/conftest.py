@@ -13,10 +13,14 @@ from support.servers import (
     REQUIRED_SCOPES,
     RunningBroker,
     RunningSandbox,
+    ThreadedLoop,
     broker_settings,
+    start_app,
     start_broker,
     start_sandbox,
 )
+
+from broker.listening import Limits
 
 # Fixtures of the helper modules in tests/support/: a real OpenBao, the in-process layer, and a
 # real Chromium.
@@ -82,3 +86,21 @@ def admin(broker: RunningBroker) -> Iterator[httpx.Client]:
 def proxy(broker: RunningBroker) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=broker.proxy_url, trust_env=False, timeout=10) as client:
         yield client
+
+
+Serve = Callable[..., int]
+
+
+@pytest.fixture
+def serve_app() -> Iterator[Serve]:
+    """Serve an ASGI app on a listener under `Limits(**limits)`; returns its port."""
+    threads: list[ThreadedLoop] = []
+
+    def start(app: Any, **limits: Any) -> int:
+        url, thread = start_app(app, Limits(**limits))
+        threads.append(thread)
+        return int(url.rsplit(":", 1)[1])
+
+    yield start
+    for thread in threads:
+        thread.stop()

@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import httpx
 import pytest
-from support.inprocess import FakePleo
+from support.inprocess import FakePleo, acme_export_jobs_scope
 
 from broker.proxy import ProxyApp
 from broker.runtime import Broker
@@ -65,14 +65,7 @@ async def test_the_answer_is_written_before_the_bookkeeping(
     app = ProxyApp(inprocess_broker)
     settings = inprocess_broker.settings.model_copy(update={"pleo_base_url": origin_url})
     app.upstream = Upstream(settings)
-    scope: dict[str, Any] = {
-        "type": "http",
-        "method": "GET",
-        "path": "/v3/export-jobs",
-        "raw_path": b"/v3/export-jobs",
-        "query_string": b"",
-        "headers": [(b"host", b"127.0.0.1"), (b"x-broker-tenant", b"acme")],
-    }
+    scope = acme_export_jobs_scope()
     upstream_count = "broker_upstream_duration_seconds_count"
     route = {"route": "/v3/export-jobs"}
     seen: list[tuple[str, float, float, int]] = []

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from support.inprocess import FakePleo
+from support.inprocess import FakePleo, acme_export_jobs_scope
 from support.servers import RunningBroker, broker_settings, start_app, start_broker
 from support.upstream import RecordingUpstream
 
@@ -166,14 +166,7 @@ async def test_a_cancelled_wait_for_an_upstream_slot_gives_the_place_back(
     upstream = inprocess_broker.upstream
     for _ in range(UPSTREAM_CONNECTIONS):  # every slot taken: the next call waits
         await upstream.acquire("other")
-    scope: dict[str, Any] = {
-        "type": "http",
-        "method": "GET",
-        "path": "/v3/export-jobs",
-        "raw_path": b"/v3/export-jobs",
-        "query_string": b"",
-        "headers": [(b"host", b"127.0.0.1"), (b"x-broker-tenant", b"acme")],
-    }
+    scope = acme_export_jobs_scope()
     sent: list[MutableMapping[str, Any]] = []
 
     async def receive() -> dict[str, Any]:

@@ -7,34 +7,16 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from support.servers import ThreadedLoop, start_app
-
-from broker.listening import Limits
 
 pytestmark = pytest.mark.real
 
 Serve = Callable[..., int]
 
 REFUSAL = b'{"error": "refused"}'
-
-
-@pytest.fixture
-def serve() -> Iterator[Serve]:
-    """Serve an ASGI app on a listener under `Limits(**limits)`; returns its port."""
-    threads: list[ThreadedLoop] = []
-
-    def start(app: Any, **limits: Any) -> int:
-        url, thread = start_app(app, Limits(**limits))
-        threads.append(thread)
-        return int(url.rsplit(":", 1)[1])
-
-    yield start
-    for thread in threads:
-        thread.stop()
 
 
 async def refuse_unread(scope: Any, receive: Any, send: Any) -> None:
@@ -121,12 +103,12 @@ POST_10 = b"POST /refuse HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n"
 
 
 def test_a_connection_is_closed_once_idle_after_the_body_of_an_early_answer(
-    serve: Serve,
+    serve_app: Serve,
 ) -> None:
     """The 403 goes out before the body is read; the body then arrives in time. The
     connection is idle from then on and must close after the idle timeout, not stay open
     (an unauthenticated client could otherwise hold every socket the listener has)."""
-    port = serve(refuse_unread, idle_timeout=0.3, head_timeout=30)
+    port = serve_app(refuse_unread, idle_timeout=0.3, head_timeout=30)
     with connect(port) as sock:
         sock.sendall(POST_10)
         assert read_until(sock, REFUSAL).startswith(b"HTTP/1.1 403 ")
@@ -135,12 +117,12 @@ def test_a_connection_is_closed_once_idle_after_the_body_of_an_early_answer(
 
 
 def test_the_request_after_an_early_answers_body_is_served_and_not_cut_off(
-    serve: Serve,
+    serve_app: Serve,
 ) -> None:
     """The body's end and the next request in one packet: the next request is served,
     however long its app takes (longer than the idle timeout), then the connection idles."""
     app = Counting()
-    port = serve(app, idle_timeout=0.3, head_timeout=30)
+    port = serve_app(app, idle_timeout=0.3, head_timeout=30)
     with connect(port) as sock:
         sock.sendall(POST_10)
         read_until(sock, REFUSAL)
@@ -153,10 +135,10 @@ def test_the_request_after_an_early_answers_body_is_served_and_not_cut_off(
 
 
 def test_a_body_that_stops_after_an_early_answer_is_closed_after_the_head_timeout(
-    serve: Serve,
+    serve_app: Serve,
 ) -> None:
     """The drain bound still holds: a body that never ends does not keep the connection."""
-    port = serve(refuse_unread, idle_timeout=30, head_timeout=0.3)
+    port = serve_app(refuse_unread, idle_timeout=30, head_timeout=0.3)
     with connect(port) as sock:
         sock.sendall(POST_10)
         read_until(sock, REFUSAL)
@@ -167,11 +149,11 @@ def test_a_body_that_stops_after_an_early_answer_is_closed_after_the_head_timeou
 # -- pipelined requests ------------------------------------------------------------------------
 
 
-def test_a_pipelined_request_whose_body_is_still_coming_is_served(serve: Serve) -> None:
+def test_a_pipelined_request_whose_body_is_still_coming_is_served(serve_app: Serve) -> None:
     """`GET /a` and `POST /b` with half its body in one packet: when /a is answered, /b is
     being served, not refused, so its body may take longer than the head timeout."""
     app = Counting()
-    port = serve(app, idle_timeout=30, head_timeout=0.3)
+    port = serve_app(app, idle_timeout=30, head_timeout=0.3)
     with connect(port) as sock:
         sock.sendall(
             b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -185,11 +167,11 @@ def test_a_pipelined_request_whose_body_is_still_coming_is_served(serve: Serve) 
     assert app.disconnected == []
 
 
-def test_a_pipelined_request_refused_before_its_body_keeps_the_connection(serve: Serve) -> None:
+def test_a_pipelined_request_refused_before_its_body_keeps_the_connection(serve_app: Serve) -> None:
     """/refuse, pipelined behind /a, is answered before its body: the body arriving in time
     keeps the connection for the next request (no drain timer left behind for it)."""
     app = Counting()
-    port = serve(app, idle_timeout=30, head_timeout=0.3)
+    port = serve_app(app, idle_timeout=30, head_timeout=0.3)
     with connect(port) as sock:
         sock.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n" + POST_10 + b"01234")
         answers = read_until(sock, REFUSAL, read_until(sock, b"got 0"))
@@ -205,7 +187,7 @@ def test_a_pipelined_request_refused_before_its_body_keeps_the_connection(serve:
 
 @pytest.mark.parametrize("status", [204, 304])
 def test_a_bodiless_answer_with_a_content_length_keeps_the_connection(
-    serve: Serve, status: int
+    serve_app: Serve, status: int
 ) -> None:
     """A 304 carries the Content-Length the full answer would have (RFC 9110 §8.6); a 204
     should not, but one that does is still a whole answer: no body, the connection kept."""
@@ -220,7 +202,7 @@ def test_a_bodiless_answer_with_a_content_length_keeps_the_connection(
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": b""})
 
-    port = serve(bodiless)
+    port = serve_app(bodiless)
     with connect(port) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         head = read_until(sock, b"\r\n\r\n")

@@ -10,11 +10,10 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from support.servers import ThreadedLoop, start_app
 
 from broker.listening import Limits, ListenerState
 from broker.protocol import protocol_for
@@ -22,20 +21,6 @@ from broker.protocol import protocol_for
 pytestmark = pytest.mark.real
 
 Serve = Callable[..., int]
-
-
-@pytest.fixture
-def serve() -> Iterator[Serve]:
-    threads: list[ThreadedLoop] = []
-
-    def start(app: Any, **limits: Any) -> int:
-        url, thread = start_app(app, Limits(**limits))
-        threads.append(thread)
-        return int(url.rsplit(":", 1)[1])
-
-    yield start
-    for thread in threads:
-        thread.stop()
 
 
 def connect(port: int) -> socket.socket:
@@ -67,12 +52,12 @@ class Slow:
         await send({"type": "http.response.body", "body": body})
 
 
-def test_a_connection_may_queue_only_so_many_pipelined_requests(serve: Serve) -> None:
+def test_a_connection_may_queue_only_so_many_pipelined_requests(serve_app: Serve) -> None:
     """Past the bound the connection answers what it queued, then the first beyond with
     `too_many_pipelined`, and closes; the client sends the rest again on a new connection
     (RFC 9112 §9.3.2). Nothing beyond the bound is kept."""
     app = Slow()
-    port = serve(app, max_pipelined=4)
+    port = serve_app(app, max_pipelined=4)
     requests = b"".join(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(500))
     with connect(port) as sock:
         sock.sendall(requests)
@@ -85,8 +70,8 @@ def test_a_connection_may_queue_only_so_many_pipelined_requests(serve: Serve) ->
     assert json.loads(refusal.partition(b"\r\n\r\n")[2])["error"]["code"] == "too_many_pipelined"
 
 
-def test_pipelined_requests_within_the_bound_are_all_answered_in_order(serve: Serve) -> None:
-    port = serve(Slow(), max_pipelined=4)
+def test_pipelined_requests_within_the_bound_are_all_answered_in_order(serve_app: Serve) -> None:
+    port = serve_app(Slow(), max_pipelined=4)
     with connect(port) as sock:
         sock.sendall(b"".join(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(4)))
         sock.sendall(b"GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -108,9 +93,9 @@ async def streams_slowly(scope: Any, receive: Any, send: Any) -> None:
 
 
 def test_a_broken_body_in_the_queue_does_not_cut_into_the_answer_before_it(
-    serve: Serve,
+    serve_app: Serve,
 ) -> None:
-    port = serve(streams_slowly)
+    port = serve_app(streams_slowly)
     with connect(port) as sock:
         sock.sendall(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
         assert sock.recv(65536).endswith(b"AAAAA")  # the first answer is under way
@@ -122,7 +107,7 @@ def test_a_broken_body_in_the_queue_does_not_cut_into_the_answer_before_it(
     assert rest == b"BBBBB"
 
 
-def test_a_caller_gone_is_told_to_the_request_being_answered(serve: Serve) -> None:
+def test_a_caller_gone_is_told_to_the_request_being_answered(serve_app: Serve) -> None:
     seen: dict[str, str] = {}
     done = threading.Event()
 
@@ -135,7 +120,7 @@ def test_a_caller_gone_is_told_to_the_request_being_answered(serve: Serve) -> No
         seen[scope["path"]] = message["type"]
         done.set()
 
-    port = serve(waits_for_the_caller)
+    port = serve_app(waits_for_the_caller)
     with connect(port) as sock:
         sock.sendall(
             b"GET /alone HTTP/1.1\r\nHost: x\r\n\r\nGET /queued HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -145,9 +130,9 @@ def test_a_caller_gone_is_told_to_the_request_being_answered(serve: Serve) -> No
     assert seen == {"/alone": "http.disconnect"}
 
 
-def test_an_upgrade_that_carries_a_body_is_refused(serve: Serve) -> None:
+def test_an_upgrade_that_carries_a_body_is_refused(serve_app: Serve) -> None:
     app = Slow(0)
-    port = serve(app)
+    port = serve_app(app)
     body = b'{"key": "x"}\r\n'
     head = (
         b"POST /v1/tenants/acme/key HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
@@ -162,9 +147,9 @@ def test_an_upgrade_that_carries_a_body_is_refused(serve: Serve) -> None:
     assert app.calls == []
 
 
-def test_an_upgrade_without_a_body_is_answered_as_plain_http(serve: Serve) -> None:
+def test_an_upgrade_without_a_body_is_answered_as_plain_http(serve_app: Serve) -> None:
     app = Slow(0)
-    port = serve(app)
+    port = serve_app(app)
     with connect(port) as sock:
         sock.sendall(
             b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
@@ -183,10 +168,10 @@ async def refuses_unread(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b""})
 
 
-def test_an_early_answer_to_expect_100_continue_closes_the_connection(serve: Serve) -> None:
+def test_an_early_answer_to_expect_100_continue_closes_the_connection(serve_app: Serve) -> None:
     """The client may send the body or skip it (RFC 9110 §10.1.1): whatever came next on the
     connection would be misread, so there is no next."""
-    port = serve(refuses_unread)
+    port = serve_app(refuses_unread)
     with connect(port) as sock:
         sock.sendall(
             b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"

@@ -466,3 +466,16 @@ async def inprocess_proxy(inprocess_broker: Broker) -> AsyncIterator[httpx.Async
         base_url="http://127.0.0.1",  # a host name the proxy accepts by default
     ) as client:
         yield client
+
+
+def acme_export_jobs_scope() -> dict[str, object]:
+    """The ASGI scope of `GET /v3/export-jobs` for tenant `acme`, to call a `ProxyApp`
+    directly."""
+    return {
+        "type": "http",
+        "method": "GET",
+        "path": "/v3/export-jobs",
+        "raw_path": b"/v3/export-jobs",
+        "query_string": b"",
+        "headers": [(b"host", b"127.0.0.1"), (b"x-broker-tenant", b"acme")],
+    }
