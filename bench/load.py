@@ -82,10 +82,16 @@ def parse_wrk(output: str) -> LoadResult:
     )
 
 
-def rotation_script(header: str, values: Sequence[str], path: str) -> str:
+def rotation_script(header: str, values: Sequence[str], path: str, threads: int = 1) -> str:
     """A wrk Lua script sending `path` with `header` cycling through `values`.
 
     Requests are formatted once in `init`, so the per-request Lua cost is a table lookup.
+    Each of the `threads` threads starts its own share of the way round (wrk's Lua seeds its
+    random numbers alike in every thread and run: they would all start at one place and go
+    round in step), so together they visit every value once in `len(values)` requests. Each
+    request carries its slot (`X-Bench-Slot`): every formatted request is a string of its own,
+    as many and as long whatever the values, so the table weighs on wrk's memory the same
+    for one tenant repeated as for as many tenants.
     """
     if not re.fullmatch(r"[A-Za-z0-9-]+", header):
         raise ValueError("header names are letters, digits and '-'")
@@ -94,17 +100,25 @@ def rotation_script(header: str, values: Sequence[str], path: str) -> str:
     if not re.fullmatch(r"/[A-Za-z0-9/._~%=&?-]*", path):
         raise ValueError("path must be a plain origin-form path")
     listed = ",\n".join(f'  "{v}"' for v in values)
+    width = len(str(len(values)))
     return f"""local values = {{
 {listed}
 }}
 local requests = {{}}
 local index = 0
+started = 0
+
+setup = function(thread)
+  thread:set("share", started)
+  started = started + 1
+end
 
 init = function(args)
   for i, value in ipairs(values) do
-    requests[i] = wrk.format("GET", "{path}", {{["{header}"] = value}})
+    local slot = string.format("%0{width}d", i)
+    requests[i] = wrk.format("GET", "{path}", {{["{header}"] = value, ["X-Bench-Slot"] = slot}})
   end
-  index = math.random(#requests) - 1
+  index = math.floor((share or 0) * #requests / {max(1, threads)})
 end
 
 request = function()
@@ -156,7 +170,10 @@ def run_wrk(
     if target.rotate_header is not None:
         script = work_dir / "rotate.lua"
         path = "/" + target.url.split("/", 3)[3]
-        script.write_text(rotation_script(target.rotate_header, target.rotate_values, path))
+        threads_used = min(threads, connections)
+        script.write_text(
+            rotation_script(target.rotate_header, target.rotate_values, path, threads_used)
+        )
     argv = wrk_argv(
         wrk, target, connections=connections, threads=threads, duration=duration, script=script
     )

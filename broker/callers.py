@@ -70,6 +70,7 @@ class Caller:
 
 # `Proxy-Authorization` values a table remembers as naming a caller (more: it starts over).
 KNOWN_VALUES = 1024
+KNOWN_VALUE_BYTES = 256  # and only values this long at most (a token's is ~70 bytes)
 
 
 class CallerTable:
@@ -106,9 +107,10 @@ class CallerTable:
             raise errors.CallerUnauthenticated(
                 "The caller token in Proxy-Authorization is not one this broker knows."
             )
-        if len(self._known) >= KNOWN_VALUES:
-            self._known.clear()  # a caller sending ever new values gains nothing
-        self._known[header] = caller
+        if len(header) <= KNOWN_VALUE_BYTES:  # a padded spelling is let in, not kept
+            if len(self._known) >= KNOWN_VALUES:
+                self._known.clear()  # a caller sending ever new values gains nothing
+            self._known[header] = caller
         return caller
 
 

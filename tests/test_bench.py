@@ -5,11 +5,14 @@ Nothing here is timed; speed is measured by `make bench`, never asserted in a te
 
 from __future__ import annotations
 
+import http.server
 import importlib.util
 import json
 import os
 import subprocess
+import threading
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -88,7 +91,10 @@ def test_wrk_command_line_is_bounded_and_local() -> None:
 def test_rotation_script_names_every_tenant_and_refuses_odd_input() -> None:
     script = load.rotation_script("X-Broker-Tenant", ["tenant-00000", "tenant-00001"], "/v3/x")
     assert '"tenant-00000"' in script and '"tenant-00001"' in script
-    assert 'wrk.format("GET", "/v3/x", {["X-Broker-Tenant"] = value})' in script
+    assert (
+        'wrk.format("GET", "/v3/x", {["X-Broker-Tenant"] = value, ["X-Bench-Slot"] = slot})'
+        in script
+    )
     with pytest.raises(ValueError):
         load.rotation_script("X-Broker-Tenant", ['a"; os.exit()'], "/v3/x")
     with pytest.raises(ValueError):
@@ -476,3 +482,53 @@ def test_a_rotating_warm_up_lasts_long_enough_to_visit_every_tenant() -> None:
     assert warmup_seconds(many, 1.0) == pytest.approx(6.0)  # 50,000 at 10,000 a second, at least
     one = load.Target("http://127.0.0.1:1/x", rotate_header="X", rotate_values=("t",) * 50_000)
     assert warmup_seconds(one, 1.0) == pytest.approx(1.0001)
+
+
+@pytest.mark.real  # the real wrk
+def test_the_rotation_script_gives_each_wrk_thread_its_share_and_each_slot_its_request(
+    tmp_path: Path,
+) -> None:
+    """wrk's Lua seeds its random numbers alike in every thread: a random start put both
+    threads at one place, going round in step. Each now starts its share of the way round,
+    and every formatted request carries its slot, so a table of one tenant repeated weighs
+    on wrk as much as one of as many tenants."""
+    wrk = load.find_wrk()
+    if wrk is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("wrk is missing: scripts/system-deps.sh installs it")
+        pytest.skip("wrk is not installed (make system-deps)")
+    seen: list[tuple[str, str]] = []
+
+    class Recording(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            seen.append((self.headers["X-Broker-Tenant"], self.headers["X-Bench-Slot"]))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recording)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        values = tuple(f"tenant-{i:04d}" for i in range(1000))
+        target = load.Target(
+            f"http://127.0.0.1:{server.server_address[1]}/v3/x",
+            rotate_header="X-Broker-Tenant",
+            rotate_values=values,
+        )
+        load.run_wrk(wrk, target, connections=2, threads=2, duration=1, work_dir=tmp_path)
+    finally:
+        server.shutdown()
+        server.server_close()
+    # one thread starts at the first slot, the other halfway round (wrk may take a request
+    # from each before it sends)
+    first = sorted(int(slot) for _, slot in seen[:4])
+    assert first[0] <= 3 and 501 <= first[-1] <= 503
+    assert all(tenant == values[int(slot) - 1] for tenant, slot in seen)
+    assert {tenant for tenant, _ in seen} == set(values)
+    script = (tmp_path / "rotate.lua").read_text()
+    assert "/ 2)" in script  # the threads' shares: two of them

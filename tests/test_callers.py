@@ -190,6 +190,17 @@ def test_a_value_seen_before_names_its_caller_without_hashing_again(
     assert len(hashed) == 2
 
 
+def test_a_long_spelling_of_a_token_is_let_in_but_not_remembered() -> None:
+    """Padding between `Bearer` and the token is accepted; remembering each padded spelling
+    would let one caller fill the broker's memory (1,024 × 32 KiB)."""
+    table = parse_callers(entry())
+    padded = b"Bearer" + b" " * 30_000 + TOKEN.encode()
+    assert table.identify(padded).name == "billing"
+    assert padded not in table._known
+    assert table.identify(f"Bearer {TOKEN}".encode()).name == "billing"
+    assert len(table._known) == 1
+
+
 def test_the_values_remembered_are_bounded_and_belong_to_one_version_of_the_file() -> None:
     tokens = [f"token-{i:04d}-{'x' * 30}" for i in range(3)]
 
