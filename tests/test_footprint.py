@@ -99,7 +99,10 @@ def serve_probed(
         master_key = secrets.token_bytes(32)
     if tenants:
         preload(tmp_path / "store", master_key, tenants)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    # Without coverage's subprocess measurement (`make test` runs under pytest-cov): what is
+    # listed is what the broker imports, not what coverage's tracer brings (multiprocessing).
+    unmeasured = ("BROKER_", "COV_CORE_", "COVERAGE_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(unmeasured)}
     env.update(
         BROKER_PLEO_BASE_URL="http://127.0.0.1:9",
         BROKER_PROXY_HOST="127.0.0.1",
