@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+from support.raw_http import connect, read_response
 from support.servers import RunningBroker, broker_settings, start_app, start_broker
 from support.upstream import RecordingUpstream
 
@@ -31,10 +32,6 @@ from broker.settings import Settings
 pytestmark = pytest.mark.real
 
 REQUIRED = ["export-jobs:read", "export-jobs:write"]
-
-
-def connect(port: int) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", port), timeout=5)
 
 
 def read_answer(sock: socket.socket, deadline: float = 5.0) -> bytes:
@@ -51,23 +48,6 @@ def read_answer(sock: socket.socket, deadline: float = 5.0) -> bytes:
                 break
             chunks.append(chunk)
     return b"".join(chunks)
-
-
-def read_response(sock: socket.socket) -> bytes:
-    """One whole response with a Content-Length, leaving the connection open."""
-    sock.settimeout(5)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += sock.recv(65536)
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(
-        int(line.split(b":")[1])
-        for line in head.split(b"\r\n")
-        if line.lower().startswith(b"content-length:")
-    )
-    while len(body) < length:
-        body += sock.recv(65536)
-    return head + b"\r\n\r\n" + body
 
 
 def status_of(answer: bytes) -> int:

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from support.raw_http import connect, read_to_close
 
 from broker.listening import Limits, ListenerState
 from broker.protocol import protocol_for
@@ -21,17 +21,6 @@ from broker.protocol import protocol_for
 pytestmark = pytest.mark.real
 
 Serve = Callable[..., int]
-
-
-def connect(port: int) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", port), timeout=5)
-
-
-def read_to_close(sock: socket.socket) -> bytes:
-    data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
-    return data
 
 
 class Slow:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import secrets
 import socket
 import threading
@@ -17,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from support.raw_http import connect, read_response, read_to_close, read_until
 from support.servers import (
     REQUIRED_SCOPES,
     ThreadedLoop,
@@ -92,25 +92,9 @@ def serve() -> Iterator[Callable[[Any], int]]:
 
 
 def request(port: int, extra: bytes = b"") -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock = connect(port)
     sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n" + extra + b"\r\n")
     return sock
-
-
-def read_until(sock: socket.socket, marker: bytes, data: bytes = b"") -> bytes:
-    while marker not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise AssertionError(f"closed before {marker!r}; got {data!r}")
-        data += chunk
-    return data
-
-
-def read_to_close(sock: socket.socket) -> bytes:
-    data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
-    return data
 
 
 BODY = b'{"ok": true}'
@@ -255,26 +239,15 @@ def test_a_proxied_answer_and_a_refusal_each_go_out_in_one_write(
             sock.sendall(
                 b"GET /v3/export-jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Broker-Tenant: acme\r\n\r\n"
             )
-            proxied = read_answer(sock)
+            proxied = read_response(sock)
             sock.sendall(b"GET /v3/export-jobs HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            refused = read_answer(sock)
+            refused = read_response(sock)
     finally:
         running.thread.stop()
         thread.stop()
     assert proxied.startswith(b"HTTP/1.1 200 OK\r\n") and b"server-timing: broker;dur=" in proxied
     assert refused.startswith(b"HTTP/1.1 400 ") and b"tenant_missing" in refused
     assert writes == [proxied, refused]
-
-
-def read_answer(sock: socket.socket) -> bytes:
-    """One answer with a Content-Length, leaving the connection open."""
-    data = read_until(sock, b"\r\n\r\n")
-    head, _, body = data.partition(b"\r\n\r\n")
-    match = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
-    assert match is not None, head
-    while len(body) < int(match.group(1)):
-        body += sock.recv(65536)
-    return head + b"\r\n\r\n" + body
 
 
 SECRET_IN_MESSAGE = "pls_" + "7" * 40
