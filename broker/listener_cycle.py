@@ -293,15 +293,25 @@ async def answer_too_many_pipelined(scope: Scope, receive: Receive, send: Send) 
     await answer_refusal(send, errors.TooManyPipelined())
 
 
-async def answer_refusal(send: Send, error: errors.ListenerRefusal) -> None:
-    """`error` in JSON, closing the connection, unless the answer had started (then it is
-    cut short)."""
+def refusal(
+    error: errors.ListenerRefusal, extra: tuple[tuple[bytes, bytes], ...] = ()
+) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """The headers and JSON body of a listener's own refusal, which closes the connection
+    (`extra`: headers every refusal of the listener carries)."""
     body = json.dumps(error.to_body()).encode()
     headers = [
         (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
+        (b"content-length", b"%d" % len(body)),
         (b"connection", b"close"),
+        *extra,
     ]
+    return headers, body
+
+
+async def answer_refusal(send: Send, error: errors.ListenerRefusal) -> None:
+    """`error` in JSON, closing the connection, unless the answer had started (then it is
+    cut short)."""
+    headers, body = refusal(error)
     # A response already under way is refused with RuntimeError and writes nothing: the
     # connection closes instead.
     with contextlib.suppress(RuntimeError):

@@ -10,7 +10,6 @@ the connection closes. A connection is made with its listener's `ListenerState`.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import urllib.parse
 from collections import deque
@@ -22,7 +21,7 @@ from starlette.types import ASGIApp
 from broker import errors
 from broker.forwarded import forwarded
 from broker.http1 import HIGH_WATER_LIMIT, STATUS_LINE, FlowControl
-from broker.listener_cycle import ListenerCycle, answer_too_many_pipelined
+from broker.listener_cycle import ListenerCycle, answer_too_many_pipelined, refusal
 from broker.listening import Limits, ListenerState, RefusalLog
 
 # The scope's `asgi` entry, the same for every request.
@@ -457,15 +456,9 @@ class ListenerProtocol(asyncio.Protocol):
         self.transport.close()
 
     def _write_error(self, error: errors.ListenerRefusal) -> None:
-        body = json.dumps(error.to_body()).encode()
-        extra = b"".join(b"%s: %s\r\n" % pair for pair in self.limits.answer_headers)
-        head = (
-            b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n"
-            % len(body)
-            + extra
-            + b"\r\n"
-        )
-        self.transport.write(STATUS_LINE[error.status] + head + body)
+        headers, body = refusal(error, self.limits.answer_headers)
+        head = b"".join(b"%s: %s\r\n" % pair for pair in headers)
+        self.transport.write(STATUS_LINE[error.status] + head + b"\r\n" + body)
 
 
 def protocol_for(listener: str, limits: Limits) -> type[ListenerProtocol]:
