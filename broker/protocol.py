@@ -159,9 +159,6 @@ class ListenerProtocol(asyncio.Protocol):
     # and when the timer fires it closes a connection idle for the whole timeout, or waits
     # out the rest (or, for a busy one, until its answer completes).
 
-    def _unset_keepalive_if_required(self) -> None:
-        self._idle_since = None
-
     def _idle_check(self) -> None:
         self.timeout_keep_alive_task = None
         since = self._idle_since
@@ -173,14 +170,14 @@ class ListenerProtocol(asyncio.Protocol):
         else:
             self.timeout_keep_alive_handler()
 
-    def on_response_complete(self, cycle: ListenerCycle | None = None) -> None:
+    def on_response_complete(self, cycle: ListenerCycle) -> None:
         """An answer completed: start the request pipelined behind it, or idle under the idle
-        timer. `cycle` is the one whose answer completed (a `ListenerCycle` passes itself),
-        not `self.cycle`, which may be one pipelined behind it."""
+        timer. `cycle` is the one whose answer completed (it passes itself), not
+        `self.cycle`, which may be one pipelined behind it."""
         if self.transport.is_closing():
             return
         self.flow.resume_reading()
-        if cycle is not None and cycle.more_body:
+        if cycle.more_body:
             # Answered before its body was read (a refusal): the rest of the body may come
             # for `head_timeout` seconds at most, or a trickle would hold the socket forever.
             # (Nothing is pipelined behind it: its body comes first.)
@@ -215,9 +212,7 @@ class ListenerProtocol(asyncio.Protocol):
         idle = [
             c
             for c in self.connections
-            if isinstance(c, ListenerProtocol)
-            and not c._refused
-            and (c.cycle is None or c.cycle.response_complete)
+            if not c._refused and (c.cycle is None or c.cycle.response_complete)
         ]
         if not idle:
             return False
@@ -444,13 +439,13 @@ class ListenerProtocol(asyncio.Protocol):
                 cycle.wake()
                 if not cycle.response_started:
                     self._write_error(error)
-                elif isinstance(cycle, ListenerCycle):
+                else:
                     cycle.flush()  # the head the app sent goes out, as it would have
                 self.transport.close()
                 return
-            # Finish the response in flight on this connection, then close it.
-            cycle.keep_alive = False
-            self.flow.pause_reading()
+            # Finish the response in flight on this connection (the last one taken: nothing
+            # is queued, or the branch above took it), then close it.
+            self._close_after_answers()
             return
         self._write_error(error)
         self.transport.close()
